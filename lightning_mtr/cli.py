@@ -1,0 +1,32 @@
+"""``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data."""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_mtr.data import synthetic
+from lightning_mtr.data.datamodule import MultiTaskDataModule
+from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+
+
+class MultiTaskCLI(LightningCLI):
+    """The schema is read once, by the data module, and linked into the model."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
+        parser.add_lightning_class_args(TaskReport, "report")
+        parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["synth"]:
+        return synthetic.main(argv[1:])
+    MultiTaskCLI(MultiTaskModule, MultiTaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""The typed seam between the data pipeline and the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One mini-batch of B rows.
+
+    Attributes:
+        dense: ``[B, F_dense]`` float32, already transformed (log1p / standardised).
+        sparse: KJT with one key per sparse feature, ``stride() == B``.
+        labels: task -> ``[B]`` float32 targets (0/1 for binary tasks).
+        masks: task -> ``[B]`` bool, True where the row is inside the task's sample space.
+        extras: column -> ``[B]`` tensor carried through untouched (e.g. ids for ``predict``).
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    labels: dict[str, torch.Tensor]
+    masks: dict[str, torch.Tensor]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.dense.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            dense=move(self.dense),
+            sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
+            labels={k: move(v) for k, v in self.labels.items()},
+            masks={k: move(v) for k, v in self.masks.items()},
+            extras={k: move(v) for k, v in self.extras.items()},
+        )
+
+    def pin_memory(self) -> Batch:
+        return Batch(
+            dense=self.dense.pin_memory(),
+            sparse=self.sparse.pin_memory(),
+            labels={k: v.pin_memory() for k, v in self.labels.items()},
+            masks={k: v.pin_memory() for k, v in self.masks.items()},
+            extras={k: v.pin_memory() for k, v in self.extras.items()},
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *self.extras.values()):
+            tensor.record_stream(stream)
+        self.sparse.record_stream(stream)

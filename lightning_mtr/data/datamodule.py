@@ -1,0 +1,132 @@
+"""LightningDataModule over Parquet/CSV logs (or the built-in synthetic log)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from lightning_mtr.data.encode import BatchEncoder, DenseStats
+from lightning_mtr.data.reader import BatchStream, list_files, plan_units, worker_init
+from lightning_mtr.data.stats import compute_dense_stats
+from lightning_mtr.data.synthetic import write_impressions
+from lightning_mtr.schema import Schema
+
+Files = str | list[str] | None
+
+
+@dataclass(frozen=True)
+class SyntheticImpressions:
+    """Generate the synthetic impression log into ``cache_dir`` on first use.
+
+    The directory name includes every argument, so changing one never reuses stale files.
+    """
+
+    cache_dir: str = ".cache/synthetic"
+    train_rows: int = 200_000
+    val_rows: int = 50_000
+    test_rows: int = 50_000
+    seed: int = 0
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.cache_dir) / f"impressions-s{self.seed}-{self.train_rows}-{self.val_rows}-{self.test_rows}"
+
+    def ensure(self) -> dict[str, str]:
+        splits = {split: str(self.directory / f"{split}.parquet") for split in ("train", "val", "test")}
+        if not all(Path(p).exists() for p in splits.values()):
+            write_impressions(self.directory, self.train_rows, self.val_rows, self.test_rows, seed=self.seed)
+        return splits
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Streams batches for the schema's features and tasks.
+
+    Args:
+        schema: path of the schema YAML (features, tasks, sample spaces).
+        train, val, test, predict: a file, a directory, or a list of them (Parquet or CSV).
+        synthetic: generate the built-in synthetic log and use it for any split left empty.
+        batch_size: training rows per batch.
+        eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
+        shuffle_buffer: rows shuffled together during training (0 disables shuffling).
+        num_workers: DataLoader worker processes per rank (0 reads in the training process).
+        extras: numeric columns carried through to ``predict`` output (e.g. a request id).
+        seed: shuffling seed.
+    """
+
+    def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
+                 predict: Files = None, synthetic: SyntheticImpressions | None = None, batch_size: int = 4096,
+                 eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
+                 extras: list[str] | None = None, seed: int = 0):
+        super().__init__()
+        self.schema_path = schema
+        self.schema = Schema.from_yaml(schema)
+        self.paths = {"train": train, "val": val, "test": test, "predict": predict}
+        self.synthetic = synthetic
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.shuffle_buffer = shuffle_buffer
+        self.num_workers = num_workers
+        self.extras = list(extras or [])
+        self.seed = seed
+        self.dense_stats: DenseStats | None = None
+        self.encoder: BatchEncoder | None = None
+
+    def prepare_data(self) -> None:
+        if self.synthetic is not None:
+            self.synthetic.ensure()
+
+    def setup(self, stage: str) -> None:
+        if self.synthetic is not None:
+            for split, path in self.synthetic.ensure().items():
+                self.paths[split] = self.paths[split] or path
+        if self.encoder is None:
+            if self.dense_stats is None and any(f.transform.endswith("standardize") for f in self.schema.dense):
+                self.dense_stats = self._training_stats()
+            self.encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
+
+    def _training_stats(self) -> DenseStats:
+        if not self.paths["train"]:
+            raise ValueError("standardised dense features need training data (data.train) for their statistics, "
+                             "or a checkpoint that carries them")
+        probe = BatchEncoder(self.schema, DenseStats((0.0,) * len(self.schema.dense), (1.0,) * len(self.schema.dense)))
+        return compute_dense_stats(self.schema, plan_units(list_files(self.paths["train"]), probe))
+
+    def _loader(self, split: str, training: bool) -> DataLoader:
+        if not self.paths[split]:
+            raise ValueError(f"no {split} data configured (data.{split})")
+        units = plan_units(list_files(self.paths[split]), self.encoder)
+        trainer = self.trainer
+        stream = BatchStream(
+            units, self.encoder, self.batch_size if training else self.eval_batch_size,
+            shuffle_buffer=self.shuffle_buffer if training else 0,
+            seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+        if training and trainer is not None:
+            stream.set_epoch(trainer.current_epoch)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
+                          persistent_workers=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", training=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", training=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", training=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict", training=False)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: serving and resumed runs standardise with the training statistics."""
+        return {"dense_stats": asdict(self.dense_stats) if self.dense_stats else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("dense_stats"):
+            self.dense_stats = DenseStats(**{k: tuple(v) for k, v in state["dense_stats"].items()})
+            self.encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)

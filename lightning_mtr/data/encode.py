@@ -1,0 +1,219 @@
+"""Arrow rows -> :class:`Batch`, with every input check the schema implies.
+
+Rows arrive as an Arrow table whose ``SOURCE_COLUMN`` holds, per row, an index into the
+list of files they were read from, so a bad value is reported with the file it came from
+even after the shuffle buffer has mixed several files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from lightning_mtr.data.batch import Batch
+from lightning_mtr.schema import DenseFeature, Schema, SparseFeature
+
+SOURCE_COLUMN = "__source__"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and the column."""
+
+
+@dataclass(frozen=True)
+class DenseStats:
+    """Per dense feature mean and std of the transformed training data (for standardising)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+class BatchEncoder:
+    """Turns Arrow tables into batches for one schema; stateless apart from the dense stats."""
+
+    def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = ()):
+        needs_stats = any(f.transform.endswith("standardize") for f in schema.dense)
+        if needs_stats and dense_stats is None:
+            raise ValueError("the schema standardises dense features, so dense statistics are required")
+        self.schema = schema
+        self.dense_stats = dense_stats
+        self.extras = tuple(extras)
+        self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks]
+
+    @property
+    def columns(self) -> list[str]:
+        """Every column the encoder reads, in a stable order without repeats."""
+        wanted = self.schema.input_columns + sorted(self.schema.label_columns) + list(self.extras)
+        return list(dict.fromkeys(wanted))
+
+    def check_columns(self, arrow_schema: pa.Schema, source: str) -> None:
+        """Fail early, naming the file and column, on a missing column or a wrong type."""
+        kinds = {f.source_column: ("sparse", f) for f in self.schema.sparse}
+        kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
+        kinds.update({c: ("numeric", None) for c in sorted(self.schema.label_columns) + list(self.extras)})
+        for column, (kind, feature) in kinds.items():
+            if column not in arrow_schema.names:
+                raise DataError(f"{source}: missing column {column!r}")
+            dtype = arrow_schema.field(column).type
+            if kind == "sparse":
+                ok = _is_id_type(dtype.value_type) if feature.multi_valued and _is_list(dtype) else (
+                    not feature.multi_valued and _is_id_type(dtype))
+                expected = "a list of integer/string ids" if feature.multi_valued else "integer or string ids"
+            else:
+                ok = pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
+                expected = "numbers"
+            if not (ok or pa.types.is_null(dtype)):
+                raise DataError(f"{source}: column {column!r} has type {dtype}, expected {expected}")
+
+    def encode(self, table: pa.Table, sources: Sequence[str]) -> Batch:
+        checker = RowChecker(table, sources)
+        raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
+        labels, masks = {}, {}
+        for task, label, space in self._labels:
+            values = np.asarray(label.evaluate(raw), dtype=np.float64)
+            if task.kind == "binary":
+                checker.fail_if(task.label, (values != 0) & (values != 1), "binary label outside {0, 1}")
+            labels[task.name] = torch.from_numpy(np.broadcast_to(values, (table.num_rows,)).astype(np.float32))
+            mask = np.ones(table.num_rows, bool) if space is None else np.asarray(space.evaluate(raw), bool)
+            masks[task.name] = torch.from_numpy(np.broadcast_to(mask, (table.num_rows,)).copy())
+        return Batch(
+            dense=self._dense(table, checker),
+            sparse=self._sparse(table, checker),
+            labels=labels,
+            masks=masks,
+            extras={c: torch.from_numpy(numeric_column(table.column(c), c, checker)) for c in self.extras},
+        )
+
+    def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
+        columns = [
+            transform_dense(feature, numeric_column(table.column(feature.source_column), feature.source_column,
+                                              checker, feature.fill_missing), self.dense_stats, index)
+            for index, feature in enumerate(self.schema.dense)
+        ]
+        if not columns:
+            return torch.zeros(table.num_rows, 0)
+        return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
+
+    def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
+        values, lengths = [], []
+        for feature in self.schema.sparse:
+            ids, counts = _feature_ids(table.column(feature.source_column), feature, checker)
+            values.append(ids)
+            lengths.append(counts)
+        return KeyedJaggedTensor(
+            keys=[f.name for f in self.schema.sparse],
+            values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
+            lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+            stride=table.num_rows,
+        )
+
+
+def pretransform_dense(feature: DenseFeature, values: np.ndarray) -> np.ndarray:
+    """The part of the transform that needs no statistics (log1p)."""
+    return np.log1p(np.maximum(values, 0.0)) if feature.transform.startswith("log1p") else values
+
+
+def transform_dense(feature: DenseFeature, values: np.ndarray, stats: DenseStats | None, index: int) -> np.ndarray:
+    """Apply the feature's transform; ``stats`` may be None only for non-standardised features."""
+    values = pretransform_dense(feature, values)
+    if feature.transform.endswith("standardize"):
+        values = (values - stats.mean[index]) / stats.std[index]
+    return values
+
+
+class RowChecker:
+    """Raises :class:`DataError` naming the file of the first offending row."""
+
+    def __init__(self, table: pa.Table, sources: Sequence[str]):
+        self.table = table
+        self.sources = sources
+
+    def fail_if(self, column: str, bad: np.ndarray, problem: str, values: np.ndarray | None = None) -> None:
+        if not bad.any():
+            return
+        row = int(np.flatnonzero(bad)[0])
+        source = self.sources[self.table.column(SOURCE_COLUMN)[row].as_py()] if SOURCE_COLUMN in \
+            self.table.column_names else "<input>"
+        example = f" (e.g. {values[row]!r})" if values is not None else ""
+        raise DataError(f"{source}: column {column!r}: {problem}{example}; {int(bad.sum())} bad row(s) in this batch")
+
+
+def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill: float | None = None) -> np.ndarray:
+    if column.null_count:
+        checker.fail_if(name, np.asarray(column.is_null()) if fill is None else np.zeros(len(column), bool),
+                        "missing (null) value")
+        column = column.fill_null(fill)
+    values = column.to_numpy().astype(np.float64, copy=False)
+    checker.fail_if(name, ~np.isfinite(values), "NaN or inf value", values)
+    return values
+
+
+def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowChecker) -> tuple[np.ndarray, np.ndarray]:
+    """Flat int64 ids and int32 per-row counts for one feature (a null row is an empty bag)."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if not feature.multi_valued:
+        present = np.asarray(array.is_valid())
+        ids = _ids(array.drop_null() if array.null_count else array, feature, checker, np.flatnonzero(present))
+        return ids, present.astype(np.int32)
+    counts = np.asarray(array.value_lengths().fill_null(0), dtype=np.int32)
+    flat = array.flatten()
+    row_of_id = np.repeat(np.arange(len(counts)), counts)
+    if flat.null_count:
+        _fail_on_ids(checker, feature.source_column, np.asarray(flat.is_null()), row_of_id, "null id inside a list")
+    ids = _ids(flat, feature, checker, row_of_id)
+    if feature.max_length is not None and counts.max(initial=0) > feature.max_length:
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        keep = (np.arange(len(ids)) - starts) < feature.max_length
+        ids, counts = ids[keep], np.minimum(counts, feature.max_length)
+    return ids, counts
+
+
+def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id: np.ndarray) -> np.ndarray:
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+        return _hash_strings(array, feature.num_embeddings)
+    ids = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
+    name = feature.source_column
+    negative = ids < 0
+    if negative.any():
+        _fail_on_ids(checker, name, negative, row_of_id, f"negative id (e.g. {ids[negative][0]})")
+    too_large = ids >= feature.num_embeddings
+    if too_large.any():
+        if feature.out_of_range == "modulo":
+            return ids % feature.num_embeddings
+        _fail_on_ids(checker, name, too_large, row_of_id,
+                     f"id >= num_embeddings ({feature.num_embeddings}) (e.g. {ids[too_large][0]}); "
+                     "set out_of_range: modulo to fold ids into the table")
+    return ids
+
+
+def _fail_on_ids(checker: RowChecker, name: str, bad: np.ndarray, row_of_id: np.ndarray, problem: str) -> None:
+    """Map bad flat ids back to their rows so the error names the right file."""
+    bad_rows = np.zeros(checker.table.num_rows, bool)
+    bad_rows[row_of_id[bad]] = True
+    checker.fail_if(name, bad_rows, problem)
+
+
+def _hash_strings(array: pa.Array, buckets: int) -> np.ndarray:
+    """Stable (process-independent) 64-bit hash of each string, folded into ``buckets``."""
+    encoded = pc.dictionary_encode(array)
+    dictionary = encoded.dictionary.to_pylist()
+    hashed = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % buckets for s in dictionary),
+        dtype=np.int64, count=len(dictionary),
+    )
+    return hashed[np.asarray(encoded.indices, dtype=np.int64)]
+
+
+def _is_list(dtype: pa.DataType) -> bool:
+    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
+
+
+def _is_id_type(dtype: pa.DataType) -> bool:
+    return pa.types.is_integer(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype)

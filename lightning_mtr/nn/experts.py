@@ -1,0 +1,51 @@
+"""A bank of expert MLPs run as batched matrix products, and the softmax gate mix."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class ExpertBank(nn.Module):
+    """E experts, each ``MLP(in_dim -> hidden...)`` with ReLU: ``[B, in_dim] -> [B, E, hidden[-1]]``.
+
+    The first layers of all experts are one ``[in_dim, E*H1]`` matrix product and each
+    later layer one batched product over experts, instead of E small products: on CPU
+    this is what keeps the experts near the machine's GEMM rate.
+    """
+
+    def __init__(self, in_dim: int, num_experts: int, hidden: Sequence[int]):
+        super().__init__()
+        if num_experts < 1 or not hidden:
+            raise ValueError("an expert bank needs num_experts >= 1 and at least one hidden size")
+        self.num_experts = num_experts
+        self.output_dim = hidden[-1]
+        self.first = nn.Linear(in_dim, num_experts * hidden[0])
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for fan_in, fan_out in zip(hidden[:-1], hidden[1:]):
+            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
+            self.weights.append(nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, fan_out).uniform_(-bound, bound)))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        batch = inputs.shape[0]
+        hidden = torch.relu(self.first(inputs)).view(batch, self.num_experts, -1).transpose(0, 1)  # [E, B, H]
+        for weight, bias in zip(self.weights, self.biases):
+            hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
+        return hidden.transpose(0, 1)  # [B, E, D]
+
+
+def mix_experts(experts: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """``out[b, t] = sum_e softmax(gate_logits[b, t])[e] * experts[b, e]``.
+
+    Args:
+        experts: ``[B, E, D]``.
+        gate_logits: ``[B, T, E]`` (T gates, e.g. one per task).
+    Returns:
+        ``[B, T, D]``.
+    """
+    return torch.bmm(torch.softmax(gate_logits, dim=-1), experts)

@@ -1,0 +1,40 @@
+"""Schema -> TorchRec embedding tables -> one flat feature vector per row."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec.modules.embedding_configs import PoolingType
+
+from lightning_mtr.schema import Schema
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def embedding_configs(schema: Schema) -> list[EmbeddingBagConfig]:
+    """One TorchRec table config per schema table (shared tables list all their features)."""
+    return [
+        EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
+                           feature_names=list(t.feature_names), pooling=_POOLING[t.pooling])
+        for t in schema.tables
+    ]
+
+
+class FeatureInput(nn.Module):
+    """Pooled embeddings of every sparse feature, concatenated after the dense features.
+
+    ``forward(dense [B, F_dense], sparse KJT) -> [B, output_dim]``. The tables live in
+    ``self.embeddings``, a plain ``EmbeddingBagCollection`` that the trainer may swap for a
+    fused or sharded one without changing parameter names.
+    """
+
+    def __init__(self, schema: Schema, device: torch.device | str | None = None):
+        super().__init__()
+        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=torch.device(device or "cpu"))
+        self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        if self.embeddings.embedding_bag_configs():
+            return torch.cat([dense, self.embeddings(sparse).values()], dim=1)
+        return dense

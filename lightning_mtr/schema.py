@@ -1,0 +1,235 @@
+"""The data schema: the single source of truth for features, tables, tasks and sample spaces.
+
+One YAML file declares it (see ``conf/schemas/``); the data pipeline, the embedding
+tables, the model heads, the losses and the metrics are all built from the same
+:class:`Schema` object, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lightning_mtr.expressions import Expression
+
+Pooling = Literal["sum", "mean"]
+TaskKind = Literal["binary", "regression"]
+DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
+OutOfRange = Literal["error", "modulo"]
+
+
+@dataclass(frozen=True)
+class SparseFeature:
+    """A categorical feature looked up in an embedding table.
+
+    Integer ids must lie in ``[0, num_embeddings)`` unless ``out_of_range: modulo``;
+    string ids are always hashed into ``num_embeddings`` buckets. Features naming the same
+    ``table`` share it (and must agree on its size, dim and pooling). A null value is a
+    missing feature: an empty bag, whose pooled embedding is zero.
+    """
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int = 16
+    column: str | None = None
+    table: str | None = None
+    pooling: Pooling = "sum"
+    multi_valued: bool = False
+    max_length: int | None = None
+    out_of_range: OutOfRange = "error"
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+    @property
+    def table_name(self) -> str:
+        return self.table or self.name
+
+
+@dataclass(frozen=True)
+class DenseFeature:
+    """A numeric feature; ``log1p`` applies to ``max(x, 0)`` (DLRM's Criteo convention).
+
+    Standardisation uses the mean and std of the transformed training data. A null value is
+    an error unless ``fill_missing`` gives the value to use.
+    """
+
+    name: str
+    column: str | None = None
+    transform: DenseTransform = "none"
+    fill_missing: float | None = None
+
+    @property
+    def source_column(self) -> str:
+        return self.column or self.name
+
+
+@dataclass(frozen=True)
+class Task:
+    """A prediction target.
+
+    ``label`` is a column or an expression over columns (``click * conversion``);
+    ``sample_space`` (``click == 1``) selects the rows on which the task's loss and
+    metrics are computed; ``None`` means every row.
+    """
+
+    name: str
+    label: str
+    kind: TaskKind = "binary"
+    weight: float = 1.0
+    sample_space: str | None = None
+
+    @property
+    def label_expression(self) -> Expression:
+        return Expression.parse(self.label)
+
+    @property
+    def sample_space_expression(self) -> Expression | None:
+        return None if self.sample_space is None else Expression.parse(self.sample_space)
+
+
+@dataclass(frozen=True)
+class EmbeddingTable:
+    """One embedding table and the features that look ids up in it."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+    pooling: Pooling
+    feature_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Features, tasks and the columns that must never be inputs (``ground_truth`` globs)."""
+
+    tasks: tuple[Task, ...]
+    sparse: tuple[SparseFeature, ...] = ()
+    dense: tuple[DenseFeature, ...] = ()
+    ground_truth: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> Schema:
+        unknown = set(config) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown schema keys {sorted(unknown)}; allowed: tasks, sparse, dense, ground_truth")
+        return cls(
+            tasks=tuple(_build(Task, t, "task") for t in config.get("tasks") or ()),
+            sparse=tuple(_build(SparseFeature, f, "sparse feature") for f in config.get("sparse") or ()),
+            dense=tuple(_build(DenseFeature, f, "dense feature") for f in config.get("dense") or ()),
+            ground_truth=tuple(config.get("ground_truth") or ()),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Schema:
+        with open(path) as handle:
+            config = yaml.safe_load(handle)
+        try:
+            return cls.from_dict(config or {})
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    @property
+    def tables(self) -> list[EmbeddingTable]:
+        """Embedding tables in first-use order; shared tables list all their features."""
+        by_name: dict[str, list[SparseFeature]] = {}
+        for feature in self.sparse:
+            by_name.setdefault(feature.table_name, []).append(feature)
+        return [
+            EmbeddingTable(name, group[0].num_embeddings, group[0].embedding_dim, group[0].pooling,
+                           tuple(f.name for f in group))
+            for name, group in by_name.items()
+        ]
+
+    @property
+    def label_columns(self) -> set[str]:
+        """Every column a label or sample space reads: such columns are targets, never inputs."""
+        columns: set[str] = set()
+        for task in self.tasks:
+            columns |= task.label_expression.columns
+            if task.sample_space_expression is not None:
+                columns |= task.sample_space_expression.columns
+        return columns
+
+    @property
+    def input_columns(self) -> list[str]:
+        return [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
+
+    def _validate(self) -> None:
+        if not self.tasks:
+            raise ValueError("a schema needs at least one task")
+        for kind, items in (("task", self.tasks), ("feature", self.sparse + self.dense)):
+            names = [item.name for item in items]
+            duplicates = sorted({n for n in names if names.count(n) > 1})
+            if duplicates:
+                raise ValueError(f"duplicate {kind} names: {duplicates}")
+        for task in self.tasks:
+            if task.kind not in ("binary", "regression"):
+                raise ValueError(f"task {task.name!r}: kind must be 'binary' or 'regression', got {task.kind!r}")
+            if task.weight < 0:
+                raise ValueError(f"task {task.name!r}: weight must be >= 0, got {task.weight}")
+        for feature in self.sparse:
+            _validate_sparse(feature)
+        for feature in self.dense:
+            if feature.transform not in ("none", "standardize", "log1p", "log1p_standardize"):
+                raise ValueError(f"dense feature {feature.name!r}: unknown transform {feature.transform!r}")
+        self._validate_shared_tables()
+        self._reject_leakage()
+
+    def _validate_shared_tables(self) -> None:
+        for table in self.tables:
+            users = [f for f in self.sparse if f.table_name == table.name]
+            shapes = {(f.num_embeddings, f.embedding_dim, f.pooling) for f in users}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
+                    f"(num_embeddings, embedding_dim, pooling): {sorted(shapes)}"
+                )
+
+    def _reject_leakage(self) -> None:
+        targets = self.label_columns
+        for column in self.input_columns:
+            if column in targets:
+                raise ValueError(f"label leakage: column {column!r} is a task label or sample-space column "
+                                 "and cannot also be a feature")
+            matched = [p for p in self.ground_truth if fnmatch.fnmatchcase(column, p)]
+            if matched:
+                raise ValueError(f"label leakage: column {column!r} is ground truth (matches {matched[0]!r}) "
+                                 "and cannot be a feature")
+
+
+def _validate_sparse(feature: SparseFeature) -> None:
+    where = f"sparse feature {feature.name!r}"
+    if feature.num_embeddings < 1 or feature.embedding_dim < 1:
+        raise ValueError(f"{where}: num_embeddings and embedding_dim must be >= 1")
+    if feature.pooling not in ("sum", "mean"):
+        raise ValueError(f"{where}: pooling must be 'sum' or 'mean', got {feature.pooling!r}")
+    if feature.out_of_range not in ("error", "modulo"):
+        raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
+    if feature.max_length is not None and (not feature.multi_valued or feature.max_length < 1):
+        raise ValueError(f"{where}: max_length needs multi_valued: true and a value >= 1")
+
+
+def _build(cls: type, config: Any, what: str) -> Any:
+    if not isinstance(config, dict):
+        raise ValueError(f"each {what} must be a mapping, got {config!r}")
+    allowed = {f.name for f in fields(cls)}
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValueError(f"{what} {config.get('name', '?')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    return cls(**config)
+
+
+__all__ = ["DenseFeature", "EmbeddingTable", "Schema", "SparseFeature", "Task"]

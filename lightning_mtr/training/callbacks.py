@@ -1,0 +1,71 @@
+"""Callbacks: the per-task report printed after fit/test, and the Parquet prediction writer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+
+
+def format_report(stage: str, tasks: list[tuple[str, str]], metrics: dict[str, Any]) -> str:
+    """A fixed-width table: task, kind, rows in its sample space, AUC, logloss, MSE."""
+    def value(task: str, name: str, fmt: str) -> str:
+        found = metrics.get(f"{stage}/{task}/{name}")
+        return "-" if found is None else format(float(found), fmt)
+
+    lines = [f"{'task':<16}{'kind':<12}{'rows':>12}{'auc':>10}{'logloss':>10}{'mse':>12}"]
+    for task, kind in tasks:
+        lines.append(f"{task:<16}{kind:<12}{value(task, 'rows', '.0f'):>12}{value(task, 'auc', '.4f'):>10}"
+                     f"{value(task, 'logloss', '.4f'):>10}{value(task, 'mse', '.4f'):>12}")
+    return "\n".join(lines)
+
+
+class TaskReport(L.Callback):
+    """Prints the per-task table after ``fit`` (last validation) and after ``test``."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print("val", trainer, pl_module)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._print("test", trainer, pl_module)
+
+    def _print(self, stage: str, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = trainer.callback_metrics
+        if not any(key.startswith(f"{stage}/") for key in metrics):
+            return
+        tasks = [(t.name, t.kind) for t in pl_module.schema.tasks]
+        rank_zero_info(f"\nPer-task {stage} metrics\n{format_report(stage, tasks, metrics)}")
+
+
+class ParquetPredictionWriter(BasePredictionWriter):
+    """Writes ``predict`` output (per-task scores and extras) to ``output_dir/predictions-rank{R}.parquet``.
+
+    Args:
+        output_dir: directory for the Parquet files (one per process).
+    """
+
+    def __init__(self, output_dir: str = "predictions"):
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self._writer: pq.ParquetWriter | None = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, torch.Tensor], batch_indices, batch,
+                           batch_idx: int, dataloader_idx: int = 0) -> None:
+        table = pa.table({name: values.detach().cpu().numpy() for name, values in prediction.items()})
+        if self._writer is None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            path = self.output_dir / f"predictions-rank{trainer.global_rank}.parquet"
+            self._writer = pq.ParquetWriter(path, table.schema)
+        self._writer.write_table(table)
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            rank_zero_info(f"predictions written to {self.output_dir}/")
+            self._writer = None

@@ -1,0 +1,134 @@
+"""The one LightningModule: any registered model, masked per-task losses and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+
+from lightning_mtr.data.batch import Batch
+from lightning_mtr.metrics import MaskedTaskMetrics
+from lightning_mtr.schema import Schema
+from lightning_mtr.tasks import masked_task_losses, weighted_total
+from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
+
+ModelFactory = Callable[[Schema], nn.Module]
+
+
+def _adam(params) -> torch.optim.Optimizer:
+    return torch.optim.Adam(params, lr=1e-3)
+
+
+class MultiTaskModule(L.LightningModule):
+    """Trains a multi-task model: ``{task: logits}`` -> masked losses -> weighted sum.
+
+    Args:
+        model: builds the network from the schema (``class_path`` + ``init_args`` in YAML,
+            e.g. ``lightning_mtr.models.MMoE``); the schema itself is linked from the data.
+        schema: features and tasks; normally linked from ``data.schema``.
+        dense_optimizer: torch optimizer for every non-embedding parameter.
+        sparse_optimizer: fbgemm fused optimizer for the embedding tables.
+        lr_scheduler: optional scheduler for the dense optimizer.
+        auc: ``exact`` keeps every score (about 12 bytes a row); ``binned`` is a streaming
+            histogram AUC with constant memory for very large evaluation sets.
+        auc_bins: histogram bins of the binned AUC.
+    """
+
+    def __init__(
+        self,
+        model: ModelFactory,
+        schema: Schema,
+        dense_optimizer: OptimizerCallable = _adam,
+        sparse_optimizer: SparseOptimizer = SparseOptimizer(),
+        lr_scheduler: LRSchedulerCallable | None = None,
+        auc: Literal["exact", "binned"] = "exact",
+        auc_bins: int = 65536,
+    ):
+        super().__init__()
+        self.schema = schema
+        self.model = model(schema)
+        self.dense_optimizer = dense_optimizer
+        self.sparse_optimizer = sparse_optimizer
+        self.lr_scheduler = lr_scheduler
+        tasks = [(t.name, t.kind) for t in schema.tasks]
+        self.metrics = nn.ModuleDict({
+            stage: MaskedTaskMetrics(tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
+        })
+
+    def configure_model(self) -> None:
+        if not fused_modules(self.model):
+            fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.trainer.strategy.root_device)
+
+    def on_train_epoch_start(self) -> None:
+        """Reshuffle per epoch: streaming datasets expose ``set_epoch`` (Lightning only calls samplers')."""
+        set_epoch = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(self.current_epoch)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.model(batch.dense, batch.sparse)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        losses = masked_task_losses(self(batch), batch.labels, batch.masks, self.schema.tasks)
+        loss = weighted_total(losses, self.schema.tasks)
+        self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
+                      batch_size=batch.batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate("val", batch)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._evaluate("test", batch)
+
+    def _evaluate(self, stage: str, batch: Batch) -> None:
+        logits = self(batch)
+        losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks)
+        self.log(f"{stage}/loss", weighted_total(losses, self.schema.tasks), batch_size=batch.batch_size,
+                 sync_dist=True)
+        self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def _log_metrics(self, stage: str) -> None:
+        values = self.metrics[stage].compute()
+        self.log_dict(values, prog_bar=False)
+        self.metrics[stage].reset()
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Per-task scores: probabilities for binary tasks, raw predictions for regression."""
+        logits = self(batch)
+        scores = {
+            task.name: torch.sigmoid(logits[task.name]) if task.kind == "binary" else logits[task.name]
+            for task in self.schema.tasks
+        }
+        return {**{f"score_{k}": v for k, v in scores.items()}, **batch.extras}
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.dense_optimizer(dense_parameters(self.model))
+        if self.lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The fused optimizer's state (e.g. Adagrad accumulators) lives outside Lightning's optimizers."""
+        checkpoint["sparse_optimizer_states"] = {
+            name: module.fused_optimizer().state_dict() for name, module in fused_modules(self.model).items()
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("sparse_optimizer_states", {})
+        if states and not fused_modules(self.model):
+            fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.device)
+        for name, module in fused_modules(self.model).items():
+            if name in states:
+                module.fused_optimizer().load_state_dict(states[name])

@@ -1,0 +1,84 @@
+"""The fused sparse optimizer: embedding rows are updated inside backward by fbgemm.
+
+Only the rows a batch touched are read and written, so the cost of the update follows
+the batch, not the table. Dense parameters keep a normal torch optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.fused import FusedOptimizerModule
+
+SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
+
+# fbgemm's CPU kernels implement only these; its CUDA kernels also Adam (and LAMB etc.,
+# which TorchRec's single-process fused collection does not expose).
+_TORCH_CLASS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
+                "adam": torch.optim.Adam}
+SUPPORTED = {"cpu": ("sgd", "adagrad", "rowwise_adagrad"), "cuda": ("sgd", "adagrad", "rowwise_adagrad", "adam")}
+
+
+@dataclass(frozen=True)
+class SparseOptimizer:
+    """The embedding tables' fused optimizer.
+
+    Args:
+        name: ``sgd``, ``adagrad`` or ``rowwise_adagrad`` (CPU and CUDA), ``adam`` (CUDA only).
+        lr: learning rate.
+        eps: numerical epsilon for the adaptive optimizers.
+        weight_decay: L2 penalty applied to the touched rows.
+    """
+
+    name: SparseOptimizerName = "rowwise_adagrad"
+    lr: float = 0.05
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def check_device(self, device: torch.device) -> None:
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        if self.name not in SUPPORTED[kind]:
+            raise ValueError(f"sparse optimizer {self.name!r} is not available on {device.type} "
+                             f"(fbgemm's {kind} kernels support {list(SUPPORTED[kind])})")
+
+    def kwargs(self) -> dict[str, float]:
+        kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self.name != "sgd":
+            kwargs["eps"] = self.eps
+        return kwargs
+
+
+def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device: torch.device) -> int:
+    """Swap every ``EmbeddingBagCollection`` under ``module`` for a fused one, in place.
+
+    Parameter names and the initial weights are kept, so checkpoints do not depend on it.
+    Returns how many collections were swapped.
+    """
+    optimizer.check_device(device)
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, EmbeddingBagCollection):
+                fused = FusedEmbeddingBagCollection(
+                    tables=child.embedding_bag_configs(), optimizer_type=_TORCH_CLASS[optimizer.name],
+                    optimizer_kwargs=optimizer.kwargs(), device=device)
+                fused.load_state_dict(child.state_dict())
+                setattr(parent, name, fused)
+                swapped += 1
+    return swapped
+
+
+def fused_modules(module: nn.Module) -> dict[str, FusedOptimizerModule]:
+    return {name: m for name, m in module.named_modules() if isinstance(m, FusedOptimizerModule)}
+
+
+def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters that the dense optimizer owns: everything outside fused modules."""
+    fused = {id(p) for m in fused_modules(module).values() for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in fused and p.requires_grad]

@@ -1,0 +1,170 @@
+"""Metrics against hand-computed values and an independent rank-based AUC."""
+
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_mtr.metrics import BinaryLogLoss, BinnedBinaryAUROC, MaskedTaskMetrics, task_metrics
+
+NUM_BINS = 65536
+
+
+def rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC from average ranks, so tied scores count as half a win."""
+    _, tie_group, group_sizes = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(group_sizes) - (group_sizes - 1) / 2.0  # 1-based
+    ranks = average_rank[tie_group]
+    positive = labels == 1
+    num_pos, num_neg = positive.sum(), (~positive).sum()
+    return float((ranks[positive].sum() - num_pos * (num_pos + 1) / 2.0) / (num_pos * num_neg))
+
+
+def binned_auc(scores: np.ndarray, labels: np.ndarray, num_bins: int = NUM_BINS) -> BinnedBinaryAUROC:
+    metric = BinnedBinaryAUROC(num_bins)
+    metric.update(torch.from_numpy(scores), torch.from_numpy(labels))
+    return metric
+
+
+def test_hand_computed_auc():
+    scores = torch.tensor([0.1, 0.4, 0.35, 0.8])
+    labels = torch.tensor([0, 0, 1, 1])
+    metric = BinnedBinaryAUROC()
+    metric.update(scores, labels)
+    assert metric.compute().item() == pytest.approx(0.75)
+    exact = task_metrics("binary", auc="exact")["auc"]
+    exact.update(torch.logit(scores), labels)
+    assert exact.compute().item() == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("num_distinct", [50, 5000])  # many ties, few ties
+def test_binned_equals_rank_auc_when_each_bin_holds_one_score(num_distinct):
+    rng = np.random.default_rng(0)
+    bin_centres = (rng.choice(NUM_BINS, size=num_distinct, replace=False) + 0.5) / NUM_BINS
+    scores = rng.choice(bin_centres, size=20_000).astype(np.float32)
+    labels = (rng.random(20_000) < scores).astype(np.int64)
+    auc = binned_auc(scores, labels).compute().item()
+    assert auc == pytest.approx(rank_auc(scores, labels), abs=1e-6)
+
+
+def test_binned_error_within_bound_on_1m_random_scores():
+    rng = np.random.default_rng(1)
+    scores = rng.random(1_000_000, dtype=np.float32)
+    labels = (rng.random(1_000_000) < 0.2 + 0.6 * scores).astype(np.int64)
+    metric = binned_auc(scores, labels)
+    error = abs(metric.compute().item() - rank_auc(scores, labels))
+    pos, neg = metric.pos.double(), metric.neg.double()
+    pairs_sharing_a_bin = (pos * neg).sum() / (pos.sum() * neg.sum())
+    assert error <= 0.5 * pairs_sharing_a_bin.item() + 1e-7  # + float32 round-off of compute()
+    assert error <= 1e-4
+
+
+def test_binned_state_merges_like_two_processes():
+    rng = np.random.default_rng(2)
+    scores = torch.from_numpy(rng.random(10_000, dtype=np.float32))
+    labels = torch.from_numpy((rng.random(10_000) < 0.3).astype(np.int64))
+    whole = BinnedBinaryAUROC(1024)
+    whole.update(scores, labels)
+    halves = [BinnedBinaryAUROC(1024), BinnedBinaryAUROC(1024)]
+    halves[0].update(scores[:5000], labels[:5000])
+    halves[1].update(scores[5000:], labels[5000:])
+    # torchmetrics 1.0.3 has no Metric.merge_state; add the "sum" states as all_reduce would.
+    halves[0].pos += halves[1].pos
+    halves[0].neg += halves[1].neg
+    assert torch.equal(halves[0].pos, whole.pos) and torch.equal(halves[0].neg, whole.neg)
+    assert halves[0].compute().item() == whole.compute().item()
+
+
+def test_one_class_gives_zero_like_torchmetrics():
+    binned, exact = BinnedBinaryAUROC(), task_metrics("binary", auc="exact")["auc"]
+    binned.update(torch.tensor([0.2, 0.7]), torch.tensor([1, 1]))
+    exact.update(torch.tensor([-1.0, 1.0]), torch.tensor([1, 1]))
+    with pytest.warns(UserWarning):
+        assert binned.compute().item() == 0.0
+    with pytest.warns(UserWarning):
+        assert exact.compute().item() == 0.0
+
+
+@pytest.mark.parametrize(
+    ("preds", "target", "message"),
+    [
+        (torch.tensor([0.2, 1.5]), torch.tensor([0, 1]), r"\[0, 1\]"),
+        (torch.tensor([0.2, float("nan")]), torch.tensor([0, 1]), r"\[0, 1\]"),
+        (torch.tensor([0.2, 0.5]), torch.tensor([0, 2]), "0 and 1"),
+        (torch.tensor([0.2, 0.5]), torch.tensor([0, 1, 1]), "differ in shape"),
+    ],
+)
+def test_binned_rejects_bad_inputs(preds, target, message):
+    with pytest.raises(ValueError, match=message):
+        BinnedBinaryAUROC().update(preds, target)
+
+
+def test_logloss_matches_hand_value_and_stays_finite():
+    metric = BinaryLogLoss()
+    with pytest.warns(UserWarning, match="before the ``update``"):
+        assert math.isnan(metric.compute().item())
+    metric.update(torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0]))
+    expected = (math.log(2) + math.log1p(math.exp(2)) + math.log1p(math.exp(-1))) / 3
+    assert metric.compute().item() == pytest.approx(expected, rel=1e-6)
+
+    metric.reset()
+    metric.update(torch.tensor([80.0, -80.0, 80.0]), torch.tensor([0.0, 1.0, 1.0]))
+    assert metric.compute().item() == pytest.approx(160 / 3, rel=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:The ``compute`` method of metric RowCount was called before")
+@pytest.mark.parametrize("auc", ["exact", "binned"])
+def test_masked_metrics_see_only_masked_rows(auc):
+    metrics = MaskedTaskMetrics([("ctr", "binary"), ("watch", "regression"), ("cvr", "binary")], prefix="val", auc=auc)
+    # Rows 0, 2, 4 are in the ctr sample space: logits [0.5, -1, 2], labels [1, 0, 0].
+    # Over all six rows the AUC would be 7/9 instead.
+    ctr_logits = torch.tensor([0.5, 3.0, -1.0, -2.0, 2.0, 1.0])
+    ctr_labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+    ctr_mask = torch.tensor([True, False, True, False, True, False])
+    watch_pred = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
+    watch_label = torch.tensor([1.5, 0.0, 0.0, 0.0, 0.0, 4.0])
+    watch_mask = torch.tensor([1, 0, 0, 0, 0, 1])
+    metrics.update(
+        logits={"ctr": ctr_logits, "watch": watch_pred, "cvr": ctr_logits},
+        labels={"ctr": ctr_labels, "watch": watch_label, "cvr": ctr_labels},
+        masks={"ctr": ctr_mask, "watch": watch_mask, "cvr": torch.zeros(6, dtype=torch.bool)},
+    )
+    results = metrics.compute()
+
+    assert results["val/ctr/auc"].item() == pytest.approx(0.5)  # the positive beats -1, loses to 2
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    expected_logloss = (softplus(-0.5) + softplus(-1.0) + softplus(2.0)) / 3
+    assert results["val/ctr/logloss"].item() == pytest.approx(expected_logloss, rel=1e-6)
+    assert results["val/ctr/rows"].item() == 3
+    assert results["val/watch/mse"].item() == pytest.approx((0.5**2 + 2.0**2) / 2)
+    assert results["val/watch/rows"].item() == 2
+    assert results["val/cvr/rows"].item() == 0
+    assert math.isnan(results["val/cvr/auc"].item()) and math.isnan(results["val/cvr/logloss"].item())
+
+    metrics.reset()
+    assert metrics.compute()["val/ctr/rows"].item() == 0
+
+
+def test_task_metrics_names_allowed_values():
+    assert set(task_metrics("binary", auc="binned")) == {"auc", "logloss", "rows"}
+    assert set(task_metrics("regression")) == {"mse", "rows"}
+    with pytest.raises(ValueError, match="binary"):
+        task_metrics("ranking")
+    with pytest.raises(ValueError, match="binned"):
+        task_metrics("binary", auc="approximate")
+
+
+def test_metrics_package_does_not_import_torch_distributed():
+    package = Path(__file__).resolve().parents[1] / "lightning_mtr" / "metrics"
+    for source in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                modules = [node.module or ""]
+            else:
+                continue
+            assert not any(m.startswith("torch.distributed") for m in modules), source

@@ -1,0 +1,172 @@
+"""The synthetic generators: determinism, schema, and the structure the labels are built to have."""
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lightning_mtr.data import synthetic
+from lightning_mtr.data.synthetic import (
+    DENSE_COLUMNS,
+    SPARSE_COLUMNS,
+    VOCAB_SIZES,
+    main,
+    mmoe_task_weights,
+    write_impressions,
+    write_mmoe_regression,
+)
+
+TRAIN_ROWS = 60_000
+INT_LABELS = ("position", "click", "conversion", "gt_conv_if_clicked")
+GROUND_TRUTH = ("gt_ctr", "gt_ctr_no_position", "gt_cvr", "gt_ctcvr")
+
+
+def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC with tied scores given their average rank."""
+    order = np.argsort(scores, kind="mergesort")
+    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(scores))
+    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)
+    positives = labels.sum()
+    negatives = len(labels) - positives
+    return float((ranks[labels == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+@pytest.fixture(scope="module")
+def impressions(tmp_path_factory) -> tuple[pa.Table, dict[str, np.ndarray]]:
+    out = tmp_path_factory.mktemp("impressions")
+    paths = write_impressions(out, TRAIN_ROWS, 500, 500, seed=0, row_group_rows=16_384)
+    table = pq.read_table(paths["train"])
+    return table, {name: table[name].to_numpy() for name in table.column_names}
+
+
+def test_same_arguments_give_identical_files_and_other_seeds_differ(tmp_path):
+    first = write_impressions(tmp_path / "a", 3000, 1000, 1000, seed=3, row_group_rows=1000)
+    again = write_impressions(tmp_path / "b", 3000, 1000, 1000, seed=3, row_group_rows=1000)
+    other = write_impressions(tmp_path / "c", 3000, 1000, 1000, seed=4, row_group_rows=1000)
+    for split in ("train", "val", "test"):
+        assert first[split].read_bytes() == again[split].read_bytes()
+        assert not pq.read_table(first[split]).equals(pq.read_table(other[split]))
+    assert pq.ParquetFile(first["train"]).metadata.num_row_groups == 3
+    # Each split has its own stream: val is not the first rows of test.
+    val, test = pq.read_table(first["val"]), pq.read_table(first["test"])
+    assert not np.array_equal(val["C26"].to_numpy(), test["C26"].to_numpy())
+
+
+def test_schema_dtypes_and_ranges(impressions):
+    table, columns = impressions
+    expected = [*SPARSE_COLUMNS, *DENSE_COLUMNS, *INT_LABELS, *GROUND_TRUTH]
+    assert sorted(table.column_names) == sorted(expected)
+    assert table.num_rows == TRAIN_ROWS
+    for name in (*SPARSE_COLUMNS, *INT_LABELS):
+        assert table.schema.field(name).type == pa.int64(), name
+    for name in (*DENSE_COLUMNS, *GROUND_TRUTH):
+        assert table.schema.field(name).type == pa.float32(), name
+    for name, vocab in zip(SPARSE_COLUMNS, VOCAB_SIZES):
+        assert 0 <= columns[name].min() and columns[name].max() < vocab, name
+    for name in DENSE_COLUMNS:
+        assert np.all(columns[name] >= 0) and np.all(np.isfinite(columns[name])), name
+    scales = [np.median(columns[name]) for name in DENSE_COLUMNS]
+    assert max(scales) / min(scales) > 100  # each dense column has its own scale
+    assert set(np.unique(columns["position"])) == set(range(1, 11))
+    for name in ("click", "conversion", "gt_conv_if_clicked"):
+        assert set(np.unique(columns[name])) == {0, 1}, name
+    for name in GROUND_TRUTH:
+        assert np.all((columns[name] >= 0) & (columns[name] <= 1)), name
+
+
+def test_vocabularies_span_criteo_sizes_and_ids_are_zipf_like(impressions):
+    _, columns = impressions
+    assert len(VOCAB_SIZES) == 26 and VOCAB_SIZES[0] == 10 and VOCAB_SIZES[-1] == 1_000_000
+    assert all(a < b for a, b in zip(VOCAB_SIZES, VOCAB_SIZES[1:]))
+    counts = np.bincount(columns["C16"], minlength=VOCAB_SIZES[15])  # 10,000 ids
+    assert counts.max() > 0.05 * TRAIN_ROWS
+    assert counts.max() > 100 * max(np.median(counts), 1)
+    assert np.bincount(columns["C26"]).max() > 0.05 * TRAIN_ROWS
+    # A seeded permutation maps popularity to ids, so the head is not always id 0.
+    heads = [np.bincount(columns[name]).argmax() for name in SPARSE_COLUMNS]
+    assert sum(head != 0 for head in heads) > 20
+
+
+def test_conversion_follows_click_and_probabilities_multiply(impressions):
+    _, c = impressions
+    assert np.all(c["conversion"] <= c["click"])
+    np.testing.assert_array_equal(c["conversion"], c["click"] * c["gt_conv_if_clicked"])
+    np.testing.assert_array_equal(c["gt_ctcvr"], c["gt_ctr"] * c["gt_cvr"])
+
+
+def test_calibration_and_bayes_auc(impressions):
+    _, c = impressions
+    clicked = c["click"] == 1
+    assert 0.10 <= c["click"].mean() <= 0.25
+    assert 0.10 <= c["conversion"][clicked].mean() <= 0.30
+    assert 0.7 <= _rank_auc(c["gt_ctr"][:50_000], c["click"][:50_000]) <= 0.9
+
+
+def test_click_carries_position_bias_and_position_is_confounded(impressions):
+    _, c = impressions
+    positions = range(1, 11)
+    by_position = [c["position"] == p for p in positions]
+    empirical_ctr = np.array([c["click"][rows].mean() for rows in by_position])
+    assert np.all(np.diff(empirical_ctr) < 0)
+    bias = c["gt_ctr"] / c["gt_ctr_no_position"]
+    bias_by_position = np.array([bias[rows].mean() for rows in by_position])
+    np.testing.assert_allclose([bias[rows].std() for rows in by_position], 0, atol=1e-5)
+    assert bias_by_position[0] == pytest.approx(1, abs=1e-5) and np.all(np.diff(bias_by_position) < 0)
+    relevance = [c["gt_ctr_no_position"][rows].mean() for rows in by_position]
+    assert relevance[0] > relevance[-1] + 0.1
+
+
+def test_clicked_rows_are_a_biased_sample_for_conversion(impressions):
+    _, c = impressions
+    clicked = c["click"] == 1
+    assert abs(c["gt_cvr"][clicked].mean() - c["gt_cvr"].mean()) > 0.01
+
+
+@pytest.mark.parametrize("correlation", [0.0, 0.5, 0.9, 1.0, -0.5])
+def test_mmoe_task_weights_have_the_requested_cosine(correlation):
+    w1, w2 = mmoe_task_weights(dim=100, correlation=correlation, seed=7)
+    cosine = w1 @ w2 / (np.linalg.norm(w1) * np.linalg.norm(w2))
+    assert cosine == pytest.approx(correlation, abs=1e-6)
+    assert np.linalg.norm(w1) == pytest.approx(1.0) and np.linalg.norm(w2) == pytest.approx(1.0)
+
+
+def test_mmoe_label_correlation_grows_with_task_correlation(tmp_path):
+    label_correlation = {}
+    for p in (0.1, 0.9):
+        path = write_mmoe_regression(tmp_path / f"mmoe_{p}.parquet", rows=20_000, correlation=p, seed=1)
+        table = pq.read_table(path)
+        assert table.column_names == [f"x{d}" for d in range(100)] + ["y1", "y2"]
+        assert all(field.type == pa.float32() for field in table.schema)
+        label_correlation[p] = np.corrcoef(table["y1"].to_numpy(), table["y2"].to_numpy())[0, 1]
+    assert label_correlation[0.9] > label_correlation[0.1] + 0.4
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [dict(correlation=1.5), dict(correlation=-1.01), dict(rows=0), dict(dim=1), dict(noise_std=-0.1)],
+)
+def test_mmoe_rejects_bad_arguments(tmp_path, arguments):
+    kwargs = dict(rows=10, correlation=0.5, dim=4) | arguments
+    with pytest.raises(ValueError):
+        write_mmoe_regression(tmp_path / "bad.parquet", **kwargs)
+
+
+def test_main_writes_both_kinds_of_data(tmp_path, capsys):
+    argv = ["impressions", "--out", str(tmp_path), "--train-rows", "300", "--val-rows", "100", "--test-rows", "100"]
+    assert main([*argv, "--seed", "2"]) == 0
+    for split, rows in (("train", 300), ("val", 100), ("test", 100)):
+        assert pq.ParquetFile(tmp_path / f"{split}.parquet").metadata.num_rows == rows
+    mmoe_path = tmp_path / "mmoe.parquet"
+    assert main(["mmoe", "--out", str(mmoe_path), "--rows", "50", "--correlation", "0.3", "--dim", "8"]) == 0
+    assert pq.read_table(mmoe_path).num_columns == 10
+    printed = capsys.readouterr().out
+    assert "train.parquet: 300 rows" in printed and "mmoe.parquet: 50 rows" in printed
+
+
+def test_spec_keeps_large_effects_off_the_long_tail():
+    spec = synthetic.SPEC
+    effects = dict(spec.click_id_effects)
+    large_vocab = [s for name, s in effects.items() if VOCAB_SIZES[int(name[1:]) - 1] >= 100_000]
+    small_vocab = [s for name, s in effects.items() if VOCAB_SIZES[int(name[1:]) - 1] <= 1_000]
+    assert max(large_vocab) < min(small_vocab)

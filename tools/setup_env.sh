@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create the project virtualenv with the right torch / fbgemm build for this host.
+#
+# torchrec lists the CUDA `fbgemm-gpu` as a dependency, so a plain `pip install torchrec`
+# on a CPU machine downloads gigabytes of CUDA wheels.  We therefore install torch first
+# (pinned), then torchrec and the matching fbgemm build with --no-deps, then the package.
+#
+#   LMTR_VARIANT=cpu  (default when `nvidia-smi` is absent): torch 2.13.0 CPU + fbgemm-gpu-cpu
+#   LMTR_VARIANT=cuda (default when `nvidia-smi` works):    torch 2.13.0 (CUDA) + fbgemm-gpu
+set -euo pipefail
+venv=${1:-.venv}
+python=${PYTHON:-python3}
+torch_version=${LMTR_TORCH_VERSION:-2.13.0}
+torchrec_version=${LMTR_TORCHREC_VERSION:-1.8.0}
+fbgemm_version=${LMTR_FBGEMM_VERSION:-1.8.0}
+if [ -z "${LMTR_VARIANT:-}" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then LMTR_VARIANT=cuda; else LMTR_VARIANT=cpu; fi
+fi
+case "$LMTR_VARIANT" in
+  cpu) fbgemm="fbgemm-gpu-cpu==$fbgemm_version" ;;
+  cuda) fbgemm="fbgemm-gpu==$fbgemm_version" ;;
+  *) echo "LMTR_VARIANT must be cpu or cuda, got '$LMTR_VARIANT'" >&2; exit 2 ;;
+esac
+echo "setup_env: creating $venv ($LMTR_VARIANT: torch==$torch_version, $fbgemm, torchrec==$torchrec_version)"
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip="$venv/bin/python -m pip --disable-pip-version-check -q"
+$pip install "torch==$torch_version"
+$pip install --no-deps "$fbgemm" "torchrec==$torchrec_version"
+# torch stays pinned while the rest resolves, so nothing upgrades it behind our back.
+echo "torch==$torch_version" > "$venv/torch-pin.txt"
+$pip install -c "$venv/torch-pin.txt" -e ".[test]"
+touch "$venv/.installed"
