@@ -59,6 +59,13 @@ class MultiTaskModule(L.LightningModule):
             stage: MaskedTaskMetrics(tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
         })
 
+    def setup(self, stage: str) -> None:
+        # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
+        # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
+        trainer = self.trainer
+        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop, trainer.fit_loop.epoch_loop.val_loop):
+            loop.inference_mode = False
+
     def configure_model(self) -> None:
         if not fused_modules(self.model):
             fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.trainer.strategy.root_device)
