@@ -14,6 +14,10 @@ from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, Tas
 class MultiTaskCLI(LightningCLI):
     """The schema is read once, by the data module, and linked into the model."""
 
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
         parser.add_lightning_class_args(TaskReport, "report")
@@ -24,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["synth"]:
         return synthetic.main(argv[1:])
-    MultiTaskCLI(MultiTaskModule, MultiTaskDataModule, args=argv, save_config_kwargs={"overwrite": True})
+    MultiTaskCLI(args=argv)
     return 0
 
 

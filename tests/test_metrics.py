@@ -1,8 +1,6 @@
 """Metrics against hand-computed values and an independent rank-based AUC."""
 
-import ast
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,16 +153,3 @@ def test_task_metrics_names_allowed_values():
         task_metrics("ranking")
     with pytest.raises(ValueError, match="binned"):
         task_metrics("binary", auc="approximate")
-
-
-def test_metrics_package_does_not_import_torch_distributed():
-    package = Path(__file__).resolve().parents[1] / "lightning_mtr" / "metrics"
-    for source in package.rglob("*.py"):
-        for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Import):
-                modules = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                modules = [node.module or ""]
-            else:
-                continue
-            assert not any(m.startswith("torch.distributed") for m in modules), source

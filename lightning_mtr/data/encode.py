@@ -88,7 +88,7 @@ class BatchEncoder:
             sparse=self._sparse(table, checker),
             labels=labels,
             masks=masks,
-            extras={c: torch.from_numpy(numeric_column(table.column(c), c, checker)) for c in self.extras},
+            extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
         )
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
@@ -149,10 +149,18 @@ def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill
     if column.null_count:
         checker.fail_if(name, np.asarray(column.is_null()) if fill is None else np.zeros(len(column), bool),
                         "missing (null) value")
-        column = column.fill_null(fill)
+        # cast first: filling an integer column would truncate a fractional fill value
+        column = column.cast(pa.float64()).fill_null(fill)
     values = column.to_numpy().astype(np.float64, copy=False)
     checker.fail_if(name, ~np.isfinite(values), "NaN or inf value", values)
     return values
+
+
+def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> np.ndarray:
+    """Integer extras stay int64 (float64 would corrupt ids above 2**53); others as :func:`numeric_column`."""
+    if pa.types.is_integer(column.type) and not column.null_count:
+        return column.to_numpy().astype(np.int64)  # a copy: Arrow's buffers are read-only for torch
+    return numeric_column(column, name, checker).copy()
 
 
 def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowChecker) -> tuple[np.ndarray, np.ndarray]:

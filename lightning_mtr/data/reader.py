@@ -76,7 +76,8 @@ def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int) -> Iterator[p
     rows = 0
     with _opened(unit.path):
         if unit.row_group is None:
-            options = pa_csv.ConvertOptions(include_columns=list(columns))
+            # an empty CSV field is a null (a missing id), as in Parquet, for string columns too
+            options = pa_csv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True)
             for batch in pa_csv.open_csv(unit.path, convert_options=options):
                 rows += batch.num_rows
                 yield batch

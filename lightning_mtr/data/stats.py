@@ -14,13 +14,15 @@ _CHUNK_ROWS = 1 << 16
 
 
 def compute_dense_stats(schema: Schema, units: Sequence[Unit]) -> DenseStats:
-    """Mean and std (float64 accumulation) of each dense feature after its log1p, if any.
+    """Mean and std (float64) of each dense feature after its log1p, if any.
 
+    Chunks are merged with Chan et al.'s pairwise update of (mean, sum of squared deviations):
+    ``E[x^2] - E[x]^2`` cancels catastrophically when the mean dwarfs the spread (timestamps).
     A constant feature gets std 1, so standardising leaves it at 0 instead of dividing by 0.
     """
     features = schema.dense
-    total = np.zeros(len(features))
-    total_sq = np.zeros(len(features))
+    mean = np.zeros(len(features))
+    squares = np.zeros(len(features))  # sum of squared deviations from the mean
     rows = 0
     sources = sources_of(units)
     for table in read_tagged(units, [f.source_column for f in features], _CHUNK_ROWS):
@@ -29,12 +31,15 @@ def compute_dense_stats(schema: Schema, units: Sequence[Unit]) -> DenseStats:
             raw = numeric_column(table.column(feature.source_column), feature.source_column, checker,
                                  feature.fill_missing)
             values = pretransform_dense(feature, raw)
-            total[index] += values.sum()
-            total_sq[index] += np.square(values).sum()
+            if not len(values):
+                continue
+            count, chunk_mean = len(values), values.mean()
+            delta = chunk_mean - mean[index]
+            squares[index] += np.square(values - chunk_mean).sum() + delta**2 * rows * count / (rows + count)
+            mean[index] += delta * count / (rows + count)
         rows += table.num_rows
     if rows == 0:
         raise ValueError("cannot compute dense statistics from zero training rows")
-    mean = total / rows
-    std = np.sqrt(np.maximum(total_sq / rows - np.square(mean), 0.0))
+    std = np.sqrt(squares / rows)
     std = np.where(std > 1e-12, std, 1.0)
     return DenseStats(mean=tuple(map(float, mean)), std=tuple(map(float, std)))

@@ -89,7 +89,7 @@ class MaskedTaskMetrics(torch.nn.Module):
     A multi-task batch carries, per task, a boolean mask of the rows where the
     task's label is defined (e.g. CVR only on clicked rows). Each task's
     metrics see only those rows; a batch whose mask selects nothing leaves the
-    task untouched. The collections live in a ``ModuleDict`` so Lightning moves
+    task's states unchanged. The collections live in a ``ModuleDict`` so Lightning moves
     their states with the module.
 
     A task that saw no rows in the whole epoch (on all processes) reports
@@ -111,9 +111,10 @@ class MaskedTaskMetrics(torch.nn.Module):
     def update(self, logits: dict[str, Tensor], labels: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
         """Update every task on its masked rows; each dict maps task name to a ``[B]`` tensor."""
         for task, collection in self.collections.items():
+            # Update even when the mask is empty: torchmetrics skips the all-gather of a list
+            # state that is empty on one process, which would deadlock the others.
             mask = masks[task].bool()
-            if mask.any():
-                collection.update(logits[task][mask], labels[task][mask])
+            collection.update(logits[task][mask], labels[task][mask])
 
     def compute(self) -> dict[str, Tensor]:
         """Metrics keyed ``"{prefix}/{task}/{metric}"``, e.g. ``"val/ctr/auc"``."""

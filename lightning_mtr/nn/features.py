@@ -31,7 +31,9 @@ class FeatureInput(nn.Module):
 
     def __init__(self, schema: Schema, device: torch.device | str | None = None):
         super().__init__()
-        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=torch.device(device or "cpu"))
+        # Default: the ambient device, so `with torch.device("meta"):` builds tables without memory.
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:

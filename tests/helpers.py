@@ -1,0 +1,30 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+from torchrec import KeyedJaggedTensor
+
+from lightning_mtr.schema import Schema
+
+
+def tiny_schema(num_dense: int = 3, tasks: tuple[str, ...] = ("ctr", "cvr")) -> Schema:
+    return Schema.from_dict({
+        "sparse": [
+            {"name": "user", "num_embeddings": 50, "embedding_dim": 4},
+            {"name": "item", "num_embeddings": 30, "embedding_dim": 4, "pooling": "mean", "multi_valued": True},
+            {"name": "item_last", "num_embeddings": 30, "embedding_dim": 4, "pooling": "mean", "table": "item"},
+        ],
+        "dense": [{"name": f"d{i}"} for i in range(num_dense)],
+        "tasks": [{"name": name, "label": name} for name in tasks],
+    })
+
+
+def random_inputs(schema: Schema, batch: int, seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 3, (len(schema.sparse) * batch,), generator=generator)
+    lengths[:batch] = 1
+    sizes = [f.num_embeddings for f in schema.sparse for _ in range(batch)]
+    values = torch.cat([torch.randint(0, size, (int(n),), generator=generator) for size, n in zip(sizes, lengths)])
+    sparse = KeyedJaggedTensor(keys=[f.name for f in schema.sparse], values=values, lengths=lengths)
+    return torch.randn(batch, len(schema.dense), generator=generator), sparse

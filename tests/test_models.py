@@ -1,0 +1,120 @@
+"""Model zoo: output keys and shapes, gradient flow, and each paper's defining structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import random_inputs, tiny_schema
+from lightning_mtr.models import MODELS, MMoE, OMoE, SharedBottom, build_model
+from lightning_mtr.nn import ExpertBank, mix_experts
+
+SMALL = {
+    "mmoe": {"num_experts": 3, "expert": [8, 6], "tower": [5]},
+    "omoe": {"num_experts": 3, "expert": [8, 6], "tower": [5]},
+    "shared_bottom": {"bottom": [8, 6], "tower": [5]},
+}
+
+
+def test_registry_is_literal_and_complete():
+    assert set(MODELS) == set(SMALL)
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        build_model("nope", tiny_schema())
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("batch", [1, 7])
+def test_outputs_are_one_logit_per_task_and_row(name, batch):
+    schema = tiny_schema(tasks=("ctr", "cvr", "ctcvr"))
+    model = build_model(name, schema, **SMALL[name])
+    logits = model(*random_inputs(schema, batch))
+    assert list(logits) == ["ctr", "cvr", "ctcvr"]
+    for value in logits.values():
+        assert value.shape == (batch,)  # batch size 1 keeps its batch dimension
+        assert torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_gradient_reaches_every_parameter(name):
+    schema = tiny_schema()
+    model = build_model(name, schema, **SMALL[name])
+    dense, sparse = random_inputs(schema, 16)
+    sum(logit.square().sum() for logit in model(dense, sparse).values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_expert_bank_equals_independent_experts():
+    torch.manual_seed(0)
+    bank = ExpertBank(in_dim=5, num_experts=3, hidden=[4, 2])
+    inputs = torch.randn(6, 5)
+    out = bank(inputs)
+    assert out.shape == (6, 3, 2)
+    first_w = bank.first.weight.view(3, 4, 5)
+    first_b = bank.first.bias.view(3, 4)
+    for e in range(3):
+        hidden = torch.relu(inputs @ first_w[e].T + first_b[e])
+        expected = torch.relu(hidden @ bank.weights[0][e] + bank.biases[0][e, 0])
+        torch.testing.assert_close(out[:, e], expected)
+
+
+def test_mix_experts_is_softmax_weighted_sum():
+    experts = torch.randn(4, 3, 2)
+    gate_logits = torch.randn(4, 2, 3)
+    weights = torch.softmax(gate_logits, -1)
+    expected = torch.einsum("bte,bed->btd", weights, experts)
+    torch.testing.assert_close(mix_experts(experts, gate_logits), expected)
+
+
+def _gate_count(model) -> int:
+    return model.gates.out_features // model.experts.num_experts
+
+
+def test_mmoe_has_one_gate_per_task_and_omoe_one_shared_gate():
+    schema = tiny_schema(tasks=("a", "b", "c"))
+    assert _gate_count(MMoE(schema, num_experts=4, expert=[6])) == 3
+    assert _gate_count(OMoE(schema, num_experts=4, expert=[6])) == 1
+
+
+def test_mmoe_task_output_follows_its_own_gate():
+    """Zeroing one task's gate weights changes only that task's mixture, hence only its logit."""
+    schema = tiny_schema(tasks=("a", "b"))
+    torch.manual_seed(0)
+    model = MMoE(schema, num_experts=3, expert=[6], tower=[4]).eval()
+    inputs = random_inputs(schema, 5)
+    before = model(*inputs)
+    with torch.no_grad():
+        model.gates.weight[:3] += 5 * torch.randn(3, model.gates.in_features)  # task "a"'s gate rows
+    after = model(*inputs)
+    assert not torch.allclose(before["a"], after["a"])
+    torch.testing.assert_close(before["b"], after["b"])
+
+
+def test_shared_bottom_towers_split_only_after_the_shared_layers():
+    schema = tiny_schema(tasks=("a", "b"))
+    torch.manual_seed(0)
+    model = SharedBottom(schema, bottom=[8], tower=[4]).eval()
+    inputs = random_inputs(schema, 5)
+    before = model(*inputs)
+    with torch.no_grad():
+        for parameter in model.towers.towers["a"].parameters():
+            parameter.add_(1.0)
+    after = model(*inputs)
+    assert not torch.allclose(before["a"], after["a"])
+    torch.testing.assert_close(before["b"], after["b"])
+    # every task reads the same bottom output
+    assert {id(m) for m in model.modules() if m is model.bottom} == {id(model.bottom)}
+
+
+def test_shared_table_is_one_table():
+    model = MMoE(tiny_schema(), num_experts=2, expert=[4])
+    tables = [c.name for c in model.features.embeddings.embedding_bag_configs()]
+    assert tables == ["user", "item"]
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_models_build_on_the_meta_device(name):
+    """Large tables are planned before they are materialised: building on meta allocates nothing."""
+    with torch.device("meta"):
+        model = build_model(name, tiny_schema(), **SMALL[name])
+    assert {p.device.type for p in model.parameters()} == {"meta"}
