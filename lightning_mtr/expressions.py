@@ -2,13 +2,16 @@
 
 A schema says ``sample_space: "click == 1"`` or ``label: "click * conversion"``.
 Both are parsed once with :mod:`ast`, checked against a whitelist of node types, and
-evaluated vectorised over a dict of numpy columns. Nothing is ever ``eval``-ed.
+evaluated vectorised over a dict of numpy columns. Nothing is ever ``eval``-ed. A column
+whose name is not a Python identifier is written in backticks, as in pandas:
+``"`marital status` == 1"`` or ``"`101` > 0"``.
 """
 
 from __future__ import annotations
 
 import ast
 import operator
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +34,9 @@ _BINARY = {
 }
 
 
+_QUOTED = re.compile(r"`([^`]+)`")
+
+
 @dataclass(frozen=True)
 class Expression:
     """A parsed expression: ``columns`` it reads and ``evaluate(columns) -> ndarray``."""
@@ -38,25 +44,35 @@ class Expression:
     source: str
     columns: frozenset[str]
     _tree: ast.Expression
+    _quoted: tuple[tuple[str, str], ...]  # (placeholder identifier, real column name)
 
     @classmethod
     def parse(cls, source: str) -> Expression:
+        quoted: dict[str, str] = {}
+        text = _QUOTED.sub(lambda m: quoted.setdefault(m.group(1), f"__column_{len(quoted)}__"), source)
         try:
-            tree = ast.parse(source, mode="eval")
+            tree = ast.parse(text, mode="eval")
         except SyntaxError as err:
-            raise ValueError(f"cannot parse expression {source!r}: {err.msg}") from None
+            raise ValueError(f"cannot parse expression {source!r}: {err.msg}; write a column name that is not "
+                             "a Python identifier in backticks, e.g. `marital status`") from None
+        real = {placeholder: name for name, placeholder in quoted.items()}
         names: set[str] = set()
         for node in ast.walk(tree):
             if isinstance(node, ast.Name):
-                names.add(node.id)
+                names.add(real.get(node.id, node.id))
             elif not isinstance(node, _ALLOWED_NODES):
                 raise ValueError(
                     f"expression {source!r} uses {type(node).__name__}; allowed: column names, "
                     "numbers, comparisons, and/or/not, * + - & |"
                 )
-        return cls(source, frozenset(names), tree)
+        if not names:
+            raise ValueError(f"expression {source!r} reads no column; a numeric column name must be written "
+                             "in backticks, e.g. `101`")
+        return cls(source, frozenset(names), tree, tuple(real.items()))
 
     def evaluate(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self._quoted:
+            columns = {**columns, **{placeholder: columns[name] for placeholder, name in self._quoted}}
         return _evaluate(self._tree.body, columns)
 
 

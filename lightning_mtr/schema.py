@@ -229,7 +229,13 @@ def _build(cls: type, config: Any, what: str) -> Any:
     unknown = set(config) - allowed
     if unknown:
         raise ValueError(f"{what} {config.get('name', '?')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
-    return cls(**config)
+    # YAML reads `name: 101` as an int; Arrow column names are strings.
+    names = {k: str(v) if k in _NAME_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) else v
+             for k, v in config.items()}
+    return cls(**names)
+
+
+_NAME_KEYS = ("name", "column", "table")
 
 
 __all__ = ["DenseFeature", "EmbeddingTable", "Schema", "SparseFeature", "Task"]

@@ -170,3 +170,25 @@ def test_spec_keeps_large_effects_off_the_long_tail():
     large_vocab = [s for name, s in effects.items() if VOCAB_SIZES[int(name[1:]) - 1] >= 100_000]
     small_vocab = [s for name, s in effects.items() if VOCAB_SIZES[int(name[1:]) - 1] <= 1_000]
     assert max(large_vocab) < min(small_vocab)
+
+
+def test_mmoe_split_is_held_out_sample_of_the_same_tasks(tmp_path):
+    train = pq.read_table(write_mmoe_regression(tmp_path / "a.parquet", 2000, 0.7, dim=8, seed=3))
+    val = pq.read_table(write_mmoe_regression(tmp_path / "b.parquet", 2000, 0.7, dim=8, seed=3, split="val"))
+    assert not np.array_equal(train.column("x0").to_numpy(), val.column("x0").to_numpy())
+    w1, _ = mmoe_task_weights(8, 0.7, seed=3)
+
+    def projection_and_residual(table):
+        x = np.stack([table.column(f"x{d}").to_numpy() for d in range(8)], axis=1).astype(np.float64)
+        projection = x @ w1
+        return projection, table.column("y1").to_numpy() - projection  # = sum of sines of w1.x, plus noise
+
+    train_p, train_r = projection_and_residual(train)
+    val_p, val_r = projection_and_residual(val)
+    order = np.argsort(train_p)
+    # same task pair: the val residual is the train residual's function of w1.x, up to noise (std 0.1 each)
+    inside = (val_p > train_p.min()) & (val_p < train_p.max())
+    predicted = np.interp(val_p[inside], train_p[order], train_r[order])
+    assert np.std(val_r[inside] - predicted) < 0.3
+    other = pq.read_table(write_mmoe_regression(tmp_path / "c.parquet", 2000, 0.7, dim=8, seed=4, split="val"))
+    assert not np.allclose(other.column("y1").to_numpy(), val.column("y1").to_numpy())

@@ -352,8 +352,12 @@ def write_mmoe_regression(
     noise_std: float = 0.1,
     seed: int = 0,
     row_group_rows: int = 65536,
+    split: str = "train",
 ) -> Path:
     """Write the MMoE paper's two regression tasks whose correlation is set by ``correlation``.
+
+    ``seed`` fixes the task pair (w1, w2, alpha, beta); ``split`` names an independent
+    stream of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
 
     ``y_i = w_i.x + sum_k sin(alpha_k w_i.x + beta_k) + eps_i`` with x ~ N(0, I_dim),
     w_i from :func:`mmoe_task_weights`, alpha_k, beta_k ~ N(0, 1) shared by both tasks.
@@ -366,7 +370,7 @@ def write_mmoe_regression(
     alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
 
     def chunk(index: int, n: int) -> dict[str, np.ndarray]:
-        rng = _stream(seed, "mmoe-rows", index)
+        rng = _stream(seed, "mmoe-rows", split, index)
         x = rng.standard_normal((n, dim))
         projection = x @ w  # (n, 2)
         y = projection + np.sin(projection[..., None] * alpha + beta).sum(-1)
@@ -392,6 +396,7 @@ def _parser() -> argparse.ArgumentParser:
     mmoe.add_argument("--dim", type=int, default=100)
     mmoe.add_argument("--seed", type=int, default=0)
     mmoe.add_argument("--noise-std", type=float, default=0.1)
+    mmoe.add_argument("--split", default="train", help="row stream; e.g. val for a held-out file of the same tasks")
     return parser
 
 
@@ -404,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: {pq.ParquetFile(path).metadata.num_rows} rows ({split})")
     else:
         path = write_mmoe_regression(
-            args.out, args.rows, args.correlation, dim=args.dim, noise_std=args.noise_std, seed=args.seed
+            args.out, args.rows, args.correlation, dim=args.dim, noise_std=args.noise_std, seed=args.seed,
+            split=args.split,
         )
-        print(f"{path}: {args.rows} rows (mmoe, correlation={args.correlation})")
+        print(f"{path}: {args.rows} rows (mmoe {args.split}, correlation={args.correlation})")
     return 0
 
 

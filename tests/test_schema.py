@@ -1,0 +1,69 @@
+"""Schema parsing and the expression language of labels and sample spaces."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_mtr.expressions import Expression
+from lightning_mtr.schema import Schema
+
+
+def test_expression_reads_columns_and_evaluates_vectorised():
+    expression = Expression.parse("click == 1 and not (price < 2.5)")
+    assert expression.columns == {"click", "price"}
+    result = expression.evaluate({"click": np.array([1, 1, 0]), "price": np.array([3.0, 1.0, 9.0])})
+    assert result.tolist() == [True, False, False]
+    product = Expression.parse("click * conversion").evaluate({"click": np.array([1, 1, 0]),
+                                                                "conversion": np.array([1, 0, 1])})
+    assert product.tolist() == [1, 0, 0]
+
+
+def test_backticks_quote_column_names_that_are_not_identifiers():
+    expression = Expression.parse("`marital status` == 1 & `101` > 0")
+    assert expression.columns == {"marital status", "101"}
+    columns = {"marital status": np.array([1, 1, 0]), "101": np.array([5, 0, 5])}
+    assert expression.evaluate(columns).tolist() == [True, False, False]
+
+
+@pytest.mark.parametrize("source, message", [
+    ("__import__('os')", "uses Call"),
+    ("click.real", "uses Attribute"),
+    ("click ==", "cannot parse"),
+    ("101 == 1", "reads no column"),
+    ("'a' == click", "numeric constants"),
+])
+def test_bad_expressions_are_rejected(source, message):
+    with pytest.raises(ValueError, match=message):
+        Expression.parse(source).evaluate({"click": np.array([1])})
+
+
+def test_numeric_yaml_names_become_strings():
+    schema = Schema.from_dict({"sparse": [{"name": 101, "num_embeddings": 4}],
+                               "tasks": [{"name": "ctr", "label": "click"}]})
+    assert schema.sparse[0].name == "101" and schema.tables[0].name == "101"
+
+
+def test_tables_group_shared_features_and_label_columns_cover_sample_spaces():
+    schema = Schema.from_dict({
+        "sparse": [{"name": "a", "num_embeddings": 4, "table": "t"}, {"name": "b", "num_embeddings": 4, "table": "t"},
+                   {"name": "c", "num_embeddings": 9, "embedding_dim": 8}],
+        "tasks": [{"name": "cvr", "label": "conversion", "sample_space": "click == 1"}],
+    })
+    assert [(t.name, t.feature_names) for t in schema.tables] == [("t", ("a", "b")), ("c", ("c",))]
+    assert schema.label_columns == {"conversion", "click"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"tasks": []}, "at least one task"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking"}]}, "kind must be"),
+    ({"sparse": [{"name": "a", "num_embeddings": 0}]}, "must be >= 1"),
+    ({"sparse": [{"name": "a", "num_embeddings": 3, "pooling": "max"}]}, "pooling must be"),
+    ({"sparse": [{"name": "a", "num_embeddings": 3, "max_length": 2}]}, "max_length needs multi_valued"),
+    ({"dense": [{"name": "d", "transform": "sqrt"}]}, "unknown transform"),
+    ({"dense": [{"name": "d"}, {"name": "d"}]}, "duplicate feature names"),
+])
+def test_invalid_schemas_explain_themselves(change, message):
+    config = {"tasks": [{"name": "ctr", "label": "click"}], **change}
+    with pytest.raises(ValueError, match=message):
+        Schema.from_dict(config)
