@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -141,7 +142,7 @@ class Schema:
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
-    @property
+    @cached_property
     def tables(self) -> list[EmbeddingTable]:
         """Embedding tables in first-use order; shared tables list all their features."""
         by_name: dict[str, list[SparseFeature]] = {}
@@ -153,15 +154,15 @@ class Schema:
             for name, group in by_name.items()
         ]
 
-    @property
-    def label_columns(self) -> set[str]:
+    @cached_property
+    def label_columns(self) -> frozenset[str]:
         """Every column a label or sample space reads: such columns are targets, never inputs."""
         columns: set[str] = set()
         for task in self.tasks:
             columns |= task.label_expression.columns
             if task.sample_space_expression is not None:
                 columns |= task.sample_space_expression.columns
-        return columns
+        return frozenset(columns)
 
     @property
     def input_columns(self) -> list[str]:
