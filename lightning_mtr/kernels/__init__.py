@@ -1,0 +1,1 @@
+"""Fused ops: each a triad of PyTorch reference, Triton kernel and one registered torch.library op."""
