@@ -16,7 +16,16 @@ class MultiTaskCLI(LightningCLI):
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # the module configures its own optimizers: a top-level `optimizer:` would hand the
+        # embedding tables to the dense optimizer
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
+
+    def predict(self, **kwargs) -> None:
+        """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer
+        keeps none in memory; ``--return_predictions true`` keeps them too."""
+        kwargs["return_predictions"] = bool(kwargs.get("return_predictions"))
+        self.trainer.predict(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
@@ -25,9 +34,9 @@ class MultiTaskCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["synth"]:
-        return synthetic.main(argv[1:])
+    """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself)."""
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["synth"]:
+        return synthetic.main((sys.argv[1:] if argv is None else argv)[1:])
     MultiTaskCLI(args=argv)
     return 0
 

@@ -25,12 +25,12 @@ _COMPARE = {
     ast.Gt: operator.gt,
     ast.GtE: operator.ge,
 }
+# No `&` / `|`: Python binds them tighter than `==`, so `click == 1 & x > 3` would silently
+# mean `click == (1 & x) > 3`. `and` / `or` say what users mean.
 _BINARY = {
     ast.Mult: operator.mul,
     ast.Add: operator.add,
     ast.Sub: operator.sub,
-    ast.BitAnd: np.logical_and,
-    ast.BitOr: np.logical_or,
 }
 
 
@@ -63,7 +63,7 @@ class Expression:
             elif not isinstance(node, _ALLOWED_NODES):
                 raise ValueError(
                     f"expression {source!r} uses {type(node).__name__}; allowed: column names, "
-                    "numbers, comparisons, and/or/not, * + - & |"
+                    "numbers, comparisons, and/or/not, * + -"
                 )
         if not names:
             raise ValueError(f"expression {source!r} reads no column; a numeric column name must be written "

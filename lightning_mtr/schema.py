@@ -131,10 +131,10 @@ class Schema:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Schema:
-        with open(path) as handle:
-            config = yaml.safe_load(handle)
+        """Load a schema file; ``extends: other.yaml`` (relative to this file) starts from
+        another schema, whose top-level keys this file replaces (e.g. same features, other tasks)."""
         try:
-            return cls.from_dict(config or {})
+            return cls.from_dict(_load_with_base(Path(path), seen=()))
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
 
@@ -209,6 +209,17 @@ class Schema:
             if matched:
                 raise ValueError(f"label leakage: column {column!r} is ground truth (matches {matched[0]!r}) "
                                  "and cannot be a feature")
+
+
+def _load_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if path.resolve() in seen:
+        raise ValueError(f"schema files extend each other in a cycle: {[str(p) for p in seen]}")
+    with open(path) as handle:
+        config = yaml.safe_load(handle) or {}
+    base = config.pop("extends", None)
+    if base is None:
+        return config
+    return {**_load_with_base(path.parent / base, (*seen, path.resolve())), **config}
 
 
 def _validate_sparse(feature: SparseFeature) -> None:

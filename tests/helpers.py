@@ -8,7 +8,16 @@ from torchrec import KeyedJaggedTensor
 from lightning_mtr.schema import Schema
 
 
-def tiny_schema(num_dense: int = 3, tasks: tuple[str, ...] = ("ctr", "cvr")) -> Schema:
+ESMM_TASKS = ({"name": "ctr", "label": "click"},
+              {"name": "cvr", "label": "conversion", "sample_space": "click == 1", "weight": 0},
+              {"name": "ctcvr", "label": "click * conversion"})
+ESM2_TASKS = ({"name": "ctr", "label": "click"}, {"name": "ctavr", "label": "click * daction"},
+              {"name": "ctcvr", "label": "click * conversion"},
+              {"name": "cvr", "label": "conversion", "sample_space": "click == 1", "weight": 0})
+
+
+def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr")) -> Schema:
+    """Three sparse features (two sharing a table) and ``num_dense`` dense ones; tasks by name or full dict."""
     return Schema.from_dict({
         "sparse": [
             {"name": "user", "num_embeddings": 50, "embedding_dim": 4},
@@ -16,7 +25,7 @@ def tiny_schema(num_dense: int = 3, tasks: tuple[str, ...] = ("ctr", "cvr")) -> 
             {"name": "item_last", "num_embeddings": 30, "embedding_dim": 4, "pooling": "mean", "table": "item"},
         ],
         "dense": [{"name": f"d{i}"} for i in range(num_dense)],
-        "tasks": [{"name": name, "label": name} for name in tasks],
+        "tasks": [task if isinstance(task, dict) else {"name": task, "label": task} for task in tasks],
     })
 
 

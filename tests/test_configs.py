@@ -67,7 +67,8 @@ def _assert_trained(cli: MultiTaskCLI, root: Path, val_rows: int) -> None:
 def test_conf_holds_the_expected_files():
     names = {_name(p) for p in CONFIGS}
     assert {"conf/debug.yaml", "conf/models/mmoe.yaml", "conf/models/omoe.yaml", "conf/models/shared_bottom.yaml",
-            "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml"} <= names
+            "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml",
+            "conf/data/aliexpress.yaml", "conf/data/criteo.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_name)
@@ -125,6 +126,22 @@ def test_ali_ccp_trains(tmp_path):
 def test_census_income_trains(tmp_path):
     cli = _fit(["--config", "conf/data/census_income.yaml"], tmp_path)
     _assert_trained(cli, tmp_path, val_rows=20)
+
+
+@needs_shared_data
+def test_aliexpress_trains(tmp_path):
+    cli = _fit(["--config", "conf/data/aliexpress.yaml"], tmp_path)
+    _assert_trained(cli, tmp_path, val_rows=100)  # val is the 100-row training file itself
+    assert cli.trainer.callback_metrics["val/cvr/rows"] == 60  # cvr's sample space: the 60 clicked rows
+
+
+@needs_shared_data
+@pytest.mark.parametrize("model", ["SharedBottom", "MMoE"])
+def test_criteo_trains_one_task(tmp_path, model):
+    """Hex-string ids hashed, empty fields as missing, one task; both models take a single task."""
+    cli = _fit(["--config", "conf/data/criteo.yaml", "--model.model", f"lightning_mtr.models.{model}"], tmp_path)
+    assert type(cli.model.model).__name__ == model
+    _assert_trained(cli, tmp_path, val_rows=87)  # val is the 87-row training file itself
 
 
 def test_mmoe_synthetic_trains(tmp_path):

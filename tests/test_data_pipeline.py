@@ -5,7 +5,6 @@ names the file and the column, exactly-once reading across ranks and DataLoader 
 and the dense statistics against numpy.
 """
 
-import hashlib
 import math
 from types import SimpleNamespace
 
@@ -39,8 +38,11 @@ def read_batches(schema: Schema, paths, stats: DenseStats | None = None, extras=
 
 
 def stable_hash(text: str, buckets: int) -> int:
-    """Independent statement of the documented hash: blake2b-64 (little-endian) mod buckets."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % buckets
+    """Independent statement of the documented hash: FNV-1a 64 of the UTF-8 bytes, mod buckets."""
+    value = 0xCBF29CE484222325
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x100000001B3) % 2**64
+    return value % buckets
 
 
 def assert_batches_equal(a: Batch, b: Batch) -> None:
@@ -409,14 +411,15 @@ def test_every_row_once_across_ranks_and_workers(log_dir, num_workers, shuffle_b
 @pytest.mark.parametrize("shuffle_buffer", [0, 20])
 def test_batches_full_except_each_readers_last(log_dir, monkeypatch, drop_last, shuffle_buffer):
     """Each of the 2 ranks x 2 workers readers, checked on its own (worker info faked in-process)."""
-    total = []
+    total, reader_rows = [], []
     for rank in (0, 1):
         for worker in (0, 1):
             monkeypatch.setattr(reader, "get_worker_info", lambda w=worker: SimpleNamespace(num_workers=2, id=w))
             data = stream(log_dir, batch_size=8, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
                           rank=rank, world_size=2)
             units = data.my_units()
-            rows = sum(pq.ParquetFile(u.path).metadata.row_group(u.row_group).num_rows for u in units)
+            rows = sum(u.stop - u.start for u in units)
+            reader_rows.append(rows)
             batches = list(data)
             sizes = [b.batch_size for b in batches]
             assert all(s == 8 for s in sizes[:-1])
@@ -425,6 +428,7 @@ def test_batches_full_except_each_readers_last(log_dir, monkeypatch, drop_last, 
                 assert batch.sparse.stride() == batch.batch_size == len(batch.labels["ctr"])
             total.extend(row_ids(batches))
     assert len(set(total)) == len(total)
+    assert max(reader_rows) - min(reader_rows) <= 1, f"readers must get equal rows, got {reader_rows}"
     if not drop_last:
         assert sorted(total) == list(range(sum(FILE_ROWS)))
 
@@ -551,3 +555,30 @@ def test_dense_stats_match_numpy(tmp_path):
     np.testing.assert_allclose(stats.mean, [v.mean() for v in transformed], rtol=1e-12)
     np.testing.assert_allclose(stats.std[:3], [v.std() for v in transformed[:3]], rtol=1e-6)
     assert stats.std[3] == 1.0, "a constant feature gets std 1, not 0"
+
+
+def test_fnv1a_matches_published_test_vectors():
+    from lightning_mtr.data.encode import fnv1a_64
+
+    # FNV-1a 64 reference values (Fowler/Noll/Vo test suite): "", "a", "foobar"
+    hashes = fnv1a_64(pa.array(["", "a", "foobar", "é"], pa.large_string()))
+    assert hashes[:3].tolist() == [0xCBF29CE484222325, 0xAF63DC4C8601EC8C, 0x85944171F73967E8]
+    assert int(hashes[3]) == stable_hash("é", 2**64)  # multi-byte UTF-8
+
+
+def test_dictionary_columns_are_accepted(tmp_path):
+    """pandas categoricals arrive as dictionary<string> / dictionary<int> columns."""
+    strings = pa.array(["paris", "tokyo", "paris"]).dictionary_encode()
+    ints = pa.array([3, 1, 3]).dictionary_encode()
+    schema = Schema.from_dict({
+        "sparse": [{"name": "city", "num_embeddings": 1000}, {"name": "shop", "num_embeddings": 10}],
+        "tasks": [{"name": "ctr", "label": "click"}],
+    })
+    table = pa.table({"city": strings, "shop": ints, "click": [0, 1, 0]})
+    encoder = BatchEncoder(schema)
+    encoder.check_columns(table.schema, "cats.parquet")
+    batch = encoder.encode(table, ["cats.parquet"])
+    values = batch.sparse.to_dict()
+    assert values["city"].values().tolist() == [stable_hash("paris", 1000), stable_hash("tokyo", 1000),
+                                                stable_hash("paris", 1000)]
+    assert values["shop"].values().tolist() == [3, 1, 3]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import random_inputs, tiny_schema
+from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs, tiny_schema
 from lightning_mtr.models import MODELS, MMoE, OMoE, SharedBottom, build_model
 from lightning_mtr.nn import ExpertBank, mix_experts
 
@@ -13,7 +13,14 @@ SMALL = {
     "mmoe": {"num_experts": 3, "expert": [8, 6], "tower": [5]},
     "omoe": {"num_experts": 3, "expert": [8, 6], "tower": [5]},
     "shared_bottom": {"bottom": [8, 6], "tower": [5]},
+    "esmm": {"tower": [8, 6]},
+    "esm2": {"tower": [8, 6]},
 }
+TASKS = {"esmm": ESMM_TASKS, "esm2": ESM2_TASKS}  # the others take any tasks
+
+
+def _schema(name: str):
+    return tiny_schema(tasks=TASKS.get(name, ("ctr", "cvr", "ctcvr")))
 
 
 def test_registry_is_literal_and_complete():
@@ -25,10 +32,10 @@ def test_registry_is_literal_and_complete():
 @pytest.mark.parametrize("name", sorted(SMALL))
 @pytest.mark.parametrize("batch", [1, 7])
 def test_outputs_are_one_logit_per_task_and_row(name, batch):
-    schema = tiny_schema(tasks=("ctr", "cvr", "ctcvr"))
+    schema = _schema(name)
     model = build_model(name, schema, **SMALL[name])
     logits = model(*random_inputs(schema, batch))
-    assert list(logits) == ["ctr", "cvr", "ctcvr"]
+    assert sorted(logits) == sorted(schema.task_names)
     for value in logits.values():
         assert value.shape == (batch,)  # batch size 1 keeps its batch dimension
         assert torch.isfinite(value).all()
@@ -36,7 +43,7 @@ def test_outputs_are_one_logit_per_task_and_row(name, batch):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_gradient_reaches_every_parameter(name):
-    schema = tiny_schema()
+    schema = _schema(name)
     model = build_model(name, schema, **SMALL[name])
     dense, sparse = random_inputs(schema, 16)
     sum(logit.square().sum() for logit in model(dense, sparse).values()).backward()
@@ -67,7 +74,7 @@ def test_mix_experts_is_softmax_weighted_sum():
 
 
 def _gate_count(model) -> int:
-    return model.gates.out_features // model.experts.num_experts
+    return model.bottom.gates.out_features // model.bottom.experts.num_experts
 
 
 def test_mmoe_has_one_gate_per_task_and_omoe_one_shared_gate():
@@ -84,7 +91,7 @@ def test_mmoe_task_output_follows_its_own_gate():
     inputs = random_inputs(schema, 5)
     before = model(*inputs)
     with torch.no_grad():
-        model.gates.weight[:3] += 5 * torch.randn(3, model.gates.in_features)  # task "a"'s gate rows
+        model.bottom.gates.weight[:3] += 5 * torch.randn(3, model.bottom.gates.in_features)  # task "a"'s gate rows
     after = model(*inputs)
     assert not torch.allclose(before["a"], after["a"])
     torch.testing.assert_close(before["b"], after["b"])
@@ -102,8 +109,10 @@ def test_shared_bottom_towers_split_only_after_the_shared_layers():
     after = model(*inputs)
     assert not torch.allclose(before["a"], after["a"])
     torch.testing.assert_close(before["b"], after["b"])
-    # every task reads the same bottom output
-    assert {id(m) for m in model.modules() if m is model.bottom} == {id(model.bottom)}
+    with torch.no_grad():  # the bottom is shared: changing it moves every task
+        model.bottom.mlp[0].weight.add_(0.5)
+    moved = model(*inputs)
+    assert not torch.allclose(after["a"], moved["a"]) and not torch.allclose(after["b"], moved["b"])
 
 
 def test_shared_table_is_one_table():
@@ -116,5 +125,5 @@ def test_shared_table_is_one_table():
 def test_models_build_on_the_meta_device(name):
     """Large tables are planned before they are materialised: building on meta allocates nothing."""
     with torch.device("meta"):
-        model = build_model(name, tiny_schema(), **SMALL[name])
+        model = build_model(name, _schema(name), **SMALL[name])
     assert {p.device.type for p in model.parameters()} == {"meta"}

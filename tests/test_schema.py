@@ -20,7 +20,7 @@ def test_expression_reads_columns_and_evaluates_vectorised():
 
 
 def test_backticks_quote_column_names_that_are_not_identifiers():
-    expression = Expression.parse("`marital status` == 1 & `101` > 0")
+    expression = Expression.parse("`marital status` == 1 and `101` > 0")
     assert expression.columns == {"marital status", "101"}
     columns = {"marital status": np.array([1, 1, 0]), "101": np.array([5, 0, 5])}
     assert expression.evaluate(columns).tolist() == [True, False, False]
@@ -32,6 +32,8 @@ def test_backticks_quote_column_names_that_are_not_identifiers():
     ("click ==", "cannot parse"),
     ("101 == 1", "reads no column"),
     ("'a' == click", "numeric constants"),
+    ("click == 1 & price > 3", "uses BitAnd"),  # precedence trap: & binds tighter than ==
+    ("click == 1 | price > 3", "uses BitOr"),
 ])
 def test_bad_expressions_are_rejected(source, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,7 @@
 """The synthetic generators: determinism, schema, and the structure the labels are built to have."""
 
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,8 +19,9 @@ from lightning_mtr.data.synthetic import (
 )
 
 TRAIN_ROWS = 60_000
-INT_LABELS = ("position", "click", "conversion", "gt_conv_if_clicked")
-GROUND_TRUTH = ("gt_ctr", "gt_ctr_no_position", "gt_cvr", "gt_ctcvr")
+INT_LABELS = ("position", "click", "daction", "conversion", "gt_daction_if_clicked", "gt_conv_if_clicked")
+GROUND_TRUTH = ("gt_ctr", "gt_ctr_no_position", "gt_dar", "gt_cvr", "gt_ctcvr", "gt_cvr_given_daction",
+                "gt_cvr_given_oaction")
 
 
 def _rank_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -69,7 +72,7 @@ def test_schema_dtypes_and_ranges(impressions):
     scales = [np.median(columns[name]) for name in DENSE_COLUMNS]
     assert max(scales) / min(scales) > 100  # each dense column has its own scale
     assert set(np.unique(columns["position"])) == set(range(1, 11))
-    for name in ("click", "conversion", "gt_conv_if_clicked"):
+    for name in ("click", "daction", "conversion", "gt_daction_if_clicked", "gt_conv_if_clicked"):
         assert set(np.unique(columns[name])) == {0, 1}, name
     for name in GROUND_TRUTH:
         assert np.all((columns[name] >= 0) & (columns[name] <= 1)), name
@@ -95,11 +98,81 @@ def test_conversion_follows_click_and_probabilities_multiply(impressions):
     np.testing.assert_array_equal(c["gt_ctcvr"], c["gt_ctr"] * c["gt_cvr"])
 
 
+def test_daction_follows_click_and_conversion_keeps_its_contract(impressions):
+    _, c = impressions
+    assert np.all(c["daction"] <= c["click"])
+    np.testing.assert_array_equal(c["daction"], c["click"] * c["gt_daction_if_clicked"])
+    np.testing.assert_array_equal(c["conversion"], c["click"] * c["gt_conv_if_clicked"])
+    oaction = (c["click"] == 1) & (c["daction"] == 0)
+    assert c["conversion"][c["daction"] == 1].sum() > 0 and c["conversion"][oaction].sum() > 0  # both paths buy
+
+
+def test_cvr_is_the_mixture_over_the_post_click_action(impressions):
+    _, c = impressions
+    dar, given_d, given_o = (c[name].astype(np.float64) for name in
+                             ("gt_dar", "gt_cvr_given_daction", "gt_cvr_given_oaction"))
+    np.testing.assert_allclose(c["gt_cvr"], dar * given_d + (1 - dar) * given_o, rtol=0, atol=1e-6)
+    assert np.all(given_d > given_o)
+    # The lift is a constant shift of the conversion logit (checked where float32 keeps the logit precise).
+    moderate = (given_d > 0.01) & (given_d < 0.99) & (given_o > 0.01) & (given_o < 0.99)
+    lift = np.log(given_d / (1 - given_d)) - np.log(given_o / (1 - given_o))
+    np.testing.assert_allclose(lift[moderate], synthetic.SPEC.daction_lift, atol=1e-3)
+    assert moderate.mean() > 0.9
+
+
+def _within_sampling_error(labels: np.ndarray, probabilities: np.ndarray, sigmas: float = 4.0) -> None:
+    """The mean of Bernoulli(p_i) draws is mean(p) to within `sigmas` of its exact standard error."""
+    probabilities = probabilities.astype(np.float64)
+    standard_error = np.sqrt(np.sum(probabilities * (1 - probabilities))) / len(labels)
+    assert abs(labels.mean() - probabilities.mean()) < sigmas * standard_error
+
+
+def test_buying_is_more_likely_after_a_daction(impressions):
+    _, c = impressions
+    clicked = c["click"] == 1
+    daction, oaction = clicked & (c["daction"] == 1), clicked & (c["daction"] == 0)
+    assert daction.sum() > 1000 and oaction.sum() > 1000
+    buy_after_daction, buy_after_oaction = c["conversion"][daction].mean(), c["conversion"][oaction].mean()
+    assert buy_after_daction > 2 * buy_after_oaction
+    _within_sampling_error(c["conversion"][daction], c["gt_cvr_given_daction"][daction])
+    _within_sampling_error(c["conversion"][oaction], c["gt_cvr_given_oaction"][oaction])
+    _within_sampling_error(c["conversion"][clicked], c["gt_cvr"][clicked])
+
+
+def test_daction_rate_is_calibrated_and_depends_on_features(impressions):
+    _, c = impressions
+    clicked = c["click"] == 1
+    assert 0.25 <= c["daction"][clicked].mean() <= 0.35
+    _within_sampling_error(c["daction"][clicked], c["gt_dar"][clicked])
+    _within_sampling_error(c["gt_daction_if_clicked"], c["gt_dar"])  # drawn for every row, clicked or not
+    assert 0.6 <= _rank_auc(c["gt_dar"][clicked], c["daction"][clicked])
+    # Partly shared with the conversion logit: rows likely to add to cart are also likelier buyers.
+    assert np.corrcoef(c["gt_dar"], c["gt_cvr_given_oaction"])[0, 1] > 0.2
+
+
+def test_daction_knobs_leave_clicks_untouched():
+    spec = dataclasses.replace(synthetic.SPEC, daction_lift=0.5, target_daction_given_click=0.6,
+                               daction_id_effects=(("C13", 0.8),))
+    base, other = synthetic._build_world(5), synthetic._build_world(5, spec)
+    first = synthetic._impression_chunk(base, synthetic._stream(5, "train", 0), 4000)
+    second = synthetic._impression_chunk(other, synthetic._stream(5, "train", 0), 4000)
+    for name in ("position", "click", "gt_ctr", "C26", "I13"):
+        np.testing.assert_array_equal(first[name], second[name])
+    assert not np.array_equal(first["gt_dar"], second["gt_dar"])
+    assert other.conversion_intercept != base.conversion_intercept  # recalibrated for the new mixture
+    for chunk in (first, second):
+        cvr_given_click = np.sum(chunk["gt_ctr"] * chunk["gt_cvr"]) / np.sum(chunk["gt_ctr"])
+        assert cvr_given_click == pytest.approx(synthetic.SPEC.target_cvr_given_click, abs=0.02)
+    dar_given_click = np.sum(second["gt_ctr"] * second["gt_dar"]) / np.sum(second["gt_ctr"])
+    assert dar_given_click == pytest.approx(0.6, abs=0.02)
+
+
 def test_calibration_and_bayes_auc(impressions):
     _, c = impressions
     clicked = c["click"] == 1
     assert 0.10 <= c["click"].mean() <= 0.25
     assert 0.10 <= c["conversion"][clicked].mean() <= 0.30
+    assert 0.25 <= c["daction"][clicked].mean() <= 0.35
     assert 0.7 <= _rank_auc(c["gt_ctr"][:50_000], c["click"][:50_000]) <= 0.9
 
 

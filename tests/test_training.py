@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -63,32 +64,63 @@ SMALL_DATA = ("--data.synthetic.train_rows", "6000", "--data.synthetic.val_rows"
               "--data.synthetic.test_rows", "2000", "--data.batch_size", "512")
 
 
-def test_checkpoint_round_trip_and_predict_to_parquet(tmp_path, monkeypatch):
+def _cli(tmp_path: Path, *extra: str) -> MultiTaskCLI:
+    return MultiTaskCLI(args=_fit_args(tmp_path, *SMALL_DATA, *extra), run=False)
+
+
+def _scores(cli: MultiTaskCLI, **kwargs) -> dict[str, np.ndarray]:
+    batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=True, **kwargs)
+    return {key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}
+
+
+def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    main(["fit", *_fit_args(tmp_path, *SMALL_DATA, "--trainer.max_epochs", "1")])
+    trained = _cli(tmp_path, "--trainer.max_epochs", "1", "--data.extras", "[position]")
+    trained.trainer.fit(trained.model, datamodule=trained.datamodule)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    assert checkpoint.exists()
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert state["sparse_optimizer_states"], "fused optimizer state must be saved"
-    assert state["MultiTaskDataModule"]["dense_stats"]["mean"], "dense statistics travel with the checkpoint"
+    data = next((tmp_path / "cache").glob("impressions-*-6000-2000-2000"))
+    trained.datamodule.paths["predict"] = str(data / "test.parquet")
+    expected = _scores(trained)
+
+    # another seed: nothing matches unless the checkpoint really restores it
+    fresh = _cli(tmp_path, "--seed_everything", "123", "--data.extras", "[position]",
+                 "--data.predict", str(data / "test.parquet"))
+    restored = _scores(fresh, ckpt_path=str(checkpoint))
+    for key, values in expected.items():
+        np.testing.assert_allclose(restored[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
+    assert fresh.datamodule.dense_stats == trained.datamodule.dense_stats
+    saved = state["sparse_optimizer_states"]
+    assert saved, "fused optimizer state must be saved"
+    for name, module in fused_modules(fresh.model.model).items():
+        for key, tensors in module.fused_optimizer().state_dict()["state"].items():
+            for slot, value in tensors.items():
+                torch.testing.assert_close(value, saved[name]["state"][key][slot], msg=f"{name} {key} {slot}")
+
+    # the CLI's predict writes the same scores, in file order, next to the extras
     out = tmp_path / "predictions"
-    data = tmp_path / "cache" / "impressions-s0-6000-2000-2000"
-    main(["predict", *_fit_args(tmp_path, *SMALL_DATA), "--ckpt_path", str(checkpoint),
+    main(["predict", *_fit_args(tmp_path, *SMALL_DATA), "--ckpt_path", str(checkpoint), "--data.extras", "[position]",
           "--data.predict", str(data / "test.parquet"), "--prediction_writer.output_dir", str(out)])
-    scores = pq.read_table(out / "predictions-rank0.parquet")
-    assert scores.num_rows == 2000
-    assert {"score_ctr", "score_cvr", "score_ctcvr"} <= set(scores.column_names)
-    ctr = torch.tensor(scores.column("score_ctr").to_numpy())
-    assert ((ctr > 0) & (ctr < 1)).all()
-    # the same checkpoint validated twice gives the same metrics: weights and stats were restored
-    first = _validate(tmp_path, checkpoint)
-    assert first == _validate(tmp_path, checkpoint)
+    written = pq.read_table(out / "predictions-rank0.parquet")
+    assert written.num_rows == 2000
+    np.testing.assert_allclose(written.column("score_ctr").to_numpy(), expected["score_ctr"], rtol=1e-5, atol=1e-6)
+    position = pq.read_table(data / "test.parquet", columns=["position"]).column("position").to_numpy()
+    np.testing.assert_array_equal(written.column("position").to_numpy(), position)
 
 
-def _validate(tmp_path: Path, checkpoint: Path) -> dict[str, float]:
-    cli = MultiTaskCLI(args=_fit_args(tmp_path, *SMALL_DATA), run=False)
-    result = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=str(checkpoint), verbose=False)
-    return {k: round(v, 6) for k, v in result[0].items()}
+def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
+    """1 epoch, checkpoint, resume for epoch 2 == 2 epochs in one go (weights, optimizers, data order)."""
+    monkeypatch.chdir(REPO)
+    straight = _cli(tmp_path / "straight", "--trainer.max_epochs", "2")
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    first = _cli(tmp_path / "resumed", "--trainer.max_epochs", "1")
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    resumed = _cli(tmp_path / "resumed", "--trainer.max_epochs", "2", "--seed_everything", "123")
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule,
+                        ckpt_path=str(tmp_path / "resumed" / "checkpoints" / "last.ckpt"))
+    expected, got = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.skipif(os.environ.get("LMTR_SKIP_GOLDEN") == "1", reason="LMTR_SKIP_GOLDEN=1")

@@ -1,12 +1,12 @@
-"""Throughput and quality benchmark: one training epoch, then test AUCs, as one JSON line.
+"""Throughput and quality benchmark: one training epoch, then test metrics, as one JSON line.
 
-    python tools/bench_train.py --data DIR --model mmoe [--rows N] [--profile]
+    python tools/bench_train.py --data DIR --model mmoe|esmm|... [--rows N] [--profile]
 
 ``DIR/train.parquet`` and ``DIR/test.parquet`` use the synthetic impression layout
 (``lightning-mtr synth impressions --out DIR ...``; extra columns are ignored). Table
 sizes come from the data (max id + 1 per column, in an untimed pre-pass). The timed part
 is ``Trainer.fit`` for one epoch: input pipeline, forward, backward, fused sparse update
-and dense Adam step.
+and dense Adam step. Test metrics come from ``predict`` scores against the test file.
 """
 
 from __future__ import annotations
@@ -17,13 +17,16 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import yaml
+from torchmetrics.functional.classification import binary_auroc
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
@@ -31,14 +34,31 @@ from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 
 SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]
 DENSE = [f"I{k}" for k in range(1, 14)]
-MODEL_ARGS = {
-    "mmoe": {"num_experts": 8, "expert": [256, 128], "tower": [64]},
-    "omoe": {"num_experts": 8, "expert": [256, 128], "tower": [64]},
-    "shared_bottom": {"bottom": [256, 128], "tower": [64]},
+CTR = {"name": "ctr", "label": "click"}
+CTCVR = {"name": "ctcvr", "label": "click * conversion"}
+CVR_CLICKED = {"name": "cvr", "label": "conversion", "sample_space": "click == 1"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A benchmarked model: registry name, its arguments and the tasks it trains."""
+
+    registry_name: str
+    kwargs: dict
+    tasks: tuple[dict, ...]
+
+
+SETUPS = {
+    "mmoe": Setup("mmoe", {"num_experts": 8, "expert": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "omoe": Setup("omoe", {"num_experts": 8, "expert": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "shared_bottom": Setup("shared_bottom", {"bottom": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "esmm": Setup("esmm", {"tower": [256, 128]}, (CTR, {**CVR_CLICKED, "weight": 0}, CTCVR)),
+    # the ESMM paper's BASE: ESMM's CVR tower alone, trained on clicked rows only
+    "esmm_base": Setup("shared_bottom", {"bottom": [], "tower": [256, 128]}, (CVR_CLICKED,)),
 }
 
 
-def schema_from_data(train: Path) -> dict:
+def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
     """The benchmark schema, with each table sized max id + 1 from the training file."""
     table = pq.read_table(train, columns=SPARSE)
     sizes = {column: int(pc.max(table.column(column)).as_py()) + 1 for column in SPARSE}
@@ -46,45 +66,36 @@ def schema_from_data(train: Path) -> dict:
         "sparse": [{"name": c, "num_embeddings": sizes[c], "embedding_dim": 16, "out_of_range": "modulo"}
                    for c in SPARSE],
         "dense": [{"name": c, "transform": "log1p_standardize"} for c in DENSE],
-        "tasks": [{"name": "ctr", "label": "click"}, {"name": "ctcvr", "label": "click * conversion"}],
+        "tasks": list(tasks),
         "ground_truth": ["gt_*"],
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--model", choices=sorted(MODEL_ARGS), default="mmoe")
-    parser.add_argument("--rows", type=int, default=None, help="train on the first N rows (default: all)")
-    parser.add_argument("--batch-size", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    L.seed_everything(0, verbose=False)
-
+def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
+                    profile: bool = False):
+    """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds)."""
+    L.seed_everything(seed, verbose=False)
+    setup = SETUPS[model]
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
     schema_path = workdir / "schema.yaml"
-    schema_path.write_text(yaml.safe_dump(schema_from_data(args.data / "train.parquet")))
-    train = args.data / "train.parquet"
-    if args.rows:
+    schema_path.write_text(yaml.safe_dump(schema_from_data(data_dir / "train.parquet", setup.tasks)))
+    train = data_dir / "train.parquet"
+    if rows:
         train = workdir / "train.parquet"
-        pq.write_table(pq.read_table(args.data / "train.parquet").slice(0, args.rows), train, row_group_size=65536)
-    rows = pq.ParquetFile(train).metadata.num_rows
-    data = MultiTaskDataModule(str(schema_path), train=str(train), test=str(args.data / "test.parquet"),
-                               batch_size=args.batch_size, eval_batch_size=16384, shuffle_buffer=0)
+        pq.write_table(pq.read_table(data_dir / "train.parquet").slice(0, rows), train, row_group_size=65536)
+    data = MultiTaskDataModule(str(schema_path), train=str(train), batch_size=batch_size, eval_batch_size=16384,
+                               shuffle_buffer=65536, seed=seed)
     module = MultiTaskModule(
-        model=lambda schema: MODELS[args.model](schema, **MODEL_ARGS[args.model]), schema=data.schema,
+        model=lambda schema: MODELS[setup.registry_name](schema, **setup.kwargs), schema=data.schema,
         dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
         sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
     )
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
-    data.setup("fit")  # untimed: dense statistics pre-pass
-
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if args.profile else None
+    data.setup("fit")
+    data.encoder  # untimed: the dense-statistics pre-pass happens when the encoder is built
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
     if profiler:
         profiler.start()
     start = time.perf_counter()
@@ -93,18 +104,65 @@ def main(argv: list[str] | None = None) -> int:
     if profiler:
         profiler.stop()
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return trainer, module, data, seconds
 
-    metrics = trainer.test(module, datamodule=data, verbose=False)[0]
-    n_params = sum(p.numel() for p in module.model.parameters())
+
+def quality_metrics(trainer: L.Trainer, module: MultiTaskModule, data: MultiTaskDataModule, test: Path) -> dict:
+    """``mtl-bench/1`` quality keys from predicted scores on ``test`` (in file order)."""
+    data.paths["predict"] = str(test)
+    batches = trainer.predict(module, datamodule=data)
+    scores = {key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}
+    columns = pq.read_table(test, columns=["click", "conversion", "gt_conv_if_clicked"])
+    click, conversion = (columns.column(c).to_numpy().astype(np.float64) for c in ("click", "conversion"))
+    metrics = {}
+    if "score_ctr" in scores:
+        metrics.update(auc_ctr=_auc(scores["score_ctr"], click), logloss_ctr=_logloss(scores["score_ctr"], click),
+                       mean_pred_ctr=float(scores["score_ctr"].mean()))
+    if "score_ctcvr" in scores:
+        ctcvr = click * conversion
+        metrics.update(auc_ctcvr=_auc(scores["score_ctcvr"], ctcvr),
+                       logloss_ctcvr=_logloss(scores["score_ctcvr"], ctcvr))
+    if "score_cvr" in scores:
+        clicked = click == 1
+        metrics.update(
+            auc_cvr_clicked=_auc(scores["score_cvr"][clicked], conversion[clicked]),
+            logloss_cvr_clicked=_logloss(scores["score_cvr"][clicked], conversion[clicked]),
+            auc_cvr_all=_auc(scores["score_cvr"], columns.column("gt_conv_if_clicked").to_numpy().astype(np.float64)),
+        )
+    return {key: round(value, 5) for key, value in metrics.items()}
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(binary_auroc(torch.from_numpy(scores.astype(np.float64)), torch.from_numpy(labels).long()))
+
+
+def _logloss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="mmoe")
+    parser.add_argument("--rows", type=int, default=None, help="train on the first N rows (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size, args.seed,
+                                                     args.profile)
+    rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
     print(json.dumps({
         "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "rows": rows,
         "batch_size": args.batch_size, "train_seconds": round(seconds, 3),
         "samples_per_sec": round(rows / seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "auc_ctr": round(float(metrics["test/ctr/auc"]), 5), "auc_ctcvr": round(float(metrics["test/ctcvr/auc"]), 5),
-        "logloss_ctr": round(float(metrics["test/ctr/logloss"]), 5),
-        "logloss_ctcvr": round(float(metrics["test/ctcvr/logloss"]), 5),
-        "n_params": n_params, "threads": torch.get_num_threads(),
+        **quality_metrics(trainer, module, data, args.data / "test.parquet"),
+        "n_params": sum(p.numel() for p in module.model.parameters()), "threads": torch.get_num_threads(),
     }))
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_mtr.data.encode import BatchEncoder, DenseStats
 from lightning_mtr.data.reader import BatchStream, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
-from lightning_mtr.data.synthetic import write_impressions
+from lightning_mtr.data.synthetic import GENERATOR_VERSION, write_impressions
 from lightning_mtr.schema import Schema
 
 Files = str | list[str] | None
@@ -22,7 +24,8 @@ Files = str | list[str] | None
 class SyntheticImpressions:
     """Generate the synthetic impression log into ``cache_dir`` on first use.
 
-    The directory name includes every argument, so changing one never reuses stale files.
+    The directory name includes every argument and the generator's version, so changing
+    either never reuses stale files.
     """
 
     cache_dir: str = ".cache/synthetic"
@@ -33,13 +36,21 @@ class SyntheticImpressions:
 
     @property
     def directory(self) -> Path:
-        return Path(self.cache_dir) / f"impressions-s{self.seed}-{self.train_rows}-{self.val_rows}-{self.test_rows}"
+        return Path(self.cache_dir) / (f"impressions-v{GENERATOR_VERSION}-s{self.seed}-"
+                                       f"{self.train_rows}-{self.val_rows}-{self.test_rows}")
 
     def ensure(self) -> dict[str, str]:
-        splits = {split: str(self.directory / f"{split}.parquet") for split in ("train", "val", "test")}
-        if not all(Path(p).exists() for p in splits.values()):
-            write_impressions(self.directory, self.train_rows, self.val_rows, self.test_rows, seed=self.seed)
-        return splits
+        """Generate once; written to a temporary folder and renamed, so an interrupted run
+        never leaves files that a later run would take as complete."""
+        if not self.directory.exists():
+            partial = self.directory.with_name(f"{self.directory.name}.partial-{os.getpid()}")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_impressions(partial, self.train_rows, self.val_rows, self.test_rows, seed=self.seed)
+            try:
+                partial.rename(self.directory)
+            except OSError:  # another process finished first
+                shutil.rmtree(partial, ignore_errors=True)
+        return {split: str(self.directory / f"{split}.parquet") for split in ("train", "val", "test")}
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -62,7 +73,6 @@ class MultiTaskDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
                  extras: list[str] | None = None, seed: int = 0):
         super().__init__()
-        self.schema_path = schema
         self.schema = Schema.from_yaml(schema)
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.synthetic = synthetic
@@ -73,7 +83,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.extras = list(extras or [])
         self.seed = seed
         self.dense_stats: DenseStats | None = None
-        self.encoder: BatchEncoder | None = None
+        self._encoder: BatchEncoder | None = None
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -83,15 +93,21 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             for split, path in self.synthetic.ensure().items():
                 self.paths[split] = self.paths[split] or path
-        if self.encoder is None:
+
+    @property
+    def encoder(self) -> BatchEncoder:
+        """Built on first use: after a checkpoint restore, whose dense statistics it then uses
+        (Lightning restores after ``setup``), so validate/test/predict need no training data."""
+        if self._encoder is None:
             if self.dense_stats is None and any(f.transform.endswith("standardize") for f in self.schema.dense):
                 self.dense_stats = self._training_stats()
-            self.encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
+            self._encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
+        return self._encoder
 
     def _training_stats(self) -> DenseStats:
         if not self.paths["train"]:
             raise ValueError("standardised dense features need training data (data.train) for their statistics, "
-                             "or a checkpoint that carries them")
+                             "or a checkpoint that carries them (--ckpt_path)")
         probe = BatchEncoder(self.schema, DenseStats((0.0,) * len(self.schema.dense), (1.0,) * len(self.schema.dense)))
         return compute_dense_stats(self.schema, plan_units(list_files(self.paths["train"]), probe))
 
@@ -102,11 +118,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         trainer = self.trainer
         stream = BatchStream(
             units, self.encoder, self.batch_size if training else self.eval_batch_size,
-            shuffle_buffer=self.shuffle_buffer if training else 0,
-            seed=self.seed, rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            shuffle_buffer=self.shuffle_buffer if training else 0, seed=self.seed,
+            rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            # the epoch Lightning hands samplers: unlike current_epoch it is already right
+            # when a resumed run creates its first iterator
+            epoch=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None,
         )
-        if training and trainer is not None:
-            stream.set_epoch(trainer.current_epoch)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
                           persistent_workers=False)
 
@@ -129,4 +146,4 @@ class MultiTaskDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("dense_stats"):
             self.dense_stats = DenseStats(**{k: tuple(v) for k, v in state["dense_stats"].items()})
-            self.encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
+            self._encoder = None

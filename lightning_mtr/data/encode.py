@@ -7,7 +7,6 @@ even after the shuffle buffer has mixed several files.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -52,6 +51,11 @@ class BatchEncoder:
         """Every column the encoder reads, in a stable order without repeats."""
         wanted = self.schema.input_columns + sorted(self.schema.label_columns) + list(self.extras)
         return list(dict.fromkeys(wanted))
+
+    @property
+    def numeric_columns(self) -> list[str]:
+        """Dense features and label/sample-space columns: always read as float64 from CSV."""
+        return [f.source_column for f in self.schema.dense] + sorted(self.schema.label_columns)
 
     def check_columns(self, arrow_schema: pa.Schema, source: str) -> None:
         """Fail early, naming the file and column, on a missing column or a wrong type."""
@@ -184,7 +188,9 @@ def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowCh
 
 
 def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id: np.ndarray) -> np.ndarray:
-    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type):
+    if pa.types.is_dictionary(array.type) and pa.types.is_integer(array.type.value_type):
+        array = array.dictionary_decode()  # e.g. pandas categoricals of integer ids
+    if _is_string(array.type):
         return _hash_strings(array, feature.num_embeddings)
     ids = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
     name = feature.source_column
@@ -208,20 +214,45 @@ def _fail_on_ids(checker: RowChecker, name: str, bad: np.ndarray, row_of_id: np.
     checker.fail_if(name, bad_rows, problem)
 
 
+_FNV_OFFSET, _FNV_PRIME = np.uint64(0xCBF29CE484222325), np.uint64(0x100000001B3)
+
+
 def _hash_strings(array: pa.Array, buckets: int) -> np.ndarray:
-    """Stable (process-independent) 64-bit hash of each string, folded into ``buckets``."""
-    encoded = pc.dictionary_encode(array)
-    dictionary = encoded.dictionary.to_pylist()
-    hashed = np.fromiter(
-        (int.from_bytes(hashlib.blake2b(s.encode(), digest_size=8).digest(), "little") % buckets for s in dictionary),
-        dtype=np.int64, count=len(dictionary),
-    )
-    return hashed[np.asarray(encoded.indices, dtype=np.int64)]
+    """Stable (process- and platform-independent) FNV-1a 64 of each string's UTF-8 bytes, mod ``buckets``.
+
+    Each distinct string of the batch is hashed once, vectorised over strings (one numpy pass
+    per byte position), so a batch costs about as much as its longest string, not its rows.
+    """
+    encoded = array if pa.types.is_dictionary(array.type) else pc.dictionary_encode(array)
+    hashed = fnv1a_64(encoded.dictionary.cast(pa.large_string())) % np.uint64(buckets)
+    return hashed.astype(np.int64)[np.asarray(encoded.indices.fill_null(0), dtype=np.int64)]
+
+
+def fnv1a_64(strings: pa.LargeStringArray) -> np.ndarray:
+    """FNV-1a 64-bit hashes (uint64) of the strings' UTF-8 bytes."""
+    offsets = np.frombuffer(strings.buffers()[1], np.int64)[strings.offset:strings.offset + len(strings) + 1]
+    data = np.frombuffer(strings.buffers()[2], np.uint8) if strings.buffers()[2] else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    hashes = np.full(len(strings), _FNV_OFFSET, np.uint64)
+    with np.errstate(over="ignore"):
+        for position in range(int(lengths.max(initial=0))):
+            active = np.flatnonzero(lengths > position)
+            hashes[active] = (hashes[active] ^ data[offsets[active] + position]) * _FNV_PRIME
+    return hashes
 
 
 def _is_list(dtype: pa.DataType) -> bool:
     return pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
 
 
+def _is_string(dtype: pa.DataType) -> bool:
+    """Strings, plain or dictionary-encoded (pandas categoricals)."""
+    if pa.types.is_dictionary(dtype):
+        return _is_string(dtype.value_type)
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
 def _is_id_type(dtype: pa.DataType) -> bool:
-    return pa.types.is_integer(dtype) or pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+    if pa.types.is_dictionary(dtype):
+        return _is_id_type(dtype.value_type)
+    return pa.types.is_integer(dtype) or _is_string(dtype)

@@ -1,13 +1,15 @@
 """Streaming Parquet/CSV reader: files -> units of work -> shuffled, re-batched Arrow tables.
 
-A *unit* is one Parquet row group (or one whole CSV file). Units are dealt round-robin to
-the ``world_size * num_workers`` readers, so every row is read exactly once per epoch
-and no reader ever holds more than its shuffle buffer in memory.
+A *unit* is one Parquet row group (or one whole CSV file). Each epoch the units are put in
+a seeded order and the concatenated rows are cut into ``world_size * num_workers``
+contiguous, equal ranges (to one row), one per reader: every row is read exactly once,
+every process gets the same number of rows even with fewer files than processes, and no
+reader ever holds more than its shuffle buffer in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +28,29 @@ SUFFIXES = (".parquet", ".csv")
 
 @dataclass(frozen=True)
 class Unit:
-    """One Parquet row group, or a whole CSV file (``row_group is None``)."""
+    """Rows ``[start, stop)`` of one Parquet row group, or of a whole CSV file (``row_group is None``)."""
 
     path: str
-    row_group: int | None = None
+    row_group: int | None
+    rows: int
+    start: int = 0
+    stop: int | None = None
+
+    def slice(self, start: int, stop: int) -> Unit:
+        return Unit(self.path, self.row_group, self.rows, start, stop)
+
+
+def split_rows(units: Sequence[Unit], part: int, parts: int) -> list[Unit]:
+    """The ``part``-th of ``parts`` contiguous, equal (to one row) ranges of the units' rows."""
+    total = sum(unit.rows for unit in units)
+    low, high = total * part // parts, total * (part + 1) // parts
+    mine, offset = [], 0
+    for unit in units:
+        start, stop = max(low - offset, 0), min(high - offset, unit.rows)
+        if start < stop:
+            mine.append(unit.slice(start, stop))
+        offset += unit.rows
+    return mine
 
 
 def list_files(paths: str | Path | Sequence[str | Path]) -> list[str]:
@@ -52,50 +73,63 @@ def list_files(paths: str | Path | Sequence[str | Path]) -> list[str]:
 
 
 def plan_units(files: Sequence[str], encoder: BatchEncoder) -> list[Unit]:
-    """Open every file's metadata once: check columns and types, and split into units."""
+    """Open every file once: check columns and types, count rows, and split into units."""
     units: list[Unit] = []
     for path in files:
         if path.endswith(".csv"):
             with _opened(path):
-                reader = pa_csv.open_csv(path)
-                encoder.check_columns(reader.schema, path)
-            units.append(Unit(path))
+                encoder.check_columns(pa_csv.open_csv(path).schema, path)
+                options = _csv_options(encoder.columns, encoder.numeric_columns)
+                rows = sum(batch.num_rows for batch in pa_csv.open_csv(path, convert_options=options))
+            if rows == 0:
+                raise DataError(f"{path}: empty file (no rows)")
+            units.append(Unit(path, None, rows))
             continue
         with _opened(path):
             metadata = pq.ParquetFile(path).metadata
         if metadata.num_rows == 0:
             raise DataError(f"{path}: empty file (no rows)")
         encoder.check_columns(metadata.schema.to_arrow_schema(), path)
-        units.extend(Unit(path, group) for group in range(metadata.num_row_groups)
+        units.extend(Unit(path, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)
                      if metadata.row_group(group).num_rows > 0)
     return units
 
 
-def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int) -> Iterator[pa.RecordBatch]:
-    """Stream one unit's rows in chunks of at most ``chunk_rows``."""
-    rows = 0
+def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = ()
+              ) -> Iterator[pa.RecordBatch]:
+    """Stream the unit's rows ``[start, stop)`` in chunks of at most ``chunk_rows``; in CSV files
+    the ``numeric`` columns are read as float64."""
+    stop = unit.rows if unit.stop is None else unit.stop
+    offset = 0
     with _opened(unit.path):
         if unit.row_group is None:
-            # an empty CSV field is a null (a missing id), as in Parquet, for string columns too
-            options = pa_csv.ConvertOptions(include_columns=list(columns), strings_can_be_null=True)
-            for batch in pa_csv.open_csv(unit.path, convert_options=options):
-                rows += batch.num_rows
-                yield batch
+            batches = pa_csv.open_csv(unit.path, convert_options=_csv_options(columns, numeric))
         else:
-            for batch in pq.ParquetFile(unit.path).iter_batches(chunk_rows, row_groups=[unit.row_group],
-                                                                 columns=list(columns)):
-                rows += batch.num_rows
-                yield batch
-    if rows == 0:
-        raise DataError(f"{unit.path}: empty file (no rows)")
+            batches = pq.ParquetFile(unit.path).iter_batches(chunk_rows, row_groups=[unit.row_group],
+                                                             columns=list(columns))
+        for batch in batches:
+            low, high = max(unit.start - offset, 0), min(stop - offset, batch.num_rows)
+            offset += batch.num_rows
+            if low < high:
+                yield batch.slice(low, high - low)
+            if offset >= stop:
+                break
 
 
-def read_tagged(units: Sequence[Unit], columns: Sequence[str], chunk_rows: int) -> Iterator[pa.Table]:
+def _csv_options(columns: Sequence[str], numeric: Collection[str]) -> pa_csv.ConvertOptions:
+    """Numbers are float64 whatever the first block looks like (``1.5`` after many integers is
+    fine); an empty field is a null (a missing id), as in Parquet, for string columns too."""
+    return pa_csv.ConvertOptions(include_columns=list(columns), column_types={c: pa.float64() for c in numeric},
+                                 strings_can_be_null=True)
+
+
+def read_tagged(units: Sequence[Unit], columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = ()
+                ) -> Iterator[pa.Table]:
     """Chunks of all units, each row tagged in ``SOURCE_COLUMN`` with its file's index in
     :func:`sources_of` (units), so errors can name the file after rows are mixed."""
     index = {path: i for i, path in enumerate(sources_of(units))}
     for unit in units:
-        for chunk in read_unit(unit, columns, chunk_rows):
+        for chunk in read_unit(unit, columns, chunk_rows, numeric):
             tag = pa.array(np.full(chunk.num_rows, index[unit.path], np.int32))
             yield pa.Table.from_batches([chunk]).append_column(SOURCE_COLUMN, tag)
 
@@ -128,11 +162,14 @@ class BatchStream(IterableDataset):
         batch_size: rows per batch; the last batch of a reader may be smaller unless ``drop_last``.
         shuffle_buffer: rows held and shuffled together (0: keep file order, e.g. for predict).
         seed: with the epoch, fixes both the unit order and the in-buffer permutation.
-        rank, world_size: this process's share of the units.
+        rank, world_size: this process's share of the rows.
+        epoch: returns the current epoch when an epoch's iterator is created (the data
+            module passes the trainer's); without it, ``set_epoch`` sets it.
     """
 
     def __init__(self, units: Sequence[Unit], encoder: BatchEncoder, batch_size: int, shuffle_buffer: int = 0,
-                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 epoch: Callable[[], int] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -144,30 +181,40 @@ class BatchStream(IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.epoch_source = epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def current_epoch(self) -> int:
+        return self.epoch_source() if self.epoch_source is not None else self.epoch
+
+    def __getstate__(self) -> dict:
+        """Worker processes get the epoch as a number (the source may hold the trainer)."""
+        state = dict(self.__dict__)
+        state["epoch"], state["epoch_source"] = self.current_epoch(), None
+        return state
+
     def my_units(self) -> list[Unit]:
-        """This reader's units: the epoch's (seeded) unit order, dealt round-robin."""
+        """This reader's rows: the epoch's (seeded) unit order, cut into equal contiguous ranges."""
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
         order = list(self.units)
         if self.shuffle_buffer:
-            permutation = np.random.default_rng((self.seed, self.epoch)).permutation(len(order))
+            permutation = np.random.default_rng((self.seed, self.current_epoch())).permutation(len(order))
             order = [order[i] for i in permutation]
-        return order[self.rank * workers + worker_id::self.world_size * workers]
+        return split_rows(order, self.rank * workers + worker_id, self.world_size * workers)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
-        rng = np.random.default_rng((self.seed, self.epoch, self.rank, worker.id if worker else 0))
+        rng = np.random.default_rng((self.seed, self.current_epoch(), self.rank, worker.id if worker else 0))
         units = self.my_units()
         sources = sources_of(units)
         buffer: list[pa.Table] = []
         buffered = 0
         target = max(self.shuffle_buffer, self.batch_size)
-        for chunk in read_tagged(units, self.encoder.columns, self.batch_size):
+        for chunk in read_tagged(units, self.encoder.columns, self.batch_size, self.encoder.numeric_columns):
             buffer.append(chunk)
             buffered += chunk.num_rows
             if buffered >= target:

@@ -25,7 +25,8 @@ def compute_dense_stats(schema: Schema, units: Sequence[Unit]) -> DenseStats:
     squares = np.zeros(len(features))  # sum of squared deviations from the mean
     rows = 0
     sources = sources_of(units)
-    for table in read_tagged(units, [f.source_column for f in features], _CHUNK_ROWS):
+    columns = [f.source_column for f in features]
+    for table in read_tagged(units, columns, _CHUNK_ROWS, numeric=columns):
         checker = RowChecker(table, sources)
         for index, feature in enumerate(features):
             raw = numeric_column(table.column(feature.source_column), feature.source_column, checker,

@@ -2,10 +2,10 @@
 
 Two generators, both written to Parquet:
 
-* :func:`write_impressions`: a Criteo-like impression log for the ESMM setting
-  (click, then conversion only after a click), with the true probabilities stored
-  next to the labels (``gt_*`` columns), so every model can be compared with the
-  Bayes-optimal predictor.
+* :func:`write_impressions`: a Criteo-like impression log for the ESMM/ESM2 setting
+  (click, then a post-click action, then conversion only after a click), with the
+  true probabilities stored next to the labels (``gt_*`` columns), so every model
+  can be compared with the Bayes-optimal predictor.
 * :func:`write_mmoe_regression`: the two-task regression of the MMoE paper
   (Ma et al., KDD 2018, section 4), whose task correlation is set by one number.
 
@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+GENERATOR_VERSION = 2  # bump whenever the same arguments would write different data
 NUM_SPARSE = 26
 NUM_DENSE = 13
 SPARSE_COLUMNS = tuple(f"C{j}" for j in range(1, NUM_SPARSE + 1))
@@ -39,7 +40,10 @@ VOCAB_SIZES = tuple(int(round(10 ** (1 + 5 * j / (NUM_SPARSE - 1)))) for j in ra
 class ImpressionSpec:
     """Every knob of the impression world, in one place.
 
-    Structure (``r`` is the position-free click logit, ``q`` the conversion logit):
+    Structure (``r`` is the position-free click logit, ``d`` the post-click action
+    logit, ``q`` the conversion logit); the funnel is ESM2's (Wen et al., SIGIR 2020)
+    impression -> click -> DAction (add-to-cart, wishlist) or OAction (anything else)
+    -> buy:
 
     * ids of each ``C`` column follow a Zipf law (``zipf_exponent``) over popularity
       ranks; a seeded permutation maps rank to id, so id 0 is not always the head.
@@ -58,8 +62,20 @@ class ImpressionSpec:
     * ``q`` reuses some click effects (``conversion_shared``: column, weight) and adds
       its own (``conversion_id_effects``, ``conversion_dense_effects``), so clicked rows
       are a biased sample of impressions (the ESMM sample-selection bias).
-    * ``b_click`` and ``b_conversion`` are solved per world so that the mean CTR is
-      ``target_ctr`` and the mean CVR among clicks is ``target_cvr_given_click``.
+    * ``d = b_daction + ...`` reuses some of the conversion's own effects
+      (``daction_shared``: a column of ``conversion_id_effects``, weight) and adds its own
+      (``daction_id_effects``, ``daction_dense_effects``). ``gt_dar = sigmoid(d)`` is
+      P(DAction | click, features); every row draws ``gt_daction_if_clicked`` from it and
+      ``daction = click * gt_daction_if_clicked``.
+    * A DAction makes buying more likely: ``gt_cvr_given_daction = sigmoid(q + daction_lift)``,
+      ``gt_cvr_given_oaction = sigmoid(q)``; ``gt_conv_if_clicked`` is drawn from the one
+      matching the row's ``gt_daction_if_clicked`` and ``conversion = click * gt_conv_if_clicked``.
+      ``gt_cvr = gt_dar * gt_cvr_given_daction + (1 - gt_dar) * gt_cvr_given_oaction`` is
+      P(conversion | click, features), the marginal over the action, and
+      ``gt_ctcvr = gt_ctr * gt_cvr``.
+    * ``b_click``, ``b_daction`` and ``b_conversion`` are solved per world, in that order,
+      so that the mean CTR is ``target_ctr``, the mean DAction rate among clicks is
+      ``target_daction_given_click`` and the mean CVR among clicks is ``target_cvr_given_click``.
     """
 
     vocab_sizes: tuple[int, ...] = VOCAB_SIZES
@@ -78,10 +94,15 @@ class ImpressionSpec:
         ("C2", 0.5), ("C5", 0.45), ("C9", 0.35), ("C14", 0.25), ("C22", 0.1),
     )
     conversion_dense_effects: tuple[tuple[str, float], ...] = (("I7", 0.3), ("I11", -0.2))
+    daction_shared: tuple[tuple[str, float], ...] = (("C2", 0.6), ("C5", 0.5))
+    daction_id_effects: tuple[tuple[str, float], ...] = (("C7", 0.5), ("C11", 0.4), ("C17", 0.2))
+    daction_dense_effects: tuple[tuple[str, float], ...] = (("I2", 0.3), ("I9", -0.2))
+    daction_lift: float = 1.75
     position_noise_std: float = 1.0
     position_bias_exponent: float = 0.5
     target_ctr: float = 0.15
     target_cvr_given_click: float = 0.2
+    target_daction_given_click: float = 0.3
     learnable_rows: int = 200_000
     learnable_count: float = 30.0
     calibration_rows: int = 1 << 17
@@ -112,12 +133,14 @@ class _World:
     rank_to_id: list[np.ndarray]
     click_effects: dict[int, np.ndarray]  # column -> effect per popularity rank
     conversion_effects: dict[int, np.ndarray]
+    daction_effects: dict[int, np.ndarray]
     dense_center: np.ndarray  # mean and std of log1p(I_k), for standardising
     dense_scale: np.ndarray
     position_bias: np.ndarray  # indexed by position, entry 0 unused
     click_center: float = 0.0  # mean and std of r without intercept
     click_scale: float = 1.0
     click_intercept: float = 0.0
+    daction_intercept: float = 0.0
     conversion_intercept: float = 0.0
 
 
@@ -160,10 +183,13 @@ def _build_world(seed: int, spec: ImpressionSpec = SPEC) -> _World:
     rank_to_id = [rng.permutation(v) for v in spec.vocab_sizes]
     click = {_column(c): _effect_table(rng, spec, _column(c), s) for c, s in spec.click_id_effects}
     conversion = {_column(c): _effect_table(rng, spec, _column(c), s) for c, s in spec.conversion_id_effects}
+    # Its own stream, so the click and conversion tables (and the calibration sample) stay as they were.
+    daction_rng = _stream(seed, "world", "daction")
+    daction = {_column(c): _effect_table(daction_rng, spec, _column(c), s) for c, s in spec.daction_id_effects}
     center, scale = _log1p_lognormal_moments(np.array(spec.dense_log_means), np.array(spec.dense_log_stds))
     bias = np.ones(NUM_POSITIONS + 1)
     bias[1:] = np.arange(1, NUM_POSITIONS + 1) ** -spec.position_bias_exponent
-    world = _World(spec, rank_to_id, click, conversion, center.astype(np.float32),
+    world = _World(spec, rank_to_id, click, conversion, daction, center.astype(np.float32),
                    scale.astype(np.float32), bias.astype(np.float32))
     _calibrate(world, rng)
     return world
@@ -179,7 +205,7 @@ def _solve_intercept(mean_at: Callable[[float], float], target: float) -> float:
 
 
 def _calibrate(world: _World, rng: np.random.Generator) -> None:
-    """Standardise r for the position draw, then solve both intercepts on a sample."""
+    """Standardise r for the position draw, then solve the three intercepts on a sample."""
     spec = world.spec
     ranks, dense = _draw_features(world, rng, spec.calibration_rows)
     logit = _click_logit(world, ranks, dense).astype(np.float64)
@@ -187,10 +213,18 @@ def _calibrate(world: _World, rng: np.random.Generator) -> None:
     bias = world.position_bias[_draw_positions(world, rng, logit)].astype(np.float64)
     world.click_intercept = _solve_intercept(lambda b: np.mean(_sigmoid(logit + b) * bias), spec.target_ctr)
     ctr = _sigmoid(logit + world.click_intercept) * bias
-    conversion_logit = _conversion_logit(world, ranks, dense).astype(np.float64)
-    world.conversion_intercept = _solve_intercept(
-        lambda b: np.sum(ctr * _sigmoid(conversion_logit + b)) / np.sum(ctr), spec.target_cvr_given_click
+    daction_logit = _daction_logit(world, ranks, dense).astype(np.float64)
+    world.daction_intercept = _solve_intercept(
+        lambda b: np.sum(ctr * _sigmoid(daction_logit + b)) / np.sum(ctr), spec.target_daction_given_click
     )
+    dar = _sigmoid(daction_logit + world.daction_intercept)
+    conversion_logit = _conversion_logit(world, ranks, dense).astype(np.float64)
+
+    def cvr_given_click(b: float) -> float:
+        cvr = dar * _sigmoid(conversion_logit + b + spec.daction_lift) + (1 - dar) * _sigmoid(conversion_logit + b)
+        return np.sum(ctr * cvr) / np.sum(ctr)
+
+    world.conversion_intercept = _solve_intercept(cvr_given_click, spec.target_cvr_given_click)
 
 
 def _draw_features(world: _World, rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -235,6 +269,19 @@ def _conversion_logit(world: _World, ranks: list[np.ndarray], log_values: np.nda
     return logit
 
 
+def _daction_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray) -> np.ndarray:
+    """DAction-given-click logit without its intercept, float32 (n,)."""
+    spec = world.spec
+    logit = np.zeros(log_values.shape[1], np.float32)
+    for name, weight in spec.daction_shared:
+        logit += np.float32(weight) * world.conversion_effects[_column(name)][ranks[_column(name)]]
+    for column, table in world.daction_effects.items():
+        logit += table[ranks[column]]
+    for name, weight in spec.daction_dense_effects:
+        logit += np.float32(weight) * _dense_feature(world, log_values, name)
+    return logit
+
+
 def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.ndarray) -> np.ndarray:
     """Positions 1..10, roughly uniform, smaller for higher relevance (plus noise)."""
     noise_std = world.spec.position_noise_std
@@ -250,15 +297,24 @@ def _impression_chunk(world: _World, rng: np.random.Generator, n: int) -> dict[s
     position = _draw_positions(world, rng, click_logit)
     ctr_no_position = _sigmoid(click_logit + np.float32(world.click_intercept))
     ctr = ctr_no_position * world.position_bias[position]
-    cvr = _sigmoid(_conversion_logit(world, ranks, log_values) + np.float32(world.conversion_intercept))
+    dar = _sigmoid(_daction_logit(world, ranks, log_values) + np.float32(world.daction_intercept))
+    conversion_logit = _conversion_logit(world, ranks, log_values) + np.float32(world.conversion_intercept)
+    cvr_given_daction = _sigmoid(conversion_logit + np.float32(world.spec.daction_lift))
+    cvr_given_oaction = _sigmoid(conversion_logit)
+    cvr = dar * cvr_given_daction + (1 - dar) * cvr_given_oaction
     click = (rng.random(n, dtype=np.float32) < ctr).astype(np.int64)
-    conv_if_clicked = (rng.random(n, dtype=np.float32) < cvr).astype(np.int64)
+    conversion_draw = rng.random(n, dtype=np.float32)
+    # Drawn after the click and conversion uniforms, so those (and click) are as without the DAction.
+    daction_if_clicked = (rng.random(n, dtype=np.float32) < dar).astype(np.int64)
+    conv_if_clicked = (conversion_draw < np.where(daction_if_clicked == 1, cvr_given_daction, cvr_given_oaction))
+    conv_if_clicked = conv_if_clicked.astype(np.int64)
     columns = {name: world.rank_to_id[j][ranks[j]] for j, name in enumerate(SPARSE_COLUMNS)}
     columns.update({name: np.exp(log_values[k]) for k, name in enumerate(DENSE_COLUMNS)})
     columns.update(
-        position=position, click=click, conversion=click * conv_if_clicked,
-        gt_ctr=ctr, gt_ctr_no_position=ctr_no_position, gt_cvr=cvr, gt_ctcvr=ctr * cvr,
-        gt_conv_if_clicked=conv_if_clicked,
+        position=position, click=click, daction=click * daction_if_clicked, conversion=click * conv_if_clicked,
+        gt_ctr=ctr, gt_ctr_no_position=ctr_no_position, gt_dar=dar, gt_cvr=cvr, gt_ctcvr=ctr * cvr,
+        gt_cvr_given_daction=cvr_given_daction, gt_cvr_given_oaction=cvr_given_oaction,
+        gt_daction_if_clicked=daction_if_clicked, gt_conv_if_clicked=conv_if_clicked,
     )
     return columns
 
@@ -303,12 +359,13 @@ def write_impressions(
     Every split shares the world (the effect tables) and draws rows from its own
     stream keyed by (seed, split), so the same arguments give bit-identical files.
     Columns: ``C1..C26`` int64 ids, ``I1..I13`` float32, ``position`` int64 in 1..10,
-    ``click``/``conversion``/``gt_conv_if_clicked`` int64 0/1 and float32
-    ``gt_ctr``, ``gt_ctr_no_position``, ``gt_cvr``, ``gt_ctcvr``.
+    ``click``/``daction``/``conversion``/``gt_daction_if_clicked``/``gt_conv_if_clicked``
+    int64 0/1 and float32 ``gt_ctr``, ``gt_ctr_no_position``, ``gt_dar``, ``gt_cvr``,
+    ``gt_ctcvr``, ``gt_cvr_given_daction``, ``gt_cvr_given_oaction``.
     """
     world = _build_world(seed)
     low_cardinality = [c for c, v in zip(SPARSE_COLUMNS, world.spec.vocab_sizes) if v <= 10_000]
-    low_cardinality += ["position", "click", "conversion", "gt_conv_if_clicked"]
+    low_cardinality += ["position", "click", "daction", "conversion", "gt_daction_if_clicked", "gt_conv_if_clicked"]
     sizes = {"train": train_rows, "val": val_rows, "test": test_rows}
     paths = {}
     for split, rows in sizes.items():

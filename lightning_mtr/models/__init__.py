@@ -11,6 +11,8 @@ from typing import Any
 
 from torch import nn
 
+from lightning_mtr.models.esm2 import ESM2
+from lightning_mtr.models.esmm import ESMM
 from lightning_mtr.models.mmoe import MMoE
 from lightning_mtr.models.omoe import OMoE
 from lightning_mtr.models.shared_bottom import SharedBottom
@@ -20,6 +22,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "shared_bottom": SharedBottom,
     "omoe": OMoE,
     "mmoe": MMoE,
+    "esmm": ESMM,
+    "esm2": ESM2,
 }
 
 
@@ -30,4 +34,4 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["MODELS", "MMoE", "OMoE", "SharedBottom", "build_model"]
+__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "OMoE", "SharedBottom", "build_model"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import ExpertBank, FeatureInput, TaskTowers, mix_experts
+from lightning_mtr.nn import FeatureInput, MixtureBottom, TaskTowers
 from lightning_mtr.schema import Schema
 
 
@@ -26,22 +26,21 @@ class MMoE(nn.Module):
         expert: hidden sizes of every expert MLP.
         tower: hidden sizes of each task tower.
         dropout: dropout in the towers.
+        gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix (no effect on
+            parameters or checkpoints).
     """
 
     one_gate = False  # OMoE sets True: one gate shared by every task
 
     def __init__(self, schema: Schema, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 tower: Sequence[int] = (64,), dropout: float = 0.0):
+                 tower: Sequence[int] = (64,), dropout: float = 0.0, gate_backend: str = "auto"):
         super().__init__()
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
-        self.experts = ExpertBank(self.features.output_dim, num_experts, expert)
-        self.num_gates = 1 if self.one_gate else len(self.tasks)
-        self.gates = nn.Linear(self.features.output_dim, self.num_gates * num_experts)
-        self.towers = TaskTowers(self.tasks, self.experts.output_dim, tower, dropout)
+        self.bottom = MixtureBottom(self.features.output_dim, len(self.tasks), num_experts, expert, self.one_gate,
+                                    gate_backend)
+        self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        inputs = self.features(dense, sparse)
-        gate_logits = self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, T or 1, E]
-        mixed = mix_experts(self.experts(inputs), gate_logits)  # [B, T or 1, D]
-        return self.towers({task: mixed[:, 0 if self.one_gate else t] for t, task in enumerate(self.tasks)})
+        mixed = self.bottom(self.features(dense, sparse))  # [B, T, D]
+        return self.towers({task: mixed[:, t] for t, task in enumerate(self.tasks)})

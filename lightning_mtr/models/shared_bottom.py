@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import MLP, FeatureInput, TaskTowers
+from lightning_mtr.nn import FeatureInput, SharedMLP, TaskTowers
 from lightning_mtr.schema import Schema
 
 
@@ -31,9 +31,9 @@ class SharedBottom(nn.Module):
         super().__init__()
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
-        self.bottom = MLP(self.features.output_dim, bottom, dropout)
+        self.bottom = SharedMLP(self.features.output_dim, len(self.tasks), bottom, dropout)
         self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        shared = self.bottom(self.features(dense, sparse))
-        return self.towers({task: shared for task in self.tasks})
+        shared = self.bottom(self.features(dense, sparse))  # [B, T, D], the same D-vector for every task
+        return self.towers({task: shared[:, t] for t, task in enumerate(self.tasks)})

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_mtr.kernels.gate_mix import gate_mix
+
 
 class ExpertBank(nn.Module):
     """E experts, each ``MLP(in_dim -> hidden...)`` with ReLU: ``[B, in_dim] -> [B, E, hidden[-1]]``.
@@ -39,13 +41,15 @@ class ExpertBank(nn.Module):
         return hidden.transpose(0, 1)  # [B, E, D]
 
 
-def mix_experts(experts: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
-    """``out[b, t] = sum_e softmax(gate_logits[b, t])[e] * experts[b, e]``.
+def mix_experts(experts: torch.Tensor, gate_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``out[b, t] = sum_e softmax(gate_logits[b, t])[e] * experts[b, e]``, by the fused gate-mix op.
 
     Args:
         experts: ``[B, E, D]``.
         gate_logits: ``[B, T, E]`` (T gates, e.g. one per task).
+        backend: ``auto`` (registered op: Triton on CUDA, CPU kernel on CPU), ``torch``
+            (the eager reference) or ``triton``; it changes no parameters.
     Returns:
         ``[B, T, D]``.
     """
-    return torch.bmm(torch.softmax(gate_logits, dim=-1), experts)
+    return gate_mix(experts, gate_logits, backend=backend)

@@ -35,8 +35,9 @@ class FeatureInput(nn.Module):
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
+        self.has_sparse = bool(schema.sparse)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        if self.embeddings.embedding_bag_configs():
+        if self.has_sparse:
             return torch.cat([dense, self.embeddings(sparse).values()], dim=1)
         return dense

@@ -10,26 +10,38 @@ import torch.nn.functional as F
 from lightning_mtr.schema import Task
 
 
+def row_losses(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
+               tasks: Sequence[Task]) -> dict[str, torch.Tensor]:
+    """``{task: [B]}`` per-row loss: BCE-with-logits for binary tasks, squared error for regression."""
+    losses = {}
+    for task in tasks:
+        logit, label = logits[task.name], labels[task.name]
+        if task.kind == "binary":
+            losses[task.name] = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
+        else:
+            losses[task.name] = F.mse_loss(logit, label, reduction="none")
+    return losses
+
+
 def masked_task_losses(
     logits: Mapping[str, torch.Tensor],
     labels: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
     tasks: Sequence[Task],
+    given: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{task: mean loss over rows where masks[task]}``: BCE-with-logits or MSE.
+    """``{task: mean loss over rows where masks[task]}``.
 
-    A batch with no row in a task's space gives that task a loss of exactly 0 (with a
-    gradient of 0), never NaN.
+    ``given`` holds per-row losses a model computed itself (e.g. ESMM's fused probability
+    chain); the other tasks get :func:`row_losses`. A batch with no row in a task's space
+    gives that task a loss of exactly 0 (with a gradient of 0), never NaN.
     """
+    given = dict(given or {})
+    per_row = {**row_losses(logits, labels, [t for t in tasks if t.name not in given]), **given}
     losses = {}
     for task in tasks:
-        logit, label, mask = logits[task.name], labels[task.name], masks[task.name]
-        if task.kind == "binary":
-            per_row = F.binary_cross_entropy_with_logits(logit, label, reduction="none")
-        else:
-            per_row = F.mse_loss(logit, label, reduction="none")
-        weight = mask.to(per_row.dtype)
-        losses[task.name] = (per_row * weight).sum() / weight.sum().clamp_min(1.0)
+        weight = masks[task.name].to(per_row[task.name].dtype)
+        losses[task.name] = (per_row[task.name] * weight).sum() / weight.sum().clamp_min(1.0)
     return losses
 
 

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 def format_report(stage: str, tasks: list[tuple[str, str]], metrics: dict[str, Any]) -> str:
@@ -24,6 +24,11 @@ def format_report(stage: str, tasks: list[tuple[str, str]], metrics: dict[str, A
         lines.append(f"{task:<16}{kind:<12}{value(task, 'rows', '.0f'):>12}{value(task, 'auc', '.4f'):>10}"
                      f"{value(task, 'logloss', '.4f'):>10}{value(task, 'mse', '.4f'):>12}")
     return "\n".join(lines)
+
+
+@rank_zero_only
+def _print(text: str) -> None:
+    print(text, flush=True)  # stdout, so `lightning-mtr test ... > report.txt` keeps the table
 
 
 class TaskReport(L.Callback):
@@ -40,11 +45,12 @@ class TaskReport(L.Callback):
         if not any(key.startswith(f"{stage}/") for key in metrics):
             return
         tasks = [(t.name, t.kind) for t in pl_module.schema.tasks]
-        rank_zero_info(f"\nPer-task {stage} metrics\n{format_report(stage, tasks, metrics)}")
+        _print(f"\nPer-task {stage} metrics\n{format_report(stage, tasks, metrics)}")
 
 
 class ParquetPredictionWriter(BasePredictionWriter):
-    """Writes ``predict`` output (per-task scores and extras) to ``output_dir/predictions-rank{R}.parquet``.
+    """Writes ``predict`` output (per-task scores and extras) to ``output_dir/predictions-rank{R}.parquet``,
+    batch by batch.
 
     Args:
         output_dir: directory for the Parquet files (one per process).

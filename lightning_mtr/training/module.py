@@ -70,17 +70,21 @@ class MultiTaskModule(L.LightningModule):
         if not fused_modules(self.model):
             fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.trainer.strategy.root_device)
 
-    def on_train_epoch_start(self) -> None:
-        """Reshuffle per epoch: streaming datasets expose ``set_epoch`` (Lightning only calls samplers')."""
-        set_epoch = getattr(getattr(self.trainer.train_dataloader, "dataset", None), "set_epoch", None)
-        if callable(set_epoch):
-            set_epoch(self.current_epoch)
-
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
 
+    def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Models whose losses are part of the model (ESMM's probability chain) define
+        ``forward_with_losses(dense, sparse, labels) -> (logits, per-row losses)``."""
+        forward_with_losses = getattr(self.model, "forward_with_losses", None)
+        if forward_with_losses is None:
+            logits, given = self(batch), {}
+        else:
+            logits, given = forward_with_losses(batch.dense, batch.sparse, batch.labels)
+        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        losses = masked_task_losses(self(batch), batch.labels, batch.masks, self.schema.tasks)
+        _, losses = self._outputs_and_losses(batch)
         loss = weighted_total(losses, self.schema.tasks)
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
@@ -94,8 +98,7 @@ class MultiTaskModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
-        logits = self(batch)
-        losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks)
+        logits, losses = self._outputs_and_losses(batch)
         self.log(f"{stage}/loss", weighted_total(losses, self.schema.tasks), batch_size=batch.batch_size,
                  sync_dist=True)
         self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks)

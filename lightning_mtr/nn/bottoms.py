@@ -1,0 +1,72 @@
+"""Bottoms: what several task branches share before their towers.
+
+A bottom maps the feature vector ``[B, F]`` to one representation per branch
+``[B, branches, D]``; towers then sit on the branches. ESMM's towers can sit on any of
+them, and MMoE/OMoE are a mixture bottom with towers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from lightning_mtr.nn.experts import ExpertBank, mix_experts
+from lightning_mtr.nn.mlp import MLP
+
+BottomFactory = Callable[[int, int], nn.Module]
+"""``(in_dim, branches) -> bottom``; in YAML a ``class_path`` with the remaining ``init_args``."""
+
+
+class SharedInput(nn.Module):
+    """No shared layers: every branch reads the feature vector itself (only embeddings are shared)."""
+
+    def __init__(self, in_dim: int, branches: int):
+        super().__init__()
+        self.branches = branches
+        self.output_dim = in_dim
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs.unsqueeze(1).expand(-1, self.branches, -1)
+
+
+class SharedMLP(nn.Module):
+    """Hard sharing: one MLP whose output every branch reads (the Shared-Bottom model's bottom)."""
+
+    def __init__(self, in_dim: int, branches: int, hidden: Sequence[int] = (256, 128), dropout: float = 0.0):
+        super().__init__()
+        self.branches = branches
+        self.mlp = MLP(in_dim, hidden, dropout)
+        self.output_dim = self.mlp.output_dim
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.mlp(inputs).unsqueeze(1).expand(-1, self.branches, -1)
+
+
+class MixtureBottom(nn.Module):
+    """E expert MLPs mixed per branch by a softmax gate (MMoE); ``one_gate`` shares one gate (OMoE).
+
+    Args:
+        in_dim, branches: set by the model.
+        num_experts: E.
+        expert: hidden sizes of every expert MLP.
+        one_gate: a single gate for all branches instead of one per branch.
+        gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix; switching it
+            changes no parameter and no checkpoint.
+    """
+
+    def __init__(self, in_dim: int, branches: int, num_experts: int = 8, expert: Sequence[int] = (256, 128),
+                 one_gate: bool = False, gate_backend: str = "auto"):
+        super().__init__()
+        self.branches = branches
+        self.num_gates = 1 if one_gate else branches
+        self.experts = ExpertBank(in_dim, num_experts, expert)
+        self.gates = nn.Linear(in_dim, self.num_gates * num_experts)
+        self.output_dim = self.experts.output_dim
+        self.gate_backend = gate_backend
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        gate_logits = self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, gates, E]
+        mixed = mix_experts(self.experts(inputs), gate_logits, self.gate_backend)  # [B, gates, D]
+        return mixed.expand(-1, self.branches, -1)

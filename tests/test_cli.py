@@ -1,0 +1,191 @@
+"""The ``lightning-mtr`` console entry, end to end: ``lightning_mtr.cli.main([...])`` with conf/debug.yaml
+on a tiny built-in synthetic log (fit, then validate and test from the fitted checkpoint,
+``--print_config`` round trip, ``synth impressions``).
+
+Every file lands under a temporary directory: the data cache, the checkpoints, and the config's own
+CSV and TensorBoard loggers (``--trainer.logger`` is overridden with the same two loggers, redirected).
+One ``fit`` is shared by the module (each run builds the schema's 1M-row table: a few seconds).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from lightning_mtr.cli import main
+from lightning_mtr.schema import Schema
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = "conf/debug.yaml"
+SCHEMA = Schema.from_yaml(REPO / "conf" / "schemas" / "synthetic_impressions.yaml")
+ROWS = {"train": 3000, "val": 1000, "test": 1000}
+
+
+def _loggers(root: Path) -> str:
+    """conf/debug.yaml's two loggers, saving under ``root`` instead of runs/debug."""
+    return json.dumps([
+        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}},
+        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+         "init_args": {"save_dir": str(root), "name": "tensorboard"}},
+    ])
+
+
+def _args(subcommand: str, root: Path, cache: Path) -> list[str]:
+    return [subcommand, "--config", CONFIG,
+            "--data.synthetic.train_rows", str(ROWS["train"]), "--data.synthetic.val_rows", str(ROWS["val"]),
+            "--data.synthetic.test_rows", str(ROWS["test"]), "--data.synthetic.cache_dir", str(cache),
+            "--data.batch_size", "512", "--trainer.default_root_dir", str(root), "--trainer.logger", _loggers(root)]
+
+
+@contextlib.contextmanager
+def _output():
+    """Everything a run shows: stdout (Lightning's result table) and the ``lightning.pytorch`` log
+    (TaskReport's table goes through ``rank_zero_info``), whatever handlers pytest installed."""
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    try:
+        with contextlib.redirect_stdout(text):
+            yield text
+    finally:
+        logger.removeHandler(handler)
+
+
+def _sample_space_rows(path: Path) -> dict[str, int]:
+    """Rows of one split in each task's sample space, straight from the Parquet file."""
+    table = pq.read_table(path)
+    rows = {}
+    for task in SCHEMA.tasks:
+        if task.sample_space is None:
+            rows[task.name] = table.num_rows
+            continue
+        match = re.fullmatch(r"(\w+) == (\d+)", task.sample_space)
+        assert match, f"this test only knows `column == value` sample spaces, not {task.sample_space!r}"
+        rows[task.name] = pc.sum(pc.equal(table[match[1]], int(match[2]))).as_py()
+    return rows
+
+
+def _report(text: str, stage: str) -> dict[str, int]:
+    """TaskReport's table after ``Per-task {stage} metrics``: {task: rows}."""
+    lines = text.split(f"Per-task {stage} metrics\n", 1)[1].splitlines()
+    assert lines[0].split() == ["task", "kind", "rows", "auc", "logloss", "mse"]
+    found = {}
+    for line in lines[1:1 + len(SCHEMA.tasks)]:
+        task, kind, rows, auc, *_ = line.split()
+        assert math.isfinite(float(auc)), line
+        found[task] = int(rows)
+    return found
+
+
+def _printed_metric(text: str, name: str) -> float:
+    """One value of Lightning's validate/test result table (rich box or plain layout)."""
+    match = re.search(rf"{re.escape(name)}\W+([-+0-9.eE]+)", text)
+    assert match, f"{name} not in the printed results:\n{text}"
+    return float(match[1])
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One ``lightning-mtr fit`` of conf/debug.yaml on the tiny synthetic log."""
+    root = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        patch.setattr(sys, "argv", ["lightning-mtr"])
+        with _output() as text:
+            assert main(_args("fit", root / "run", root / "cache")) == 0
+    splits = {split: next((root / "cache").glob(f"*/{split}.parquet")) for split in ROWS}
+    return {"root": root, "output": text.getvalue(), "splits": splits}
+
+
+@pytest.fixture
+def at_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])  # LightningCLI warns when args and argv both exist
+
+
+def _last_checkpoint(fitted) -> Path:
+    found = list((fitted["root"] / "run").rglob("last.ckpt"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_fit_writes_csv_and_tensorboard_logs_and_reports_every_task(fitted):
+    run = fitted["root"] / "run"
+    [metrics_file] = run.glob("csv/version_*/metrics.csv")
+    with open(metrics_file) as handle:
+        rows = list(csv.DictReader(handle))
+    assert "val/ctr/auc" in rows[0]
+    aucs = [float(row["val/ctr/auc"]) for row in rows if row["val/ctr/auc"]]
+    assert len(aucs) == 1 and 0.0 <= aucs[0] <= 1.0  # max_epochs 1: one validation (6 steps: AUC near chance)
+    assert list(run.glob("tensorboard/version_*/events.out.tfevents.*")), "no TensorBoard event file"
+    assert _last_checkpoint(fitted).is_file()
+    assert _report(fitted["output"], "val") == _sample_space_rows(fitted["splits"]["val"])
+
+
+def test_validate_from_checkpoint_prints_the_fitted_metrics(fitted, at_repo_root):
+    root = fitted["root"]
+    with _output() as text:
+        assert main([*_args("validate", root / "validate", root / "cache"), "--ckpt_path",
+                     str(_last_checkpoint(fitted))]) == 0
+    printed = text.getvalue()
+    expected = _sample_space_rows(fitted["splits"]["val"])
+    for task, rows in expected.items():
+        assert _printed_metric(printed, f"val/{task}/rows") == rows
+    # the checkpoint holds the weights that produced fit's last validation
+    [metrics_file] = (root / "run").glob("csv/version_*/metrics.csv")
+    with open(metrics_file) as handle:
+        fitted_auc = next(float(r["val/ctr/auc"]) for r in csv.DictReader(handle) if r["val/ctr/auc"])
+    assert _printed_metric(printed, "val/ctr/auc") == pytest.approx(fitted_auc, abs=1e-4)
+
+
+def test_test_from_checkpoint_reports_every_task_on_its_sample_space(fitted, at_repo_root):
+    root = fitted["root"]
+    with _output() as text:
+        assert main([*_args("test", root / "test", root / "cache"), "--ckpt_path",
+                     str(_last_checkpoint(fitted))]) == 0
+    printed = text.getvalue()
+    expected = _sample_space_rows(fitted["splits"]["test"])
+    assert expected["ctr"] == ROWS["test"] and 0 < expected["cvr"] < ROWS["test"]
+    assert _report(printed, "test") == expected
+    for task in expected:
+        assert 0.0 <= _printed_metric(printed, f"test/{task}/auc") <= 1.0
+
+
+def test_print_config_round_trips(tmp_path, at_repo_root, capsys):
+    args = _args("fit", tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["model"]["class_path"] == "lightning_mtr.models.MMoE"
+    assert config["data"]["synthetic"]["train_rows"] == ROWS["train"]
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(saved), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out) == config
+    assert not (tmp_path / "cache").exists(), "printing a config must not generate data"
+
+
+def test_synth_impressions_writes_three_files(tmp_path, at_repo_root, capsys):
+    out = tmp_path / "impressions"
+    assert main(["synth", "impressions", "--out", str(out), "--train-rows", "300", "--val-rows", "100",
+                 "--test-rows", "50"]) == 0
+    files = sorted(out.glob("*.parquet"))
+    assert [f.name for f in files] == ["test.parquet", "train.parquet", "val.parquet"]
+    assert {f.stem: pq.ParquetFile(f).metadata.num_rows for f in files} == {"train": 300, "val": 100, "test": 50}
+    assert capsys.readouterr().out.count(".parquet:") == 3

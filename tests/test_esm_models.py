@@ -1,0 +1,117 @@
+"""ESMM and ESM2 against their papers' formulas, and ESMM against the paper's BASE."""
+
+from __future__ import annotations
+
+import functools
+
+import pyarrow as pa
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs
+from lightning_mtr.data.encode import BatchEncoder
+from lightning_mtr.models import ESM2, ESMM
+from lightning_mtr.nn import MixtureBottom
+from lightning_mtr.schema import Schema
+from lightning_mtr.tasks import masked_task_losses, weighted_total
+
+FEATURES = {"sparse": [{"name": "user", "num_embeddings": 20, "embedding_dim": 4}], "dense": [{"name": "d"}]}
+
+
+def _schema(tasks) -> Schema:
+    return Schema.from_dict({**FEATURES, "tasks": tasks})
+
+
+def _bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy(p.double(), y.double(), reduction="none")
+
+
+def test_esmm_outputs_and_losses_follow_the_paper():
+    torch.manual_seed(0)
+    schema = _schema(ESMM_TASKS)
+    model = ESMM(schema, tower=[8])
+    dense, sparse = random_inputs(schema, 32)
+    labels = {"ctr": (torch.rand(32) < 0.5).float()}
+    labels["ctcvr"] = labels["ctr"] * (torch.rand(32) < 0.5).float()
+    labels["cvr"] = labels["ctcvr"]
+    logits, row_losses = model.forward_with_losses(dense, sparse, labels)
+    p_ctr, p_cvr, p_ctcvr = (logits[name].sigmoid().double() for name in ("ctr", "cvr", "ctcvr"))
+    torch.testing.assert_close(p_ctcvr, p_ctr * p_cvr)  # pCTCVR = pCTR * pCVR
+    assert set(row_losses) == {"ctr", "ctcvr"}, "ESMM has no direct CVR loss"
+    torch.testing.assert_close(row_losses["ctr"].double(), _bce(p_ctr, labels["ctr"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(p_ctcvr, labels["ctcvr"]), rtol=1e-5, atol=1e-6)
+    # pCVR is its own tower's output, not derived: the CVR tower's parameters move only pCVR and pCTCVR
+    with torch.no_grad():
+        model.towers.towers["cvr"][-1].bias.add_(1.0)
+    moved = model(dense, sparse)
+    torch.testing.assert_close(moved["ctr"], logits["ctr"])
+    assert not torch.allclose(moved["cvr"], logits["cvr"])
+
+
+def test_esmm_trains_ctr_and_ctcvr_over_all_impressions():
+    """With the schema's masks, the total loss is mean BCE(pCTR) + mean BCE(pCTCVR) over every row."""
+    torch.manual_seed(1)
+    schema = _schema(ESMM_TASKS)
+    model = ESMM(schema, tower=[8])
+    dense, sparse = random_inputs(schema, 16)
+    click = (torch.rand(16) < 0.5).float()
+    labels = {"ctr": click, "ctcvr": click * (torch.rand(16) < 0.5).float()}
+    labels["cvr"] = labels["ctcvr"]
+    masks = {"ctr": torch.ones(16, dtype=torch.bool), "ctcvr": torch.ones(16, dtype=torch.bool),
+             "cvr": click.bool()}
+    logits, given = model.forward_with_losses(dense, sparse, labels)
+    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, given), schema.tasks)
+    expected = (_bce(logits["ctr"].sigmoid(), labels["ctr"]).mean()
+                + _bce(logits["ctcvr"].sigmoid(), labels["ctcvr"]).mean())
+    torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_conversion_without_click_is_a_ctcvr_negative_outside_the_cvr_space():
+    """Ali-CCP has rows with conversion = 1 and click = 0: the schema's label rule decides them."""
+    schema = _schema(ESMM_TASKS)
+    table = pa.table({"user": [1, 2], "d": [0.0, 1.0], "click": [0, 1], "conversion": [1, 1]})
+    batch = BatchEncoder(schema).encode(table, ["<rows>"])
+    assert batch.labels["ctcvr"].tolist() == [0.0, 1.0]
+    assert batch.masks["cvr"].tolist() == [False, True]
+
+
+def test_esmm_rejects_a_direct_cvr_loss_and_missing_tasks():
+    tasks = [dict(t) for t in ESMM_TASKS]
+    tasks[1]["weight"] = 1.0
+    with pytest.raises(ValueError, match="set its weight to 0"):
+        ESMM(_schema(tasks))
+    with pytest.raises(ValueError, match="lacks \\['ctcvr'\\]"):
+        ESMM(_schema(list(ESMM_TASKS[:2])))
+
+
+def test_esmm_towers_sit_on_an_mmoe_bottom_by_config():
+    schema = _schema(ESMM_TASKS)
+    model = ESMM(schema, tower=[8], bottom=functools.partial(MixtureBottom, num_experts=3, expert=[6]))
+    assert model.bottom.num_gates == 2  # one gate per tower
+    dense, sparse = random_inputs(schema, 4)
+    sum(v.sum() for v in model(dense, sparse).values()).backward()
+    assert model.bottom.gates.weight.grad is not None
+
+
+def test_esm2_chain_follows_the_paper():
+    torch.manual_seed(2)
+    schema = _schema(ESM2_TASKS)
+    model = ESM2(schema, tower=[8])
+    dense, sparse = random_inputs(schema, 32)
+    click = (torch.rand(32) < 0.5).float()
+    labels = {"ctr": click, "ctavr": click * (torch.rand(32) < 0.4).float(),
+              "ctcvr": click * (torch.rand(32) < 0.3).float()}
+    logits, row_losses = model.forward_with_losses(dense, sparse, labels)
+    shared = model.bottom(model.features(dense, sparse))
+    heads = model.heads({name: shared[:, h] for h, name in enumerate(model.heads.towers)})
+    y1, y2, y3, y4 = (heads[name].sigmoid().double() for name in model.heads.towers)
+    p_cvr = (1 - y2) * y4 + y2 * y3
+    torch.testing.assert_close(logits["ctr"].sigmoid().double(), y1)
+    torch.testing.assert_close(logits["ctavr"].sigmoid().double(), y1 * y2)
+    torch.testing.assert_close(logits["cvr"].sigmoid().double(), p_cvr)
+    torch.testing.assert_close(logits["ctcvr"].sigmoid().double(), y1 * p_cvr)
+    assert set(row_losses) == {"ctr", "ctavr", "ctcvr"}
+    torch.testing.assert_close(row_losses["ctavr"].double(), _bce(y1 * y2, labels["ctavr"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(y1 * p_cvr, labels["ctcvr"]), rtol=1e-5,
+                               atol=1e-6)
