@@ -16,15 +16,24 @@ fbgemm_version=${LMTR_FBGEMM_VERSION:-1.8.0}
 if [ -z "${LMTR_VARIANT:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then LMTR_VARIANT=cuda; else LMTR_VARIANT=cpu; fi
 fi
+# PyPI's torch wheel for Linux is the CUDA build; the CPU build lives on PyTorch's own index.
+# Use that index when it answers (a machine with a local wheel cache and no route to it,
+# like our CI, takes torch from its configured pip sources instead).
+torch_index=()
 case "$LMTR_VARIANT" in
-  cpu) fbgemm="fbgemm-gpu-cpu==$fbgemm_version" ;;
+  cpu) fbgemm="fbgemm-gpu-cpu==$fbgemm_version"
+       cpu_index=${LMTR_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+       if "$python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" \
+            "$cpu_index" 2>/dev/null; then
+         torch_index=(--index-url "$cpu_index")
+       fi ;;
   cuda) fbgemm="fbgemm-gpu==$fbgemm_version" ;;
   *) echo "LMTR_VARIANT must be cpu or cuda, got '$LMTR_VARIANT'" >&2; exit 2 ;;
 esac
 echo "setup_env: creating $venv ($LMTR_VARIANT: torch==$torch_version, $fbgemm, torchrec==$torchrec_version)"
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
-$pip install "torch==$torch_version"
+$pip install "${torch_index[@]}" "torch==$torch_version"
 $pip install --no-deps "$fbgemm" "torchrec==$torchrec_version"
 # torch stays pinned while the rest resolves, so nothing upgrades it behind our back.
 echo "torch==$torch_version" > "$venv/torch-pin.txt"

@@ -256,30 +256,31 @@ def _click_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray)
     return logit
 
 
-def _conversion_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray) -> np.ndarray:
-    """Conversion-given-click logit without its intercept, float32 (n,)."""
-    spec = world.spec
+def _stage_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray,
+                 shared: tuple[tuple[str, float], ...], shared_effects: dict[int, np.ndarray],
+                 own_effects: dict[int, np.ndarray], dense_effects: tuple[tuple[str, float], ...]) -> np.ndarray:
+    """A post-click stage's logit without its intercept, float32 (n,): ``weight`` times the
+    earlier stage's effects of the ``shared`` columns, plus its own id and dense effects."""
     logit = np.zeros(log_values.shape[1], np.float32)
-    for name, weight in spec.conversion_shared:
-        logit += np.float32(weight) * world.click_effects[_column(name)][ranks[_column(name)]]
-    for column, table in world.conversion_effects.items():
+    for name, weight in shared:
+        logit += np.float32(weight) * shared_effects[_column(name)][ranks[_column(name)]]
+    for column, table in own_effects.items():
         logit += table[ranks[column]]
-    for name, weight in spec.conversion_dense_effects:
+    for name, weight in dense_effects:
         logit += np.float32(weight) * _dense_feature(world, log_values, name)
     return logit
+
+
+def _conversion_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray) -> np.ndarray:
+    spec = world.spec
+    return _stage_logit(world, ranks, log_values, spec.conversion_shared, world.click_effects,
+                        world.conversion_effects, spec.conversion_dense_effects)
 
 
 def _daction_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarray) -> np.ndarray:
-    """DAction-given-click logit without its intercept, float32 (n,)."""
     spec = world.spec
-    logit = np.zeros(log_values.shape[1], np.float32)
-    for name, weight in spec.daction_shared:
-        logit += np.float32(weight) * world.conversion_effects[_column(name)][ranks[_column(name)]]
-    for column, table in world.daction_effects.items():
-        logit += table[ranks[column]]
-    for name, weight in spec.daction_dense_effects:
-        logit += np.float32(weight) * _dense_feature(world, log_values, name)
-    return logit
+    return _stage_logit(world, ranks, log_values, spec.daction_shared, world.conversion_effects,
+                        world.daction_effects, spec.daction_dense_effects)
 
 
 def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.ndarray) -> np.ndarray:
