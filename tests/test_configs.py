@@ -68,7 +68,8 @@ def test_conf_holds_the_expected_files():
     names = {_name(p) for p in CONFIGS}
     assert {"conf/debug.yaml", "conf/models/mmoe.yaml", "conf/models/omoe.yaml", "conf/models/shared_bottom.yaml",
             "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml",
-            "conf/data/aliexpress.yaml", "conf/data/criteo.yaml"} <= names
+            "conf/data/aliexpress.yaml", "conf/data/criteo.yaml", "conf/data/ali_ccp_esmm.yaml",
+            "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_name)
@@ -120,6 +121,13 @@ needs_shared_data = pytest.mark.skipif(
 def test_ali_ccp_trains(tmp_path):
     cli = _fit(["--config", "conf/data/ali_ccp.yaml"], tmp_path)
     _assert_trained(cli, tmp_path, val_rows=50)  # eval_batch_size 256: one batch holds the whole val file
+
+
+@needs_shared_data
+def test_ali_ccp_trains_esmm(tmp_path):
+    cli = _fit(["--config", "conf/data/ali_ccp_esmm.yaml"], tmp_path)
+    _assert_trained(cli, tmp_path, val_rows=50)
+    assert cli.trainer.callback_metrics["val/cvr/rows"] == 3  # CVR is evaluated on the 3 clicked val rows
 
 
 @needs_shared_data

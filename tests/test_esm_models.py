@@ -115,3 +115,24 @@ def test_esm2_chain_follows_the_paper():
     torch.testing.assert_close(row_losses["ctavr"].double(), _bce(y1 * y2, labels["ctavr"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(y1 * p_cvr, labels["ctcvr"]), rtol=1e-5,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name, kwargs, option", [
+    ("esmm", {"tower": [8]}, "chain_backend"),
+    ("mmoe", {"num_experts": 3, "expert": [6], "tower": [4]}, "gate_backend"),
+])
+def test_switching_kernel_backend_keeps_parameters_and_predictions(model_name, kwargs, option):
+    """A checkpoint trained with one backend loads into the other and predicts the same."""
+    from lightning_mtr.models import build_model
+
+    schema = _schema(ESMM_TASKS)
+    torch.manual_seed(0)
+    trained = build_model(model_name, schema, **kwargs, **{option: "torch"})
+    other = build_model(model_name, schema, **kwargs, **{option: "auto"})
+    state = trained.state_dict()
+    assert list(other.state_dict()) == list(state)
+    other.load_state_dict(state)
+    dense, sparse = random_inputs(schema, 9)
+    expected, got = trained(dense, sparse), other(dense, sparse)
+    for task in expected:
+        torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)

@@ -46,3 +46,16 @@ def test_empty_sample_space_contributes_zero_not_nan():
     weighted_total(losses, TASKS).backward()
     assert torch.equal(logits["cvr"].grad, torch.zeros(2))
     assert torch.isfinite(logits["ctr"].grad).all()
+
+
+def test_model_computed_row_losses_replace_the_default_and_are_still_masked():
+    """ESMM-style models hand in per-row losses for some tasks; masks and means still apply."""
+    logits = {t.name: torch.zeros(3) for t in TASKS}
+    labels = {t.name: torch.zeros(3) for t in TASKS}
+    masks = {"ctr": torch.tensor([True, True, False]), "cvr": torch.tensor([True, False, True]),
+             "watch": torch.tensor([True, True, True])}
+    given = {"ctr": torch.tensor([1.0, 3.0, 100.0])}
+    losses = masked_task_losses(logits, labels, masks, TASKS, given)
+    assert losses["ctr"].item() == 2.0  # the masked-out 100 is ignored
+    assert math.isclose(losses["cvr"].item(), math.log(2), rel_tol=1e-6)  # default BCE at logit 0
+    assert losses["watch"].item() == 0.0
