@@ -1,8 +1,9 @@
-"""ESMM and ESM2 against their papers' formulas, and ESMM against the paper's BASE."""
+"""ESMM and ESM2 against their papers' formulas, their configs, and switching kernel backends."""
 
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -136,3 +137,21 @@ def test_switching_kernel_backend_keeps_parameters_and_predictions(model_name, k
     expected, got = trained(dense, sparse), other(dense, sparse)
     for task in expected:
         torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("config", ["conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"])
+def test_entire_space_configs_train_on_the_synthetic_log(config, tmp_path, monkeypatch):
+    from lightning_mtr.cli import MultiTaskCLI
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    cli = MultiTaskCLI(args=[
+        "--config", config, "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--data.synthetic.cache_dir", str(tmp_path / "cache"),
+        "--data.synthetic.train_rows", "3000", "--data.synthetic.val_rows", "1000",
+        "--data.synthetic.test_rows", "1000", "--data.batch_size", "512"], run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    for task in cli.datamodule.schema.tasks:
+        rows = metrics[f"val/{task.name}/rows"].item()
+        assert (rows == 1000) if task.sample_space is None else (0 < rows < 1000), task.name
+        assert 0.4 < metrics[f"val/{task.name}/auc"].item() <= 1.0, task.name
