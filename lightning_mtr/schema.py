@@ -28,7 +28,10 @@ class SparseFeature:
     """A categorical feature looked up in an embedding table.
 
     Integer ids must lie in ``[0, num_embeddings)`` unless ``out_of_range: modulo``;
-    string ids are always hashed into ``num_embeddings`` buckets. Features naming the same
+    string ids are always hashed into ``num_embeddings`` buckets, and ``hashed: true`` hashes
+    every id as a string: needed for text ids in CSV files, where a column whose values all
+    look like numbers (hex ``12345678``) would otherwise be read as integers in one file and
+    as strings in another. Features naming the same
     ``table`` share it (and must agree on its size, dim and pooling). A null value is a
     missing feature: an empty bag, whose pooled embedding is zero.
     """
@@ -42,6 +45,7 @@ class SparseFeature:
     multi_valued: bool = False
     max_length: int | None = None
     out_of_range: OutOfRange = "error"
+    hashed: bool = False
 
     @property
     def source_column(self) -> str:

@@ -582,3 +582,21 @@ def test_dictionary_columns_are_accepted(tmp_path):
     assert values["city"].values().tolist() == [stable_hash("paris", 1000), stable_hash("tokyo", 1000),
                                                 stable_hash("paris", 1000)]
     assert values["shop"].values().tolist() == [3, 1, 3]
+
+
+def test_hashed_ids_are_strings_whatever_the_csv_reader_would_guess(tmp_path):
+    """A hex id column that happens to hold only digits in one file must hash like in the others."""
+    schema = Schema.from_dict({"sparse": [{"name": "C1", "num_embeddings": 1000, "hashed": True}],
+                               "tasks": [{"name": "ctr", "label": "label"}]})
+    (tmp_path / "a.csv").write_text("C1,label\n12345678,1\n00000042,0\n")
+    (tmp_path / "b.csv").write_text("C1,label\n05db9164,1\n12345678,0\n")
+    encoder = BatchEncoder(schema)
+    ids = {}
+    for name in ("a.csv", "b.csv"):
+        units = plan_units([str(tmp_path / name)], encoder)
+        (batch,) = BatchStream(units, encoder, batch_size=8)
+        ids[name] = batch.sparse.to_dict()["C1"].values().tolist()
+    assert ids["a.csv"] == [stable_hash("12345678", 1000), stable_hash("00000042", 1000)]
+    assert ids["b.csv"] == [stable_hash("05db9164", 1000), stable_hash("12345678", 1000)]
+    integers = pa.table({"C1": [7], "label": [1]})  # Parquet ints of a hashed feature hash as text
+    assert BatchEncoder(schema).encode(integers, ["x"]).sparse.values().tolist() == [stable_hash("7", 1000)]

@@ -53,6 +53,11 @@ class BatchEncoder:
         return list(dict.fromkeys(wanted))
 
     @property
+    def string_columns(self) -> list[str]:
+        """Single-valued ``hashed`` id columns: always read as strings from CSV."""
+        return [f.source_column for f in self.schema.sparse if f.hashed and not f.multi_valued]
+
+    @property
     def numeric_columns(self) -> list[str]:
         """Dense features and label/sample-space columns: always read as float64 from CSV."""
         return [f.source_column for f in self.schema.dense] + sorted(self.schema.label_columns)
@@ -190,6 +195,8 @@ def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowCh
 def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id: np.ndarray) -> np.ndarray:
     if pa.types.is_dictionary(array.type) and pa.types.is_integer(array.type.value_type):
         array = array.dictionary_decode()  # e.g. pandas categoricals of integer ids
+    if feature.hashed and not _is_string(array.type):
+        array = array.cast(pa.string())
     if _is_string(array.type):
         return _hash_strings(array, feature.num_embeddings)
     ids = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)

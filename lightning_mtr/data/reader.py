@@ -79,7 +79,7 @@ def plan_units(files: Sequence[str], encoder: BatchEncoder) -> list[Unit]:
         if path.endswith(".csv"):
             with _opened(path):
                 encoder.check_columns(pa_csv.open_csv(path).schema, path)
-                options = _csv_options(encoder.columns, encoder.numeric_columns)
+                options = _csv_options(encoder.columns, encoder.numeric_columns, encoder.string_columns)
                 rows = sum(batch.num_rows for batch in pa_csv.open_csv(path, convert_options=options))
             if rows == 0:
                 raise DataError(f"{path}: empty file (no rows)")
@@ -95,15 +95,15 @@ def plan_units(files: Sequence[str], encoder: BatchEncoder) -> list[Unit]:
     return units
 
 
-def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = ()
-              ) -> Iterator[pa.RecordBatch]:
+def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = (),
+              strings: Collection[str] = ()) -> Iterator[pa.RecordBatch]:
     """Stream the unit's rows ``[start, stop)`` in chunks of at most ``chunk_rows``; in CSV files
-    the ``numeric`` columns are read as float64."""
+    the ``numeric`` columns are read as float64 and the ``strings`` columns as strings."""
     stop = unit.rows if unit.stop is None else unit.stop
     offset = 0
     with _opened(unit.path):
         if unit.row_group is None:
-            batches = pa_csv.open_csv(unit.path, convert_options=_csv_options(columns, numeric))
+            batches = pa_csv.open_csv(unit.path, convert_options=_csv_options(columns, numeric, strings))
         else:
             batches = pq.ParquetFile(unit.path).iter_batches(chunk_rows, row_groups=[unit.row_group],
                                                              columns=list(columns))
@@ -116,20 +116,21 @@ def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Coll
                 break
 
 
-def _csv_options(columns: Sequence[str], numeric: Collection[str]) -> pa_csv.ConvertOptions:
+def _csv_options(columns: Sequence[str], numeric: Collection[str], strings: Collection[str] = ()
+                 ) -> pa_csv.ConvertOptions:
     """Numbers are float64 whatever the first block looks like (``1.5`` after many integers is
-    fine); an empty field is a null (a missing id), as in Parquet, for string columns too."""
-    return pa_csv.ConvertOptions(include_columns=list(columns), column_types={c: pa.float64() for c in numeric},
-                                 strings_can_be_null=True)
+    fine), hashed ids are strings; an empty field is a null (a missing id), as in Parquet."""
+    types = {**{c: pa.float64() for c in numeric}, **{c: pa.string() for c in strings}}
+    return pa_csv.ConvertOptions(include_columns=list(columns), column_types=types, strings_can_be_null=True)
 
 
-def read_tagged(units: Sequence[Unit], columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = ()
-                ) -> Iterator[pa.Table]:
+def read_tagged(units: Sequence[Unit], columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = (),
+                strings: Collection[str] = ()) -> Iterator[pa.Table]:
     """Chunks of all units, each row tagged in ``SOURCE_COLUMN`` with its file's index in
     :func:`sources_of` (units), so errors can name the file after rows are mixed."""
     index = {path: i for i, path in enumerate(sources_of(units))}
     for unit in units:
-        for chunk in read_unit(unit, columns, chunk_rows, numeric):
+        for chunk in read_unit(unit, columns, chunk_rows, numeric, strings):
             tag = pa.array(np.full(chunk.num_rows, index[unit.path], np.int32))
             yield pa.Table.from_batches([chunk]).append_column(SOURCE_COLUMN, tag)
 
@@ -214,7 +215,8 @@ class BatchStream(IterableDataset):
         buffer: list[pa.Table] = []
         buffered = 0
         target = max(self.shuffle_buffer, self.batch_size)
-        for chunk in read_tagged(units, self.encoder.columns, self.batch_size, self.encoder.numeric_columns):
+        for chunk in read_tagged(units, self.encoder.columns, self.batch_size, self.encoder.numeric_columns,
+                                 self.encoder.string_columns):
             buffer.append(chunk)
             buffered += chunk.num_rows
             if buffered >= target:
