@@ -8,6 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from lightning_mtr.data import synthetic
+from lightning_mtr.data.synthetic import impressions as impression_log
+from lightning_mtr.data.synthetic.common import stream
 from lightning_mtr.data.synthetic import (
     DENSE_COLUMNS,
     SPARSE_COLUMNS,
@@ -153,9 +155,9 @@ def test_daction_rate_is_calibrated_and_depends_on_features(impressions):
 def test_daction_knobs_leave_clicks_untouched():
     spec = dataclasses.replace(synthetic.SPEC, daction_lift=0.5, target_daction_given_click=0.6,
                                daction_id_effects=(("C13", 0.8),))
-    base, other = synthetic._build_world(5), synthetic._build_world(5, spec)
-    first = synthetic._impression_chunk(base, synthetic._stream(5, "train", 0), 4000)
-    second = synthetic._impression_chunk(other, synthetic._stream(5, "train", 0), 4000)
+    base, other = impression_log._build_world(5), impression_log._build_world(5, spec)
+    first = impression_log._impression_chunk(base, stream(5, "train", 0), 4000)
+    second = impression_log._impression_chunk(other, stream(5, "train", 0), 4000)
     for name in ("position", "click", "gt_ctr", "C26", "I13"):
         np.testing.assert_array_equal(first[name], second[name])
     assert not np.array_equal(first["gt_dar"], second["gt_dar"])

@@ -1,29 +1,19 @@
-"""Seeded synthetic data whose labels have known structure, so a metric means something.
+"""The synthetic impression log: a Criteo-like layout for the ESMM/ESM2 setting.
 
-Two generators, both written to Parquet:
-
-* :func:`write_impressions`: a Criteo-like impression log for the ESMM/ESM2 setting
-  (click, then a post-click action, then conversion only after a click), with the
-  true probabilities stored next to the labels (``gt_*`` columns), so every model
-  can be compared with the Bayes-optimal predictor.
-* :func:`write_mmoe_regression`: the two-task regression of the MMoE paper
-  (Ma et al., KDD 2018, section 4), whose task correlation is set by one number.
-
-Run it as ``lightning-mtr synth impressions ...`` or ``lightning-mtr synth mmoe ...``
-(see :func:`main`).
+Impression -> click (with position bias) -> post-click action -> conversion only after a
+click, with the true probabilities stored next to the labels (``gt_*`` columns), so every
+model can be compared with the Bayes-optimal predictor. Written by :func:`write_impressions`.
 """
 
 from __future__ import annotations
 
-import argparse
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
+
+from lightning_mtr.data.synthetic.common import stream, write_chunks
 
 GENERATOR_VERSION = 2  # bump whenever the same arguments would write different data
 NUM_SPARSE = 26
@@ -111,12 +101,6 @@ class ImpressionSpec:
 SPEC = ImpressionSpec()
 
 
-def _stream(seed: int, *tags: str | int) -> np.random.Generator:
-    """A generator keyed by (seed, tags): independent streams, stable across runs."""
-    keys = [t if isinstance(t, int) else zlib.crc32(t.encode()) for t in tags]
-    return np.random.default_rng([seed, *keys])
-
-
 def _column(name: str) -> int:
     return int(name[1:]) - 1
 
@@ -179,12 +163,12 @@ def _log1p_lognormal_moments(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndar
 
 def _build_world(seed: int, spec: ImpressionSpec = SPEC) -> _World:
     """The effect tables and intercepts every split of one seed shares."""
-    rng = _stream(seed, "world")
+    rng = stream(seed, "world")
     rank_to_id = [rng.permutation(v) for v in spec.vocab_sizes]
     click = {_column(c): _effect_table(rng, spec, _column(c), s) for c, s in spec.click_id_effects}
     conversion = {_column(c): _effect_table(rng, spec, _column(c), s) for c, s in spec.conversion_id_effects}
     # Its own stream, so the click and conversion tables (and the calibration sample) stay as they were.
-    daction_rng = _stream(seed, "world", "daction")
+    daction_rng = stream(seed, "world", "daction")
     daction = {_column(c): _effect_table(daction_rng, spec, _column(c), s) for c, s in spec.daction_id_effects}
     center, scale = _log1p_lognormal_moments(np.array(spec.dense_log_means), np.array(spec.dense_log_stds))
     bias = np.ones(NUM_POSITIONS + 1)
@@ -320,33 +304,6 @@ def _impression_chunk(world: _World, rng: np.random.Generator, n: int) -> dict[s
     return columns
 
 
-def _write_chunks(
-    path: Path,
-    rows: int,
-    row_group_rows: int,
-    make_chunk: Callable[[int, int], dict[str, np.ndarray]],
-    dictionary_columns: list[str] | bool = False
-) -> Path:
-    """Write make_chunk(index, n) tables, one row group each, with bounded memory.
-
-    Dictionary-encoding only the low-cardinality columns doubles the write speed;
-    on random high-cardinality columns it costs time and saves nothing.
-    """
-    if rows <= 0 or row_group_rows <= 0:
-        raise ValueError(f"rows and row_group_rows must be positive, got {rows} and {row_group_rows}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = None
-    try:
-        for index, start in enumerate(range(0, rows, row_group_rows)):
-            table = pa.table(make_chunk(index, min(row_group_rows, rows - start)))
-            writer = writer or pq.ParquetWriter(path, table.schema, use_dictionary=dictionary_columns)
-            writer.write_table(table, row_group_size=table.num_rows)
-    finally:
-        if writer is not None:
-            writer.close()
-    return path
-
-
 def write_impressions(
     out_dir: str | Path,
     train_rows: int,
@@ -371,108 +328,8 @@ def write_impressions(
     paths = {}
     for split, rows in sizes.items():
         def chunk(index: int, n: int, split: str = split) -> dict[str, np.ndarray]:
-            return _impression_chunk(world, _stream(seed, split, index), n)
+            return _impression_chunk(world, stream(seed, split, index), n)
 
         path = Path(out_dir) / f"{split}.parquet"
-        paths[split] = _write_chunks(path, rows, row_group_rows, chunk, low_cardinality)
+        paths[split] = write_chunks(path, rows, row_group_rows, chunk, low_cardinality)
     return paths
-
-
-def mmoe_task_weights(dim: int, correlation: float, seed: int = 0, scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """MMoE paper's task weights: w1 = c u1, w2 = c (p u1 + sqrt(1 - p^2) u2), so cos(w1, w2) = p.
-
-    u1, u2 are orthonormal (QR of a seeded Gaussian matrix) and depend only on (dim, seed),
-    so datasets with different correlations share them.
-    """
-    _check_mmoe_arguments(rows=1, correlation=correlation, dim=dim)
-    q, _ = np.linalg.qr(_stream(seed, "mmoe-weights").standard_normal((dim, 2)))
-    u1, u2 = q[:, 0], q[:, 1]
-    return scale * u1, scale * (correlation * u1 + np.sqrt(1.0 - correlation**2) * u2)
-
-
-def _check_mmoe_arguments(rows: int, correlation: float, dim: int, num_sin: int = 0, noise_std: float = 0.0) -> None:
-    if not -1.0 <= correlation <= 1.0:
-        raise ValueError(f"correlation must be in [-1, 1], got {correlation}")
-    if rows <= 0:
-        raise ValueError(f"rows must be positive, got {rows}")
-    if dim < 2:
-        raise ValueError(f"dim must be >= 2 (two orthogonal task directions), got {dim}")
-    if num_sin < 0 or noise_std < 0:
-        raise ValueError(f"num_sin and noise_std must be non-negative, got {num_sin} and {noise_std}")
-
-
-def write_mmoe_regression(
-    path: str | Path,
-    rows: int,
-    correlation: float,
-    dim: int = 100,
-    num_sin: int = 10,
-    noise_std: float = 0.1,
-    seed: int = 0,
-    row_group_rows: int = 65536,
-    split: str = "train",
-) -> Path:
-    """Write the MMoE paper's two regression tasks whose correlation is set by ``correlation``.
-
-    ``seed`` fixes the task pair (w1, w2, alpha, beta); ``split`` names an independent
-    stream of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
-
-    ``y_i = w_i.x + sum_k sin(alpha_k w_i.x + beta_k) + eps_i`` with x ~ N(0, I_dim),
-    w_i from :func:`mmoe_task_weights`, alpha_k, beta_k ~ N(0, 1) shared by both tasks.
-    The paper writes eps ~ N(0, 0.01); we read 0.01 as the variance, hence
-    ``noise_std=0.1``. Columns: ``x0..x{dim-1}``, ``y1``, ``y2``, all float32.
-    """
-    _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    w = np.stack(mmoe_task_weights(dim, correlation, seed), axis=1)  # (dim, 2)
-    sin_rng = _stream(seed, "mmoe-sin")
-    alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
-
-    def chunk(index: int, n: int) -> dict[str, np.ndarray]:
-        rng = _stream(seed, "mmoe-rows", split, index)
-        x = rng.standard_normal((n, dim))
-        projection = x @ w  # (n, 2)
-        y = projection + np.sin(projection[..., None] * alpha + beta).sum(-1)
-        y += noise_std * rng.standard_normal((n, 2))
-        columns = {f"x{d}": x[:, d].astype(np.float32) for d in range(dim)}
-        return columns | {"y1": y[:, 0].astype(np.float32), "y2": y[:, 1].astype(np.float32)}
-
-    return _write_chunks(Path(path), rows, row_group_rows, chunk)
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-mtr synth", description="Write seeded synthetic Parquet data.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    impressions = commands.add_parser("impressions", help="Criteo-like click/conversion log (train/val/test)")
-    impressions.add_argument("--out", required=True, type=Path, help="output directory")
-    for split in SPLITS:
-        impressions.add_argument(f"--{split}-rows", required=True, type=int)
-    impressions.add_argument("--seed", type=int, default=0)
-    mmoe = commands.add_parser("mmoe", help="MMoE paper two-task regression with a set task correlation")
-    mmoe.add_argument("--out", required=True, type=Path, help="output Parquet file")
-    mmoe.add_argument("--rows", required=True, type=int)
-    mmoe.add_argument("--correlation", required=True, type=float)
-    mmoe.add_argument("--dim", type=int, default=100)
-    mmoe.add_argument("--seed", type=int, default=0)
-    mmoe.add_argument("--noise-std", type=float, default=0.1)
-    mmoe.add_argument("--split", default="train", help="row stream; e.g. val for a held-out file of the same tasks")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``lightning-mtr synth {impressions,mmoe} ...``: write the data and say where."""
-    args = _parser().parse_args(argv)
-    if args.command == "impressions":
-        paths = write_impressions(args.out, args.train_rows, args.val_rows, args.test_rows, seed=args.seed)
-        for split, path in paths.items():
-            print(f"{path}: {pq.ParquetFile(path).metadata.num_rows} rows ({split})")
-    else:
-        path = write_mmoe_regression(
-            args.out, args.rows, args.correlation, dim=args.dim, noise_std=args.noise_std, seed=args.seed,
-            split=args.split,
-        )
-        print(f"{path}: {args.rows} rows (mmoe {args.split}, correlation={args.correlation})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
