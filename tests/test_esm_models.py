@@ -44,7 +44,7 @@ def test_esmm_outputs_and_losses_follow_the_paper():
     torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(p_ctcvr, labels["ctcvr"]), rtol=1e-5, atol=1e-6)
     # pCVR is its own tower's output, not derived: the CVR tower's parameters move only pCVR and pCTCVR
     with torch.no_grad():
-        model.towers.towers["cvr"][-1].bias.add_(1.0)
+        model.heads.towers["cvr"][-1].bias.add_(1.0)
     moved = model(dense, sparse)
     torch.testing.assert_close(moved["ctr"], logits["ctr"])
     assert not torch.allclose(moved["cvr"], logits["cvr"])
@@ -84,6 +84,10 @@ def test_esmm_rejects_a_direct_cvr_loss_and_missing_tasks():
         ESMM(_schema(tasks))
     with pytest.raises(ValueError, match="lacks \\['ctcvr'\\]"):
         ESMM(_schema(list(ESMM_TASKS[:2])))
+    tasks = [dict(t) for t in ESMM_TASKS]
+    tasks[2]["sample_space"] = "click == 1"  # CTCVR is trained over all impressions, never a subset
+    with pytest.raises(ValueError, match="entire space"):
+        ESMM(_schema(tasks))
 
 
 def test_esmm_towers_sit_on_an_mmoe_bottom_by_config():

@@ -22,6 +22,7 @@ import torch
 
 from lightning_mtr.kernels import gate_mix as gm
 from lightning_mtr.kernels.gate_mix import gate_mix, gate_mix_reference
+from lightning_mtr.kernels.triton_support import interpreting
 
 ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -144,7 +145,7 @@ def test_bad_inputs():
     if gm.triton is None:
         with pytest.raises(RuntimeError, match="needs the triton package"):
             gate_mix(experts, gate_logits, backend="triton")
-    elif not gm._interpreting():
+    elif not interpreting():
         with pytest.raises(ValueError, match="CUDA"):
             gate_mix(experts, gate_logits, backend="triton")
 
@@ -155,7 +156,8 @@ def test_bad_inputs():
 INTERPRETED = textwrap.dedent("""
     import sys, torch
     from lightning_mtr.kernels import gate_mix as gm
-    assert gm._interpreting(), "TRITON_INTERPRET=1 did not reach triton"
+    from lightning_mtr.kernels.triton_support import interpreting
+    assert interpreting(), "TRITON_INTERPRET=1 did not reach triton"
 
     def check(experts, gate_logits, grad_out, tol):
         experts.requires_grad_(); gate_logits.requires_grad_()

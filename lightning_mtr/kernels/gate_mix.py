@@ -19,29 +19,9 @@ weights where it would otherwise read the logits, so the kernel's traffic is unc
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # optional: the package imports and the op runs (CPU impl / composition) without triton
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-
-BACKENDS = ("auto", "torch", "triton")
-# Triton kernels accumulate in fp32; fp64 stays on the PyTorch composition.
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def _interpreting() -> bool:
-    """True when ``triton.jit`` built interpreter functions (TRITON_INTERPRET=1 before import): they run on CPU."""
-    if triton is None:
-        return False
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+from lightning_mtr.kernels.triton_support import TRITON_DTYPES, check_backend, tl, triton
 
 
 def gate_mix_reference(experts: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
@@ -90,7 +70,8 @@ if triton is not None:
     ):
         b = tl.program_id(0).to(tl.int64)
         offs_t = tl.arange(0, BLOCK_T)
-        offs_e = tl.arange(0, BLOCK_E)
+        # int64: experts from ExpertBank are a transposed view, stride_xe = B*D, so e*stride_xe passes 2**31
+        offs_e = tl.arange(0, BLOCK_E).to(tl.int64)
         offs_d = tl.arange(0, BLOCK_D)
         w = _softmax_rows(g_ptr + b * stride_gb, stride_gt, stride_ge, T, E, BLOCK_T, BLOCK_E)
         tl.store(w_ptr + b * T * E + offs_t[:, None] * E + offs_e[None, :], w.to(w_ptr.dtype.element_ty),
@@ -117,7 +98,7 @@ if triton is not None:
     ):
         b = tl.program_id(0).to(tl.int64)
         offs_t = tl.arange(0, BLOCK_T)
-        offs_e = tl.arange(0, BLOCK_E)
+        offs_e = tl.arange(0, BLOCK_E).to(tl.int64)  # see the forward kernel
         offs_d = tl.arange(0, BLOCK_D)
         mask_t = offs_t < T
         mask_e = offs_e < E
@@ -231,14 +212,14 @@ if triton is not None:
 
     @_gate_mix_op.register_kernel("cuda")
     def _(experts: torch.Tensor, gate_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if experts.dtype not in _TRITON_DTYPES:
+        if experts.dtype not in TRITON_DTYPES:
             return _composed_forward(experts, gate_logits)  # fp64: the kernels accumulate in fp32
         return _triton_forward(experts, gate_logits)
 
     @_gate_mix_backward_op.register_kernel("cuda")
     def _(grad_out: torch.Tensor, experts: torch.Tensor,
           weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if experts.dtype not in _TRITON_DTYPES:
+        if experts.dtype not in TRITON_DTYPES:
             return _composed_backward(grad_out, experts, weights)
         return _triton_backward(grad_out, experts, weights)
 
@@ -301,18 +282,10 @@ def gate_mix(experts: torch.Tensor, gate_logits: torch.Tensor, backend: str = "a
         >>> out.shape
         torch.Size([4, 2, 8])
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown gate_mix backend {backend!r}; choose one of {BACKENDS}")
+    check_backend("gate_mix", backend, experts)
     _check_inputs(experts, gate_logits)
     if backend == "torch":
         return gate_mix_reference(experts, gate_logits)
     if backend == "triton":
-        if triton is None:
-            raise RuntimeError("gate_mix backend='triton' needs the triton package; use backend='auto' or 'torch'")
-        if experts.device.type != "cuda" and not _interpreting():
-            raise ValueError(f"gate_mix backend='triton' runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 "
-                             f"set before triton is imported), got {experts.device}")
-        if experts.dtype not in _TRITON_DTYPES:
-            raise ValueError(f"gate_mix backend='triton' supports {_TRITON_DTYPES}, got {experts.dtype}")
         return _GateMixTriton.apply(experts, gate_logits)
     return torch.ops.lightning_mtr.gate_mix(experts, gate_logits)[0]

@@ -17,24 +17,16 @@ needed. Shapes: B rows, H heads, C chain outputs, K supervised outputs.
 The triad (STYLE.md section 7): ``probability_chain_reference`` (the spec, autograd gives its
 gradients), Triton forward/backward kernels (optional import), and the registered ops
 ``lightning_mtr::probability_chain`` / ``lightning_mtr::probability_chain_backward`` (CPU: vectorised
-torch, CUDA: Triton; float64 and triton-less machines use the torch path on any device).
+torch, CUDA: Triton, or the same torch code for float64 or without triton).
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-# Triton runs CPU tensors only under its interpreter, which reads this variable at import.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lightning_mtr.kernels.triton_support import check_backend, tl, triton
 
 CHAINS = {"esmm": (2, 3, 2), "esm2": (4, 4, 3)}  # chain -> (H, C, K)
 _CHAIN_ID = {"esmm": 0, "esm2": 1}
@@ -340,8 +332,7 @@ class _TritonChain(torch.autograd.Function):
 def _validate(head_logits: Tensor, targets: Tensor, chain: str, backend: str) -> None:
     if chain not in CHAINS:
         raise ValueError(f"chain must be one of {sorted(CHAINS)}, got {chain!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    check_backend("probability_chain", backend, head_logits)
     h, _, k = CHAINS[chain]
     if head_logits.dim() != 2 or head_logits.shape[1] != h:
         raise ValueError(f"chain {chain!r} needs head_logits [B, {h}], got {tuple(head_logits.shape)}")
@@ -352,9 +343,6 @@ def _validate(head_logits: Tensor, targets: Tensor, chain: str, backend: str) ->
         raise ValueError(f"head_logits and targets must be floating point, got {head_logits.dtype}, {targets.dtype}")
     if targets.device != head_logits.device:
         raise ValueError(f"targets on {targets.device} but head_logits on {head_logits.device}")
-    if backend == "triton" and (triton is None or not (head_logits.is_cuda or _INTERPRET)):
-        raise ValueError("backend='triton' needs triton and CUDA tensors (or TRITON_INTERPRET=1 set before "
-                         "triton is imported, for CPU tensors)")
 
 
 def probability_chain(head_logits: Tensor, targets: Tensor, chain: str, backend: str = "auto") -> tuple[Tensor, Tensor]:

@@ -1,10 +1,10 @@
 """Reusable building blocks shared by the models (shape letters: B batch, T tasks, E experts, D dim)."""
 
 from lightning_mtr.nn.bottoms import BottomFactory, MixtureBottom, SharedInput, SharedMLP
-from lightning_mtr.nn.experts import ExpertBank, mix_experts
+from lightning_mtr.nn.experts import ExpertBank
 from lightning_mtr.nn.features import FeatureInput
 from lightning_mtr.nn.mlp import MLP
 from lightning_mtr.nn.towers import TaskTowers
 
 __all__ = ["BottomFactory", "ExpertBank", "FeatureInput", "MLP", "MixtureBottom", "SharedInput", "SharedMLP",
-           "TaskTowers", "mix_experts"]
+           "TaskTowers"]

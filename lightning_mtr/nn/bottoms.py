@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from lightning_mtr.nn.experts import ExpertBank, mix_experts
+from lightning_mtr.kernels.gate_mix import gate_mix
+from lightning_mtr.nn.experts import ExpertBank
 from lightning_mtr.nn.mlp import MLP
 
 BottomFactory = Callable[[int, int], nn.Module]
@@ -68,5 +69,5 @@ class MixtureBottom(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         gate_logits = self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, gates, E]
-        mixed = mix_experts(self.experts(inputs), gate_logits, self.gate_backend)  # [B, gates, D]
+        mixed = gate_mix(self.experts(inputs), gate_logits, self.gate_backend)  # [B, gates, D]
         return mixed.expand(-1, self.branches, -1)

@@ -1,4 +1,4 @@
-"""A bank of expert MLPs run as batched matrix products, and the softmax gate mix."""
+"""A bank of expert MLPs run as batched matrix products."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_mtr.kernels.gate_mix import gate_mix
 
 
 class ExpertBank(nn.Module):
@@ -39,17 +38,3 @@ class ExpertBank(nn.Module):
         for weight, bias in zip(self.weights, self.biases):
             hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
         return hidden.transpose(0, 1)  # [B, E, D]
-
-
-def mix_experts(experts: torch.Tensor, gate_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-    """``out[b, t] = sum_e softmax(gate_logits[b, t])[e] * experts[b, e]``, by the fused gate-mix op.
-
-    Args:
-        experts: ``[B, E, D]``.
-        gate_logits: ``[B, T, E]`` (T gates, e.g. one per task).
-        backend: ``auto`` (registered op: Triton on CUDA, CPU kernel on CPU), ``torch``
-            (the eager reference) or ``triton``; it changes no parameters.
-    Returns:
-        ``[B, T, D]``.
-    """
-    return gate_mix(experts, gate_logits, backend=backend)

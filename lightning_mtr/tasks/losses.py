@@ -40,8 +40,9 @@ def masked_task_losses(
     per_row = {**row_losses(logits, labels, [t for t in tasks if t.name not in given]), **given}
     losses = {}
     for task in tasks:
-        weight = masks[task.name].to(per_row[task.name].dtype)
-        losses[task.name] = (per_row[task.name] * weight).sum() / weight.sum().clamp_min(1.0)
+        # fp32 sums: under bf16 autocast a bf16 row count rounds (2049 rows would count as 2048)
+        weight = masks[task.name].float()
+        losses[task.name] = (per_row[task.name].float() * weight).sum() / weight.sum().clamp_min(1.0)
     return losses
 
 

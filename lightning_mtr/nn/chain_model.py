@@ -1,0 +1,93 @@
+"""The shared wiring of the entire-space models (ESMM, ESM2): embeddings -> bottom -> heads ->
+one fused probability-chain op that returns the chain's logits and its per-row losses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torchrec import KeyedJaggedTensor
+
+from lightning_mtr.kernels.prob_chain import probability_chain
+from lightning_mtr.nn.bottoms import BottomFactory
+from lightning_mtr.nn.features import FeatureInput
+from lightning_mtr.nn.towers import TaskTowers
+from lightning_mtr.schema import Schema
+
+
+class ProbabilityChainModel(nn.Module):
+    """Subclasses name the chain and its roles (see ``lightning_mtr.kernels.prob_chain``):
+
+    - ``CHAIN``: the op's chain, ``esmm`` or ``esm2``.
+    - ``HEADS``: one tower per head logit, in the op's head order.
+    - ``OUTPUTS``: the role of each chain-logit column; ``task_names`` maps them to the
+      schema's tasks, in this order.
+    - ``SUPERVISED``: the roles trained by the op's losses (over all impressions); the other
+      outputs are derived only and must carry weight 0.
+    """
+
+    CHAIN: str
+    HEADS: tuple[str, ...]
+    OUTPUTS: tuple[str, ...]
+    SUPERVISED: tuple[str, ...]
+
+    def __init__(self, schema: Schema, tower: Sequence[int], bottom: BottomFactory, dropout: float,
+                 task_names: Sequence[str], chain_backend: str):
+        super().__init__()
+        if len(task_names) != len(self.OUTPUTS):
+            raise ValueError(f"{type(self).__name__}: task_names names the outputs {self.OUTPUTS}, "
+                             f"got {list(task_names)}")
+        self.task_of = dict(zip(self.OUTPUTS, task_names))
+        check_chain_tasks(schema, [self.task_of[r] for r in self.SUPERVISED],
+                          [self.task_of[r] for r in self.OUTPUTS if r not in self.SUPERVISED], type(self).__name__)
+        self.tasks = schema.task_names
+        self.chain_backend = chain_backend
+        self.features = FeatureInput(schema)
+        self.bottom = bottom(self.features.output_dim, len(self.HEADS))
+        self.heads = TaskTowers(self.HEADS, self.bottom.output_dim, tower, dropout)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
+        return self.forward_with_losses(dense, sparse, None)[0]
+
+    def forward_with_losses(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
+                            labels: Mapping[str, torch.Tensor] | None):
+        """``({task: logits [B]}, {supervised task: per-row loss [B]})``; without labels the losses are unused."""
+        shared = self.bottom(self.features(dense, sparse))  # [B, heads, D]
+        heads = self.heads({name: shared[:, h] for h, name in enumerate(self.HEADS)})
+        head_logits = torch.stack([heads[name] for name in self.HEADS], dim=1)  # [B, H]
+        supervised = [self.task_of[role] for role in self.SUPERVISED]
+        targets = chain_targets(labels, supervised, head_logits)
+        chain, losses = probability_chain(head_logits, targets, self.CHAIN, backend=self.chain_backend)
+        logits = {self.task_of[role]: chain[:, c] for c, role in enumerate(self.OUTPUTS)}
+        return logits, {task: losses[:, k] for k, task in enumerate(supervised)}
+
+
+def check_chain_tasks(schema: Schema, supervised: Sequence[str], derived: Sequence[str], model: str) -> None:
+    """Exactly the chain's tasks, all binary; supervised ones over all impressions, derived ones weight 0."""
+    tasks = {task.name: task for task in schema.tasks}
+    wanted = [*supervised, *derived]
+    missing = [name for name in wanted if name not in tasks]
+    if missing:
+        raise ValueError(f"{model} needs binary tasks {wanted}; the schema lacks {missing}")
+    extra = [name for name in tasks if name not in wanted]
+    if extra:
+        raise ValueError(f"{model} predicts exactly the tasks {wanted}; the schema also has {extra}")
+    for name in wanted:
+        if tasks[name].kind != "binary":
+            raise ValueError(f"{model}: task {name!r} must be binary")
+    for name in supervised:
+        if tasks[name].sample_space is not None:
+            raise ValueError(f"{model}: task {name!r} is trained over all impressions (the entire space); "
+                             f"remove its sample_space {tasks[name].sample_space!r}")
+    for name in derived:
+        if tasks[name].weight != 0:
+            raise ValueError(f"{model}: task {name!r} is learned only through the probability chain; "
+                             f"set its weight to 0 (it is still evaluated on its sample space)")
+
+
+def chain_targets(labels: Mapping[str, torch.Tensor] | None, names: Sequence[str], like: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` chain targets in ``names`` order; without labels (inference) zeros."""
+    if labels is None:
+        return like.new_zeros(like.shape[0], len(names))
+    return torch.stack([labels[name].to(like.dtype) for name in names], dim=1)
