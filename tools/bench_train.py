@@ -12,8 +12,10 @@ and dense Adam step. Test metrics come from ``predict`` scores against the test 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -77,6 +79,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
     L.seed_everything(seed, verbose=False)
     setup = SETUPS[model]
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the schema and any --rows copy
     schema_path = workdir / "schema.yaml"
     schema_path.write_text(yaml.safe_dump(schema_from_data(data_dir / "train.parquet", setup.tasks)))
     train = data_dir / "train.parquet"
