@@ -600,3 +600,22 @@ def test_hashed_ids_are_strings_whatever_the_csv_reader_would_guess(tmp_path):
     assert ids["b.csv"] == [stable_hash("05db9164", 1000), stable_hash("12345678", 1000)]
     integers = pa.table({"C1": [7], "label": [1]})  # Parquet ints of a hashed feature hash as text
     assert BatchEncoder(schema).encode(integers, ["x"]).sparse.values().tolist() == [stable_hash("7", 1000)]
+
+
+def test_even_batches_give_every_process_the_same_number_of_steps(log_dir, monkeypatch):
+    """Distributed training needs equal step counts even when the rows do not divide evenly."""
+    total_rows = sum(FILE_ROWS)
+    counts, seen = {}, []
+    for rank in (0, 1):
+        steps = 0
+        for worker in (0, 1):
+            monkeypatch.setattr(reader, "get_worker_info", lambda w=worker: SimpleNamespace(num_workers=2, id=w))
+            data = stream(log_dir, batch_size=8, shuffle_buffer=20, rank=rank, world_size=2)
+            data.even_batches = True
+            batches = list(data)
+            assert all(b.batch_size == 8 for b in batches)
+            steps += len(batches)
+            seen.extend(row_ids(batches))
+        counts[rank] = steps
+    assert counts[0] == counts[1] == 2 * (total_rows // 4 // 8), counts
+    assert len(set(seen)) == len(seen), "no row twice"

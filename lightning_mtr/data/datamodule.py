@@ -120,6 +120,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             units, self.encoder, self.batch_size if training else self.eval_batch_size,
             shuffle_buffer=self.shuffle_buffer if training else 0, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            even_batches=training and trainer is not None and trainer.world_size > 1,
             # the epoch Lightning hands samplers: unlike current_epoch it is already right
             # when a resumed run creates its first iterator
             epoch=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None,

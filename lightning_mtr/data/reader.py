@@ -9,6 +9,7 @@ reader ever holds more than its shuffle buffer in memory.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,13 +165,17 @@ class BatchStream(IterableDataset):
         shuffle_buffer: rows held and shuffled together (0: keep file order, e.g. for predict).
         seed: with the epoch, fixes both the unit order and the in-buffer permutation.
         rank, world_size: this process's share of the rows.
+        even_batches: every reader yields exactly ``(total rows // readers) // batch_size``
+            full batches, so all processes take the same number of steps (distributed
+            training hangs otherwise); each epoch leaves out fewer than ``batch_size + 1``
+            rows per reader, other ones each epoch once the order is shuffled.
         epoch: returns the current epoch when an epoch's iterator is created (the data
             module passes the trainer's); without it, ``set_epoch`` sets it.
     """
 
     def __init__(self, units: Sequence[Unit], encoder: BatchEncoder, batch_size: int, shuffle_buffer: int = 0,
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 epoch: Callable[[], int] | None = None):
+                 even_batches: bool = False, epoch: Callable[[], int] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -182,6 +187,7 @@ class BatchStream(IterableDataset):
         self.drop_last = drop_last
         self.rank = rank
         self.world_size = world_size
+        self.even_batches = even_batches
         self.epoch_source = epoch
         self.epoch = 0
 
@@ -208,6 +214,14 @@ class BatchStream(IterableDataset):
         return split_rows(order, self.rank * workers + worker_id, self.world_size * workers)
 
     def __iter__(self) -> Iterator[Batch]:
+        batches = self._batches()
+        if not self.even_batches:
+            return batches
+        workers = get_worker_info().num_workers if get_worker_info() else 1
+        readers = self.world_size * workers
+        return itertools.islice(batches, sum(u.rows for u in self.units) // readers // self.batch_size)
+
+    def _batches(self) -> Iterator[Batch]:
         worker = get_worker_info()
         rng = np.random.default_rng((self.seed, self.current_epoch(), self.rank, worker.id if worker else 0))
         units = self.my_units()
