@@ -119,7 +119,7 @@ def test_cvr_is_the_mixture_over_the_post_click_action(impressions):
     moderate = (given_d > 0.01) & (given_d < 0.99) & (given_o > 0.01) & (given_o < 0.99)
     lift = np.log(given_d / (1 - given_d)) - np.log(given_o / (1 - given_o))
     np.testing.assert_allclose(lift[moderate], synthetic.SPEC.daction_lift, atol=1e-3)
-    assert moderate.mean() > 0.9
+    assert moderate.sum() > 10_000, "the lift check must cover many rows"
 
 
 def _within_sampling_error(labels: np.ndarray, probabilities: np.ndarray, sigmas: float = 4.0) -> None:
@@ -148,8 +148,6 @@ def test_daction_rate_is_calibrated_and_depends_on_features(impressions):
     _within_sampling_error(c["daction"][clicked], c["gt_dar"][clicked])
     _within_sampling_error(c["gt_daction_if_clicked"], c["gt_dar"])  # drawn for every row, clicked or not
     assert 0.6 <= _rank_auc(c["gt_dar"][clicked], c["daction"][clicked])
-    # Partly shared with the conversion logit: rows likely to add to cart are also likelier buyers.
-    assert np.corrcoef(c["gt_dar"], c["gt_cvr_given_oaction"])[0, 1] > 0.2
 
 
 def test_daction_knobs_leave_clicks_untouched():

@@ -18,7 +18,7 @@ from pathlib import Path
 from tools.bench_train import quality_metrics, train_one_epoch
 
 
-def compare(data: Path, seed: int, rows: int | None = None, batch_size: int = 4096) -> dict[str, dict[str, float]]:
+def compare(data: Path, seed: int, rows: int | None = None, batch_size: int = 1024) -> dict[str, dict[str, float]]:
     """``{model: {auc_cvr_all, auc_cvr_clicked}}`` for ESMM and BASE at one seed."""
     results = {}
     for model in ("esmm", "esmm_base"):

@@ -15,7 +15,7 @@ import numpy as np
 
 from lightning_mtr.data.synthetic.common import stream, write_chunks
 
-GENERATOR_VERSION = 2  # bump whenever the same arguments would write different data
+GENERATOR_VERSION = 3  # bump whenever the same arguments would write different data
 NUM_SPARSE = 26
 NUM_DENSE = 13
 SPARSE_COLUMNS = tuple(f"C{j}" for j in range(1, NUM_SPARSE + 1))
@@ -50,8 +50,12 @@ class ImpressionSpec:
       (``position_noise_std``, in units of ``r``'s std): position is confounded with
       relevance. ``P(click) = sigmoid(r) * position ** -position_bias_exponent``.
     * ``q`` reuses some click effects (``conversion_shared``: column, weight) and adds
-      its own (``conversion_id_effects``, ``conversion_dense_effects``), so clicked rows
-      are a biased sample of impressions (the ESMM sample-selection bias).
+      small ones of its own (``conversion_id_effects``, ``conversion_dense_effects``), so
+      clicked rows are a biased sample of impressions (the ESMM sample-selection bias).
+      The shared columns are mid-vocabulary (C12: 1.6k ids, C15: 6.3k): most of their ids
+      are seen often in impressions but rarely in clicks, so a CVR model trained on clicks
+      alone (the ESMM paper's BASE) learns them poorly, while embeddings trained by the CTR
+      task on all impressions (ESMM) carry them over: the data sparsity ESMM addresses.
     * ``d = b_daction + ...`` reuses some of the conversion's own effects
       (``daction_shared``: a column of ``conversion_id_effects``, weight) and adds its own
       (``daction_id_effects``, ``daction_dense_effects``). ``gt_dar = sigmoid(d)`` is
@@ -72,19 +76,18 @@ class ImpressionSpec:
     zipf_exponent: float = 1.15
     dense_log_means: tuple[float, ...] = tuple(0.5 * k for k in range(NUM_DENSE))
     dense_log_stds: tuple[float, ...] = tuple(0.5 + 0.1 * k for k in range(NUM_DENSE))
+    # (effect tables are drawn in this order: reordering changes the world)
     click_id_effects: tuple[tuple[str, float], ...] = (
         ("C1", 0.6), ("C3", 0.6), ("C4", 0.5), ("C6", 0.5), ("C8", 0.4),
-        ("C10", 0.35), ("C12", 0.3), ("C15", 0.25), ("C20", 0.15), ("C25", 0.1),
+        ("C10", 0.35), ("C20", 0.15), ("C25", 0.1), ("C12", 0.8), ("C15", 0.8),
     )
     click_interaction: tuple[str, str] = ("C3", "C6")
     interaction_scale: float = 0.4
     click_dense_effects: tuple[tuple[str, float], ...] = (("I1", 0.3), ("I3", -0.25), ("I5", 0.2))
-    conversion_shared: tuple[tuple[str, float], ...] = (("C1", 0.8), ("C4", 0.6))
-    conversion_id_effects: tuple[tuple[str, float], ...] = (
-        ("C2", 0.5), ("C5", 0.45), ("C9", 0.35), ("C14", 0.25), ("C22", 0.1),
-    )
-    conversion_dense_effects: tuple[tuple[str, float], ...] = (("I7", 0.3), ("I11", -0.2))
-    daction_shared: tuple[tuple[str, float], ...] = (("C2", 0.6), ("C5", 0.5))
+    conversion_shared: tuple[tuple[str, float], ...] = (("C12", 1.5), ("C15", 1.5))
+    conversion_id_effects: tuple[tuple[str, float], ...] = (("C2", 0.1), ("C5", 0.1))
+    conversion_dense_effects: tuple[tuple[str, float], ...] = (("I7", 0.1),)
+    daction_shared: tuple[tuple[str, float], ...] = (("C2", 3.0), ("C5", 2.25))
     daction_id_effects: tuple[tuple[str, float], ...] = (("C7", 0.5), ("C11", 0.4), ("C17", 0.2))
     daction_dense_effects: tuple[tuple[str, float], ...] = (("I2", 0.3), ("I9", -0.2))
     daction_lift: float = 1.75
