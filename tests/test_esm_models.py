@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -122,25 +126,53 @@ def test_esm2_chain_follows_the_paper():
                                atol=1e-6)
 
 
-@pytest.mark.parametrize("model_name, kwargs, option", [
-    ("esmm", {"tower": [8]}, "chain_backend"),
-    ("mmoe", {"num_experts": 3, "expert": [6], "tower": [4]}, "gate_backend"),
-])
-def test_switching_kernel_backend_keeps_parameters_and_predictions(model_name, kwargs, option):
-    """A checkpoint trained with one backend loads into the other and predicts the same."""
+BACKEND_CASES = [("esmm", {"tower": [8]}, "chain_backend"),
+                 ("esm2", {"tower": [8]}, "chain_backend"),
+                 ("mmoe", {"num_experts": 3, "expert": [6, 5], "tower": [4]}, "gate_backend")]
+
+
+def _backend_model(model_name: str, kwargs: dict, option: str, backend: str):
     from lightning_mtr.models import build_model
 
-    schema = _schema(ESMM_TASKS)
+    schema = _schema(ESM2_TASKS if model_name == "esm2" else ESMM_TASKS)
+    return schema, build_model(model_name, schema, **kwargs, **{option: backend})
+
+
+@pytest.mark.parametrize("model_name, kwargs, option", BACKEND_CASES)
+def test_switching_kernel_backend_keeps_parameters_and_predictions(model_name, kwargs, option, tmp_path):
+    """A checkpoint trained with one backend loads into the others and predicts the same: the torch
+    reference vs the registered op here, and vs the Triton kernels themselves (under the interpreter,
+    in a subprocess, since TRITON_INTERPRET must be set before triton is imported)."""
     torch.manual_seed(0)
-    trained = build_model(model_name, schema, **kwargs, **{option: "torch"})
-    other = build_model(model_name, schema, **kwargs, **{option: "auto"})
-    state = trained.state_dict()
-    assert list(other.state_dict()) == list(state)
-    other.load_state_dict(state)
-    dense, sparse = random_inputs(schema, 9)
-    expected, got = trained(dense, sparse), other(dense, sparse)
-    for task in expected:
-        torch.testing.assert_close(got[task], expected[task], rtol=1e-5, atol=1e-6)
+    schema, trained = _backend_model(model_name, kwargs, option, "torch")
+    dense, sparse = random_inputs(schema, 5)
+    expected = trained(dense, sparse)
+    _, other = _backend_model(model_name, kwargs, option, "auto")
+    assert list(other.state_dict()) == list(trained.state_dict())
+    other.load_state_dict(trained.state_dict())
+    for task, value in other(dense, sparse).items():
+        torch.testing.assert_close(value, expected[task], rtol=1e-5, atol=1e-6)
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton not installed: the Triton half of the switch needs it")
+    checkpoint = tmp_path / "model.pt"
+    torch.save({"state": trained.state_dict(), "expected": {k: v.detach() for k, v in expected.items()}}, checkpoint)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
+from test_esm_models import _backend_model
+from helpers import random_inputs
+saved = torch.load({str(checkpoint)!r}, weights_only=True)
+schema, model = _backend_model({model_name!r}, {kwargs!r}, {option!r}, "triton")
+model.load_state_dict(saved["state"])
+got = model(*random_inputs(schema, 5))
+for task, value in saved["expected"].items():
+    torch.testing.assert_close(got[task], value, rtol=1e-4, atol=1e-5)
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("config", ["conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"])
