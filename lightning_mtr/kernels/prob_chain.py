@@ -122,8 +122,8 @@ def _backward_torch(gz: Tensor, gl: Tensor, head_logits: Tensor, targets: Tensor
         g_l = [g_l0, (gp_av + g_l2).add_(g_m2), g_l2, g_l3]
         g_m = [g_m0, (t_av + g_l3).add_(g_m3), g_m2, g_m3]
     grad = torch.empty_like(x, memory_format=torch.contiguous_format)
-    for i, c in enumerate(xs):
-        torch.mul(g_l[i], sig(-c), out=grad[:, i]).sub_(g_m[i].mul_(sig(c)))
+    for i, c in enumerate(xs):  # g_l s(-c) - g_m s(c) = g_l - (g_l + g_m) s(c): one sigmoid per head
+        torch.sub(g_l[i], (g_l[i] + g_m[i]).mul_(sig(c)), out=grad[:, i])
     direct = 2 if chain == "esmm" else 1  # chain logits that are head logits themselves
     grad[:, :direct] += gz[:, :direct]
     return grad.to(head_logits.dtype)
