@@ -4,9 +4,9 @@
 
 Each op registers one bench function in ``BENCHES`` (one section per op below); a bench function
 returns rows ``{op, device, shape, impl, pass, ms, peak_mb, saved_mb}``. Times are medians after
-warmup (CUDA: ``triton.testing.do_bench`` or CUDA events). ``peak_mb`` is the CUDA allocator's peak
-above what the inputs already hold; on CPU there is no allocator counter for torch tensors
-(tracemalloc does not see them), so it is left empty. ``saved_mb`` is what autograd keeps for
+warmup (CUDA: ``triton.testing.do_bench`` or CUDA events). ``peak_mb`` is the peak allocated above
+what the inputs already hold: the CUDA allocator's counter, or on CPU (which has none) the
+profiler's allocation and free events replayed in order. ``saved_mb`` is what autograd keeps for
 backward beyond the inputs themselves, measured with saved-tensor hooks on every device.
 """
 
@@ -69,17 +69,31 @@ def median_ms(fns: dict[str, Callable[[], object]], device: torch.device, reps: 
 
 
 def peak_mb(fn: Callable[[], object], device: torch.device,
-            grad_to_none: list[torch.Tensor] | None = None) -> float | None:
-    if device.type != "cuda":
-        return None  # no allocator counter for CPU tensors
+            grad_to_none: list[torch.Tensor] | None = None) -> float:
+    """Peak MB allocated by ``fn`` above what existed before it."""
     for t in grad_to_none or ():
         t.grad = None
+    if device.type != "cuda":
+        return _cpu_peak_mb(fn)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float:
+    """CPU has no allocator counter: replay the profiler's allocation and free events in time order."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 def saved_mb(fn: Callable[[], object], inputs: tuple[torch.Tensor, ...]) -> float:
@@ -197,7 +211,7 @@ HEADER = f"{'op':<10} {'device':<6} {'shape':<28} {'impl':<26} {'pass':<8} {'ms'
 
 
 def _format(row: dict) -> str:
-    peak = "-" if row["peak_mb"] is None else f"{row['peak_mb']:.1f}"
+    peak = f"{row['peak_mb']:.1f}"
     return (f"{row['op']:<10} {row['device']:<6} {row['shape']:<28} {row['impl']:<26} {row['pass']:<8} "
             f"{row['ms']:>9.3f} {peak:>9} {row['saved_mb']:>9.1f}")
 
