@@ -125,8 +125,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             # when a resumed run creates its first iterator
             epoch=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None,
         )
+        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
-                          persistent_workers=False)
+                          pin_memory=on_gpu)  # Batch.pin_memory: faster, asynchronous copies to the GPU
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", training=True)
