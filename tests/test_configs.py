@@ -69,6 +69,7 @@ def test_conf_holds_the_expected_files():
     assert {"conf/debug.yaml", "conf/models/mmoe.yaml", "conf/models/omoe.yaml", "conf/models/shared_bottom.yaml",
             "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml",
             "conf/data/aliexpress.yaml", "conf/data/criteo.yaml", "conf/data/ali_ccp_esmm.yaml",
+            "conf/data/byterec.yaml",
             "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"} <= names
 
 
@@ -150,6 +151,12 @@ def test_criteo_trains_one_task(tmp_path, model):
     cli = _fit(["--config", "conf/data/criteo.yaml", "--model.model", f"lightning_mtr.models.{model}"], tmp_path)
     assert type(cli.model.model).__name__ == model
     _assert_trained(cli, tmp_path, val_rows=87)  # val is the 87-row training file itself
+
+
+@needs_shared_data
+def test_byterec_trains_from_headerless_tab_separated_text(tmp_path):
+    cli = _fit(["--config", "conf/data/byterec.yaml"], tmp_path)
+    _assert_trained(cli, tmp_path, val_rows=136)  # val is the 136-row training file itself
 
 
 def test_mmoe_synthetic_trains(tmp_path):

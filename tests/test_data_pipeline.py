@@ -271,12 +271,12 @@ def test_unusable_file_is_named(tmp_path, name, problem):
 
 
 def test_bad_paths(tmp_path):
-    (tmp_path / "notes.txt").write_text("not data")
-    with pytest.raises(DataError, match="no .parquet or .csv files") as error:
+    (tmp_path / "notes.md").write_text("not data")
+    with pytest.raises(DataError, match="no .parquet/.csv/.tsv/.txt files") as error:
         list_files(tmp_path)
     assert str(tmp_path) in str(error.value)
     with pytest.raises(DataError, match="unsupported file type"):
-        list_files(tmp_path / "notes.txt")
+        list_files(tmp_path / "notes.md")
     with pytest.raises(DataError, match="no such file"):
         list_files(tmp_path / "missing.parquet")
 
@@ -619,3 +619,23 @@ def test_even_batches_give_every_process_the_same_number_of_steps(log_dir, monke
         counts[rank] = steps
     assert counts[0] == counts[1] == 2 * (total_rows // 4 // 8), counts
     assert len(set(seen)) == len(seen), "no row twice"
+
+
+def test_headerless_tab_separated_text(tmp_path):
+    """Logs such as ByteRec's: tab-separated .txt without a header; column names come from the config."""
+    from lightning_mtr.data.reader import TextFormat
+
+    (tmp_path / "log.txt").write_text("7\t-1\t1\t0.5\n3\t42\t0\t1.5\n")
+    schema = Schema.from_dict({
+        "sparse": [{"name": "uid", "num_embeddings": 10}, {"name": "music", "num_embeddings": 100, "hashed": True}],
+        "dense": [{"name": "duration"}],
+        "tasks": [{"name": "finish", "label": "finish"}],
+    })
+    encoder = BatchEncoder(schema)
+    text = TextFormat(delimiter="\t", column_names=("uid", "music", "finish", "duration"))
+    (batch,) = BatchStream(plan_units(list_files(tmp_path), encoder, text), encoder, batch_size=8)
+    features = batch.sparse.to_dict()
+    assert features["uid"].values().tolist() == [7, 3]
+    assert features["music"].values().tolist() == [stable_hash("-1", 100), stable_hash("42", 100)]
+    assert batch.labels["finish"].tolist() == [1.0, 0.0]
+    assert batch.dense[:, 0].tolist() == [0.5, 1.5]

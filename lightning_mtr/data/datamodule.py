@@ -12,7 +12,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from lightning_mtr.data.encode import BatchEncoder, DenseStats
-from lightning_mtr.data.reader import BatchStream, list_files, plan_units, worker_init
+from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, write_impressions
 from lightning_mtr.schema import Schema
@@ -58,7 +58,9 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     Args:
         schema: path of the schema YAML (features, tasks, sample spaces).
-        train, val, test, predict: a file, a directory, or a list of them (Parquet or CSV).
+        train, val, test, predict: a file, a directory, or a list of them (Parquet, or text:
+            .csv, .tsv, .txt).
+        text_format: how text files are parsed (delimiter; column names when there is no header).
         synthetic: generate the built-in synthetic log and use it for any split left empty.
         batch_size: training rows per batch.
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
@@ -71,7 +73,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
                  predict: Files = None, synthetic: SyntheticImpressions | None = None, batch_size: int = 4096,
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
-                 extras: list[str] | None = None, seed: int = 0):
+                 extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat()):
         super().__init__()
         self.schema = Schema.from_yaml(schema)
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
@@ -82,6 +84,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.extras = list(extras or [])
         self.seed = seed
+        self.text_format = text_format
         self.dense_stats: DenseStats | None = None
         self._encoder: BatchEncoder | None = None
 
@@ -109,12 +112,12 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError("standardised dense features need training data (data.train) for their statistics, "
                              "or a checkpoint that carries them (--ckpt_path)")
         probe = BatchEncoder(self.schema, DenseStats((0.0,) * len(self.schema.dense), (1.0,) * len(self.schema.dense)))
-        return compute_dense_stats(self.schema, plan_units(list_files(self.paths["train"]), probe))
+        return compute_dense_stats(self.schema, plan_units(list_files(self.paths["train"]), probe, self.text_format))
 
     def _loader(self, split: str, training: bool) -> DataLoader:
         if not self.paths[split]:
             raise ValueError(f"no {split} data configured (data.{split})")
-        units = plan_units(list_files(self.paths[split]), self.encoder)
+        units = plan_units(list_files(self.paths[split]), self.encoder, self.text_format)
         trainer = self.trainer
         stream = BatchStream(
             units, self.encoder, self.batch_size if training else self.eval_batch_size,

@@ -24,21 +24,41 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.data.encode import SOURCE_COLUMN, BatchEncoder, DataError
 
-SUFFIXES = (".parquet", ".csv")
+SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
+
+
+@dataclass(frozen=True)
+class TextFormat:
+    """How text files (.csv, .tsv, .txt) are parsed.
+
+    Args:
+        delimiter: the field separator, e.g. ``"\\t"`` for tab-separated logs.
+        column_names: the columns of files without a header row (then every line is data).
+    """
+
+    delimiter: str = ","
+    column_names: tuple[str, ...] | None = None
+
+    def open(self, path: str, convert: pa_csv.ConvertOptions | None = None) -> pa_csv.CSVStreamingReader:
+        read = pa_csv.ReadOptions(column_names=list(self.column_names)) if self.column_names else None
+        return pa_csv.open_csv(path, read_options=read, parse_options=pa_csv.ParseOptions(delimiter=self.delimiter),
+                               convert_options=convert)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """Rows ``[start, stop)`` of one Parquet row group, or of a whole CSV file (``row_group is None``)."""
+    """Rows ``[start, stop)`` of one Parquet row group, or of a whole text file (``row_group is None``,
+    parsed as ``text`` says)."""
 
     path: str
     row_group: int | None
     rows: int
     start: int = 0
     stop: int | None = None
+    text: TextFormat = TextFormat()
 
     def slice(self, start: int, stop: int) -> Unit:
-        return Unit(self.path, self.row_group, self.rows, start, stop)
+        return Unit(self.path, self.row_group, self.rows, start, stop, self.text)
 
 
 def split_rows(units: Sequence[Unit], part: int, parts: int) -> list[Unit]:
@@ -62,29 +82,29 @@ def list_files(paths: str | Path | Sequence[str | Path]) -> list[str]:
         if path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if p.suffix in SUFFIXES)
             if not found:
-                raise DataError(f"{path}: directory holds no .parquet or .csv files")
+                raise DataError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
             files.extend(found)
         elif path.is_file():
             if path.suffix not in SUFFIXES:
-                raise DataError(f"{path}: unsupported file type; expected .parquet or .csv")
+                raise DataError(f"{path}: unsupported file type; expected one of {SUFFIXES}")
             files.append(str(path))
         else:
             raise DataError(f"{path}: no such file or directory")
     return files
 
 
-def plan_units(files: Sequence[str], encoder: BatchEncoder) -> list[Unit]:
+def plan_units(files: Sequence[str], encoder: BatchEncoder, text: TextFormat = TextFormat()) -> list[Unit]:
     """Open every file once: check columns and types, count rows, and split into units."""
     units: list[Unit] = []
     for path in files:
-        if path.endswith(".csv"):
+        if not path.endswith(".parquet"):
             with _opened(path):
-                encoder.check_columns(pa_csv.open_csv(path).schema, path)
+                encoder.check_columns(text.open(path).schema, path)
                 options = _csv_options(encoder.columns, encoder.numeric_columns, encoder.string_columns)
-                rows = sum(batch.num_rows for batch in pa_csv.open_csv(path, convert_options=options))
+                rows = sum(batch.num_rows for batch in text.open(path, options))
             if rows == 0:
                 raise DataError(f"{path}: empty file (no rows)")
-            units.append(Unit(path, None, rows))
+            units.append(Unit(path, None, rows, text=text))
             continue
         with _opened(path):
             metadata = pq.ParquetFile(path).metadata
@@ -104,7 +124,7 @@ def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Coll
     offset = 0
     with _opened(unit.path):
         if unit.row_group is None:
-            batches = pa_csv.open_csv(unit.path, convert_options=_csv_options(columns, numeric, strings))
+            batches = unit.text.open(unit.path, _csv_options(columns, numeric, strings))
         else:
             batches = pq.ParquetFile(unit.path).iter_batches(chunk_rows, row_groups=[unit.row_group],
                                                              columns=list(columns))
