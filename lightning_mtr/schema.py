@@ -73,6 +73,10 @@ class DenseFeature:
     def source_column(self) -> str:
         return self.column or self.name
 
+    @property
+    def standardized(self) -> bool:
+        return self.transform.endswith("standardize")
+
 
 @dataclass(frozen=True)
 class Task:
@@ -167,6 +171,11 @@ class Schema:
             if task.sample_space_expression is not None:
                 columns |= task.sample_space_expression.columns
         return frozenset(columns)
+
+    @property
+    def needs_dense_stats(self) -> bool:
+        """Some dense feature is standardised with training-data statistics."""
+        return any(f.standardized for f in self.dense)
 
     @property
     def input_columns(self) -> list[str]:

@@ -51,8 +51,8 @@ def _args(subcommand: str, root: Path, cache: Path) -> list[str]:
 
 @contextlib.contextmanager
 def _output():
-    """Everything a run shows: stdout (Lightning's result table) and the ``lightning.pytorch`` log
-    (TaskReport's table goes through ``rank_zero_info``), whatever handlers pytest installed."""
+    """Everything a run shows: stdout (Lightning's result table and TaskReport's per-task table) and
+    the ``lightning.pytorch`` log, whatever handlers pytest installed."""
     text = io.StringIO()
     handler = logging.StreamHandler(text)
     logger = logging.getLogger("lightning.pytorch")
@@ -116,6 +116,15 @@ def at_repo_root(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-mtr"])  # LightningCLI warns when args and argv both exist
 
 
+def _run_from_checkpoint(subcommand: str, fitted) -> str:
+    """``lightning-mtr validate|test --ckpt_path last.ckpt``; returns what it printed."""
+    root = fitted["root"]
+    with _output() as text:
+        assert main([*_args(subcommand, root / subcommand, root / "cache"), "--ckpt_path",
+                     str(_last_checkpoint(fitted))]) == 0
+    return text.getvalue()
+
+
 def _last_checkpoint(fitted) -> Path:
     found = list((fitted["root"] / "run").rglob("last.ckpt"))
     assert len(found) == 1, found
@@ -137,10 +146,7 @@ def test_fit_writes_csv_and_tensorboard_logs_and_reports_every_task(fitted):
 
 def test_validate_from_checkpoint_prints_the_fitted_metrics(fitted, at_repo_root):
     root = fitted["root"]
-    with _output() as text:
-        assert main([*_args("validate", root / "validate", root / "cache"), "--ckpt_path",
-                     str(_last_checkpoint(fitted))]) == 0
-    printed = text.getvalue()
+    printed = _run_from_checkpoint("validate", fitted)
     expected = _sample_space_rows(fitted["splits"]["val"])
     for task, rows in expected.items():
         assert _printed_metric(printed, f"val/{task}/rows") == rows
@@ -152,11 +158,7 @@ def test_validate_from_checkpoint_prints_the_fitted_metrics(fitted, at_repo_root
 
 
 def test_test_from_checkpoint_reports_every_task_on_its_sample_space(fitted, at_repo_root):
-    root = fitted["root"]
-    with _output() as text:
-        assert main([*_args("test", root / "test", root / "cache"), "--ckpt_path",
-                     str(_last_checkpoint(fitted))]) == 0
-    printed = text.getvalue()
+    printed = _run_from_checkpoint("test", fitted)
     expected = _sample_space_rows(fitted["splits"]["test"])
     assert expected["ctr"] == ROWS["test"] and 0 < expected["cvr"] < ROWS["test"]
     assert _report(printed, "test") == expected

@@ -639,3 +639,12 @@ def test_headerless_tab_separated_text(tmp_path):
     assert features["music"].values().tolist() == [stable_hash("-1", 100), stable_hash("42", 100)]
     assert batch.labels["finish"].tolist() == [1.0, 0.0]
     assert batch.dense[:, 0].tolist() == [0.5, 1.5]
+
+
+def test_standardised_features_cannot_be_encoded_without_statistics():
+    schema = Schema.from_dict({"dense": [{"name": "x", "transform": "log1p_standardize"}],
+                               "tasks": [{"name": "ctr", "label": "click"}]})
+    encoder = BatchEncoder(schema)  # enough for checking columns
+    encoder.check_columns(pa.schema([("x", pa.float64()), ("click", pa.int64())]), "a.parquet")
+    with pytest.raises(ValueError, match="needs dense statistics"):
+        encoder.encode(pa.table({"x": [1.0], "click": [1]}), ["a.parquet"])

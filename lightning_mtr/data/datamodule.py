@@ -102,7 +102,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         """Built on first use: after a checkpoint restore, whose dense statistics it then uses
         (Lightning restores after ``setup``), so validate/test/predict need no training data."""
         if self._encoder is None:
-            if self.dense_stats is None and any(f.transform.endswith("standardize") for f in self.schema.dense):
+            if self.dense_stats is None and self.schema.needs_dense_stats:
                 self.dense_stats = self._training_stats()
             self._encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
         return self._encoder
@@ -111,8 +111,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if not self.paths["train"]:
             raise ValueError("standardised dense features need training data (data.train) for their statistics, "
                              "or a checkpoint that carries them (--ckpt_path)")
-        probe = BatchEncoder(self.schema, DenseStats((0.0,) * len(self.schema.dense), (1.0,) * len(self.schema.dense)))
-        return compute_dense_stats(self.schema, plan_units(list_files(self.paths["train"]), probe, self.text_format))
+        units = plan_units(list_files(self.paths["train"]), BatchEncoder(self.schema), self.text_format)
+        return compute_dense_stats(self.schema, units)
 
     def _loader(self, split: str, training: bool) -> DataLoader:
         if not self.paths[split]:

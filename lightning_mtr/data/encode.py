@@ -38,9 +38,7 @@ class BatchEncoder:
     """Turns Arrow tables into batches for one schema; stateless apart from the dense stats."""
 
     def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = ()):
-        needs_stats = any(f.transform.endswith("standardize") for f in schema.dense)
-        if needs_stats and dense_stats is None:
-            raise ValueError("the schema standardises dense features, so dense statistics are required")
+        """``dense_stats`` may be left out by an encoder that only checks columns (``check_columns``)."""
         self.schema = schema
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
@@ -101,6 +99,8 @@ class BatchEncoder:
         )
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
+        if self.dense_stats is None and self.schema.needs_dense_stats:
+            raise ValueError("the schema standardises dense features, so the encoder needs dense statistics")
         columns = [
             transform_dense(feature, numeric_column(table.column(feature.source_column), feature.source_column,
                                               checker, feature.fill_missing), self.dense_stats, index)
@@ -132,7 +132,7 @@ def pretransform_dense(feature: DenseFeature, values: np.ndarray) -> np.ndarray:
 def transform_dense(feature: DenseFeature, values: np.ndarray, stats: DenseStats | None, index: int) -> np.ndarray:
     """Apply the feature's transform; ``stats`` may be None only for non-standardised features."""
     values = pretransform_dense(feature, values)
-    if feature.transform.endswith("standardize"):
+    if feature.standardized:
         values = (values - stats.mean[index]) / stats.std[index]
     return values
 
