@@ -1,4 +1,5 @@
-"""``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data."""
+"""``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data and ``plan``
+for a sharding plan."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training.distributed import plan_tool
 
 
 class MultiTaskCLI(LightningCLI):
@@ -35,8 +37,10 @@ class MultiTaskCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself)."""
-    if (sys.argv[1:] if argv is None else argv)[:1] == ["synth"]:
-        return synthetic.main((sys.argv[1:] if argv is None else argv)[1:])
+    args = sys.argv[1:] if argv is None else argv
+    commands = {"synth": synthetic.main, "plan": plan_tool.main}
+    if args[:1] and args[0] in commands:
+        return commands[args[0]](args[1:])
     MultiTaskCLI(args=argv)
     return 0
 

@@ -37,3 +37,28 @@ def random_inputs(schema: Schema, batch: int, seed: int = 0) -> tuple[torch.Tens
     values = torch.cat([torch.randint(0, size, (int(n),), generator=generator) for size, n in zip(sizes, lengths)])
     sparse = KeyedJaggedTensor(keys=[f.name for f in schema.sparse], values=values, lengths=lengths)
     return torch.randn(batch, len(schema.dense), generator=generator), sparse
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, function, args) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0")
+    torch.set_num_threads(1)
+    function(rank, *args)
+
+
+def run_ranks(world_size: int, function, *args) -> None:
+    """Run ``function(rank, *args)`` in ``world_size`` processes set up like ``torchrun`` does
+    (Lightning then joins them instead of launching its own); ``function`` must be importable."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_rank_main, args=(world_size, free_port(), function, args), nprocs=world_size, join=True)

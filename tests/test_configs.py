@@ -13,15 +13,18 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticImpressions
 from lightning_mtr.schema import Schema
+from lightning_mtr.training.distributed import TorchRecStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SCHEMAS = sorted((CONF / "schemas").glob("*.yaml"))
-CONFIGS = sorted(p for p in CONF.rglob("*.yaml") if p.parent != CONF / "schemas")
+OVERLAYS = sorted((CONF / "trainer").glob("*.yaml"))  # trainer presets, added after a run config
+CONFIGS = sorted(p for p in CONF.rglob("*.yaml") if p.parent not in (CONF / "schemas", CONF / "trainer"))
 SHARED = REPO.parent / "shared" / "data"
 ALI_CCP = SHARED / "ali_ccp" / "torch_rechub"
 CENSUS = SHARED / "census_income" / "torch_rechub"
@@ -38,12 +41,12 @@ def _at_repo_root(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["lightning-mtr"])  # LightningCLI warns when args and argv both exist
 
 
-def _parse(config: Path | str) -> MultiTaskCLI:
+def _parse(*configs: Path | str) -> MultiTaskCLI:
     """Parse and instantiate (trainer, model, data module) without running anything or touching data."""
     no_data = AssertionError("instantiating a config must not prepare or generate data")
     with mock.patch.object(MultiTaskDataModule, "prepare_data", side_effect=no_data), \
          mock.patch.object(SyntheticImpressions, "ensure", side_effect=no_data):
-        return MultiTaskCLI(run=False, args=["--config", str(config)])
+        return MultiTaskCLI(run=False, args=[arg for config in configs for arg in ("--config", str(config))])
 
 
 def _fit(args: list[str], root: Path) -> MultiTaskCLI:
@@ -70,7 +73,9 @@ def test_conf_holds_the_expected_files():
             "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml",
             "conf/data/aliexpress.yaml", "conf/data/criteo.yaml", "conf/data/ali_ccp_esmm.yaml",
             "conf/data/byterec.yaml",
-            "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"} <= names
+            "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml",
+            "conf/plan/large_ads.yaml"} <= names
+    assert {"conf/trainer/cpu_2proc.yaml", "conf/trainer/gpu.yaml"} <= {_name(p) for p in OVERLAYS}
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_name)
@@ -88,6 +93,29 @@ def test_config_parses_and_instantiates(config):
     assert cli.model.schema is schema, "the schema is linked from the data module into the model"
     assert list(cli.model.model.tasks) == schema.task_names
     assert cli.trainer.max_epochs >= 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=_name)
+def test_trainer_preset_says_how_to_add_it(overlay):
+    assert overlay.read_text().startswith("#")
+    assert f"--config conf/debug.yaml --config {_name(overlay)}" in overlay.read_text()
+
+
+def test_cpu_preset_shards_over_two_processes():
+    cli = _parse(CONF / "debug.yaml", CONF / "trainer" / "cpu_2proc.yaml")
+    assert isinstance(cli.trainer.strategy, TorchRecStrategy)
+    assert cli.trainer.num_devices == 2 and cli.trainer.strategy.root_device.type == "cpu"
+
+
+def test_gpu_preset_parses_and_asks_for_gpus():
+    """Its keys are checked by parsing; without a GPU the trainer refuses by name."""
+    if torch.cuda.is_available():
+        cli = _parse(CONF / "debug.yaml", CONF / "trainer" / "gpu.yaml")
+        assert isinstance(cli.trainer.strategy, TorchRecStrategy)
+        assert cli.trainer.num_devices == torch.cuda.device_count()
+        return
+    with pytest.raises(Exception, match="(?i)gpu"):
+        _parse(CONF / "debug.yaml", CONF / "trainer" / "gpu.yaml")
 
 
 @pytest.mark.parametrize("schema", SCHEMAS, ids=_name)

@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 
-
 class ExpertBank(nn.Module):
     """E experts, each ``MLP(in_dim -> hidden...)`` with ReLU: ``[B, in_dim] -> [B, E, hidden[-1]]``.
 
@@ -28,9 +27,18 @@ class ExpertBank(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(hidden[:-1], hidden[1:]):
-            bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default init, per expert
-            self.weights.append(nn.Parameter(torch.empty(num_experts, fan_in, fan_out).uniform_(-bound, bound)))
-            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, fan_out).uniform_(-bound, bound)))
+            self.weights.append(nn.Parameter(torch.empty(num_experts, fan_in, fan_out)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, 1, fan_out)))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's default init, per expert (also what materialising from meta calls)."""
+        self.first.reset_parameters()
+        with torch.no_grad():
+            for weight, bias in zip(self.weights, self.biases):
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                weight.uniform_(-bound, bound)
+                bias.uniform_(-bound, bound)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         batch = inputs.shape[0]

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.metrics import MaskedTaskMetrics
+from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
@@ -50,7 +51,8 @@ class MultiTaskModule(L.LightningModule):
     ):
         super().__init__()
         self.schema = schema
-        self.model = model(schema)
+        with torch.device("meta"):  # materialised (or sharded) in configure_model, where it will run
+            self.model = model(schema)
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
@@ -67,8 +69,15 @@ class MultiTaskModule(L.LightningModule):
             loop.inference_mode = False
 
     def configure_model(self) -> None:
+        """One process: allocate the model on the device and fuse the sparse optimizer into the
+        tables. A strategy that ``shards_embeddings`` does both itself, table by table."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if getattr(strategy, "shards_embeddings", False):
+            return
+        device = strategy.root_device if strategy is not None else torch.device("cpu")
+        materialize(self.model, device)
         if not fused_modules(self.model):
-            fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.trainer.strategy.root_device)
+            fuse_sparse_optimizer(self.model, self.sparse_optimizer, device)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
@@ -137,8 +146,6 @@ class MultiTaskModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("sparse_optimizer_states", {})
-        if states and not fused_modules(self.model):
-            fuse_sparse_optimizer(self.model, self.sparse_optimizer, self.device)
         for name, module in fused_modules(self.model).items():
             if name in states:
                 module.fused_optimizer().load_state_dict(states[name])

@@ -20,7 +20,7 @@ SparseOptimizerName = Literal["sgd", "adagrad", "rowwise_adagrad", "adam"]
 
 # fbgemm's CPU kernels implement only these; its CUDA kernels also Adam (and LAMB etc.,
 # which TorchRec's single-process fused collection does not expose).
-_TORCH_CLASS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
+TORCH_CLASS = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise_adagrad": RowWiseAdagrad,
                 "adam": torch.optim.Adam}
 SUPPORTED = {"cpu": ("sgd", "adagrad", "rowwise_adagrad"), "cuda": ("sgd", "adagrad", "rowwise_adagrad", "adam")}
 
@@ -57,7 +57,8 @@ class SparseOptimizer:
 def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device: torch.device) -> int:
     """Swap every ``EmbeddingBagCollection`` under ``module`` for a fused one, in place.
 
-    Parameter names and the initial weights are kept, so checkpoints do not depend on it.
+    Parameter names and the initial weights are kept, so checkpoints do not depend on it;
+    tables still on the meta device are initialised by the fused collection itself.
     Returns how many collections were swapped.
     """
     optimizer.check_device(device)
@@ -66,19 +67,21 @@ def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device:
         for name, child in list(parent.named_children()):
             if isinstance(child, EmbeddingBagCollection):
                 fused = FusedEmbeddingBagCollection(
-                    tables=child.embedding_bag_configs(), optimizer_type=_TORCH_CLASS[optimizer.name],
+                    tables=child.embedding_bag_configs(), optimizer_type=TORCH_CLASS[optimizer.name],
                     optimizer_kwargs=optimizer.kwargs(), device=device)
-                fused.load_state_dict(child.state_dict())
+                if not any(p.is_meta for p in child.parameters()):
+                    fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)
                 swapped += 1
     return swapped
 
 
-def fused_modules(module: nn.Module) -> dict[str, FusedOptimizerModule]:
-    return {name: m for name, m in module.named_modules() if isinstance(m, FusedOptimizerModule)}
+def fused_modules(module: nn.Module) -> dict[str, FusedEmbeddingBagCollection]:
+    """The single-process fused collections (sharded ones keep their state in the strategy's checkpoints)."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters that the dense optimizer owns: everything outside fused modules."""
-    fused = {id(p) for m in fused_modules(module).values() for p in m.parameters()}
+    """Parameters that the dense optimizer owns: everything outside fused or sharded tables."""
+    fused = {id(p) for m in module.modules() if isinstance(m, FusedOptimizerModule) for p in m.parameters()}
     return [p for p in module.parameters() if id(p) not in fused and p.requires_grad]

@@ -1,0 +1,7 @@
+"""Everything that knows about process groups: the TorchRec strategy, the sharding planner,
+sharded checkpoints. Nothing else in the package imports ``torch.distributed``."""
+
+from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
+from lightning_mtr.training.distributed.strategy import TorchRecStrategy
+
+__all__ = ["Cluster", "TableConstraints", "TorchRecStrategy"]

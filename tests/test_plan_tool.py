@@ -1,0 +1,129 @@
+"""``lightning-mtr plan`` end to end, through ``lightning_mtr.cli.main``: a 64-GPU plan of the
+1e9-row config (built on the meta device, planned offline on this CPU machine), a cluster too
+small for it, bad input, and a constraint the plan must honour."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_mtr.cli import main
+from lightning_mtr.models import MMoE
+from lightning_mtr.schema import Schema
+from lightning_mtr.training.distributed.planning import GIB, load_plan, plan_from_json
+
+REPO = Path(__file__).resolve().parents[1]
+LARGE = "conf/plan/large_ads.yaml"
+CLUSTER_64 = ["--world-size", "64", "--devices-per-node", "8", "--hbm-gb", "80", "--ddr-gb", "512",
+              "--batch-size", "8192"]
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)  # config paths (and the schema paths inside them) are relative to the root
+
+
+def _overlay(tmp_path: Path, constraints: dict) -> str:
+    """A second --config that adds strategy constraints, merged over the first as `fit` would."""
+    path = tmp_path / "constraints.yaml"
+    path.write_text(yaml.safe_dump({"trainer": {"strategy": {"init_args": {"constraints": constraints}}}}))
+    return str(path)
+
+
+def _tables(plan) -> set[tuple[str, str]]:
+    return {(path, table) for path, tables in plan.plan.items() for table in tables}
+
+
+def test_large_config_on_64_gpus(tmp_path, capsys):
+    assert main(["plan", "--config", LARGE, *CLUSTER_64, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    schema = Schema.from_yaml(REPO / "conf" / "schemas" / "large_ads.yaml")
+    assert {t["table"] for t in report["tables"]} == {t.name for t in schema.tables}  # every table planned
+    assert len(report["ranks"]) == 64
+    for rank in report["ranks"]:
+        assert 0 < rank["hbm_bytes"] < rank["hbm_cap_bytes"] == 80 * GIB
+
+    # the JSON is what training pins: it reloads, for the same model's tables, within the world size
+    saved = json.loads((tmp_path / "plan.json").read_text())
+    plan = plan_from_json(saved, "cuda", local_world_size=8)
+    with torch.device("meta"):
+        model = MMoE(schema, num_experts=8, expert=[1024, 512], tower=[256])
+    assert _tables(load_plan(tmp_path / "plan.json", model, 64, "cuda", 8)) == _tables(plan)
+    assert {table for _, table in _tables(plan)} == {t.name for t in schema.tables}
+
+    user = plan.plan["features.embeddings"]["user_id"]  # 1e9 x 128: 480 GiB cannot sit on one GPU
+    assert user.sharding_type in ("row_wise", "table_row_wise") and len(user.ranks) >= 8
+    assert sum(s.shard_sizes[0] for s in user.sharding_spec.shards) == 1_000_000_000
+    assert (tmp_path / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert "user_id" in out and "1,000,000,000 x 128" in out
+    assert "planner estimate:" in out and "fullest HBM" in out
+
+
+def test_cluster_too_small_says_what_would_fit(tmp_path, capsys):
+    args = ["plan", "--config", LARGE, "--world-size", "2", "--hbm-gb", "16", "--ddr-gb", "512", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the tables do not fit: 729.8 GiB" in err and "32.0 GiB of HBM in all" in err  # the shortfall
+    assert "more GPUs: at least 54" in err  # 729.8 GiB / (16 GiB less the 15% reservation)
+    assert "UVM caching does not fit either" in err and "512.0" in err  # the DDR cap is too small too
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_uvm_caching_advice_is_checked_by_the_planner(tmp_path, capsys):
+    """8 x 80 GiB hold the tables only with a large one in host DDR, which constraints here forbid
+    for the two largest (the planner would otherwise choose UVM for one of them itself)."""
+    fused = _overlay(tmp_path, {"user_id": {"compute_kernels": ["fused"]}, "ad_id": {"compute_kernels": ["fused"]}})
+    args = ["plan", "--config", LARGE, "--config", fused, "--world-size", "8", "--hbm-gb", "80", "--ddr-gb", "2048",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "UVM caching fits (the planner checked it" in err
+    assert "user_id: {compute_kernels: [fused_uvm_caching]}" in err
+    assert "user_id 128 -> 64" in err  # or halve its dim
+
+
+@pytest.mark.parametrize(("args", "constraints", "message"), [
+    (["--config", "conf/missing.yaml", "--world-size", "8"], None, "config conf/missing.yaml not found"),
+    (["--config", LARGE, "--world-size", "12", "--devices-per-node", "8"], None,
+     "world size 12 must be a positive multiple"),
+    (["--config", LARGE, "--world-size", "8"], {"no_such_table": {}},
+     "constraints name unknown tables ['no_such_table']"),
+    (["--config", LARGE, "--world-size", "8"], {"gender": {"sharding_types": ["diagonal"]}},
+     "unknown sharding type ['diagonal']"),
+    (["--config", "conf/schemas/large_ads.yaml", "--world-size", "8"], None, "the config sets no data.schema"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, constraints, message):
+    if constraints is not None:
+        args = [*args, "--config", _overlay(tmp_path, constraints)]
+    assert main(["plan", *args, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_constraint_is_honoured(tmp_path, capsys):
+    constraints = {"C26": {"sharding_types": ["column_wise"], "min_partition": 4},
+                   "C25": {"compute_kernels": ["fused_uvm_caching"], "cache_load_factor": 0.5}}
+    args = ["plan", "--config", "conf/debug.yaml", "--config", _overlay(tmp_path, constraints), "--world-size", "4",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 0
+    assert "2 constrained" in capsys.readouterr().out
+    plan = plan_from_json(json.loads((tmp_path / "out" / "plan.json").read_text()), "cuda", local_world_size=4)
+    tables = plan.plan["features.embeddings"]
+    assert tables["C26"].sharding_type == "column_wise"
+    assert [s.shard_sizes for s in tables["C26"].sharding_spec.shards] == [[1_000_000, 4]] * 4  # 16 dims over 4 GPUs
+    assert tables["C25"].compute_kernel == "fused_uvm_caching"
+    assert tables["C25"].cache_params.load_factor == 0.5  # survives the JSON: it sizes the HBM cache
+
+
+def test_tools_entry_point():
+    result = subprocess.run([sys.executable, "tools/plan.py", "--config", "conf/missing.yaml", "--world-size", "8"],
+                            cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2 and "config conf/missing.yaml not found" in result.stderr

@@ -1,0 +1,237 @@
+"""Sharded equals unsharded (../shared/STYLE.md section 9): the same model, start weights and
+data trained in 2 gloo processes under ``TorchRecStrategy`` and in one plain process give the
+same tables, dense weights and predictions; sharded checkpoints resume on another world size."""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from helpers import random_inputs, run_ranks
+from torch.utils.data import DataLoader
+
+from lightning_mtr.data.batch import Batch
+from lightning_mtr.models import MMoE
+from lightning_mtr.schema import Schema
+from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training.distributed.checkpoint import read_full
+from lightning_mtr.training.distributed.strategy import TorchRecStrategy
+
+WORLD = 2
+ROWS = 16  # per rank and step; one process takes both ranks' rows at once
+STEPS = 4
+SCHEMA = {
+    "sparse": [
+        {"name": "user", "num_embeddings": 60, "embedding_dim": 8},
+        {"name": "item", "num_embeddings": 40, "embedding_dim": 8, "pooling": "mean", "multi_valued": True},
+        {"name": "item_last", "num_embeddings": 40, "embedding_dim": 8, "pooling": "mean", "table": "item"},
+    ],
+    "dense": [{"name": "d0"}, {"name": "d1"}],
+    "tasks": [{"name": "ctr", "label": "ctr"}, {"name": "cvr", "label": "cvr"}],
+}
+PLANS = {
+    "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
+    "column_wise": {"user": {"sharding_types": ["column_wise"], "min_partition": 4},
+                    "item": {"sharding_types": ["column_wise"], "min_partition": 4}},
+    "data_parallel": {"user": {"sharding_types": ["data_parallel"]}, "item": {"sharding_types": ["table_wise"]}},
+}
+# Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
+# legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
+CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
+         ("table_wise", "sgd")]
+# fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
+# Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
+TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def _schema() -> Schema:
+    return Schema.from_dict(SCHEMA)
+
+
+def _batch(seed: int, rows: int) -> Batch:
+    schema = _schema()
+    dense, sparse = random_inputs(schema, rows, seed)
+    generator = torch.Generator().manual_seed(seed + 1000)
+    labels = {t: (torch.rand(rows, generator=generator) < 0.4).float() for t in ("ctr", "cvr")}
+    return Batch(dense, sparse, labels, {t: torch.ones(rows, dtype=torch.bool) for t in labels})
+
+
+def _slice(batch: Batch, rank: int, world: int) -> Batch:
+    """Rank ``rank``'s rows of a global batch (what a data loader would hand it)."""
+    rows = batch.batch_size // world
+    keep = slice(rank * rows, (rank + 1) * rows)
+    sparse = batch.sparse.to_dict()
+    lengths = {k: v.lengths()[keep] for k, v in sparse.items()}
+    values = {k: v.values()[v.offsets()[keep.start]:v.offsets()[keep.stop]] for k, v in sparse.items()}
+    from torchrec import KeyedJaggedTensor
+
+    keys = list(sparse)
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([values[k] for k in keys]),
+                            lengths=torch.cat([lengths[k] for k in keys]))
+    return Batch(batch.dense[keep], kjt, {k: v[keep] for k, v in batch.labels.items()},
+                 {k: v[keep] for k, v in batch.masks.items()})
+
+
+class _Batches(L.LightningDataModule):
+    def __init__(self, batches: list[Batch]):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.batches, batch_size=None)
+
+
+class _FromWeights(MultiTaskModule):
+    """Starts from given weights, so both runs begin identical however their RNGs were used."""
+
+    def __init__(self, start: dict[str, torch.Tensor], **kwargs):
+        super().__init__(**kwargs)
+        self.start = start
+
+    def on_fit_start(self) -> None:
+        copy_full_state(self, self.start)
+
+
+def copy_full_state(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Write whole tensors into a possibly sharded module: each rank copies its shards' slices."""
+    with torch.no_grad():
+        for key, target in module.state_dict().items():
+            if key not in full:
+                continue
+            if hasattr(target, "local_shards"):
+                for shard in target.local_shards():
+                    index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
+                                                                 shard.metadata.shard_sizes))
+                    shard.tensor.copy_(full[key][index])
+            else:
+                target.copy_(full[key])
+
+
+def _module(start: dict | None = None, sparse_optimizer: str = "rowwise_adagrad") -> MultiTaskModule:
+    kwargs = dict(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=_schema(),
+                  sparse_optimizer=SparseOptimizer(sparse_optimizer, lr=0.1))
+    return _FromWeights(start, **kwargs) if start is not None else MultiTaskModule(**kwargs)
+
+
+def _start_weights() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    module = _module()
+    module.configure_model()
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _trainer(**kwargs) -> L.Trainer:
+    return L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, **kwargs)
+
+
+def _global_batches(steps_total: int = STEPS) -> list[Batch]:
+    return [_batch(step, ROWS * WORLD) for step in range(steps_total)]
+
+
+def _sharded_worker(rank: int, plan: str, optimizer: str, start: dict, out: Path) -> None:
+    module = _module(start, optimizer)
+    trainer = _trainer(devices=WORLD, strategy=TorchRecStrategy(constraints=PLANS[plan]), default_root_dir=out)
+    trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches()]))
+    trainer.save_checkpoint(out / "sharded")
+    with torch.no_grad():
+        logits = module(_slice(_batch(99, ROWS * WORLD), rank, WORLD))
+    torch.save(logits, out / f"logits-{rank}.pt")
+
+
+def _unsharded(start: dict, optimizer: str, out: Path) -> tuple[dict, dict]:
+    module = _module(start, optimizer)
+    _trainer(devices=1, default_root_dir=out).fit(module, datamodule=_Batches(_global_batches()))
+    with torch.no_grad():
+        logits = module(_batch(99, ROWS * WORLD))
+    return module.state_dict(), logits
+
+
+@pytest.mark.parametrize(("plan", "optimizer"), CASES)
+def test_sharded_training_equals_one_process(plan, optimizer, tmp_path):
+    start = _start_weights()
+    run_ranks(WORLD, _sharded_worker, plan, optimizer, start, tmp_path)
+    expected_state, expected_logits = _unsharded(start, optimizer, tmp_path)
+
+    saved = read_full(tmp_path / "sharded")["model"]
+    for key, value in expected_state.items():
+        torch.testing.assert_close(saved[key], value, **TOLERANCE, msg=f"{plan}: {key}")
+    moved = [k for k in start if not torch.allclose(start[k], expected_state[k])]
+    assert any("embedding_bags" in k for k in moved) and any("towers" in k for k in moved), \
+        "the run must update both tables and dense layers for the comparison to mean anything"
+    logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
+    for task, value in expected_logits.items():
+        torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
+
+
+class _FromStep(_Batches):
+    """Hands out the global batches from the trainer's step on, so a resumed run continues
+    with the batch the uninterrupted run took next (the data module's own position is tested
+    in test_training.py)."""
+
+    def __init__(self, batches: list[Batch], rank: int, world: int):
+        super().__init__(batches)
+        self.rank, self.world = rank, world
+
+    def train_dataloader(self) -> DataLoader:
+        start = self.trainer.global_step
+        return DataLoader([_slice(b, self.rank, self.world) for b in self.batches[start:]], batch_size=None)
+
+
+class _LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def _train_and_save(rank: int, world: int, start: dict, steps: int, out: Path, resume: Path | None) -> None:
+    """``steps`` steps with TorchRecStrategy on ``world`` processes, optionally resumed; saves the
+    checkpoint and each step's loss, averaged over ranks (equal rows per rank: the global loss)."""
+    module = _module(None if resume else start)
+    losses = _LossRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        default_root_dir=out, callbacks=[losses],
+                        strategy=TorchRecStrategy(constraints=PLANS["table_wise"]))
+    trainer.fit(module, datamodule=_FromStep(_global_batches(steps_total=steps), rank, world),
+                ckpt_path=str(resume) if resume else None)
+    trainer.save_checkpoint(out / f"after-{steps}")
+    torch.save(losses.losses, out / f"losses-{world}-{rank}.pt")
+
+
+def _world_losses(out: Path, world: int) -> dict[int, float]:
+    per_rank = [torch.load(out / f"losses-{world}-{rank}.pt") for rank in range(world)]
+    return {step: sum(r[step] for r in per_rank) / world for step in per_rank[0]}
+
+
+def _train_one(rank: int, *args) -> None:
+    _train_and_save(rank, 1, *args)
+
+
+def _train_two(rank: int, *args) -> None:
+    _train_and_save(rank, 2, *args)
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2)])
+def test_sharded_checkpoint_resumes_on_another_world_size(saved_on, resumed_on, tmp_path):
+    start = _start_weights()
+    train = {1: _train_one, 2: _train_two}
+    uninterrupted, interrupted, resumed = tmp_path / "uninterrupted", tmp_path / "interrupted", tmp_path / "resumed"
+    run_ranks(saved_on, train[saved_on], start, STEPS + 1, uninterrupted, None)
+    run_ranks(saved_on, train[saved_on], start, STEPS, interrupted, None)
+    run_ranks(resumed_on, train[resumed_on], start, STEPS + 1, resumed, interrupted / f"after-{STEPS}")
+
+    expected = _world_losses(uninterrupted, saved_on)
+    got = _world_losses(resumed, resumed_on)
+    assert list(got) == [STEPS + 1], "the resumed run takes exactly the one remaining step"
+    assert got[STEPS + 1] == pytest.approx(expected[STEPS + 1], rel=1e-5)
+    assert expected[STEPS + 1] != pytest.approx(expected[1], rel=1e-3), "training must have moved the loss"
+    final_expected = read_full(uninterrupted / f"after-{STEPS + 1}")["model"]
+    final_got = read_full(resumed / f"after-{STEPS + 1}")["model"]
+    for key, value in final_expected.items():
+        torch.testing.assert_close(final_got[key], value, **TOLERANCE, msg=key)
