@@ -1,5 +1,5 @@
-"""``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data and ``plan``
-for a sharding plan."""
+"""``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data, ``plan``
+for a sharding plan and ``consolidate`` for a sharded checkpoint."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
-from lightning_mtr.training.distributed import plan_tool
+from lightning_mtr.training.distributed import checkpoint, plan_tool
 
 
 class MultiTaskCLI(LightningCLI):
@@ -38,7 +38,7 @@ class MultiTaskCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself)."""
     args = sys.argv[1:] if argv is None else argv
-    commands = {"synth": synthetic.main, "plan": plan_tool.main}
+    commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     MultiTaskCLI(args=argv)

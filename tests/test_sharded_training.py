@@ -4,6 +4,7 @@ same tables, dense weights and predictions; sharded checkpoints resume on anothe
 
 from __future__ import annotations
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -36,12 +37,19 @@ PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
     "column_wise": {"user": {"sharding_types": ["column_wise"], "min_partition": 4},
                     "item": {"sharding_types": ["column_wise"], "min_partition": 4}},
-    "data_parallel": {"user": {"sharding_types": ["data_parallel"]}, "item": {"sharding_types": ["table_wise"]}},
+    # the data-parallel table comes first in the sharded output, unlike in the schema: checks the order
+    "data_parallel": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["data_parallel"]}},
 }
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
+# A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
+# TorchRec's pooled output then lists it last, and the model must still see its features in order.
+PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
+    name: {"sharding_type": "table_wise", "compute_kernel": "fused", "ranks": [rank],
+           "shards": [{"offsets": [0, 0], "sizes": [rows, 8], "rank": rank}]}
+    for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
-         ("table_wise", "sgd")]
+         ("table_wise", "sgd"), ("pinned", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -132,9 +140,16 @@ def _global_batches(steps_total: int = STEPS) -> list[Batch]:
     return [_batch(step, ROWS * WORLD) for step in range(steps_total)]
 
 
+def _strategy(plan: str, out: Path) -> TorchRecStrategy:
+    if plan == "pinned":
+        (out / "pinned.json").write_text(json.dumps(PINNED))
+        return TorchRecStrategy(plan=str(out / "pinned.json"))
+    return TorchRecStrategy(constraints=PLANS[plan])
+
+
 def _sharded_worker(rank: int, plan: str, optimizer: str, start: dict, out: Path) -> None:
     module = _module(start, optimizer)
-    trainer = _trainer(devices=WORLD, strategy=TorchRecStrategy(constraints=PLANS[plan]), default_root_dir=out)
+    trainer = _trainer(devices=WORLD, strategy=_strategy(plan, out), default_root_dir=out)
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches()]))
     trainer.save_checkpoint(out / "sharded")
     with torch.no_grad():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
 from torchrec.modules.embedding_configs import PoolingType
 
 from lightning_mtr.schema import Schema
@@ -35,9 +35,14 @@ class FeatureInput(nn.Module):
         device = torch.device(device) if device is not None else torch.get_default_device()
         self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
-        self.has_sparse = bool(schema.sparse)
+        self.feature_names = [name for t in schema.tables for name in t.feature_names]
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        if self.has_sparse:
-            return torch.cat([dense, self.embeddings(sparse).values()], dim=1)
-        return dense
+        if not self.feature_names:
+            return dense
+        pooled = self.embeddings(sparse)
+        # a sharded collection returns its features grouped by shard, in an order that depends on
+        # the plan; the layers after it must always see them in the schema's order
+        if pooled.keys() != self.feature_names:
+            return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
+        return torch.cat([dense, pooled.values()], dim=1)

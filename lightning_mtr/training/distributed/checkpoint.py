@@ -10,6 +10,7 @@ is how a checkpoint saved by N processes resumes on M.
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,11 +18,15 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
 TRAINER_STATE = "trainer.pt"
+PLAN_FILE = "sharding_plan.json"
+# fused optimizer state cannot follow these tables to another layout (see check_reshard)
+_NOT_RESHARDABLE = ("column_wise", "table_column_wise")
 CHECKPOINT_FORMAT = "lightning-mtr-sharded/1"
 # what DCP's .metadata pickle may name: its own dataclasses and torch's value types
 _SAFE_MODULES = ("torch.distributed.checkpoint.",)
@@ -90,3 +95,143 @@ def read_full(path: str | Path) -> dict[str, Any]:
     _load_state_dict(state, storage_reader=SafeFileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
     return state
+
+
+def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint as one single-process Lightning checkpoint file: whole tables and
+    dense weights under ``state_dict``, plus the loop, callback and data-module state (dense
+    statistics), without optimizer state. It evaluates, predicts and exports on one process
+    with the default strategy; continuing *training* resumes from the sharded directory."""
+    state = load_trainer_state(Path(path))
+    merged = merge_tensors(read_full(path), state.pop("plain"))
+    single = {k: v for k, v in state.items() if k not in ("format", "plan", "world_size")}
+    single["state_dict"] = merged["model"]
+    single["sharded_from"] = {"world_size": state["world_size"], "plan": state["plan"]}
+    torch.save(single, output)
+    return single
+
+
+def consolidate_main(argv: list[str]) -> int:
+    """``lightning-mtr consolidate CHECKPOINT_DIR OUTPUT.ckpt``"""
+    parser = argparse.ArgumentParser(prog="lightning-mtr consolidate", description=consolidate.__doc__)
+    parser.add_argument("checkpoint", help="a sharded checkpoint directory written by TorchRecStrategy")
+    parser.add_argument("output", help="the single-file checkpoint to write")
+    args = parser.parse_args(argv)
+    try:
+        single = consolidate(args.checkpoint, args.output)
+    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
+        print(f"lightning-mtr consolidate: {error}")
+        return 2
+    sizes = sum(t.numel() for t in single["state_dict"].values())
+    print(f"wrote {args.output}: {len(single['state_dict'])} tensors, {sizes:,} values, "
+          f"from {single['sharded_from']['world_size']} processes")
+    return 0
+
+
+def named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
+    """A torch optimizer's state keyed by parameter name, so it survives a change of world size."""
+    state = optimizer.state_dict()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index_to_name = {i: names[id(p)] for i, p in enumerate(params)}
+    return {
+        "state": {index_to_name[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def indexed_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
+                            params_by_name: dict[str, nn.Parameter]) -> dict[str, Any]:
+    """The inverse of :func:`named_optimizer_state` for ``optimizer``'s current parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    index = {id(p): i for i, p in enumerate(params)}
+    name_to_index = {name: index[id(p)] for name, p in params_by_name.items() if id(p) in index}
+    return {
+        "state": {name_to_index[name]: value for name, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]} for g in saved["param_groups"]],
+    }
+
+
+def split_tensors(tree: Any) -> tuple[Any, Any]:
+    """Split a nested dict/list into its tensors and everything else, same structure, so DCP
+    stores only tensors and the rest travels in ``trainer.pt`` (loaded weights-only)."""
+    if isinstance(tree, dict | list):
+        items = tree.items() if isinstance(tree, dict) else ((str(i), v) for i, v in enumerate(tree))
+        pairs = {k: split_tensors(v) for k, v in items}
+        tensors = {k: t for k, (t, _) in pairs.items() if t is not None} or None  # DCP keeps no empty dicts
+        if isinstance(tree, list):
+            return tensors, [p for _, p in pairs.values()]
+        return tensors, {k: p for k, (_, p) in pairs.items() if p is not None}
+    if isinstance(tree, torch.Tensor):
+        return tree, None
+    return None, tree
+
+
+def merge_tensors(tensors: Any, plain: Any) -> Any:
+    """Inverse of :func:`split_tensors`."""
+    if isinstance(plain, list):
+        return [merge_tensors((tensors or {}).get(str(i)), p) for i, p in enumerate(plain)]
+    if isinstance(plain, dict) or isinstance(tensors, dict):
+        plain, tensors = plain or {}, tensors or {}
+        return {k: merge_tensors(tensors.get(k), plain.get(k)) for k in {**plain, **tensors}}
+    return tensors if tensors is not None else plain
+
+
+def expected_tensors(live: dict[str, Any], path: Path) -> dict[str, Any]:
+    """This rank's targets for loading: its live tensors and shards, plus CPU tensors for
+    saved optimizer state that a fresh optimizer has not created yet (e.g. Adam's moments
+    before its first step)."""
+    tensors = split_tensors(live)[0] or {}
+    metadata = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    flat = {}
+    _flatten(tensors, "", flat)
+    for key, meta in metadata.items():
+        if key.startswith(("optimizers.", "replicated_optimizer.")) and key not in flat:
+            _insert(tensors, key.split("."), torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
+    return tensors
+
+
+def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            _flatten(v, f"{prefix}{k}.", out)
+    else:
+        out[prefix[:-1]] = tree
+
+
+def _insert(tree: dict[str, Any], keys: list[str], value: torch.Tensor) -> None:
+    # parameter names contain dots: the first two levels are fixed ("optimizers.0.state" or
+    # "replicated_optimizer.state"), then a parameter name, then the state's slot name
+    head = 3 if keys[0] == "optimizers" else 2
+    node = tree
+    for key in keys[:head]:
+        node = node.setdefault(key, {})
+    name, slot = ".".join(keys[head:-1]), keys[-1]
+    node.setdefault(name, {})[slot] = value
+
+
+def check_reshard(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse the table moves whose optimizer state TorchRec cannot carry over.
+
+    Supported: any table between table-wise, row-wise and table-row-wise layouts on any
+    number of processes, and data-parallel to data-parallel. Not supported: a table moving
+    between data-parallel (state in a torch optimizer) and a fused layout (state inside
+    fbgemm), and a column-wise table whose shards change (its per-shard row-wise optimizer
+    state does not reassemble).
+    """
+    problems = []
+    for module, tables in current["modules"].items():
+        for table, now in tables.items():
+            before = saved["modules"].get(module, {}).get(table)
+            if before is None:
+                problems.append(f"{table}: not in the checkpoint")
+                continue
+            kinds = before["sharding_type"], now["sharding_type"]
+            if (kinds[0] == "data_parallel") != (kinds[1] == "data_parallel"):
+                problems.append(f"{table}: {kinds[0]} -> {kinds[1]} (optimizer state lives in different places)")
+            elif set(kinds) & set(_NOT_RESHARDABLE) and before["shards"] != now["shards"]:
+                problems.append(f"{table}: {kinds[0]} -> {kinds[1]} with different shards "
+                                "(column-wise optimizer state cannot be resharded)")
+    if problems:
+        raise ValueError("cannot resume this checkpoint with the current sharding plan:\n  " + "\n  ".join(problems) +
+                         "\nPin the saved layout (trainer.strategy.init_args.plan: the checkpoint's "
+                         f"{PLAN_FILE}, or constraints), or consolidate the checkpoint and start from its weights.")
