@@ -5,6 +5,7 @@ names the file and the column, exactly-once reading across ranks and DataLoader 
 and the dense statistics against numpy.
 """
 
+import itertools
 import math
 from types import SimpleNamespace
 
@@ -619,6 +620,45 @@ def test_even_batches_give_every_process_the_same_number_of_steps(log_dir, monke
         counts[rank] = steps
     assert counts[0] == counts[1] == 2 * (total_rows // 4 // 8), counts
     assert len(set(seen)) == len(seen), "no row twice"
+
+
+@pytest.mark.parametrize("batch_size", [5, 7, 8, 14, 23, 1000])  # 86 rows: 14 or 15 per reader
+def test_evaluation_gives_every_process_the_same_number_of_batches_and_every_row(log_dir, monkeypatch, batch_size):
+    """Evaluation keeps every row, yet a process with one batch more than another would wait
+    forever in the sharded lookup; the leftover rows join each reader's last batch."""
+    readers = {}
+    for rank in (0, 1, 2):
+        for worker in (0, 1):
+            monkeypatch.setattr(reader, "get_worker_info", lambda w=worker: SimpleNamespace(num_workers=2, id=w))
+            data = stream(log_dir, batch_size=batch_size, rank=rank, world_size=3)
+            data.equal_batch_counts = True
+            readers[rank, worker] = list(data)
+    counts = {len(batches) for batches in readers.values()}
+    assert len(counts) == 1, counts
+    seen = [i for batches in readers.values() for i in row_ids(batches)]
+    assert sorted(seen) == list(range(sum(FILE_ROWS))), "every row once"
+    assert all(b.batch_size <= batch_size + 1 for batches in readers.values() for b in batches)
+    plain = stream(log_dir, batch_size=batch_size, rank=0, world_size=3)
+    assert all(b.batch_size <= batch_size for b in plain), "without the option batches never exceed batch_size"
+
+
+@pytest.mark.parametrize("done", [0, 1, 2, 3])
+def test_resume_skips_the_batches_already_trained_on(log_dir, monkeypatch, done):
+    """A DataLoader takes batches from its workers in turn; skipping ``done`` of them leaves
+    exactly the rest of the epoch, and only in the epoch the checkpoint was taken in."""
+    def interleaved(resume, epoch=0):
+        per_worker = []
+        for worker in (0, 1):
+            monkeypatch.setattr(reader, "get_worker_info", lambda w=worker: SimpleNamespace(num_workers=2, id=w))
+            data = stream(log_dir, batch_size=4, shuffle_buffer=20, rank=1, world_size=2, even_batches=True,
+                          resume=resume)
+            data.set_epoch(epoch)
+            per_worker.append([row_ids([b]) for b in data])
+        return [batch for pair in itertools.zip_longest(*per_worker) for batch in pair if batch is not None]
+
+    full = interleaved(None)
+    assert interleaved((0, done)) == full[done:]
+    assert interleaved((0, done), epoch=1) == interleaved(None, epoch=1), "other epochs are whole"
 
 
 def test_headerless_tab_separated_text(tmp_path):

@@ -123,6 +123,28 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_resumed_mid_epoch_continues_with_the_next_batch(tmp_path, monkeypatch):
+    """A checkpoint taken mid-epoch (every 5 steps) resumes with the batch after it, not the epoch's
+    first: the data position travels in the checkpoint, so the weights equal an uninterrupted run."""
+    monkeypatch.chdir(REPO)
+    every_5 = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+               "--trainer.callbacks.every_n_train_steps=5", "--trainer.callbacks.save_top_k=-1",
+               "--trainer.callbacks.dirpath", str(tmp_path / "mid")]
+    straight = _cli(tmp_path / "straight", "--trainer.max_epochs", "1")
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    first = _cli(tmp_path / "first", "--trainer.max_steps", "5", *every_5)
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    checkpoint = tmp_path / "mid" / "epoch=0-step=5.ckpt"
+    position = torch.load(checkpoint, weights_only=True)["MultiTaskDataModule"]["position"]
+    assert position == {"epoch": 0, "rows": 5 * 512}
+    resumed = _cli(tmp_path / "resumed", "--trainer.max_epochs", "1", "--seed_everything", "123")
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))
+    assert resumed.trainer.global_step == straight.trainer.global_step == 12  # 6000 rows / 512
+    expected, got = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 @pytest.mark.skipif(os.environ.get("LMTR_SKIP_GOLDEN") == "1", reason="LMTR_SKIP_GOLDEN=1")
 def test_debug_config_reaches_bayes_auc(tmp_path, monkeypatch):
     """The default config, seeded, gets within 0.05 of the best AUC the synthetic data allows."""

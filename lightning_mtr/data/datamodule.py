@@ -86,6 +86,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = seed
         self.text_format = text_format
         self.dense_stats: DenseStats | None = None
+        self.resume_position: dict[str, int] | None = None
         self._encoder: BatchEncoder | None = None
 
     def prepare_data(self) -> None:
@@ -124,9 +125,11 @@ class MultiTaskDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer if training else 0, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
             even_batches=training and trainer is not None and trainer.world_size > 1,
+            equal_batch_counts=not training and trainer is not None and trainer.world_size > 1,
             # the epoch Lightning hands samplers: unlike current_epoch it is already right
             # when a resumed run creates its first iterator
             epoch=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None,
+            resume=self._resume_batches(trainer.world_size if trainer else 1) if training else None,
         )
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,
@@ -144,11 +147,28 @@ class MultiTaskDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader("predict", training=False)
 
+    def _resume_batches(self, world_size: int) -> tuple[int, int] | None:
+        """The saved position in this run's batches: the same rows once more processes or a
+        larger batch share them (approximate then, since each process reads its own range)."""
+        if not self.resume_position or not self.resume_position["rows"]:
+            return None
+        batches = round(self.resume_position["rows"] / (self.batch_size * world_size))
+        return self.resume_position["epoch"], batches
+
     def state_dict(self) -> dict[str, Any]:
-        """Saved in checkpoints: serving and resumed runs standardise with the training statistics."""
-        return {"dense_stats": asdict(self.dense_stats) if self.dense_stats else None}
+        """Saved in checkpoints: the training statistics (serving and resumed runs standardise
+        with them) and, while fitting, how many rows of the current epoch were trained on."""
+        state: dict[str, Any] = {"dense_stats": asdict(self.dense_stats) if self.dense_stats else None}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            done = 0 if progress.is_last_batch else progress.current.processed
+            state["position"] = {"epoch": trainer.fit_loop.epoch_progress.current.processed,
+                                 "rows": done * self.batch_size * trainer.world_size}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("dense_stats"):
             self.dense_stats = DenseStats(**{k: tuple(v) for k, v in state["dense_stats"].items()})
             self._encoder = None
+        self.resume_position = state.get("position")

@@ -10,6 +10,7 @@ reader ever holds more than its shuffle buffer in memory.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,13 +190,21 @@ class BatchStream(IterableDataset):
             full batches, so all processes take the same number of steps (distributed
             training hangs otherwise); each epoch leaves out fewer than ``batch_size + 1``
             rows per reader, other ones each epoch once the order is shuffled.
+        equal_batch_counts: every reader yields the same number of batches and keeps every row:
+            a reader's last batch takes its leftover rows (at most ``batch_size + 1``). For
+            evaluation on several processes, where a process with one batch more would wait
+            forever in a collective (sharded embeddings, metric sync).
         epoch: returns the current epoch when an epoch's iterator is created (the data
             module passes the trainer's); without it, ``set_epoch`` sets it.
+        resume: ``(epoch, batches)``: in that epoch each process skips its first ``batches``
+            batches without encoding them (a run resumed from a mid-epoch checkpoint continues
+            where it stopped; exact when processes, workers and seed are unchanged).
     """
 
     def __init__(self, units: Sequence[Unit], encoder: BatchEncoder, batch_size: int, shuffle_buffer: int = 0,
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 even_batches: bool = False, epoch: Callable[[], int] | None = None):
+                 even_batches: bool = False, equal_batch_counts: bool = False,
+                 epoch: Callable[[], int] | None = None, resume: tuple[int, int] | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -208,6 +217,8 @@ class BatchStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self.even_batches = even_batches
+        self.equal_batch_counts = equal_batch_counts
+        self.resume = resume
         self.epoch_source = epoch
         self.epoch = 0
 
@@ -223,54 +234,79 @@ class BatchStream(IterableDataset):
         state["epoch"], state["epoch_source"] = self.current_epoch(), None
         return state
 
-    def my_units(self) -> list[Unit]:
-        """This reader's rows: the epoch's (seeded) unit order, cut into equal contiguous ranges."""
+    def _resumed(self) -> int:
+        """Batches of this epoch each process already trained on (0 unless resuming into it)."""
+        return self.resume[1] if self.resume is not None and self.resume[0] == self.current_epoch() else 0
+
+    def _slot(self) -> tuple[int, int]:
+        """``(workers, this worker's reader slot)``. A DataLoader takes batches from its workers
+        in turn, always starting with worker 0; after a resume skipped ``k`` batches the slots
+        rotate by ``k`` so that worker 0 reads the slot whose batch comes next."""
         worker = get_worker_info()
         workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        return workers, (worker_id + self._resumed()) % workers
+
+    def my_units(self) -> list[Unit]:
+        """This reader's rows: the epoch's (seeded) unit order, cut into equal contiguous ranges."""
+        workers, slot = self._slot()
         order = list(self.units)
         if self.shuffle_buffer:
             permutation = np.random.default_rng((self.seed, self.current_epoch())).permutation(len(order))
             order = [order[i] for i in permutation]
-        return split_rows(order, self.rank * workers + worker_id, self.world_size * workers)
+        return split_rows(order, self.rank * workers + slot, self.world_size * workers)
 
     def __iter__(self) -> Iterator[Batch]:
-        batches = self._batches()
-        if not self.even_batches:
-            return batches
-        workers = get_worker_info().num_workers if get_worker_info() else 1
+        workers, slot = self._slot()
         readers = self.world_size * workers
-        return itertools.islice(batches, sum(u.rows for u in self.units) // readers // self.batch_size)
+        fewest_rows = sum(u.rows for u in self.units) // readers  # every reader has this many or one more
+        skip = max(self._resumed() - slot + workers - 1, 0) // workers  # slot i made batches i, i + workers, ...
+        if self.even_batches:
+            return itertools.islice(self._batches(skip=skip), max(fewest_rows // self.batch_size - skip, 0))
+        if self.equal_batch_counts:
+            if fewest_rows == 0:
+                raise DataError(f"{sum(u.rows for u in self.units)} rows cannot give each of {readers} readers "
+                                "(processes x workers) a batch; use fewer processes or workers")
+            return self._batches(last_batch_after=math.ceil(fewest_rows / self.batch_size) - 1, skip=skip)
+        return self._batches(skip=skip)
 
-    def _batches(self) -> Iterator[Batch]:
-        worker = get_worker_info()
-        rng = np.random.default_rng((self.seed, self.current_epoch(), self.rank, worker.id if worker else 0))
+    def _batches(self, last_batch_after: int | None = None, skip: int = 0) -> Iterator[Batch]:
+        rng = np.random.default_rng((self.seed, self.current_epoch(), self.rank, self._slot()[1]))
         units = self.my_units()
         sources = sources_of(units)
         buffer: list[pa.Table] = []
-        buffered = 0
+        buffered = emitted = 0
         target = max(self.shuffle_buffer, self.batch_size)
         for chunk in read_tagged(units, self.encoder.columns, self.batch_size, self.encoder.numeric_columns,
                                  self.encoder.string_columns):
             buffer.append(chunk)
             buffered += chunk.num_rows
             if buffered >= target:
-                buffer, buffered = yield from self._drain(buffer, sources, rng, keep_tail=True)
+                buffer, buffered, emitted = yield from self._drain(buffer, sources, rng, True, emitted,
+                                                                   last_batch_after, skip)
         if buffer:
-            yield from self._drain(buffer, sources, rng, keep_tail=False)
+            yield from self._drain(buffer, sources, rng, False, emitted, last_batch_after, skip)
 
-    def _drain(self, buffer: list[pa.Table], sources: list[str], rng: np.random.Generator, keep_tail: bool):
+    def _drain(self, buffer: list[pa.Table], sources: list[str], rng: np.random.Generator, keep_tail: bool,
+               emitted: int, last_batch_after: int | None, skip: int):
+        """Yield the full batches of the buffered rows (none beyond ``last_batch_after``: later
+        rows all wait for the final batch; the first ``skip`` are cut but not encoded); return
+        what is kept, its size and the count of batches so far."""
         table = pa.concat_tables(buffer, promote_options="permissive")
         if self.shuffle_buffer:
             table = table.take(pa.array(rng.permutation(table.num_rows)))
         full = table.num_rows - table.num_rows % self.batch_size
+        if last_batch_after is not None:
+            full = min(full, max(last_batch_after - emitted, 0) * self.batch_size)
         for start in range(0, full, self.batch_size):
-            yield self.encoder.encode(table.slice(start, self.batch_size), sources)
+            if emitted >= skip:
+                yield self.encoder.encode(table.slice(start, self.batch_size), sources)
+            emitted += 1
         tail = table.slice(full)
         if keep_tail:
-            return ([tail], tail.num_rows) if tail.num_rows else ([], 0)
-        if tail.num_rows and not self.drop_last:
+            return ([tail], tail.num_rows, emitted) if tail.num_rows else ([], 0, emitted)
+        if tail.num_rows and not self.drop_last and emitted >= skip:
             yield self.encoder.encode(tail, sources)
-        return [], 0
+        return [], 0, emitted
 
 
 def worker_init(worker_id: int) -> None:

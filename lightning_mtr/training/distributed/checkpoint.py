@@ -84,15 +84,23 @@ def load_trainer_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _checked_reader(path: str | Path) -> SafeFileSystemReader:
+    """A reader whose metadata was vetted here, so a refusal surfaces as itself rather than
+    wrapped in DCP's per-rank exception."""
+    reader = SafeFileSystemReader(path)
+    reader.read_metadata()
+    return reader
+
+
 def load(tensors: dict[str, Any], path: Path) -> None:
     """Fill ``tensors`` (this rank's live tensors and shards) in place from the checkpoint."""
-    dcp.load(tensors, storage_reader=SafeFileSystemReader(path))
+    dcp.load(tensors, storage_reader=_checked_reader(path))
 
 
 def read_full(path: str | Path) -> dict[str, Any]:
     """Every tensor of a sharded checkpoint, whole, in one process (no process group)."""
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=SafeFileSystemReader(path), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(state, storage_reader=_checked_reader(path), planner=_EmptyStateDictLoadPlanner(),
                      no_dist=True)
     return state
 
