@@ -19,7 +19,7 @@ from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 from lightning_mtr.training.distributed.checkpoint import read_full
-from lightning_mtr.training.distributed.strategy import TorchRecStrategy
+from lightning_mtr.training.distributed import TableConstraints, TorchRecStrategy
 
 WORLD = 2
 ROWS = 16  # per rank and step; one process takes both ranks' rows at once
@@ -35,6 +35,9 @@ SCHEMA = {
 }
 PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
+    # TorchRec shards row-wise only on GPUs (its CPU sharder offers table-, column-wise and data-parallel)
+    "row_wise": {"user": {"sharding_types": ["row_wise"]}, "item": {"sharding_types": ["row_wise"]}},
+    "table_row_wise": {"user": {"sharding_types": ["table_row_wise"]}, "item": {"sharding_types": ["table_wise"]}},
     "column_wise": {"user": {"sharding_types": ["column_wise"], "min_partition": 4},
                     "item": {"sharding_types": ["column_wise"], "min_partition": 4}},
     # the data-parallel table comes first in the sharded output, unlike in the schema: checks the order
@@ -50,6 +53,7 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad")]
+GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
@@ -131,8 +135,8 @@ def _start_weights() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def _trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False, enable_checkpointing=False,
+def _trainer(accelerator: str = "cpu", **kwargs) -> L.Trainer:
+    return L.Trainer(accelerator=accelerator, max_steps=STEPS, logger=False, enable_checkpointing=False,
                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, **kwargs)
 
 
@@ -147,29 +151,37 @@ def _strategy(plan: str, out: Path) -> TorchRecStrategy:
     return TorchRecStrategy(constraints=PLANS[plan])
 
 
-def _sharded_worker(rank: int, plan: str, optimizer: str, start: dict, out: Path) -> None:
+def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        return {task: logits.cpu() for task, logits in module(batch.to(module.device)).items()}
+
+
+def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, start: dict, out: Path) -> None:
     module = _module(start, optimizer)
-    trainer = _trainer(devices=WORLD, strategy=_strategy(plan, out), default_root_dir=out)
+    trainer = _trainer(accelerator, devices=WORLD, strategy=_strategy(plan, out), default_root_dir=out)
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches()]))
     trainer.save_checkpoint(out / "sharded")
-    with torch.no_grad():
-        logits = module(_slice(_batch(99, ROWS * WORLD), rank, WORLD))
-    torch.save(logits, out / f"logits-{rank}.pt")
+    torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD), rank, WORLD)), out / f"logits-{rank}.pt")
 
 
-def _unsharded(start: dict, optimizer: str, out: Path) -> tuple[dict, dict]:
+def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path) -> tuple[dict, dict]:
     module = _module(start, optimizer)
-    _trainer(devices=1, default_root_dir=out).fit(module, datamodule=_Batches(_global_batches()))
-    with torch.no_grad():
-        logits = module(_batch(99, ROWS * WORLD))
-    return module.state_dict(), logits
+    _trainer(accelerator, devices=1, default_root_dir=out).fit(module, datamodule=_Batches(_global_batches()))
+    return {k: v.cpu() for k, v in module.state_dict().items()}, _predict(module, _batch(99, ROWS * WORLD))
 
 
-@pytest.mark.parametrize(("plan", "optimizer"), CASES)
-def test_sharded_training_equals_one_process(plan, optimizer, tmp_path):
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL tier needs 2 GPUs")
+ON_DEVICES = ([pytest.param(*case, "cpu", id=f"cpu-{case[0]}-{case[1]}") for case in CASES]
+              + [pytest.param(*case, "gpu", id=f"gpu-{case[0]}-{case[1]}", marks=two_gpus)
+                 for case in CASES + GPU_ONLY])
+
+
+@pytest.mark.parametrize(("plan", "optimizer", "accelerator"), ON_DEVICES)
+def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_path):
+    """The same test on CPU (gloo) and on GPUs (NCCL, where row-wise layouts exist too)."""
     start = _start_weights()
-    run_ranks(WORLD, _sharded_worker, plan, optimizer, start, tmp_path)
-    expected_state, expected_logits = _unsharded(start, optimizer, tmp_path)
+    run_ranks(WORLD, _sharded_worker, plan, optimizer, accelerator, start, tmp_path)
+    expected_state, expected_logits = _unsharded(start, optimizer, accelerator, tmp_path)
 
     saved = read_full(tmp_path / "sharded")["model"]
     for key, value in expected_state.items():
@@ -180,6 +192,18 @@ def test_sharded_training_equals_one_process(plan, optimizer, tmp_path):
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
+
+
+@pytest.mark.parametrize("plan", [p for p, _ in GPU_ONLY])
+def test_a_layout_the_device_lacks_is_refused_by_table(plan):
+    from lightning_mtr.training.distributed.planning import Cluster, plan_model, prepare_for_sharding
+
+    with torch.device("meta"):
+        model = MMoE(_schema(), num_experts=2, expert=[8], tower=[4])
+    prepare_for_sharding(model, SparseOptimizer())
+    constraints = {name: TableConstraints(**c) for name, c in PLANS[plan].items()}
+    with pytest.raises(ValueError, match=r"table 'user'.*not available on cpu"):
+        plan_model(model, Cluster(world_size=2, local_world_size=2, device="cpu"), ROWS, constraints)
 
 
 class _FromStep(_Batches):

@@ -119,8 +119,8 @@ class MultiTaskModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        values = self.metrics[stage].compute()
-        self.log_dict(values, prog_bar=False)
+        values = self.metrics[stage].compute()  # already gathered over processes by torchmetrics
+        self.log_dict(values, prog_bar=False, sync_dist=True)  # a no-op mean of equal values; no warning
         self.metrics[stage].reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:

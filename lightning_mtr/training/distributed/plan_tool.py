@@ -157,13 +157,24 @@ def _job(args: argparse.Namespace) -> _Job:
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Key by key, later wins; a block naming another class_path replaces the old one whole
     (its init_args belong to the old class), as in LightningCLI."""
-    if "class_path" in override and override["class_path"] != base.get("class_path"):
+    if "class_path" in override and _resolved(override["class_path"]) != _resolved(base.get("class_path")):
         return dict(override)
     merged = dict(base)
     for key, value in override.items():
         both = isinstance(value, dict) and isinstance(merged.get(key), dict)
         merged[key] = _merge(merged[key], value) if both else value
     return merged
+
+
+def _resolved(class_path: Any) -> Any:
+    """The class a class_path names, so two spellings of one class (a package re-export) merge."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return class_path
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return class_path
 
 
 def _get(config: Any, dotted: str) -> Any:

@@ -200,6 +200,11 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
     one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits.
     The report is None on the ranks that received the plan rather than made it.
     """
+    available = set(sharders()[0].sharding_types(cluster.device))
+    for name, constraint in (constraints or {}).items():
+        if constraint.sharding_types and not set(constraint.sharding_types) & available:
+            raise ValueError(f"table {name!r}: sharding types {list(constraint.sharding_types)} are not available "
+                             f"on {cluster.device} (TorchRec offers {sorted(available)} there)")
     stats = _BestPlan()
     planner = EmbeddingShardingPlanner(
         topology=cluster.topology(), batch_size=batch_size, stats=[stats], debug=False,
@@ -208,6 +213,11 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
         plan = planner.collective_plan(model, sharders(), process_group)
     else:
         plan = planner.plan(model, sharders())
+    unplanned = sorted({c.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+                        for c in m.embedding_bag_configs()} - {t for tables in plan.plan.values() for t in tables})
+    if unplanned:
+        raise ValueError(f"tables {unplanned} got no sharding on {cluster.device}: check their constraints "
+                         "(sharding types and compute kernels) against what this device offers")
     # collective_plan only logs on the rank that planned; the others describe the plan they received
     report = PlanReport.from_options(stats.options, cluster, batch_size) if stats.options else None
     return plan, report

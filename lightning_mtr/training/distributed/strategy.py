@@ -139,6 +139,18 @@ class TorchRecStrategy(DDPStrategy):
             self.replicated_optimizer.zero_grad(set_to_none=True)
         return output
 
+    def teardown(self) -> None:
+        """A run that failed before setup finished leaves the model on meta; moving it to the CPU
+        would raise a second, misleading error after the real one."""
+        module = self.lightning_module
+        if module is None or not any(p.is_meta for p in module.parameters()):
+            return super().teardown()
+        # the rest of Lightning's teardown chain, without moving the module
+        self.cluster_environment.teardown()
+        self.precision_plugin.teardown()
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
     # ---- checkpoints -------------------------------------------------------------------------------
 
     @property
