@@ -52,7 +52,7 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
            "shards": [{"offsets": [0, 0], "sizes": [rows, 8], "rank": rank}]}
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
-         ("table_wise", "sgd"), ("pinned", "rowwise_adagrad")]
+         ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"), ("table_wise:no-prefetch", "rowwise_adagrad")]
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
@@ -144,11 +144,14 @@ def _global_batches(steps_total: int = STEPS) -> list[Batch]:
     return [_batch(step, ROWS * WORLD) for step in range(steps_total)]
 
 
-def _strategy(plan: str, out: Path) -> TorchRecStrategy:
+def _strategy(case: str, out: Path) -> TorchRecStrategy:
+    """``plan`` or ``plan:no-prefetch`` (each batch distributed when its forward starts)."""
+    plan, _, option = case.partition(":")
+    prefetch = option != "no-prefetch"
     if plan == "pinned":
         (out / "pinned.json").write_text(json.dumps(PINNED))
-        return TorchRecStrategy(plan=str(out / "pinned.json"))
-    return TorchRecStrategy(constraints=PLANS[plan])
+        return TorchRecStrategy(plan=str(out / "pinned.json"), prefetch_input_dist=prefetch)
+    return TorchRecStrategy(constraints=PLANS[plan], prefetch_input_dist=prefetch)
 
 
 def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
@@ -162,6 +165,7 @@ def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, star
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches()]))
     trainer.save_checkpoint(out / "sharded")
     torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD), rank, WORLD)), out / f"logits-{rank}.pt")
+    torch.save(sum(f.hits for f in trainer.strategy.prefetched), out / f"prefetched-{rank}.pt")
 
 
 def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path) -> tuple[dict, dict]:
@@ -192,6 +196,9 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
+    prefetched = {torch.load(tmp_path / f"prefetched-{rank}.pt") for rank in range(WORLD)}
+    assert prefetched == ({0} if plan.endswith("no-prefetch") else {STEPS}), \
+        "every training step used the input distribution started when its batch was fetched"
 
 
 @pytest.mark.parametrize("plan", [p for p, _ in GPU_ONLY])
@@ -228,12 +235,13 @@ class _LossRecorder(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def _train_and_save(rank: int, world: int, start: dict, steps: int, out: Path, resume: Path | None) -> None:
+def _train_and_save(rank: int, world: int, accelerator: str, start: dict, steps: int, out: Path,
+                    resume: Path | None) -> None:
     """``steps`` steps with TorchRecStrategy on ``world`` processes, optionally resumed; saves the
     checkpoint and each step's loss, averaged over ranks (equal rows per rank: the global loss)."""
     module = _module(None if resume else start)
     losses = _LossRecorder()
-    trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=out, callbacks=[losses],
                         strategy=TorchRecStrategy(constraints=PLANS["table_wise"]))
@@ -256,14 +264,16 @@ def _train_two(rank: int, *args) -> None:
     _train_and_save(rank, 2, *args)
 
 
-@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2)])
-def test_sharded_checkpoint_resumes_on_another_world_size(saved_on, resumed_on, tmp_path):
+@pytest.mark.parametrize(("saved_on", "resumed_on", "accelerator"), [
+    (2, 1, "cpu"), (1, 2, "cpu"),
+    pytest.param(2, 1, "gpu", marks=two_gpus), pytest.param(1, 2, "gpu", marks=two_gpus)])
+def test_sharded_checkpoint_resumes_on_another_world_size(saved_on, resumed_on, accelerator, tmp_path):
     start = _start_weights()
     train = {1: _train_one, 2: _train_two}
     uninterrupted, interrupted, resumed = tmp_path / "uninterrupted", tmp_path / "interrupted", tmp_path / "resumed"
-    run_ranks(saved_on, train[saved_on], start, STEPS + 1, uninterrupted, None)
-    run_ranks(saved_on, train[saved_on], start, STEPS, interrupted, None)
-    run_ranks(resumed_on, train[resumed_on], start, STEPS + 1, resumed, interrupted / f"after-{STEPS}")
+    run_ranks(saved_on, train[saved_on], accelerator, start, STEPS + 1, uninterrupted, None)
+    run_ranks(saved_on, train[saved_on], accelerator, start, STEPS, interrupted, None)
+    run_ranks(resumed_on, train[resumed_on], accelerator, start, STEPS + 1, resumed, interrupted / f"after-{STEPS}")
 
     expected = _world_losses(uninterrupted, saved_on)
     got = _world_losses(resumed, resumed_on)

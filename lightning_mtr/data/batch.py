@@ -32,6 +32,10 @@ class Batch(Pipelineable):
         return self.dense.shape[0]
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy on ``device``, or this batch itself when it is there already (so work started on
+        its features before the move, e.g. the sharded input distribution, still finds them)."""
+        if self.dense.device == torch.device(device):
+            return self
         move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
         return Batch(
             dense=move(self.dense),
