@@ -14,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticImpressions
@@ -114,7 +115,7 @@ def test_gpu_preset_parses_and_asks_for_gpus():
         assert isinstance(cli.trainer.strategy, TorchRecStrategy)
         assert cli.trainer.num_devices == torch.cuda.device_count()
         return
-    with pytest.raises(Exception, match="(?i)gpu"):
+    with pytest.raises(MisconfigurationException, match="(?i)gpu"):
         _parse(CONF / "debug.yaml", CONF / "trainer" / "gpu.yaml")
 
 

@@ -129,3 +129,36 @@ def test_models_build_on_the_meta_device(name):
     with torch.device("meta"):
         model = build_model(name, _schema(name), **SMALL[name])
     assert {p.device.type for p in model.parameters()} == {"meta"}
+
+
+def test_materialising_from_meta_resets_every_owner_itself():
+    """A parent whose reset covers only its own parameter must not count as resetting its
+    child; a module with no reset of its own and no resetting parent is refused."""
+    from torch import nn
+
+    from lightning_mtr.nn.meta import materialize
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.empty(3))
+            self.child = nn.Linear(4, 4)
+
+        def reset_parameters(self):
+            nn.init.ones_(self.scale)
+
+    with torch.device("meta"):
+        parent = Parent()
+    materialize(parent, "cpu")
+    assert torch.equal(parent.scale, torch.ones(3))
+    assert parent.child.weight.abs().max() <= 0.5, "the child Linear ran its own default init"
+
+    class Bare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.empty(2))
+
+    with torch.device("meta"):
+        bare = nn.Sequential(Bare())
+    with pytest.raises(TypeError, match="reset_parameters"):
+        materialize(bare, "cpu")

@@ -51,11 +51,13 @@ def test_unsupported_moves_are_refused_by_table(before, after, reason):
 
 def test_split_and_merge_round_trip_keeps_only_tensors_apart():
     state = {"model": {"w": torch.ones(2)}, "optimizers": [{"state": {"w": {"step": torch.tensor(3.0)}},
-                                                             "param_groups": [{"lr": 0.1, "params": ["w"]}]}],
-             "empty": {}, "epoch": 4}
+                                                             "param_groups": [{"lr": 0.1, "params": ["w"],
+                                                                               "foreach": None}]}],
+             "empty": {}, "nested": {"none": None, "inner": {}}, "list": [torch.zeros(1), None, 2], "epoch": 4}
     tensors, plain = split_tensors(state)
     assert tensors == {"model": {"w": state["model"]["w"]},
-                       "optimizers": {"0": {"state": {"w": {"step": state["optimizers"][0]["state"]["w"]["step"]}}}}}
+                       "optimizers": {"0": {"state": {"w": {"step": state["optimizers"][0]["state"]["w"]["step"]}}}},
+                       "list": {"0": state["list"][0]}}
     assert not any(isinstance(v, torch.Tensor) for v in _leaves(plain))
     assert merge_tensors(tensors, plain) == state
 
@@ -74,6 +76,14 @@ def _leaves(tree):
 def _checkpoint(path):
     save({"model": {"model.w": torch.arange(6.0).view(2, 3)}}, {"plain": {"model": {}}, "plan": _plan(),
                                                                   "world_size": 1, "epoch": 0}, path, True)
+
+
+def test_saving_over_a_checkpoint_replaces_it_whole(tmp_path):
+    _checkpoint(tmp_path / "ckpt")
+    save({"model": {"model.w": torch.ones(1)}}, {"plain": {"model": {}}, "plan": _plan(), "world_size": 1,
+                                                  "epoch": 1}, tmp_path / "ckpt", True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"], "no staging or previous copy left behind"
+    torch.testing.assert_close(read_full(tmp_path / "ckpt")["model"]["model.w"], torch.ones(1))
 
 
 def test_checkpoint_reads_back_whole(tmp_path):
@@ -97,6 +107,31 @@ def test_metadata_naming_other_code_is_refused(tmp_path, capsys):
         read_full(tmp_path / "ckpt")
     assert main(["consolidate", str(tmp_path / "ckpt"), str(tmp_path / "out.ckpt")]) == 2
     assert "refusing" in capsys.readouterr().out and not (tmp_path / "out.ckpt").exists()
+
+
+def _global_call(module: str, name: str, *strings: str) -> bytes:
+    """A protocol-4 pickle calling ``module.name(*strings)`` (protocol 4 resolves dotted names)."""
+    def text(value: str) -> bytes:
+        raw = value.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw
+    return (b"\x80\x04" + text(module) + text(name) + b"\x93" + b"(" + b"".join(map(text, strings))
+            + b"tR.")
+
+
+@pytest.mark.parametrize(("module", "name", "args"), [
+    # a dotted name walking from an allowed DCP module to a function it imports
+    ("torch.distributed.checkpoint.filesystem", "os.system", ("touch {marker}",)),
+    # a plain DCP function that would torch.load(weights_only=False) a file shipped with the checkpoint
+    ("torch.distributed.checkpoint.format_utils", "torch_save_to_dcp", ("{marker}.pt", "{marker}.out")),
+])
+def test_metadata_gadgets_in_allowed_modules_are_refused(tmp_path, module, name, args):
+    _checkpoint(tmp_path / "ckpt")
+    marker = tmp_path / "ran"
+    (tmp_path / "ckpt" / ".metadata").write_bytes(
+        _global_call(module, name, *(a.format(marker=marker) for a in args)))
+    with pytest.raises(pickle.UnpicklingError, match="refusing"):
+        read_full(tmp_path / "ckpt")
+    assert not marker.exists() and not (tmp_path / "ran.out").exists()
 
 
 def test_pickled_objects_inside_a_checkpoint_are_refused(tmp_path):

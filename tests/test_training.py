@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -14,6 +15,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from helpers import random_inputs, tiny_schema
 from lightning_mtr.cli import MultiTaskCLI, main
+from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
 from lightning_mtr.training import SparseOptimizer
 from lightning_mtr.training.sparse import dense_parameters, fuse_sparse_optimizer, fused_modules
@@ -136,7 +138,7 @@ def test_resumed_mid_epoch_continues_with_the_next_batch(tmp_path, monkeypatch):
     first.trainer.fit(first.model, datamodule=first.datamodule)
     checkpoint = tmp_path / "mid" / "epoch=0-step=5.ckpt"
     position = torch.load(checkpoint, weights_only=True)["MultiTaskDataModule"]["position"]
-    assert position == {"epoch": 0, "rows": 5 * 512}
+    assert position == {"epoch": 0, "rows": 5 * 512, "batches": 5}
     resumed = _cli(tmp_path / "resumed", "--trainer.max_epochs", "1", "--seed_everything", "123")
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))
     assert resumed.trainer.global_step == straight.trainer.global_step == 12  # 6000 rows / 512
@@ -158,3 +160,35 @@ def test_debug_config_reaches_bayes_auc(tmp_path, monkeypatch):
     reached = cli.trainer.callback_metrics["val/ctr/auc"].item()
     assert bayes - 0.05 <= reached <= bayes + 0.01, f"click AUC {reached:.4f} vs Bayes {bayes:.4f}"
     assert cli.trainer.callback_metrics["val/cvr/rows"].item() < cli.trainer.callback_metrics["val/ctr/rows"].item()
+
+
+def _fake_trainer(fn: str, world_size: int, epoch: int, batches: int, last: bool = False) -> SimpleNamespace:
+    progress = SimpleNamespace(is_last_batch=last, current=SimpleNamespace(processed=batches))
+    return SimpleNamespace(state=SimpleNamespace(fn=fn), world_size=world_size, fit_loop=SimpleNamespace(
+        epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=epoch)),
+        epoch_loop=SimpleNamespace(batch_progress=progress)))
+
+
+def test_data_position_counts_rows_across_resumes_with_other_shapes(monkeypatch):
+    """Saved in 2 processes of 100 rows, resumed in 1 of 50: the position is kept in rows, and
+    the resumed run's next checkpoint adds only its own batches, in its own shape."""
+    monkeypatch.chdir(REPO)
+    schema = "conf/schemas/synthetic_impressions.yaml"
+    first = MultiTaskDataModule(schema, batch_size=100)
+    first.trainer = _fake_trainer("fit", world_size=2, epoch=3, batches=10)
+    saved = first.state_dict()
+    assert saved["position"] == {"epoch": 3, "rows": 2000, "batches": 10}
+
+    resumed = MultiTaskDataModule(schema, batch_size=50)
+    resumed.trainer = _fake_trainer("fit", world_size=1, epoch=3, batches=10)
+    resumed.load_state_dict(saved)
+    assert resumed._resume_batches(world_size=1) == (3, 40)
+    resumed.trainer = _fake_trainer("fit", world_size=1, epoch=3, batches=15)  # 5 more batches of 50
+    assert resumed.state_dict()["position"] == {"epoch": 3, "rows": 2250, "batches": 15}
+    resumed.trainer = _fake_trainer("fit", world_size=1, epoch=3, batches=48, last=True)
+    assert resumed.state_dict()["position"]["rows"] == 0, "a finished epoch leaves nothing to skip"
+
+    evaluating = MultiTaskDataModule(schema, batch_size=50)
+    evaluating.trainer = _fake_trainer("validate", world_size=1, epoch=0, batches=0)
+    evaluating.load_state_dict(saved)
+    assert evaluating._resume_batches(world_size=1) is None, "loading to validate sets no position for a later fit"

@@ -34,7 +34,9 @@ class Batch(Pipelineable):
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy on ``device``, or this batch itself when it is there already (so work started on
         its features before the move, e.g. the sharded input distribution, still finds them)."""
-        if self.dense.device == torch.device(device):
+        target = torch.device(device)
+        here = self.dense.device
+        if here == target or (target.index is None and here.type == target.type):
             return self
         move = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
         return Batch(

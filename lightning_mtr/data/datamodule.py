@@ -148,8 +148,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         return self._loader("predict", training=False)
 
     def _resume_batches(self, world_size: int) -> tuple[int, int] | None:
-        """The saved position in this run's batches: the same rows once more processes or a
-        larger batch share them (approximate then, since each process reads its own range)."""
+        """The saved position in this run's batches: the same number of rows once other
+        processes or batch sizes share them (then approximate: each process reads its own range)."""
         if not self.resume_position or not self.resume_position["rows"]:
             return None
         batches = round(self.resume_position["rows"] / (self.batch_size * world_size))
@@ -162,13 +162,19 @@ class MultiTaskDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is not None and trainer.state.fn == "fit":
             progress = trainer.fit_loop.epoch_loop.batch_progress
-            done = 0 if progress.is_last_batch else progress.current.processed
-            state["position"] = {"epoch": trainer.fit_loop.epoch_progress.current.processed,
-                                 "rows": done * self.batch_size * trainer.world_size}
+            epoch, batches = trainer.fit_loop.epoch_progress.current.processed, progress.current.processed
+            # a resumed run keeps counting its batches from the saved count, in the old batch shape
+            resumed = self.resume_position if self.resume_position and self.resume_position["epoch"] == epoch else None
+            done = (resumed["rows"], resumed["batches"]) if resumed else (0, 0)
+            rows = done[0] + (batches - done[1]) * self.batch_size * trainer.world_size
+            state["position"] = {"epoch": epoch, "rows": 0 if progress.is_last_batch else rows, "batches": batches}
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("dense_stats"):
             self.dense_stats = DenseStats(**{k: tuple(v) for k, v in state["dense_stats"].items()})
             self._encoder = None
-        self.resume_position = state.get("position")
+        # only a resumed fit continues mid-epoch (a checkpoint loaded to validate says nothing
+        # about where a later fit starts)
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        self.resume_position = state.get("position") if fitting else None

@@ -58,6 +58,11 @@ class Unit:
     stop: int | None = None
     text: TextFormat = TextFormat()
 
+    @property
+    def length(self) -> int:
+        """Rows of this (possibly sliced) unit."""
+        return (self.rows if self.stop is None else self.stop) - self.start
+
     def slice(self, start: int, stop: int) -> Unit:
         return Unit(self.path, self.row_group, self.rows, start, stop, self.text)
 
@@ -235,38 +240,70 @@ class BatchStream(IterableDataset):
         return state
 
     def _resumed(self) -> int:
-        """Batches of this epoch each process already trained on (0 unless resuming into it)."""
+        """Batches of this epoch this process already trained on (0 unless resuming into it)."""
         return self.resume[1] if self.resume is not None and self.resume[0] == self.current_epoch() else 0
 
-    def _slot(self) -> tuple[int, int]:
-        """``(workers, this worker's reader slot)``. A DataLoader takes batches from its workers
-        in turn, always starting with worker 0; after a resume skipped ``k`` batches the slots
-        rotate by ``k`` so that worker 0 reads the slot whose batch comes next."""
-        worker = get_worker_info()
-        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
-        return workers, (worker_id + self._resumed()) % workers
-
-    def my_units(self) -> list[Unit]:
-        """This reader's rows: the epoch's (seeded) unit order, cut into equal contiguous ranges."""
-        workers, slot = self._slot()
+    def _slot_units(self, slot: int, workers: int) -> list[Unit]:
+        """Reader slot ``slot``'s rows: the epoch's (seeded) unit order, cut into equal contiguous ranges."""
         order = list(self.units)
         if self.shuffle_buffer:
             permutation = np.random.default_rng((self.seed, self.current_epoch())).permutation(len(order))
             order = [order[i] for i in permutation]
         return split_rows(order, self.rank * workers + slot, self.world_size * workers)
 
-    def __iter__(self) -> Iterator[Batch]:
-        workers, slot = self._slot()
-        readers = self.world_size * workers
-        fewest_rows = sum(u.rows for u in self.units) // readers  # every reader has this many or one more
-        skip = max(self._resumed() - slot + workers - 1, 0) // workers  # slot i made batches i, i + workers, ...
+    def _fewest_rows(self, workers: int) -> int:
+        return sum(u.rows for u in self.units) // (self.world_size * workers)  # every reader has this or one more
+
+    def _batch_count(self, rows: int, workers: int) -> int:
+        """How many batches a reader with ``rows`` rows yields."""
         if self.even_batches:
-            return itertools.islice(self._batches(skip=skip), max(fewest_rows // self.batch_size - skip, 0))
+            return self._fewest_rows(workers) // self.batch_size
         if self.equal_batch_counts:
-            if fewest_rows == 0:
-                raise DataError(f"{sum(u.rows for u in self.units)} rows cannot give each of {readers} readers "
-                                "(processes x workers) a batch; use fewer processes or workers")
-            return self._batches(last_batch_after=math.ceil(fewest_rows / self.batch_size) - 1, skip=skip)
+            return max(math.ceil(self._fewest_rows(workers) / self.batch_size), 1)
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def _resume_position(self, workers: int) -> tuple[list[int], int]:
+        """After the ``k`` batches this process trained on: how many each slot made, and the slot
+        whose batch comes next. A DataLoader takes batches from its workers in turn, passing
+        over exhausted ones, so the ``k`` came from the slots round robin."""
+        counts = [self._batch_count(sum(u.length for u in self._slot_units(slot, workers)), workers)
+                  for slot in range(workers)]
+        taken, slot = [0] * workers, 0
+        for _ in range(min(self._resumed(), sum(counts))):
+            while taken[slot] == counts[slot]:
+                slot = (slot + 1) % workers
+            taken[slot] += 1
+            slot = (slot + 1) % workers
+        return taken, slot
+
+    def _slot(self) -> tuple[int, int, int]:
+        """``(workers, this worker's reader slot, batches of it to skip)``. A resumed DataLoader
+        starts again with worker 0, so the slots rotate to make worker 0 read the slot whose
+        batch comes next: the order then continues exactly where it stopped."""
+        worker = get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        if not self._resumed():
+            return workers, worker_id, 0
+        taken, first = self._resume_position(workers)
+        slot = (worker_id + first) % workers
+        return workers, slot, taken[slot]
+
+    def my_units(self) -> list[Unit]:
+        """This reader's rows."""
+        workers, slot, _ = self._slot()
+        return self._slot_units(slot, workers)
+
+    def __iter__(self) -> Iterator[Batch]:
+        workers, slot, skip = self._slot()
+        count = self._batch_count(sum(u.length for u in self._slot_units(slot, workers)), workers)
+        if self.even_batches:
+            return itertools.islice(self._batches(skip=skip), max(count - skip, 0))
+        if self.equal_batch_counts:
+            if self._fewest_rows(workers) == 0:
+                raise DataError(f"{sum(u.rows for u in self.units)} rows cannot give each of "
+                                f"{self.world_size * workers} readers (processes x workers) a batch; use fewer "
+                                "processes or workers")
+            return self._batches(last_batch_after=count - 1, skip=skip)
         return self._batches(skip=skip)
 
     def _batches(self, last_batch_after: int | None = None, skip: int = 0) -> Iterator[Batch]:

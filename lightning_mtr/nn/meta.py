@@ -18,24 +18,36 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
 
     Embedding tables stay on meta: the fused or sharded collection that replaces them builds
     and initialises its own (TorchRec's reset of a collection built on meta is a no-op, so
-    materialising them here would leave uninitialised memory). Any other module that owns
-    parameters must have ``reset_parameters``, or an ancestor that has one must cover it.
+    materialising them here would leave uninitialised memory). Every other module that owns
+    parameters is reset by its own ``reset_parameters`` or, lacking one, by its nearest
+    ancestor's (e.g. a ``ParameterList`` inside an expert bank). Buffers must be refilled by
+    their owner's own ``reset_parameters``.
     """
     skipped = {id(m) for kept in module.modules() if isinstance(kept, EmbeddingBagCollection) for m in kept.modules()}
-    owners = [(name, m) for name, m in module.named_modules() if id(m) not in skipped and _own_meta(m)]
-    if not owners:
-        return
-    for _, owner in owners:
+    named = dict(module.named_modules())
+    owners = {name: m for name, m in named.items() if id(m) not in skipped and _own_meta(m)}
+    buffers = [name for name, m in owners.items()
+               if any(b is not None and b.is_meta for b in m._buffers.values()) and not hasattr(m, "reset_parameters")]
+    if buffers:
+        raise TypeError(f"cannot refill the buffers of {buffers} after building on the meta device: give the module "
+                        "a reset_parameters() method")
+    resets: dict[str, nn.Module] = {}
+    for name, owner in owners.items():
         owner.to_empty(device=device, recurse=False)
-    covered: set[int] = set()
-    for _, candidate in module.named_modules():
-        if id(candidate) in skipped or id(candidate) in covered or not hasattr(candidate, "reset_parameters"):
-            continue
-        subtree = {id(m) for m in candidate.modules()}
-        if any(id(owner) in subtree for _, owner in owners):
-            candidate.reset_parameters()
-            covered |= subtree
-    uninitialised = [name or type(owner).__name__ for name, owner in owners if id(owner) not in covered]
-    if uninitialised:
-        raise TypeError(f"cannot initialise {uninitialised} after building on the meta device: give the module "
-                        "(or a parent) a reset_parameters() method")
+        resetter = _nearest_resetter(name, named)
+        if resetter is None:
+            raise TypeError(f"cannot initialise {name or type(owner).__name__!r} after building on the meta device: "
+                            "give the module (or a parent) a reset_parameters() method")
+        resets[resetter] = named[resetter]
+    for resetter in resets.values():
+        resetter.reset_parameters()
+
+
+def _nearest_resetter(name: str, named: dict[str, nn.Module]) -> str | None:
+    """``name`` itself or its closest ancestor with ``reset_parameters``."""
+    parts = name.split(".") if name else []
+    for depth in range(len(parts), -1, -1):
+        candidate = ".".join(parts[:depth])
+        if hasattr(named[candidate], "reset_parameters"):
+            return candidate
+    return None

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import argparse
 import pickle
-from collections.abc import Mapping
+import shutil
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +29,21 @@ PLAN_FILE = "sharding_plan.json"
 # fused optimizer state cannot follow these tables to another layout (see check_reshard)
 _NOT_RESHARDABLE = ("column_wise", "table_column_wise")
 CHECKPOINT_FORMAT = "lightning-mtr-sharded/1"
-# what DCP's .metadata pickle may name: its own dataclasses and torch's value types
-_SAFE_MODULES = ("torch.distributed.checkpoint.",)
-_SAFE_TORCH = {"Size", "float32", "float16", "bfloat16", "float64", "int64", "int32", "int8", "uint8", "bool",
-               "strided", "contiguous_format", "preserve_format", "channels_last"}
-
-
-_SAFE_NAMES = {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+# Everything DCP's .metadata pickle names, exactly (never a module prefix: a prefix admits any
+# function that module imports, and dotted names walk attributes, e.g. "<module>.os.system")
+_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch.serialization", "_get_layout"),
+     ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
+_TORCH_VALUES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
+                 "strided", "contiguous_format", "preserve_format", "channels_last"}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        if (module == "torch" and name in _SAFE_TORCH or (module, name) in _SAFE_NAMES
-                or module.startswith(_SAFE_MODULES)):
+        if (module, name) in _METADATA_CLASSES or module == "torch" and name in _TORCH_VALUES:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"checkpoint metadata refers to {module}.{name}; refusing to load it")
 
@@ -67,12 +70,30 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / TRAINER_STATE).is_file()
 
 
-def save(tensors: Mapping[str, Any], trainer_state: dict[str, Any], path: Path, is_global_zero: bool) -> None:
-    """Every rank writes its tensors; rank 0 also writes the trainer state (plain values only)."""
-    path.mkdir(parents=True, exist_ok=True)
-    dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(path))
+def save(tensors: Mapping[str, Any], trainer_state: dict[str, Any], path: Path, is_global_zero: bool,
+         barrier: Callable[[], None] = lambda: None) -> None:
+    """Every rank writes its tensors; rank 0 also writes the trainer state (plain values only).
+
+    Written beside ``path`` and renamed over it at the end, so a run killed while saving (the
+    preemption a resume is for) leaves the previous checkpoint whole rather than mixed files.
+    """
+    staging = path.with_name(f"{path.name}.partial")
     if is_global_zero:
-        torch.save({"format": CHECKPOINT_FORMAT, **trainer_state}, path / TRAINER_STATE)
+        shutil.rmtree(staging, ignore_errors=True)
+    barrier()
+    staging.mkdir(parents=True, exist_ok=True)
+    dcp.save(dict(tensors), storage_writer=dcp.FileSystemWriter(staging))  # returns once every rank wrote
+    if is_global_zero:
+        torch.save({"format": CHECKPOINT_FORMAT, **trainer_state}, staging / TRAINER_STATE)
+        previous = path.with_name(f"{path.name}.previous")
+        if path.exists():
+            path.rename(previous)
+        staging.rename(path)
+        if previous.is_dir():
+            shutil.rmtree(previous)
+        elif previous.exists():
+            previous.unlink()
+    barrier()
 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
@@ -97,10 +118,11 @@ def load(tensors: dict[str, Any], path: Path) -> None:
     dcp.load(tensors, storage_reader=_checked_reader(path))
 
 
-def read_full(path: str | Path) -> dict[str, Any]:
-    """Every tensor of a sharded checkpoint, whole, in one process (no process group)."""
+def read_full(path: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
+    """The tensors of a sharded checkpoint (all, or those under ``keys``), whole, in one
+    process (no process group)."""
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_checked_reader(path), planner=_EmptyStateDictLoadPlanner(),
+    _load_state_dict(state, storage_reader=_checked_reader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
                      no_dist=True)
     return state
 
@@ -111,7 +133,7 @@ def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
     statistics), without optimizer state. It evaluates, predicts and exports on one process
     with the default strategy; continuing *training* resumes from the sharded directory."""
     state = load_trainer_state(Path(path))
-    merged = merge_tensors(read_full(path), state.pop("plain"))
+    merged = merge_tensors(read_full(path, keys={"model"}), state.pop("plain"))  # no optimizer state
     single = {k: v for k, v in state.items() if k not in ("format", "plan", "world_size")}
     single["state_dict"] = merged["model"]
     single["sharded_from"] = {"world_size": state["world_size"], "plan": state["plan"]}
@@ -153,10 +175,16 @@ def indexed_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimi
     params = [p for group in optimizer.param_groups for p in group["params"]]
     index = {id(p): i for i, p in enumerate(params)}
     name_to_index = {name: index[id(p)] for name, p in params_by_name.items() if id(p) in index}
+    unknown = sorted(set(saved["state"]) - set(name_to_index))
+    if unknown:
+        raise ValueError(f"the checkpoint has optimizer state for parameters this model's optimizer lacks: {unknown}")
     return {
         "state": {name_to_index[name]: value for name, value in saved["state"].items()},
         "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]} for g in saved["param_groups"]],
     }
+
+
+_TENSOR = object()  # a tensor's place in the plain half: never a real value, unlike None
 
 
 def split_tensors(tree: Any) -> tuple[Any, Any]:
@@ -167,10 +195,10 @@ def split_tensors(tree: Any) -> tuple[Any, Any]:
         pairs = {k: split_tensors(v) for k, v in items}
         tensors = {k: t for k, (t, _) in pairs.items() if t is not None} or None  # DCP keeps no empty dicts
         if isinstance(tree, list):
-            return tensors, [p for _, p in pairs.values()]
-        return tensors, {k: p for k, (_, p) in pairs.items() if p is not None}
+            return tensors, [None if p is _TENSOR else p for _, p in pairs.values()]
+        return tensors, {k: p for k, (_, p) in pairs.items() if p is not _TENSOR}
     if isinstance(tree, torch.Tensor):
-        return tree, None
+        return tree, _TENSOR
     return None, tree
 
 

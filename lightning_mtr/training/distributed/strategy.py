@@ -37,7 +37,6 @@ from lightning_mtr.training.distributed.planning import (
 from lightning_mtr.training.sparse import TORCH_CLASS
 
 
-
 class TorchRecStrategy(DDPStrategy):
     """Shard embedding tables across processes (TorchRec); dense layers are data-parallel.
 
@@ -52,10 +51,10 @@ class TorchRecStrategy(DDPStrategy):
             instead of planning; it must match the model's tables and this world size.
         hbm_gb: GPU memory per device the planner may fill (default: the planner's).
         ddr_gb: host memory per host the planner may fill (UVM tables, CPU training).
-        prefetch_input_dist: start each batch's input distribution (the all-to-all of its ids,
-            and its copy to the GPU) as soon as Lightning fetches it, one batch ahead, so it
-            overlaps the previous batch's compute (TorchRec's sparse-dist pipeline, inside
-            Lightning's loop); ``false`` distributes each batch when its forward starts.
+        prefetch_input_dist: start each batch's input distribution (the all-to-all of its ids)
+            as soon as Lightning fetches it, one batch ahead for streaming data, so it overlaps
+            the previous batch's compute (TorchRec's sparse-dist pipeline, inside Lightning's
+            loop); ``false`` distributes each batch when its forward starts.
         process_group_backend: default ``nccl`` on GPU, ``gloo`` on CPU.
         timeout: collective timeout.
         start_method: how Lightning starts local processes when it launches them itself.
@@ -85,6 +84,9 @@ class TorchRecStrategy(DDPStrategy):
     # ---- setup: materialise, plan, shard -------------------------------------------------------
 
     def setup(self, trainer) -> None:
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError("precision 16-mixed scales the loss, which the fused and replicated table optimizers "
+                             "would apply unscaled; use bf16-mixed or 32")
         module = self.lightning_module
         self._shard(module.model, module.sparse_optimizer, trainer)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sharded_state_names(module))
@@ -153,12 +155,11 @@ class TorchRecStrategy(DDPStrategy):
         return output
 
     def teardown(self) -> None:
-        """A run that failed before setup finished leaves the model on meta; moving it to the CPU
-        would raise a second, misleading error after the real one."""
-        module = self.lightning_module
-        if module is None or not any(p.is_meta for p in module.parameters()):
-            return super().teardown()
-        # the rest of Lightning's teardown chain, without moving the module
+        """Lightning's DDP teardown, except that the module stays where it is: moving it to the
+        CPU would copy every shard to host memory (and UVM tables into device memory on the
+        way back for a later test), and a run that failed during setup still has it on meta."""
+        if isinstance(self.model, DistributedDataParallel):
+            self.model = self.lightning_module
         self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         self.accelerator.teardown()
@@ -188,15 +189,11 @@ class TorchRecStrategy(DDPStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(str(filepath)))
-        if self.is_global_zero and path.is_file():
-            path.unlink()
-        self.barrier()
         tensors, plain = sharded.split_tensors(self._tensor_state())
         tensors = tensors or {}
         trainer_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
         trainer_state |= {"plain": plain, "plan": plan_to_json(self.dmp.plan), "world_size": self.world_size}
-        sharded.save(tensors, trainer_state, path, self.is_global_zero)
-        self.barrier()
+        sharded.save(tensors, trainer_state, path, self.is_global_zero, self.barrier)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         """Runs before setup: returns the trainer state (loops, callbacks, data module) and keeps
@@ -237,24 +234,28 @@ class TorchRecStrategy(DDPStrategy):
 
 class PrefetchedForward:
     """A sharded collection's forward that uses the input distribution already started for
-    these features (by :class:`InputDistPrefetch`), or runs all three steps itself."""
+    these features (by :class:`InputDistPrefetch`), or runs all three steps itself (e.g. a
+    call outside the loop; the same on every rank, so the collectives still match)."""
 
     def __init__(self, module: ShardedModule):
         self.module = module
-        self.pending: dict[int, tuple[Any, Any, Any]] = {}
-        self.hits = 0
+        self.pending: dict[int, tuple[Any, Any, Any]] = {}  # id(features) -> (features, context, awaitable)
+        self.hits = self.misses = 0
         module.forward = self
 
-    def start(self, features: Any) -> None:
+    def start(self, features: Any) -> int:
         context = self.module.create_context()
         self.pending[id(features)] = (features, context, self.module.input_dist(context, features))
+        return id(features)
 
-    def clear(self) -> None:
-        self.pending.clear()
+    def discard(self, keys: set[int]) -> None:
+        for key in keys:
+            self.pending.pop(key, None)
 
     def __call__(self, features: Any) -> Any:
-        entry = self.pending.pop(id(features), None)
-        if entry is None or entry[0] is not features:  # not prefetched (e.g. called outside the loop)
+        entry = self.pending.pop(id(features), None)  # the entry holds the features: its id is not reused
+        if entry is None:
+            self.misses += 1
             return ShardedModule.forward(self.module, features)
         _, context, distributing = entry
         self.hits += 1
@@ -262,30 +263,34 @@ class PrefetchedForward:
 
 
 class InputDistPrefetch:
-    """Iterates a data loader and starts each batch's sharded input distribution the moment
-    the batch is fetched. Lightning fetches one batch ahead, so batch i+1's ids travel (and, on
-    GPU, its copy runs) while batch i computes. Every process fetches the same batches in the
-    same order, so the collectives stay matched."""
+    """Iterates a data loader and starts each batch's sharded input distribution (the
+    all-to-all of its ids) the moment the batch is fetched. For streaming loaders (no length)
+    Lightning fetches one batch ahead, so batch i+1's ids travel while batch i computes. Every
+    process fetches the same batches in the same order, so the collectives stay matched."""
 
     def __init__(self, loader: Any, device: torch.device, forwards: list[PrefetchedForward]):
         self.loader = loader
         self.device = device
         self.forwards = forwards
 
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)  # Lightning reads the sampler (set_epoch), workers, ...
+
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self):
+        started: set[int] = set()
         try:
             for batch in self.loader:
                 if isinstance(batch, Batch):
                     batch = batch.to(self.device, non_blocking=True)
-                    for forward in self.forwards:
-                        forward.start(batch.sparse)
+                    started |= {forward.start(batch.sparse) for forward in self.forwards}
                 yield batch
-        finally:  # a loop stopped early (max_steps) leaves its last fetched batch unused
+        except GeneratorExit:  # the loop stopped early (max_steps): its fetched-ahead batch never runs
             for forward in self.forwards:
-                forward.clear()
+                forward.discard(started)
+            raise
 
 
 def resumed_sharding_types(plan: dict[str, Any]) -> dict[str, TableConstraints]:
@@ -305,6 +310,6 @@ def sharded_state_names(module: nn.Module) -> list[str]:
     names = []
     for prefix, sub in module.named_modules():
         if isinstance(sub, ShardedModule):
-            names += [f"{prefix}.{n}" for n, _ in sub.named_parameters()]
-            names += [f"{prefix}.{n}" for n, _ in sub.named_buffers()]
+            owned = [n for n, _ in sub.named_parameters()] + [n for n, _ in sub.named_buffers()]
+            names += [f"{prefix}.{n}" if prefix else n for n in owned]
     return names
