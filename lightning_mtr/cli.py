@@ -10,6 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.distributed import checkpoint, plan_tool
 
 
@@ -33,6 +34,7 @@ class MultiTaskCLI(LightningCLI):
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
         parser.add_lightning_class_args(TaskReport, "report")
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
+        parser.add_lightning_class_args(GateDiagnostics, "gates")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,7 +38,7 @@ class MMoE(nn.Module):
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
         self.bottom = MixtureBottom(self.features.output_dim, len(self.tasks), num_experts, expert, self.one_gate,
-                                    gate_backend)
+                                    gate_backend, gate_names=["shared"] if self.one_gate else self.tasks)
         self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

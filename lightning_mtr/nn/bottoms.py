@@ -55,19 +55,30 @@ class MixtureBottom(nn.Module):
         one_gate: a single gate for all branches instead of one per branch.
         gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix; switching it
             changes no parameter and no checkpoint.
+        gate_names: what diagnostics call each gate (default ``gate0``, ``gate1``, ...).
     """
 
     def __init__(self, in_dim: int, branches: int, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 one_gate: bool = False, gate_backend: str = "auto"):
+                 one_gate: bool = False, gate_backend: str = "auto", gate_names: Sequence[str] | None = None):
         super().__init__()
         self.branches = branches
         self.num_gates = 1 if one_gate else branches
+        self.gate_names = list(gate_names or [f"gate{g}" for g in range(self.num_gates)])
+        if len(self.gate_names) != self.num_gates:
+            raise ValueError(f"{self.num_gates} gates but {len(self.gate_names)} gate names")
         self.experts = ExpertBank(in_dim, num_experts, expert)
         self.gates = nn.Linear(in_dim, self.num_gates * num_experts)
         self.output_dim = self.experts.output_dim
         self.gate_backend = gate_backend
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        gate_logits = self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, gates, E]
-        mixed = gate_mix(self.experts(inputs), gate_logits, self.gate_backend)  # [B, gates, D]
+        mixed = gate_mix(self.experts(inputs), self._gate_logits(inputs), self.gate_backend)  # [B, gates, D]
         return mixed.expand(-1, self.branches, -1)
+
+    def _gate_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, gates, E]
+
+    def gate_weights(self, inputs: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """For diagnostics: ``({gate: softmax weights [B, E]}, expert outputs [B, E, D])``."""
+        weights = torch.softmax(self._gate_logits(inputs).float(), dim=-1)
+        return {name: weights[:, g] for g, name in enumerate(self.gate_names)}, self.experts(inputs)
