@@ -16,6 +16,7 @@ SMALL = {
     "shared_bottom": {"bottom": [8, 6], "tower": [16]},
     "esmm": {"tower": [8, 6]},
     "esm2": {"tower": [8, 6]},
+    "nfwfm": {"hidden": [8, 6], "tower": [16]},
 }
 TASKS = {"esmm": ESMM_TASKS, "esm2": ESM2_TASKS}  # the others take any tasks
 

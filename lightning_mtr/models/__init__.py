@@ -14,6 +14,7 @@ from torch import nn
 from lightning_mtr.models.esm2 import ESM2
 from lightning_mtr.models.esmm import ESMM
 from lightning_mtr.models.mmoe import MMoE
+from lightning_mtr.models.nfwfm import NFwFM
 from lightning_mtr.models.omoe import OMoE
 from lightning_mtr.models.shared_bottom import SharedBottom
 from lightning_mtr.schema import Schema
@@ -24,6 +25,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "mmoe": MMoE,
     "esmm": ESMM,
     "esm2": ESM2,
+    "nfwfm": NFwFM,
 }
 
 
@@ -34,4 +36,4 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "OMoE", "SharedBottom", "build_model"]
+__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "SharedBottom", "build_model"]

@@ -36,6 +36,8 @@ class FeatureInput(nn.Module):
         self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
         self.feature_names = [name for t in schema.tables for name in t.feature_names]
+        self.dense_dim = len(schema.dense)
+        self.field_dims = {name: t.embedding_dim for t in schema.tables for name in t.feature_names}
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.feature_names:
@@ -46,3 +48,8 @@ class FeatureInput(nn.Module):
         if pooled.keys() != self.feature_names:
             return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
         return torch.cat([dense, pooled.values()], dim=1)
+
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooled embeddings inside ``forward``'s output: ``[B, sum of dims]``, one block per
+        feature in ``feature_names`` order, sized by ``field_dims`` (a view: no second lookup)."""
+        return features[:, self.dense_dim:]

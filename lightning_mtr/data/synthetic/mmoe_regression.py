@@ -3,6 +3,7 @@ correlation is set by one number."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,47 @@ def _check_mmoe_arguments(rows: int, correlation: float, dim: int, num_sin: int 
         raise ValueError(f"num_sin and noise_std must be non-negative, got {num_sin} and {noise_std}")
 
 
+def mmoe_regression_chunks(
+    correlation: float,
+    dim: int = 100,
+    num_sin: int = 10,
+    noise_std: float = 0.1,
+    seed: int = 0,
+    split: str = "train",
+) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
+    """``chunk(index, n) -> (x [n, dim], y [n, 2])``: the rows of the MMoE paper's two tasks.
+
+    ``y_i = w_i.x + sum_k sin(alpha_k w_i.x + beta_k) + eps_i`` with x ~ N(0, I_dim),
+    w_i from :func:`mmoe_task_weights`, alpha_k, beta_k ~ N(0, 1) shared by both tasks.
+    The paper writes eps ~ N(0, 0.01); we read 0.01 as the variance, hence ``noise_std=0.1``.
+    ``seed`` fixes the task pair (w1, w2, alpha, beta); ``split`` names an independent stream
+    of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
+    """
+    w = np.stack(mmoe_task_weights(dim, correlation, seed), axis=1)  # (dim, 2)
+    sin_rng = stream(seed, "mmoe-sin")
+    alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
+
+    def chunk(index: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = stream(seed, "mmoe-rows", split, index)
+        x = rng.standard_normal((n, dim))
+        projection = x @ w  # (n, 2)
+        y = projection + np.sin(projection[..., None] * alpha + beta).sum(-1)
+        return x, y + noise_std * rng.standard_normal((n, 2))
+
+    return chunk
+
+
+def mmoe_regression_arrays(rows: int, correlation: float, dim: int = 100, num_sin: int = 10,
+                           noise_std: float = 0.1, seed: int = 0, split: str = "train",
+                           row_group_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """The same rows as :func:`write_mmoe_regression`, in memory (float32 ``x``, ``y``)."""
+    _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split)
+    parts = [chunk(index, min(row_group_rows, rows - start)) for index, start in enumerate(range(0, rows, row_group_rows))]
+    return (np.concatenate([x for x, _ in parts]).astype(np.float32),
+            np.concatenate([y for _, y in parts]).astype(np.float32))
+
+
 def write_mmoe_regression(
     path: str | Path,
     rows: int,
@@ -44,28 +86,14 @@ def write_mmoe_regression(
     row_group_rows: int = 65536,
     split: str = "train",
 ) -> Path:
-    """Write the MMoE paper's two regression tasks whose correlation is set by ``correlation``.
-
-    ``seed`` fixes the task pair (w1, w2, alpha, beta); ``split`` names an independent
-    stream of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
-
-    ``y_i = w_i.x + sum_k sin(alpha_k w_i.x + beta_k) + eps_i`` with x ~ N(0, I_dim),
-    w_i from :func:`mmoe_task_weights`, alpha_k, beta_k ~ N(0, 1) shared by both tasks.
-    The paper writes eps ~ N(0, 0.01); we read 0.01 as the variance, hence
-    ``noise_std=0.1``. Columns: ``x0..x{dim-1}``, ``y1``, ``y2``, all float32.
-    """
+    """Write :func:`mmoe_regression_chunks`' rows to Parquet: columns ``x0..x{dim-1}``, ``y1``,
+    ``y2``, all float32."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    w = np.stack(mmoe_task_weights(dim, correlation, seed), axis=1)  # (dim, 2)
-    sin_rng = stream(seed, "mmoe-sin")
-    alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split)
 
-    def chunk(index: int, n: int) -> dict[str, np.ndarray]:
-        rng = stream(seed, "mmoe-rows", split, index)
-        x = rng.standard_normal((n, dim))
-        projection = x @ w  # (n, 2)
-        y = projection + np.sin(projection[..., None] * alpha + beta).sum(-1)
-        y += noise_std * rng.standard_normal((n, 2))
-        columns = {f"x{d}": x[:, d].astype(np.float32) for d in range(dim)}
-        return columns | {"y1": y[:, 0].astype(np.float32), "y2": y[:, 1].astype(np.float32)}
+    def columns(index: int, n: int) -> dict[str, np.ndarray]:
+        x, y = chunk(index, n)
+        named = {f"x{d}": x[:, d].astype(np.float32) for d in range(dim)}
+        return named | {"y1": y[:, 0].astype(np.float32), "y2": y[:, 1].astype(np.float32)}
 
-    return write_chunks(Path(path), rows, row_group_rows, chunk)
+    return write_chunks(Path(path), rows, row_group_rows, columns)
