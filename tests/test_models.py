@@ -17,6 +17,9 @@ SMALL = {
     "esmm": {"tower": [8, 6]},
     "esm2": {"tower": [8, 6]},
     "nfwfm": {"hidden": [8, 6], "tower": [16]},
+    "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert": [8, 6], "tower": [16]},
+    "youtube": {"engagement": ["ctr"], "position_features": ["user"], "shared": [8], "num_experts": 2,
+                "expert": [6], "tower": [4]},
 }
 TASKS = {"esmm": ESMM_TASKS, "esm2": ESM2_TASKS}  # the others take any tasks
 

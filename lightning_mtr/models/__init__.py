@@ -16,7 +16,9 @@ from lightning_mtr.models.esmm import ESMM
 from lightning_mtr.models.mmoe import MMoE
 from lightning_mtr.models.nfwfm import NFwFM
 from lightning_mtr.models.omoe import OMoE
+from lightning_mtr.models.ple import PLE
 from lightning_mtr.models.shared_bottom import SharedBottom
+from lightning_mtr.models.youtube import YouTubeRanker
 from lightning_mtr.schema import Schema
 
 MODELS: dict[str, type[nn.Module]] = {
@@ -26,6 +28,8 @@ MODELS: dict[str, type[nn.Module]] = {
     "esmm": ESMM,
     "esm2": ESM2,
     "nfwfm": NFwFM,
+    "ple": PLE,
+    "youtube": YouTubeRanker,
 }
 
 
@@ -36,4 +40,4 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "SharedBottom", "build_model"]
+__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]

@@ -56,11 +56,18 @@ class MixtureBottom(nn.Module):
         gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix; switching it
             changes no parameter and no checkpoint.
         gate_names: what diagnostics call each gate (default ``gate0``, ``gate1``, ...).
+        gate_dropout: in training, each expert is left out of each row's gate with this
+            probability (the softmax renormalises over the rest), so no task leans on one
+            expert alone (the YouTube ranker's gate dropout, Zhao et al. 2019: 10%).
     """
 
     def __init__(self, in_dim: int, branches: int, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 one_gate: bool = False, gate_backend: str = "auto", gate_names: Sequence[str] | None = None):
+                 one_gate: bool = False, gate_backend: str = "auto", gate_names: Sequence[str] | None = None,
+                 gate_dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= gate_dropout < 1.0:
+            raise ValueError(f"gate_dropout must be in [0, 1), got {gate_dropout}")
+        self.gate_dropout = gate_dropout
         self.branches = branches
         self.num_gates = 1 if one_gate else branches
         self.gate_names = list(gate_names or [f"gate{g}" for g in range(self.num_gates)])
@@ -72,7 +79,12 @@ class MixtureBottom(nn.Module):
         self.gate_backend = gate_backend
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        mixed = gate_mix(self.experts(inputs), self._gate_logits(inputs), self.gate_backend)  # [B, gates, D]
+        logits = self._gate_logits(inputs)
+        if self.training and self.gate_dropout:
+            dropped = torch.rand_like(logits) < self.gate_dropout
+            dropped &= ~dropped.all(dim=-1, keepdim=True)  # a row never loses every expert
+            logits = logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
+        mixed = gate_mix(self.experts(inputs), logits, self.gate_backend)  # [B, gates, D]
         return mixed.expand(-1, self.branches, -1)
 
     def _gate_logits(self, inputs: torch.Tensor) -> torch.Tensor:

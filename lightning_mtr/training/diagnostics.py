@@ -83,9 +83,10 @@ class GateDiagnostics(L.Callback):
                 pl_module.log(f"gates/{gate}/expert{e}", value, sync_dist=True)
             pl_module.log(f"gates/{gate}/entropy", entropy, sync_dist=True)
             if float(mean.max()) > self.collapse:
+                reachable = int((mean > 0).sum())  # a PLE task gate sees only its own and the shared experts
                 rank_zero_warn(f"gate {gate!r} has collapsed onto expert {int(mean.argmax())} (mean weight "
                                f"{float(mean.max()):.3f}; entropy {entropy:.3f} of at most "
-                               f"{math.log(mean.numel()):.3f})")
+                               f"{math.log(max(reachable, 1)):.3f})")
         for name, (total, rows) in self._cosine.items():
             cosine = total / rows
             cosine.fill_diagonal_(-1.0)

@@ -1,0 +1,98 @@
+"""The YouTube ranker's shallow tower against position bias, on the synthetic impression log.
+
+In that log the display position multiplies the click probability and is confounded with
+relevance (better items are shown higher); ``gt_ctr_no_position`` is the click probability
+without the position effect. Three models train one epoch on the same rows and are scored by
+how well their click scores rank that truth on test (Spearman correlation):
+
+- ``no_position``: the ranker without its shallow tower, which never sees position;
+- ``position_feature``: MMoE with position as an ordinary feature, scored at position 1;
+- ``shallow_tower``: the YouTube ranker, main tower alone (position treated as missing).
+
+    python -m tools.position_bias [--rows 200000] [--seeds 0 1]   (from the repo root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticImpressions
+from lightning_mtr.models import MMoE
+from lightning_mtr.models.youtube import YouTubeRanker
+from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+
+SCHEMA = "conf/schemas/synthetic_impressions.yaml"
+SIZES = {"num_experts": 4, "expert": [64], "tower": [32]}
+MODELS = {
+    "no_position": partial(YouTubeRanker, engagement=["ctr"], shared=[128], shallow_tower=None, **SIZES),
+    "position_feature": partial(MMoE, **SIZES),
+    "shallow_tower": partial(YouTubeRanker, engagement=["ctr"], shared=[128], shallow_tower=[16], **SIZES),
+}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (continuous scores: ties are negligible)."""
+    ranks = [np.argsort(np.argsort(x)).astype(np.float64) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def at_position_one(test: str, directory: Path) -> str:
+    """The test file with every row displayed at position 1."""
+    table = pq.read_table(test)
+    column = table.schema.get_field_index("position")
+    table = table.set_column(column, "position", pa.array(np.ones(table.num_rows, dtype=np.int64)))
+    path = directory / "test-position-1.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def click_scores(name: str, files: dict[str, str], seed: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Train ``name`` one epoch; its click scores on test and the position-free truth."""
+    L.seed_everything(seed, verbose=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        test = at_position_one(files["test"], Path(scratch)) if name == "position_feature" else files["test"]
+        data = MultiTaskDataModule(SCHEMA, train=files["train"], predict=test, batch_size=batch_size,
+                                   eval_batch_size=8192, extras=["gt_ctr_no_position"], seed=seed)
+        module = MultiTaskModule(model=MODELS[name], schema=data.schema,
+                                 dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+                                 sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05))
+        trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                            default_root_dir=scratch)
+        trainer.fit(module, datamodule=data)
+        batches = trainer.predict(module, datamodule=data)
+    scores = np.concatenate([b["score_ctr"].numpy() for b in batches])
+    truth = np.concatenate([b["gt_ctr_no_position"].numpy() for b in batches])
+    return scores, truth
+
+
+def compare(rows: int, seed: int, batch_size: int = 1024, cache: str = ".cache/synthetic") -> dict[str, float]:
+    """``{model: Spearman(click score, gt_ctr_no_position)}`` on the test rows."""
+    files = SyntheticImpressions(cache, train_rows=rows, val_rows=1000, test_rows=max(rows // 4, 1000),
+                                 seed=seed).ensure()
+    return {name: spearman(*click_scores(name, files, seed, batch_size)) for name in MODELS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000, help="training rows (test: a quarter of it)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    args = parser.parse_args(argv)
+    print(f"{'seed':<6}" + "".join(f"{name:>18}" for name in MODELS))
+    for seed in args.seeds:
+        result = compare(args.rows, seed)
+        print(f"{seed:<6}" + "".join(f"{result[name]:>18.4f}" for name in MODELS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
