@@ -11,6 +11,7 @@ from lightning_mtr.kernels.gate_mix import gate_mix
 from lightning_mtr.nn import ExpertBank
 
 SMALL = {
+    "aitm": {"tower": [8], "ait_dim": 4},
     "mmoe": {"num_experts": 3, "expert": [8, 6], "tower": [16]},
     "omoe": {"num_experts": 3, "expert": [8, 6], "tower": [16]},
     "shared_bottom": {"bottom": [8, 6], "tower": [16]},

@@ -116,11 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rows, epochs and seeds (a few minutes)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_correlation"))
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (these matmuls are too small to split)")
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {value} ({QUICK[key]} quick)")
     args = parser.parse_args(argv)
     settings = {key: getattr(args, key) or (QUICK if args.quick else FULL)[key] for key in FULL}
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = run(settings)
     seconds = time.perf_counter() - started

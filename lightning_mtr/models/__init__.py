@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from lightning_mtr.models.aitm import AITM
 from lightning_mtr.models.esm2 import ESM2
 from lightning_mtr.models.esmm import ESMM
 from lightning_mtr.models.mmoe import MMoE
@@ -25,11 +26,12 @@ MODELS: dict[str, type[nn.Module]] = {
     "shared_bottom": SharedBottom,
     "omoe": OMoE,
     "mmoe": MMoE,
-    "esmm": ESMM,
-    "esm2": ESM2,
-    "nfwfm": NFwFM,
     "ple": PLE,
     "youtube": YouTubeRanker,
+    "esmm": ESMM,
+    "esm2": ESM2,
+    "aitm": AITM,
+    "nfwfm": NFwFM,
 }
 
 
@@ -40,4 +42,4 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]
+__all__ = ["AITM", "ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]

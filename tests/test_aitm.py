@@ -1,0 +1,197 @@
+"""AITM against its paper: information flows only down the funnel, the AIT attention is a softmax
+over exactly (transferred, own), and the loss adds the behavioural expectation calibrator."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchrec import EmbeddingBagCollection
+
+from helpers import random_inputs, tiny_schema
+from lightning_mtr.models.aitm import AITM
+from lightning_mtr.nn.ait import AdaptiveInformationTransfer
+from lightning_mtr.nn.meta import materialize
+from lightning_mtr.schema import Schema
+from lightning_mtr.tasks import masked_task_losses, weighted_total
+
+FUNNEL = ("ctr", "ctcvr", "ctpay")  # three steps, so z_3 reads z_2, which itself read z_1
+
+
+def _model(funnel=FUNNEL, **kwargs) -> tuple[Schema, AITM]:
+    torch.manual_seed(0)
+    schema = tiny_schema(tasks=funnel)
+    return schema, AITM(schema, **{"tower": [8], "ait_dim": 4, **kwargs}).eval()
+
+
+def _perturb(*modules) -> None:
+    with torch.no_grad():
+        for module in modules:
+            for parameter in module.parameters():
+                parameter.add_(0.5 * torch.randn_like(parameter))
+
+
+def _labels(rows: int, funnel=FUNNEL) -> dict[str, torch.Tensor]:
+    """Nested funnel labels: each step can only be 1 where the step before it is."""
+    generator = torch.Generator().manual_seed(1)
+    labels, previous = {}, torch.ones(rows)
+    for task in funnel:
+        previous = labels[task] = previous * (torch.rand(rows, generator=generator) < 0.5).float()
+    return labels
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_one_logit_per_task_and_row(batch):
+    schema, model = _model()
+    dense, sparse = random_inputs(schema, batch)
+    logits, losses = model.forward_with_losses(dense, sparse, _labels(batch))
+    assert list(logits) == list(FUNNEL) and set(losses) == set(FUNNEL)
+    for task in FUNNEL:
+        assert logits[task].shape == losses[task].shape == (batch,)
+        assert torch.isfinite(logits[task]).all() and torch.isfinite(losses[task]).all()
+    assert model.forward_with_losses(dense, sparse, None)[1] == {}
+
+
+def test_first_task_ignores_every_later_task():
+    schema, model = _model()
+    inputs = random_inputs(schema, 16)
+    before = model(*inputs)
+    _perturb(*(part[task] for task in FUNNEL[1:] for part in (model.towers, model.transfers, model.heads.towers)))
+    after = model(*inputs)
+    torch.testing.assert_close(after["ctr"], before["ctr"], rtol=0, atol=0)
+    assert not torch.allclose(after["ctcvr"], before["ctcvr"])
+
+
+def test_each_task_reads_the_task_before_it_and_nothing_after():
+    schema, model = _model()
+    inputs = random_inputs(schema, 16)
+    before = model(*inputs)
+    _perturb(model.towers["ctr"])  # q_1 -> z_1 -> p_1 -> z_2 -> p_2 -> z_3
+    after = model(*inputs)
+    for task in FUNNEL:
+        assert not torch.allclose(after[task], before[task]), task
+    # z_3 reads z_2 = AIT(p_1, q_2), not task 2's tower q_2 alone: step 2's attention moves task 3
+    _perturb(model.transfers["ctcvr"])
+    moved = model(*inputs)
+    torch.testing.assert_close(moved["ctr"], after["ctr"], rtol=0, atol=0)
+    assert not torch.allclose(moved["ctpay"], after["ctpay"])
+    _perturb(model.towers["ctpay"], model.transfers["ctpay"], model.heads.towers["ctpay"])
+    last = model(*inputs)
+    for task in FUNNEL[:2]:
+        torch.testing.assert_close(last[task], moved[task], rtol=0, atol=0)
+
+
+def test_funnel_order_is_the_constructor_argument():
+    """``tasks`` decides who reads whom: reversed, ctcvr is first and ignores ctr."""
+    schema, model = _model(funnel=("ctr", "ctcvr"), tasks=["ctcvr", "ctr"])
+    assert model.funnel == ["ctcvr", "ctr"] and list(model.transfers) == ["ctr"]
+    assert model.tasks == ["ctr", "ctcvr"], "the schema's task list, as the trainer expects"
+    inputs = random_inputs(schema, 8)
+    before = model(*inputs)
+    _perturb(model.towers["ctr"])
+    torch.testing.assert_close(model(*inputs)["ctcvr"], before["ctcvr"], rtol=0, atol=0)
+
+
+def test_ait_weights_are_a_softmax_over_transferred_and_own_by_hand():
+    ait = AdaptiveInformationTransfer(2)
+    with torch.no_grad():
+        ait.transfer[0].weight.copy_(torch.eye(2))  # g(z) = relu(z)
+        ait.transfer[0].bias.zero_()
+        ait.query.weight.copy_(torch.eye(2))
+        ait.key.weight.copy_(torch.eye(2))  # score(u) = |u|^2 / sqrt(2)
+        ait.value.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    previous = torch.tensor([[1.0, 2.0], [-1.0, 3.0]])
+    own = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    z, w = ait.attend(previous, own)
+    assert w.shape == (2, 2)
+    torch.testing.assert_close(w.sum(1), torch.ones(2))
+    # row 0: p = (1, 2), |p|^2 = 5; q = (3, 0), |q|^2 = 9
+    w_p = 1 / (1 + math.exp((9 - 5) / math.sqrt(2)))
+    # row 1: p = relu(-1, 3) = (0, 3), |p|^2 = 9; q = (0, 1), |q|^2 = 1
+    w_p1 = 1 / (1 + math.exp((1 - 9) / math.sqrt(2)))
+    torch.testing.assert_close(w, torch.tensor([[w_p, 1 - w_p], [w_p1, 1 - w_p1]]))
+    expected = torch.tensor([[w_p * 1 + (1 - w_p) * 3, w_p * 4 + (1 - w_p) * 0],  # h3(p) = (1, 4), h3(q) = (3, 0)
+                             [0.0, w_p1 * 6 + (1 - w_p1) * 2]])  # h3(p) = (0, 6), h3(q) = (0, 2)
+    torch.testing.assert_close(z, expected)
+    torch.testing.assert_close(ait(previous, own), z)
+
+
+def _set_logits(model: AITM, values: dict[str, float]) -> None:
+    """Every row gets these logits: zero output weights, the logit as the bias."""
+    with torch.no_grad():
+        for task, value in values.items():
+            model.heads.towers[task][-1].weight.zero_()
+            model.heads.towers[task][-1].bias.fill_(value)
+
+
+def test_calibrator_is_alpha_times_the_excess_over_the_step_before():
+    schema, model = _model(alpha=0.6)
+    inputs = random_inputs(schema, 6)
+    labels = _labels(6)
+    # p = 0.5, 0.75, 0.25: ctcvr exceeds ctr by 0.25, ctpay is below ctcvr
+    _set_logits(model, {"ctr": 0.0, "ctcvr": math.log(3), "ctpay": -math.log(3)})
+    logits, losses = model.forward_with_losses(*inputs, labels)
+    bce = {task: F.binary_cross_entropy_with_logits(logits[task], labels[task], reduction="none") for task in FUNNEL}
+    torch.testing.assert_close(losses["ctr"], bce["ctr"])  # the first step has no step before it
+    torch.testing.assert_close(losses["ctcvr"], bce["ctcvr"] + 0.6 * 0.25)
+    torch.testing.assert_close(losses["ctpay"], bce["ctpay"])  # p_t <= p_{t-1}: no penalty
+
+    # through the trainer's reduction: each step's mean BCE, plus alpha * the mean excess
+    masks = {task: torch.ones(6, dtype=torch.bool) for task in FUNNEL}
+    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, losses), schema.tasks)
+    torch.testing.assert_close(total, sum(b.mean() for b in bce.values()) + 0.6 * 0.25)
+
+    _set_logits(model, {"ctr": 1.0, "ctcvr": 1.0, "ctpay": 1.0})  # equal probabilities: still none
+    logits, losses = model.forward_with_losses(*inputs, labels)
+    for task in FUNNEL:
+        torch.testing.assert_close(
+            losses[task], F.binary_cross_entropy_with_logits(logits[task], labels[task], reduction="none"))
+
+
+def test_calibrator_pushes_the_later_step_down_and_the_earlier_up():
+    schema, model = _model(funnel=("ctr", "ctcvr"), alpha=1.0)
+    _set_logits(model, {"ctr": -1.0, "ctcvr": 1.0})
+    labels = _labels(4, ("ctr", "ctcvr"))
+    logits, losses = model.forward_with_losses(*random_inputs(schema, 4), labels)
+    bce = F.binary_cross_entropy_with_logits(logits["ctcvr"], labels["ctcvr"], reduction="none")
+    (losses["ctcvr"] - bce).sum().backward()
+    assert model.heads.towers["ctcvr"][-1].bias.grad > 0
+    assert model.heads.towers["ctr"][-1].bias.grad < 0
+
+
+def test_gradient_reaches_every_parameter():
+    schema, model = _model()
+    model.train()
+    dense, sparse = random_inputs(schema, 256)  # enough rows that no small ReLU layer starts all dead
+    _, losses = model.forward_with_losses(dense, sparse, _labels(256))
+    sum(loss.mean() for loss in losses.values()).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"no gradient for {missing}"
+
+
+def test_builds_on_meta_and_materializes():
+    schema = tiny_schema(tasks=FUNNEL)
+    with torch.device("meta"):
+        model = AITM(schema, tower=[8], ait_dim=4)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    materialize(model, "cpu")
+    tables = {id(p) for m in model.modules() if isinstance(m, EmbeddingBagCollection) for p in m.parameters()}
+    dense = [(n, p) for n, p in model.named_parameters() if id(p) not in tables]
+    assert dense and all(p.device.type == "cpu" and torch.isfinite(p).all() for _, p in dense)
+    assert model.transfers["ctpay"].query.weight.abs().sum() > 0  # reset, not left as empty memory
+
+
+@pytest.mark.parametrize("tasks, kwargs, error", [
+    (["ctr", {"name": "ctcvr", "label": "ctcvr", "kind": "regression"}], {}, "'ctcvr' must be binary"),
+    (["ctr", "ctcvr"], {"tasks": ["ctr", "buy"]}, r"\['buy'\] are not in the schema"),
+    (["ctr", "ctcvr", "cvr"], {"tasks": ["ctr", "ctcvr"]}, r"also has \['cvr'\]"),
+    (["ctr", {"name": "ctcvr", "label": "ctcvr", "sample_space": "ctr == 1"}], {}, "over all impressions"),
+    (["ctr", {"name": "ctcvr", "label": "ctcvr", "weight": 0}], {}, "weight 0"),
+    (["ctr"], {}, "two or more distinct tasks"),
+    (["ctr", "ctcvr"], {"tasks": ["ctr", "ctr"]}, "two or more distinct tasks"),
+])
+def test_rejects_what_is_not_a_funnel(tasks, kwargs, error):
+    with pytest.raises(ValueError, match=error):
+        AITM(tiny_schema(tasks=tuple(tasks)), **kwargs)
