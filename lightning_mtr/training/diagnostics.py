@@ -97,9 +97,11 @@ class GateDiagnostics(L.Callback):
                                "wastes capacity")
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self.last or not self.heatmap or not trainer.is_global_zero:
+        if not self.last or not self.heatmap:
             return
-        directory = Path(trainer.log_dir or trainer.default_root_dir)
+        directory = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
+        if not trainer.is_global_zero:
+            return
         directory.mkdir(parents=True, exist_ok=True)
         gates = list(self.last)
         values = torch.stack([self.last[g] for g in gates]).numpy()
