@@ -265,3 +265,22 @@ def test_mmoe_split_is_held_out_sample_of_the_same_tasks(tmp_path):
     assert np.std(val_r[inside] - predicted) < 0.3
     other = pq.read_table(write_mmoe_regression(tmp_path / "c.parquet", 2000, 0.7, dim=8, seed=4, split="val"))
     assert not np.allclose(other.column("y1").to_numpy(), val.column("y1").to_numpy())
+
+
+def test_placement_column_sets_position_only_when_asked(tmp_path):
+    """With a placement weight, C9's ids (no effect on relevance) pull their rows up or down the
+    page; without one, C9 says nothing about position (and the default log is unchanged)."""
+    from lightning_mtr.data.synthetic import ImpressionSpec, write_impressions
+
+    spreads = {}
+    for weight in (0.0, 2.0):
+        paths = write_impressions(tmp_path / str(weight), 20_000, 100, 100, seed=1,
+                                  spec=ImpressionSpec(placement_weight=weight))
+        table = pq.read_table(paths["train"], columns=["C9", "position"])
+        ids, positions = table["C9"].to_numpy(), table["position"].to_numpy().astype(np.float64)
+        counts = np.bincount(ids)
+        means = np.bincount(ids, weights=positions) / np.maximum(counts, 1)
+        spreads[weight] = float(means[counts >= 30].std())
+    assert spreads[2.0] > 2 * spreads[0.0], spreads
+    default = pq.read_table(write_impressions(tmp_path / "default", 20_000, 100, 100, seed=1)["train"])
+    assert default.equals(pq.read_table(tmp_path / "0.0" / "train.parquet")), "weight 0 is the default log"

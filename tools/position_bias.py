@@ -2,7 +2,9 @@
 
 In that log the display position multiplies the click probability and is confounded with
 relevance (better items are shown higher); ``gt_ctr_no_position`` is the click probability
-without the position effect. Three models train one epoch on the same rows and are scored by
+without the position effect. ``--placement-weight`` also lets a column with no effect on
+relevance (an ad slot) set the position, so a model that cannot see position credits that
+column with the position's effect. Three models train one epoch on the same rows and are scored by
 how well their click scores rank that truth on test (Spearman correlation):
 
 - ``no_position``: the ranker without its shallow tower, which never sees position;
@@ -75,10 +77,11 @@ def click_scores(name: str, files: dict[str, str], seed: int, batch_size: int) -
     return scores, truth
 
 
-def compare(rows: int, seed: int, batch_size: int = 1024, cache: str = ".cache/synthetic") -> dict[str, float]:
+def compare(rows: int, seed: int, placement_weight: float = 2.0, batch_size: int = 1024,
+            cache: str = ".cache/synthetic") -> dict[str, float]:
     """``{model: Spearman(click score, gt_ctr_no_position)}`` on the test rows."""
     files = SyntheticImpressions(cache, train_rows=rows, val_rows=1000, test_rows=max(rows // 4, 1000),
-                                 seed=seed).ensure()
+                                 seed=seed, placement_weight=placement_weight).ensure()
     return {name: spearman(*click_scores(name, files, seed, batch_size)) for name in MODELS}
 
 
@@ -86,10 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=200_000, help="training rows (test: a quarter of it)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--placement-weight", type=float, default=2.0, help="0: position follows relevance only")
     args = parser.parse_args(argv)
     print(f"{'seed':<6}" + "".join(f"{name:>18}" for name in MODELS))
     for seed in args.seeds:
-        result = compare(args.rows, seed)
+        result = compare(args.rows, seed, args.placement_weight)
         print(f"{seed:<6}" + "".join(f"{result[name]:>18.4f}" for name in MODELS))
     return 0
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from lightning_mtr.data.encode import BatchEncoder, DenseStats
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
-from lightning_mtr.data.synthetic import GENERATOR_VERSION, write_impressions
+from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
 from lightning_mtr.schema import Schema
 
 Files = str | list[str] | None
@@ -25,7 +25,8 @@ class SyntheticImpressions:
     """Generate the synthetic impression log into ``cache_dir`` on first use.
 
     The directory name includes every argument and the generator's version, so changing
-    either never reuses stale files.
+    either never reuses stale files. ``placement_weight`` (default 0: off) lets the ids of a
+    column with no effect on relevance also set the display position (see ``ImpressionSpec``).
     """
 
     cache_dir: str = ".cache/synthetic"
@@ -33,11 +34,13 @@ class SyntheticImpressions:
     val_rows: int = 50_000
     test_rows: int = 50_000
     seed: int = 0
+    placement_weight: float = 0.0
 
     @property
     def directory(self) -> Path:
+        placement = f"-placement{self.placement_weight:g}" if self.placement_weight else ""
         return Path(self.cache_dir) / (f"impressions-v{GENERATOR_VERSION}-s{self.seed}-"
-                                       f"{self.train_rows}-{self.val_rows}-{self.test_rows}")
+                                       f"{self.train_rows}-{self.val_rows}-{self.test_rows}{placement}")
 
     def ensure(self) -> dict[str, str]:
         """Generate once; written to a temporary folder and renamed, so an interrupted run
@@ -45,7 +48,8 @@ class SyntheticImpressions:
         if not self.directory.exists():
             partial = self.directory.with_name(f"{self.directory.name}.partial-{os.getpid()}")
             shutil.rmtree(partial, ignore_errors=True)
-            write_impressions(partial, self.train_rows, self.val_rows, self.test_rows, seed=self.seed)
+            write_impressions(partial, self.train_rows, self.val_rows, self.test_rows, seed=self.seed,
+                              spec=ImpressionSpec(placement_weight=self.placement_weight))
             try:
                 partial.rename(self.directory)
             except OSError:  # another process finished first

@@ -93,6 +93,11 @@ class ImpressionSpec:
     daction_lift: float = 1.75
     position_noise_std: float = 1.0
     position_bias_exponent: float = 0.5
+    # Off by default: a column whose ids also set the display position (an ad slot, a page
+    # layout) without any effect on relevance, with this weight in the position score. A
+    # model without position then credits that column with the position's effect.
+    placement_column: str = "C9"
+    placement_weight: float = 0.0
     target_ctr: float = 0.15
     target_cvr_given_click: float = 0.2
     target_daction_given_click: float = 0.3
@@ -124,6 +129,7 @@ class _World:
     dense_center: np.ndarray  # mean and std of log1p(I_k), for standardising
     dense_scale: np.ndarray
     position_bias: np.ndarray  # indexed by position, entry 0 unused
+    placement: np.ndarray | None = None  # per rank of the placement column: its pull on position
     click_center: float = 0.0  # mean and std of r without intercept
     click_scale: float = 1.0
     click_intercept: float = 0.0
@@ -178,6 +184,10 @@ def _build_world(seed: int, spec: ImpressionSpec = SPEC) -> _World:
     bias[1:] = np.arange(1, NUM_POSITIONS + 1) ** -spec.position_bias_exponent
     world = _World(spec, rank_to_id, click, conversion, daction, center.astype(np.float32),
                    scale.astype(np.float32), bias.astype(np.float32))
+    if spec.placement_weight:  # its own stream: the default world does not change
+        column = _column(spec.placement_column)
+        world.placement = stream(seed, "world", "placement").standard_normal(spec.vocab_sizes[column]).astype(
+            np.float32)
     _calibrate(world, rng)
     return world
 
@@ -197,7 +207,7 @@ def _calibrate(world: _World, rng: np.random.Generator) -> None:
     ranks, dense = _draw_features(world, rng, spec.calibration_rows)
     logit = _click_logit(world, ranks, dense).astype(np.float64)
     world.click_center, world.click_scale = float(logit.mean()), float(logit.std())
-    bias = world.position_bias[_draw_positions(world, rng, logit)].astype(np.float64)
+    bias = world.position_bias[_draw_positions(world, rng, logit, ranks)].astype(np.float64)
     world.click_intercept = _solve_intercept(lambda b: np.mean(_sigmoid(logit + b) * bias), spec.target_ctr)
     ctr = _sigmoid(logit + world.click_intercept) * bias
     daction_logit = _daction_logit(world, ranks, dense).astype(np.float64)
@@ -270,11 +280,17 @@ def _daction_logit(world: _World, ranks: list[np.ndarray], log_values: np.ndarra
                         world.daction_effects, spec.daction_dense_effects)
 
 
-def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.ndarray) -> np.ndarray:
-    """Positions 1..10, roughly uniform, smaller for higher relevance (plus noise)."""
-    noise_std = world.spec.position_noise_std
+def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.ndarray,
+                    ranks: list[np.ndarray]) -> np.ndarray:
+    """Positions 1..10, roughly uniform, smaller for higher relevance (plus noise, plus the
+    placement column's pull when the spec sets one)."""
+    spec = world.spec
+    noise_std = spec.position_noise_std
     score = (click_logit - world.click_center) / world.click_scale
-    score = (score + noise_std * rng.standard_normal(len(score), dtype=np.float32)) / np.sqrt(1 + noise_std**2)
+    score = score + noise_std * rng.standard_normal(len(score), dtype=np.float32)
+    if world.placement is not None:
+        score = score + spec.placement_weight * world.placement[ranks[_column(spec.placement_column)]]
+    score = score / np.sqrt(1 + noise_std**2 + spec.placement_weight**2)
     quantile = _sigmoid(-1.702 * score)  # ~ Phi(-score): a logistic approximation of the normal CDF
     return np.minimum(1 + (NUM_POSITIONS * quantile).astype(np.int64), NUM_POSITIONS)
 
@@ -282,7 +298,7 @@ def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.nda
 def _impression_chunk(world: _World, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     ranks, log_values = _draw_features(world, rng, n)
     click_logit = _click_logit(world, ranks, log_values)
-    position = _draw_positions(world, rng, click_logit)
+    position = _draw_positions(world, rng, click_logit, ranks)
     ctr_no_position = _sigmoid(click_logit + np.float32(world.click_intercept))
     ctr = ctr_no_position * world.position_bias[position]
     dar = _sigmoid(_daction_logit(world, ranks, log_values) + np.float32(world.daction_intercept))
@@ -314,6 +330,7 @@ def write_impressions(
     test_rows: int,
     seed: int = 0,
     row_group_rows: int = 65536,
+    spec: ImpressionSpec = SPEC,
 ) -> dict[str, Path]:
     """Write train/val/test impression logs drawn from one seeded world (see :class:`ImpressionSpec`).
 
@@ -324,7 +341,7 @@ def write_impressions(
     int64 0/1 and float32 ``gt_ctr``, ``gt_ctr_no_position``, ``gt_dar``, ``gt_cvr``,
     ``gt_ctcvr``, ``gt_cvr_given_daction``, ``gt_cvr_given_oaction``.
     """
-    world = _build_world(seed)
+    world = _build_world(seed, spec)
     low_cardinality = [c for c, v in zip(SPARSE_COLUMNS, world.spec.vocab_sizes) if v <= 10_000]
     low_cardinality += ["position", "click", "daction", "conversion", "gt_daction_if_clicked", "gt_conv_if_clicked"]
     sizes = {"train": train_rows, "val": val_rows, "test": test_rows}
