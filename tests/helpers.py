@@ -54,6 +54,11 @@ def _rank_main(rank: int, world_size: int, port: int, function, args) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0")
     torch.set_num_threads(1)
     function(rank, *args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # an orderly exit: gloo can abort a process that leaves a live group behind
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_ranks(world_size: int, function, *args) -> None:

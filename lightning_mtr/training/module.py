@@ -15,9 +15,11 @@ from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
+from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
 from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
 
 ModelFactory = Callable[[Schema], nn.Module]
+WeightingFactory = Callable[[Schema], TaskWeighting]
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -37,6 +39,10 @@ class MultiTaskModule(L.LightningModule):
         auc: ``exact`` keeps every score (about 12 bytes a row); ``binned`` is a streaming
             histogram AUC with constant memory for very large evaluation sets.
         auc_bins: histogram bins of the binned AUC.
+        task_weighting: how the per-task losses become the training loss
+            (``lightning_mtr.tasks.weighting``: static schema weights by default, uncertainty,
+            DWA, PLE's schedule); its current weights are logged as ``train/{task}/weight``.
+            Validation's ``val/loss`` always uses the schema's weights, so runs compare.
     """
 
     def __init__(
@@ -48,6 +54,7 @@ class MultiTaskModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         auc: Literal["exact", "binned"] = "exact",
         auc_bins: int = 65536,
+        task_weighting: WeightingFactory | None = None,
     ):
         super().__init__()
         self.schema = schema
@@ -56,6 +63,8 @@ class MultiTaskModule(L.LightningModule):
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
+        self.task_weighting = (task_weighting or StaticWeights)(schema)
+        self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
         tasks = [(t.name, t.kind) for t in schema.tasks]
         self.metrics = nn.ModuleDict({
             stage: MaskedTaskMetrics(tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
@@ -94,11 +103,25 @@ class MultiTaskModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, losses = self._outputs_and_losses(batch)
-        loss = weighted_total(losses, self.schema.tasks)
+        loss = self.task_weighting(losses)
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
+        self.log_dict({f"train/{task}/weight": float(weight) for task, weight in self.task_weighting.weights().items()},
+                      batch_size=batch.batch_size)
+        for task, value in losses.items():
+            entry = self._epoch_losses.setdefault(task, [0.0, 0])
+            entry[0] += value.detach()
+            entry[1] += 1
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        """Schemes that move between epochs (DWA, PLE's schedule) see each task's mean training
+        loss of the epoch, averaged over processes so every rank weights alike."""
+        means = {task: self.trainer.strategy.reduce(total / max(steps, 1), reduce_op="mean")
+                 for task, (total, steps) in self._epoch_losses.items()}
+        self.task_weighting.end_epoch({task: float(value) for task, value in means.items()})
+        self._epoch_losses = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)
@@ -133,7 +156,7 @@ class MultiTaskModule(L.LightningModule):
         return {**{f"score_{k}": v for k, v in scores.items()}, **batch.extras}
 
     def configure_optimizers(self) -> Any:
-        optimizer = self.dense_optimizer(dense_parameters(self.model))
+        optimizer = self.dense_optimizer(dense_parameters(self.model) + list(self.task_weighting.parameters()))
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}

@@ -1,0 +1,117 @@
+"""Task weighting: how the per-task losses become the one training loss.
+
+Each scheme is a module built from the schema (``class_path`` + ``init_args`` in YAML under
+``model.task_weighting``), so learned weights (uncertainty) are trained by the dense optimizer
+and per-epoch state (DWA, PLE's schedule) travels in checkpoints as buffers. The schema's
+``weight`` is each task's base weight; a task with weight 0 (a derived output such as ESMM's
+pCVR) stays out of the loss under every scheme.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from lightning_mtr.schema import Schema
+
+
+class TaskWeighting(nn.Module):
+    """``forward(losses) -> total``; ``weights()`` for logging; ``end_epoch`` for schemes that
+    change between epochs (given each task's mean training loss that epoch)."""
+
+    def __init__(self, schema: Schema):
+        super().__init__()
+        self.tasks = list(schema.tasks)
+        self.names = [t.name for t in self.tasks]
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        current = self.weights()
+        return sum(current[t.name] * losses[t.name] for t in self.tasks)
+
+    def weights(self) -> dict[str, torch.Tensor | float]:
+        return {t.name: t.weight for t in self.tasks}
+
+    def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
+        """Nothing changes between epochs unless a scheme says so."""
+
+
+class StaticWeights(TaskWeighting):
+    """The schema's weights, fixed (the default)."""
+
+
+class UncertaintyWeights(TaskWeighting):
+    """Kendall, Gal and Cipolla (CVPR 2018): a learned noise sigma_k per task,
+    ``sum_k c_k / sigma_k^2 * L_k + log sigma_k`` with ``c = 1/2`` for regression and ``1`` for
+    classification; sigma is learned as ``s = log sigma^2`` (stable, unconstrained).
+    """
+
+    def __init__(self, schema: Schema):
+        super().__init__(schema)
+        self.log_variance = nn.ParameterDict({t.name: nn.Parameter(torch.zeros(())) for t in self.tasks if t.weight})
+
+    def reset_parameters(self) -> None:
+        for value in self.log_variance.values():
+            nn.init.zeros_(value)
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        current = self.weights()
+        return sum(current[name] * losses[name] + 0.5 * s for name, s in self.log_variance.items())
+
+    def weights(self) -> dict[str, torch.Tensor | float]:
+        scale = {"regression": 0.5}
+        return {t.name: t.weight * scale.get(t.kind, 1.0) * torch.exp(-self.log_variance[t.name]) if t.weight else 0.0
+                for t in self.tasks}
+
+
+class DynamicWeightAverage(TaskWeighting):
+    """Liu, Johns and Davison (CVPR 2019): ``w_k(t) = K exp(r_k / T) / sum_i exp(r_i / T)`` with
+    ``r_k = L_k(t-1) / L_k(t-2)``, the ratio of a task's last two epoch losses: a task whose
+    loss falls slowly gets more weight. Weight 1 for the first two epochs.
+
+    Args:
+        temperature: T; larger is closer to equal weights.
+    """
+
+    def __init__(self, schema: Schema, temperature: float = 2.0):
+        super().__init__(schema)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.temperature = temperature
+        self.register_buffer("history", torch.full((2, len(self.names)), float("nan")))  # epochs t-2, t-1
+        self.register_buffer("current", torch.ones(len(self.names)))
+
+    def weights(self) -> dict[str, torch.Tensor | float]:
+        return {t.name: t.weight * self.current[k] for k, t in enumerate(self.tasks)}
+
+    def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
+        latest = torch.tensor([epoch_losses[name] for name in self.names], device=self.history.device)
+        self.history.copy_(torch.stack([self.history[1], latest]))
+        if torch.isnan(self.history).any():
+            return
+        ratios = self.history[1] / self.history[0].clamp_min(1e-12)
+        self.current.copy_(len(self.names) * torch.softmax(ratios / self.temperature, dim=0))
+
+
+class ScheduledWeights(TaskWeighting):
+    """PLE's dynamic weights (Tang et al., RecSys 2020): ``w_k(t) = w_k,0 * gamma_k^t`` at epoch
+    t, with ``w_k,0`` the schema's weight.
+
+    Args:
+        gamma: per task name, its decay (or growth) factor per epoch; tasks left out keep 1.
+    """
+
+    def __init__(self, schema: Schema, gamma: dict[str, float]):
+        super().__init__(schema)
+        unknown = sorted(set(gamma) - set(self.names))
+        if unknown:
+            raise ValueError(f"gamma names unknown tasks {unknown}; the schema's tasks: {self.names}")
+        self.gamma = dict(gamma)
+        self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+
+    def weights(self) -> dict[str, float]:
+        return {t.name: t.weight * self.gamma.get(t.name, 1.0) ** int(self.epoch) for t in self.tasks}
+
+    def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
+        self.epoch += 1
