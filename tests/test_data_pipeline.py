@@ -5,7 +5,6 @@ names the file and the column, exactly-once reading across ranks and DataLoader 
 and the dense statistics against numpy.
 """
 
-import itertools
 import math
 from types import SimpleNamespace
 

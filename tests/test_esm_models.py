@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs
+from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs, run_under_triton_interpreter
 from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.models import ESM2, ESMM
 from lightning_mtr.nn import MixtureBottom
@@ -171,10 +168,7 @@ got = model(*random_inputs(schema, 5))
 for task, value in saved["expected"].items():
     torch.testing.assert_close(got[task], value, rtol=1e-4, atol=1e-5)
 """
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).resolve().parents[1])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_under_triton_interpreter(script)
 
 
 @pytest.mark.parametrize("config", ["conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml"])

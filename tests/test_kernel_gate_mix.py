@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import run_under_triton_interpreter
 from lightning_mtr.kernels import gate_mix as gm
 from lightning_mtr.kernels.gate_mix import gate_mix, gate_mix_reference
 from lightning_mtr.kernels.triton_support import interpreting
 
-ROOT = Path(__file__).resolve().parents[1]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 # (B, T, E, D): single everything, E not a power of two, odd everything, D spanning several BLOCK_D chunks
 SHAPES = [(1, 1, 1, 1), (1, 1, 3, 1), (5, 3, 6, 7), (2, 2, 5, 300), (64, 4, 16, 33)]
@@ -193,11 +189,7 @@ INTERPRETED = textwrap.dedent("""
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"interpreted kernels failed:\n{result.stdout}\n{result.stderr[-4000:]}"
-    assert "match the reference" in result.stdout
+    assert "match the reference" in run_under_triton_interpreter(INTERPRETED)
 
 
 # ---------------------------------------------------------------------------------------------

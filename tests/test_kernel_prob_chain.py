@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_mtr.kernels import prob_chain as pc
+from helpers import run_under_triton_interpreter
 from lightning_mtr.kernels.triton_support import interpreting
 from lightning_mtr.kernels.prob_chain import CHAINS, probability_chain, probability_chain_reference
 
@@ -243,11 +243,7 @@ print("ok")
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 def test_triton_kernels_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    tests_dir = str(Path(__file__).resolve().parent)
-    proc = subprocess.run([sys.executable, "-c", _INTERPRETER_SCRIPT, tests_dir], env=env,
-                          capture_output=True, text=True, timeout=300, cwd=Path(tests_dir).parent)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_under_triton_interpreter(_INTERPRETER_SCRIPT, str(Path(__file__).resolve().parent))
 
 
 # ---------------------------------------------------------------- tier 3: GPU

@@ -8,21 +8,16 @@ T=3, m_k=2, m_s=3 throughout: unequal group sizes catch an expert index off by o
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import random_inputs, tiny_schema
+from helpers import random_inputs, run_under_triton_interpreter, tiny_schema
 from lightning_mtr.models.ple import PLE
 from lightning_mtr.nn.cgc import CGC, GroupedExpertBank
 from lightning_mtr.nn.meta import materialize
 
-ROOT = Path(__file__).resolve().parents[1]
 T, M_K, M_S, F = 3, 2, 3, 5
 E = T * M_K + M_S
 SMALL = {"task_experts": M_K, "shared_experts": M_S, "expert": [8, 6], "tower": [4]}
@@ -274,11 +269,7 @@ INTERPRETED = textwrap.dedent("""
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_triton_gate_mix_on_masked_gates_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    result = subprocess.run([sys.executable, "-c", INTERPRETED], env=env, cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, f"{result.stdout}\n{result.stderr[-4000:]}"
-    assert "masked gates match" in result.stdout
+    assert "masked gates match" in run_under_triton_interpreter(INTERPRETED)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
