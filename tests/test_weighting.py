@@ -16,7 +16,7 @@ from helpers import tiny_schema
 from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import weighted_total
-from lightning_mtr.tasks.weighting import (DynamicWeightAverage, ScheduledWeights, StaticWeights,
+from lightning_mtr.tasks.weighting import (DynamicWeightAverage, GradNorm, ScheduledWeights, StaticWeights,
                                            UncertaintyWeights)
 from lightning_mtr.training import MultiTaskModule
 
@@ -115,3 +115,39 @@ def test_weighting_is_chosen_in_yaml(monkeypatch):
                                         "--model.task_weighting.temperature", "3"])
     assert isinstance(cli.model.task_weighting, DynamicWeightAverage)
     assert cli.model.task_weighting.temperature == 3.0
+
+
+def test_gradnorm_balances_gradient_norms_on_the_shared_layer():
+    """Two tasks on one shared layer, one with 10x the gradient: GradNorm moves weight to the
+    weaker task until ``w_i n_i`` meet, and the weights always sum to the task count."""
+    schema = Schema.from_dict({"dense": [{"name": "d0"}],
+                               "tasks": [{"name": "a", "label": "a"}, {"name": "b", "label": "b"}]})
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(4, 4)
+    model = torch.nn.ModuleDict({"bottom": shared})
+    weighting = GradNorm(schema, shared="bottom", alpha=0.0)  # alpha 0: equal norms are the target
+    weighting.attach(model)
+    inputs = torch.randn(32, 4)
+    optimizer = torch.optim.SGD(weighting.parameters(), lr=0.01)
+    for _ in range(1500):
+        hidden = shared(inputs)
+        losses = {"a": hidden.square().mean(), "b": 10 * hidden.square().mean()}
+        optimizer.zero_grad()
+        weighting(losses).backward()
+        optimizer.step()
+    weights = weighting.weights()
+    assert float(weights["a"]) + float(weights["b"]) == pytest.approx(2.0, abs=1e-5)
+    # the |.| objective makes SGD hover around the balance point, within a few percent
+    assert float(weights["a"]) / float(weights["b"]) == pytest.approx(10.0, rel=0.1), weights
+    with pytest.raises(ValueError, match="no submodule 'towers'"):
+        GradNorm(schema, shared="towers").attach(model)
+
+
+def test_gradnorm_trains_inside_the_module(tmp_path):
+    module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=tiny_schema(),
+                             task_weighting=partial(GradNorm, shared="bottom"))
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=_Data())
+    assert module.task_weighting._parameters_of, "attached to the materialised bottom"
+    assert not torch.allclose(module.task_weighting.logits, torch.zeros(2)), "the weights moved"

@@ -36,6 +36,9 @@ class TaskWeighting(nn.Module):
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
         """Nothing changes between epochs unless a scheme says so."""
 
+    def attach(self, model: nn.Module) -> None:
+        """Called with the materialised model, for schemes that look at its parameters."""
+
 
 class StaticWeights(TaskWeighting):
     """The schema's weights, fixed (the default)."""
@@ -115,3 +118,68 @@ class ScheduledWeights(TaskWeighting):
 
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
         self.epoch += 1
+
+
+class GradNorm(TaskWeighting):
+    """Chen et al. (ICML 2018): learned weights that balance each task's gradient norm on the
+    shared layers, pulling tasks that train slowly (``L_i(t) / L_i(0)`` high) up.
+
+    Per step, with ``n_i = ||grad_W L_i||`` over the shared parameters ``W`` and weights
+    ``w = T softmax(v)`` (so they always sum to T, the paper's renormalisation), the weights
+    minimise ``sum_i |w_i n_i - mean_j(w_j n_j) r_i^alpha|`` (the target held constant) with
+    ``r_i`` each task's loss ratio relative to the mean, while the model trains on
+    ``sum_i w_i L_i`` (weights held constant). Applied to the shared *dense* parameters only:
+    the fused sparse optimizer updates the embeddings inside backward, where GradNorm cannot
+    reach them. Costs one partial backward (down to ``W``) per task per step.
+
+    Args:
+        shared: the model's submodule whose parameters are ``W`` (e.g. ``bottom`` for MMoE,
+            PLE and Shared-Bottom).
+        alpha: the restoring force's strength (the paper: 0.12 to 3).
+    """
+
+    def __init__(self, schema: Schema, shared: str = "bottom", alpha: float = 1.5):
+        super().__init__(schema)
+        self.shared = shared
+        self.alpha = alpha
+        self.trained = [t.name for t in self.tasks if t.weight]
+        if len(self.trained) < 2:
+            raise ValueError("GradNorm balances two or more tasks with a non-zero weight")
+        self.logits = nn.Parameter(torch.zeros(len(self.trained)))
+        self.register_buffer("initial_losses", torch.full((len(self.trained),), float("nan")))
+        self._parameters_of: list = []  # the shared parameters, set by attach (not a submodule: not owned)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.logits)
+
+    def attach(self, model: nn.Module) -> None:
+        try:
+            module = model.get_submodule(self.shared)
+        except AttributeError:
+            raise ValueError(f"GradNorm: the model has no submodule {self.shared!r} to balance gradients on") from None
+        self._parameters_of = [p for p in module.parameters() if p.requires_grad]
+
+    def current(self) -> torch.Tensor:
+        return len(self.trained) * torch.softmax(self.logits, dim=0)
+
+    def weights(self) -> dict[str, torch.Tensor | float]:
+        current = dict(zip(self.trained, self.current()))
+        return {t.name: t.weight * current[t.name] if t.weight else 0.0 for t in self.tasks}
+
+    def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        weights = self.current()
+        task_losses = torch.stack([losses[name] for name in self.trained])
+        model_loss = (weights.detach() * task_losses).sum()
+        if not torch.is_grad_enabled() or not self._parameters_of:
+            return model_loss
+        norms = torch.stack([_gradient_norm(loss, self._parameters_of) for loss in task_losses])
+        if torch.isnan(self.initial_losses).any():
+            self.initial_losses.copy_(task_losses.detach())
+        ratios = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
+        target = ((weights * norms).mean() * (ratios / ratios.mean()) ** self.alpha).detach()
+        return model_loss + (weights * norms - target).abs().sum()
+
+
+def _gradient_norm(loss: torch.Tensor, parameters: list[nn.Parameter]) -> torch.Tensor:
+    grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
+    return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-24)

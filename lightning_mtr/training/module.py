@@ -115,6 +115,9 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         return loss
 
+    def on_fit_start(self) -> None:
+        self.task_weighting.attach(self.model)  # materialised (and sharded) by now, on one process or many
+
     def on_train_epoch_end(self) -> None:
         """Schemes that move between epochs (DWA, PLE's schedule) see each task's mean training
         loss of the epoch, averaged over processes so every rank weights alike."""
