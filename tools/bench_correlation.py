@@ -5,8 +5,8 @@ Shared-Bottom, OMoE and MMoE are trained with the paper's sizes (100 inputs; 8 e
 units; towers of 8; a Shared-Bottom bottom of 113 units, so the parameter counts match; Adam)
 on the controlled-correlation data (``lightning_mtr.data.synthetic.mmoe_regression``) at
 correlations 1.0, 0.9 and 0.5, over several seeds (each seed a new task pair and new rows).
-Prints the mean and spread of each model's final test loss (the sum of both tasks' MSE) per
-correlation, and draws the table as a plot. The paper's finding: MMoE's advantage over
+Prints the mean and spread of each model's final test loss (the sum of both tasks' MSE on
+standardised targets) per correlation, and draws the table as a plot. The paper's finding: MMoE's advantage over
 Shared-Bottom grows as the correlation drops.
 
     python -m tools.bench_correlation [--quick] [--out runs/bench_correlation]   (from the repo root)
@@ -52,6 +52,10 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
     x, y = (torch.from_numpy(a) for a in mmoe_regression_arrays(rows, correlation, DIM, seed=seed))
     x_test, y_test = (torch.from_numpy(a) for a in mmoe_regression_arrays(test_rows, correlation, DIM, seed=seed,
                                                                            split="test"))
+    # each seed draws its own sine terms, so the targets' scale varies several-fold between task
+    # pairs; standardised targets (training statistics) put every pair's loss on one scale
+    mean, std = y.mean(0), y.std(0)
+    y, y_test = (y - mean) / std, (y_test - mean) / std
     torch.manual_seed(seed)
     model = MODELS[model_name](schema())
     no_ids = KeyedJaggedTensor.empty()
