@@ -90,13 +90,14 @@ def run(settings: dict[str, int]) -> dict[str, dict[float, list[float]]]:
 
 
 def table(results: dict[str, dict[float, list[float]]]) -> str:
-    lines = [f"{'correlation':<12}" + "".join(f"{name:>24}" for name in results)]
+    """Mean ± spread, then the median: one hard task pair can dominate the mean."""
+    lines = [f"{'correlation':<12}" + "".join(f"{name:>34}" for name in results)]
     for correlation in CORRELATIONS:
         cells = []
         for name in results:
             losses = results[name][correlation]
             spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
-            cells.append(f"{statistics.mean(losses):>14.4f} ± {spread:<7.4f}")
+            cells.append(f"{statistics.mean(losses):>14.4f} ± {spread:<7.4f} (median {statistics.median(losses):.4f})")
         lines.append(f"{correlation:<12}" + "".join(cells))
     return "\n".join(lines)
 
