@@ -36,12 +36,15 @@ def _bce(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy(p.double(), y.double(), reduction="none")
 
 
-def test_esmm_outputs_and_losses_follow_the_paper():
-    torch.manual_seed(0)
+def _esmm_case(seed: int, rows: int):
+    """A small ESMM with its schema, inputs and funnel labels (half of the clicks convert)."""
+    torch.manual_seed(seed)
     schema = _schema(ESMM_TASKS)
-    model = ESMM(schema, tower=[8])
-    dense, sparse = random_inputs(schema, 32)
-    labels = _funnel_labels(32, {"ctcvr": 0.5})
+    return schema, ESMM(schema, tower=[8]), *random_inputs(schema, rows), _funnel_labels(rows, {"ctcvr": 0.5})
+
+
+def test_esmm_outputs_and_losses_follow_the_paper():
+    schema, model, dense, sparse, labels = _esmm_case(seed=0, rows=32)
     logits, row_losses = model.forward_with_losses(dense, sparse, labels)
     p_ctr, p_cvr, p_ctcvr = (logits[name].sigmoid().double() for name in ("ctr", "cvr", "ctcvr"))
     torch.testing.assert_close(p_ctcvr, p_ctr * p_cvr)  # pCTCVR = pCTR * pCVR
@@ -58,11 +61,7 @@ def test_esmm_outputs_and_losses_follow_the_paper():
 
 def test_esmm_trains_ctr_and_ctcvr_over_all_impressions():
     """With the schema's masks, the total loss is mean BCE(pCTR) + mean BCE(pCTCVR) over every row."""
-    torch.manual_seed(1)
-    schema = _schema(ESMM_TASKS)
-    model = ESMM(schema, tower=[8])
-    dense, sparse = random_inputs(schema, 16)
-    labels = _funnel_labels(16, {"ctcvr": 0.5})
+    schema, model, dense, sparse, labels = _esmm_case(seed=1, rows=16)
     click = labels["ctr"]
     masks = {"ctr": torch.ones(16, dtype=torch.bool), "ctcvr": torch.ones(16, dtype=torch.bool),
              "cvr": click.bool()}

@@ -106,8 +106,9 @@ class MultiTaskModule(L.LightningModule):
         loss = self.task_weighting(losses)
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
-        self.log_dict({f"train/{task}/weight": float(weight) for task, weight in self.task_weighting.weights().items()},
-                      batch_size=batch.batch_size)
+        # tensors, not floats: a float() of a learned weight would wait for the GPU every step
+        self.log_dict({f"train/{task}/weight": weight.detach() if isinstance(weight, torch.Tensor) else weight
+                       for task, weight in self.task_weighting.weights().items()}, batch_size=batch.batch_size)
         for task, value in losses.items():
             entry = self._epoch_losses.setdefault(task, [0.0, 0])
             entry[0] += value.detach()
