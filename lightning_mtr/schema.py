@@ -18,7 +18,9 @@ import yaml
 from lightning_mtr.expressions import Expression
 
 Pooling = Literal["sum", "mean"]
-TaskKind = Literal["binary", "regression"]
+TaskKind = Literal["binary", "regression", "multiclass", "ranking"]
+TASK_KINDS = ("binary", "regression", "multiclass", "ranking")
+RankingLoss = Literal["pairwise", "listwise"]
 DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 OutOfRange = Literal["error", "modulo"]
 
@@ -34,6 +36,13 @@ class SparseFeature:
     as strings in another. Features naming the same
     ``table`` share it (and must agree on its size, dim and pooling). A null value is a
     missing feature: an empty bag, whose pooled embedding is zero.
+
+    ``sequence: true`` marks an ordered list (a behaviour sequence) that the model reads
+    unpooled, one embedding per element (TorchRec's ``EmbeddingCollection``); ``max_length``
+    then keeps its first elements, so write the most recent behaviour first. Its column may
+    also hold single ids (a sequence of one, or none when null): how a candidate item shares
+    the history's tables. A table is pooled or not, so sequence features share tables only
+    with each other, and they share one ``embedding_dim`` (an ``EmbeddingCollection`` requires it).
     """
 
     name: str
@@ -46,6 +55,7 @@ class SparseFeature:
     max_length: int | None = None
     out_of_range: OutOfRange = "error"
     hashed: bool = False
+    sequence: bool = False
 
     @property
     def source_column(self) -> str:
@@ -84,7 +94,17 @@ class Task:
 
     ``label`` is a column or an expression over columns (``click * conversion``);
     ``sample_space`` (``click == 1``) selects the rows on which the task's loss and
-    metrics are computed; ``None`` means every row.
+    metrics are computed; ``None`` means every row (rows of other logs carry some label
+    there, never used).
+
+    Kinds: ``binary`` (0/1 label, BCE; AUC, logloss), ``regression`` (squared error; MSE),
+    ``multiclass`` (label in ``0..num_classes-1``, softmax cross-entropy; accuracy, macro
+    AUC, logloss) and ``ranking`` (relevance >= 0, graded or 0/1, compared only between rows
+    of one ``group``, e.g. a request id; ``ranking_loss`` pairwise (RankNet) or listwise
+    (softmax); NDCG@k for each k in ``ndcg_at`` and GAUC of relevance > 0 per group).
+    ``gauc_by`` (a user-id column) adds GAUC, the AUC of each user's rows averaged with
+    weights = the user's rows, to a binary task. Training shuffles a ranking task's groups
+    as blocks, so the rows of one request stay together (a batch boundary may still split one).
     """
 
     name: str
@@ -92,6 +112,21 @@ class Task:
     kind: TaskKind = "binary"
     weight: float = 1.0
     sample_space: str | None = None
+    num_classes: int | None = None
+    group: str | None = None
+    ranking_loss: RankingLoss = "listwise"
+    ndcg_at: tuple[int, ...] = (5, 10)
+    gauc_by: str | None = None
+
+    @property
+    def output_size(self) -> int:
+        """Logits per row: one per class for multiclass, else one."""
+        return self.num_classes if self.kind == "multiclass" else 1
+
+    @property
+    def group_column(self) -> str | None:
+        """The column whose rows are compared together: a ranking task's group, or ``gauc_by``."""
+        return self.group if self.kind == "ranking" else self.gauc_by
 
     @property
     def label_expression(self) -> Expression:
@@ -150,6 +185,21 @@ class Schema:
     def task_names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
+    @property
+    def task_outputs(self) -> dict[str, int]:
+        """``{task: logits per row}``: what task towers must produce."""
+        return {task.name: task.output_size for task in self.tasks}
+
+    @property
+    def group_columns(self) -> list[str]:
+        """Id columns that group rows for ranking losses and per-group metrics."""
+        return list(dict.fromkeys(t.group_column for t in self.tasks if t.group_column is not None))
+
+    @property
+    def shuffle_group(self) -> str | None:
+        """The ranking tasks' group column: training shuffles its runs of rows as blocks."""
+        return next((t.group for t in self.tasks if t.kind == "ranking"), None)
+
     @cached_property
     def tables(self) -> list[EmbeddingTable]:
         """Embedding tables in first-use order; shared tables list all their features."""
@@ -161,6 +211,24 @@ class Schema:
                            tuple(f.name for f in group))
             for name, group in by_name.items()
         ]
+
+    @property
+    def pooled_tables(self) -> list[EmbeddingTable]:
+        """Tables whose features are pooled into one vector per row (an ``EmbeddingBagCollection``)."""
+        sequences = {f.table_name for f in self.sparse if f.sequence}
+        return [t for t in self.tables if t.name not in sequences]
+
+    @property
+    def sequence_tables(self) -> list[EmbeddingTable]:
+        """Tables of ``sequence`` features, looked up unpooled (an ``EmbeddingCollection``)."""
+        sequences = {f.table_name for f in self.sparse if f.sequence}
+        return [t for t in self.tables if t.name in sequences]
+
+    @property
+    def lookup_order(self) -> list[SparseFeature]:
+        """Sparse features as batches carry them: the pooled ones, then the sequences (so one
+        split of the batch's KeyedJaggedTensor feeds each collection)."""
+        return [f for f in self.sparse if not f.sequence] + [f for f in self.sparse if f.sequence]
 
     @cached_property
     def label_columns(self) -> frozenset[str]:
@@ -190,10 +258,11 @@ class Schema:
             if duplicates:
                 raise ValueError(f"duplicate {kind} names: {duplicates}")
         for task in self.tasks:
-            if task.kind not in ("binary", "regression"):
-                raise ValueError(f"task {task.name!r}: kind must be 'binary' or 'regression', got {task.kind!r}")
-            if task.weight < 0:
-                raise ValueError(f"task {task.name!r}: weight must be >= 0, got {task.weight}")
+            _validate_task(task)
+        ranking_groups = {t.group for t in self.tasks if t.kind == "ranking"}
+        if len(ranking_groups) > 1:
+            raise ValueError(f"ranking tasks group rows by different columns {sorted(ranking_groups)}; training "
+                             "keeps one column's groups together, so they must share one")
         for feature in self.sparse:
             _validate_sparse(feature)
         for feature in self.dense:
@@ -211,6 +280,12 @@ class Schema:
                     f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                     f"(num_embeddings, embedding_dim, pooling): {sorted(shapes)}"
                 )
+            if len({f.sequence for f in users}) > 1:
+                raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
+                                 "a table is looked up pooled or unpooled, so give the sequence its own table")
+        dims = {f.name: f.embedding_dim for f in self.sparse if f.sequence}
+        if len(set(dims.values())) > 1:
+            raise ValueError(f"sequence features need one embedding_dim (TorchRec's EmbeddingCollection), got {dims}")
 
     def _reject_leakage(self) -> None:
         targets = self.label_columns
@@ -235,6 +310,26 @@ def _load_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     return {**_load_with_base(path.parent / base, (*seen, path.resolve())), **config}
 
 
+def _validate_task(task: Task) -> None:
+    where = f"task {task.name!r}"
+    if task.kind not in TASK_KINDS:
+        raise ValueError(f"{where}: kind must be one of {list(TASK_KINDS)}, got {task.kind!r}")
+    if task.weight < 0:
+        raise ValueError(f"{where}: weight must be >= 0, got {task.weight}")
+    if (task.kind == "multiclass") != (task.num_classes is not None):
+        raise ValueError(f"{where}: num_classes is required for kind multiclass, and only there")
+    if task.num_classes is not None and task.num_classes < 2:
+        raise ValueError(f"{where}: num_classes must be >= 2, got {task.num_classes}")
+    if (task.kind == "ranking") != (task.group is not None):
+        raise ValueError(f"{where}: group (the request-id column) is required for kind ranking, and only there")
+    if task.ranking_loss not in ("pairwise", "listwise"):
+        raise ValueError(f"{where}: ranking_loss must be 'pairwise' or 'listwise', got {task.ranking_loss!r}")
+    if not task.ndcg_at or any(not isinstance(k, int) or k < 1 for k in task.ndcg_at):
+        raise ValueError(f"{where}: ndcg_at must list integers >= 1, got {task.ndcg_at!r}")
+    if task.gauc_by is not None and task.kind != "binary":
+        raise ValueError(f"{where}: gauc_by is for binary tasks (ranking tasks report GAUC per group already)")
+
+
 def _validate_sparse(feature: SparseFeature) -> None:
     where = f"sparse feature {feature.name!r}"
     if feature.num_embeddings < 1 or feature.embedding_dim < 1:
@@ -243,8 +338,8 @@ def _validate_sparse(feature: SparseFeature) -> None:
         raise ValueError(f"{where}: pooling must be 'sum' or 'mean', got {feature.pooling!r}")
     if feature.out_of_range not in ("error", "modulo"):
         raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
-    if feature.max_length is not None and (not feature.multi_valued or feature.max_length < 1):
-        raise ValueError(f"{where}: max_length needs multi_valued: true and a value >= 1")
+    if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
+        raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
 
 
 def _build(cls: type, config: Any, what: str) -> Any:
@@ -257,10 +352,11 @@ def _build(cls: type, config: Any, what: str) -> Any:
     # YAML reads `name: 101` as an int; Arrow column names are strings.
     names = {k: str(v) if k in _NAME_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) else v
              for k, v in config.items()}
+    names = {k: tuple(v) if isinstance(v, list) else v for k, v in names.items()}  # frozen: hashable
     return cls(**names)
 
 
-_NAME_KEYS = ("name", "column", "table")
+_NAME_KEYS = ("name", "column", "table", "group", "gauc_by")
 
 
 __all__ = ["DenseFeature", "EmbeddingTable", "Schema", "SparseFeature", "Task"]

@@ -81,7 +81,7 @@ def _sample_space_rows(path: Path) -> dict[str, int]:
 def _report(text: str, stage: str) -> dict[str, int]:
     """TaskReport's table after ``Per-task {stage} metrics``: {task: rows}."""
     lines = text.split(f"Per-task {stage} metrics\n", 1)[1].splitlines()
-    assert lines[0].split() == ["task", "kind", "rows", "auc", "logloss", "mse"]
+    assert lines[0].split() == ["task", "kind", "rows", "auc", "logloss", "mse", "other"]
     found = {}
     for line in lines[1:1 + len(SCHEMA.tasks)]:
         task, kind, rows, auc, *_ = line.split()

@@ -150,6 +150,8 @@ def test_task_metrics_names_allowed_values():
     assert set(task_metrics("binary", auc="binned")) == {"auc", "logloss", "rows"}
     assert set(task_metrics("regression")) == {"mse", "rows"}
     with pytest.raises(ValueError, match="binary"):
+        task_metrics("clustering")
+    with pytest.raises(ValueError, match="schema task"):
         task_metrics("ranking")
     with pytest.raises(ValueError, match="binned"):
         task_metrics("binary", auc="approximate")

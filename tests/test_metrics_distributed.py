@@ -11,18 +11,27 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from lightning_mtr.metrics import MaskedTaskMetrics
+from lightning_mtr.schema import Task
 
-TASKS = [("ctr", "binary"), ("cvr", "binary"), ("watch", "regression")]
+# per-group metrics (GAUC, NDCG) and multiclass ones keep rows: their groups straddle the processes
+TASKS = [Task("ctr", "click", gauc_by="user"), Task("cvr", "conversion"), Task("watch", "watch", kind="regression"),
+         Task("rank", "relevance", kind="ranking", group="request"),
+         Task("level", "level", kind="multiclass", num_classes=3)]
 
 
 def _data(seed: int = 0, rows: int = 400):
     generator = torch.Generator().manual_seed(seed)
-    logits = {name: torch.randn(rows, generator=generator) for name, _ in TASKS}
+    logits = {task.name: torch.randn(rows, generator=generator) for task in TASKS}
+    logits["level"] = torch.randn(rows, 3, generator=generator)
     labels = {name: (torch.rand(rows, generator=generator) < 0.3).float() for name in ("ctr", "cvr")}
     labels["watch"] = torch.randn(rows, generator=generator)
+    labels["rank"] = torch.randint(0, 3, (rows,), generator=generator).float()
+    labels["level"] = torch.randint(0, 3, (rows,), generator=generator).float()
     masks = {"ctr": torch.ones(rows, dtype=torch.bool), "cvr": labels["ctr"].bool(),
-             "watch": torch.rand(rows, generator=generator) < 0.5}
-    return logits, labels, masks
+             "watch": torch.rand(rows, generator=generator) < 0.5, "rank": torch.ones(rows, dtype=torch.bool),
+             "level": torch.ones(rows, dtype=torch.bool)}
+    groups = {"user": torch.randint(0, 30, (rows,), generator=generator), "request": torch.arange(rows) // 7}
+    return logits, labels, masks, groups
 
 
 def _shard(tensors: dict, rank: int) -> dict:
@@ -35,7 +44,7 @@ def _shard(tensors: dict, rank: int) -> dict:
 def _worker(rank: int, port: int, auc: str, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    logits, labels, masks = _data()
+    logits, labels, masks, groups = _data()
     masks = dict(masks)
     if rank == 1:
         masks["cvr"] = torch.zeros_like(masks["cvr"])
@@ -43,7 +52,7 @@ def _worker(rank: int, port: int, auc: str, results) -> None:
     shard = lambda d: _shard(d, rank)  # noqa: E731
     for start in range(0, 200, 50):  # a few batches per process
         part = lambda d: {k: v[start:start + 50] for k, v in shard(d).items()}  # noqa: E731
-        metrics.update(part(logits), part(labels), part(masks))
+        metrics.update(part(logits), part(labels), part(masks), part(groups))
     results[rank] = {k: float(v) for k, v in metrics.compute().items()}
     dist.destroy_process_group()
 
@@ -56,13 +65,13 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("auc", ["exact", "binned"])
 def test_two_processes_match_one(auc):
-    logits, labels, masks = _data()
+    logits, labels, masks, groups = _data()
     rows = next(iter(masks.values())).shape[0]
     masks_used = dict(masks)
     masks_used["cvr"] = masks["cvr"].clone()
     masks_used["cvr"][rows // 2:] = False  # what rank 1 contributes to cvr: nothing
     single = MaskedTaskMetrics(TASKS, prefix="val", auc=auc)
-    single.update(logits, labels, masks_used)
+    single.update(logits, labels, masks_used, groups)
     expected = {k: float(v) for k, v in single.compute().items()}
 
     results = mp.Manager().dict()

@@ -58,7 +58,17 @@ def test_tables_group_shared_features_and_label_columns_cover_sample_spaces():
 
 @pytest.mark.parametrize("change, message", [
     ({"tasks": []}, "at least one task"),
-    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking"}]}, "kind must be"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ordinal"}]}, "kind must be"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking"}]}, "group .* is required for kind ranking"),
+    ({"tasks": [{"name": "x", "label": "y", "group": "request"}]}, "group .* is required for kind ranking"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "multiclass"}]}, "num_classes is required"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "multiclass", "num_classes": 1}]}, "num_classes must be >= 2"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking", "group": "r", "ranking_loss": "pointwise"}]},
+     "ranking_loss must be"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking", "group": "r", "ndcg_at": [0]}]}, "ndcg_at"),
+    ({"tasks": [{"name": "x", "label": "y", "kind": "regression", "gauc_by": "user"}]}, "gauc_by is for binary"),
+    ({"tasks": [{"name": "a", "label": "y", "kind": "ranking", "group": "r1"},
+                {"name": "b", "label": "z", "kind": "ranking", "group": "r2"}]}, "different columns"),
     ({"sparse": [{"name": "a", "num_embeddings": 0}]}, "must be >= 1"),
     ({"sparse": [{"name": "a", "num_embeddings": 3, "pooling": "max"}]}, "pooling must be"),
     ({"sparse": [{"name": "a", "num_embeddings": 3, "max_length": 2}]}, "max_length needs multi_valued"),

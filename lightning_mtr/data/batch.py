@@ -19,6 +19,8 @@ class Batch(Pipelineable):
         labels: task -> ``[B]`` float32 targets (0/1 for binary tasks).
         masks: task -> ``[B]`` bool, True where the row is inside the task's sample space.
         extras: column -> ``[B]`` tensor carried through untouched (e.g. ids for ``predict``).
+        groups: column -> ``[B]`` int64 ids grouping rows for ranking losses and per-group
+            metrics (a request id, a user id).
     """
 
     dense: torch.Tensor
@@ -26,6 +28,7 @@ class Batch(Pipelineable):
     labels: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    groups: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -45,6 +48,7 @@ class Batch(Pipelineable):
             labels={k: move(v) for k, v in self.labels.items()},
             masks={k: move(v) for k, v in self.masks.items()},
             extras={k: move(v) for k, v in self.extras.items()},
+            groups={k: move(v) for k, v in self.groups.items()},
         )
 
     def pin_memory(self) -> Batch:
@@ -54,9 +58,11 @@ class Batch(Pipelineable):
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             masks={k: v.pin_memory() for k, v in self.masks.items()},
             extras={k: v.pin_memory() for k, v in self.extras.items()},
+            groups={k: v.pin_memory() for k, v in self.groups.items()},
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *self.extras.values()):
+        for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *self.extras.values(),
+                       *self.groups.values()):
             tensor.record_stream(stream)
         self.sparse.record_stream(stream)

@@ -17,7 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_mtr.data.batch import Batch
-from lightning_mtr.schema import DenseFeature, Schema, SparseFeature
+from lightning_mtr.schema import DenseFeature, Schema, SparseFeature, Task
 
 SOURCE_COLUMN = "__source__"
 
@@ -47,7 +47,8 @@ class BatchEncoder:
     @property
     def columns(self) -> list[str]:
         """Every column the encoder reads, in a stable order without repeats."""
-        wanted = self.schema.input_columns + sorted(self.schema.label_columns) + list(self.extras)
+        wanted = (self.schema.input_columns + sorted(self.schema.label_columns) + self.schema.group_columns
+                  + list(self.extras))
         return list(dict.fromkeys(wanted))
 
     @property
@@ -65,14 +66,19 @@ class BatchEncoder:
         kinds = {f.source_column: ("sparse", f) for f in self.schema.sparse}
         kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
         kinds.update({c: ("numeric", None) for c in sorted(self.schema.label_columns) + list(self.extras)})
+        kinds.update({c: ("group", None) for c in self.schema.group_columns})
         for column, (kind, feature) in kinds.items():
             if column not in arrow_schema.names:
                 raise DataError(f"{source}: missing column {column!r}")
             dtype = arrow_schema.field(column).type
             if kind == "sparse":
-                ok = _is_id_type(dtype.value_type) if feature.multi_valued and _is_list(dtype) else (
-                    not feature.multi_valued and _is_id_type(dtype))
-                expected = "a list of integer/string ids" if feature.multi_valued else "integer or string ids"
+                is_list = _is_list(dtype)
+                ok = (feature.multi_valued or feature.sequence) if is_list else not feature.multi_valued
+                ok = ok and _is_id_type(dtype.value_type if is_list else dtype)
+                expected = ("a list of integer/string ids" if feature.multi_valued else
+                            "integer or string ids, or lists of them" if feature.sequence else "integer or string ids")
+            elif kind == "group":
+                ok, expected = _is_id_type(dtype), "integer or string ids (a request or user id)"
             else:
                 ok = pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
                 expected = "numbers"
@@ -83,19 +89,25 @@ class BatchEncoder:
         checker = RowChecker(table, sources)
         raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
         labels, masks = {}, {}
+        groups = {c: group_ids(table.column(c)) for c in self.schema.group_columns}
         for task, label, space in self._labels:
-            values = np.asarray(label.evaluate(raw), dtype=np.float64)
-            if task.kind == "binary":
-                checker.fail_if(task.label, (values != 0) & (values != 1), "binary label outside {0, 1}")
-            labels[task.name] = torch.from_numpy(np.broadcast_to(values, (table.num_rows,)).astype(np.float32))
+            values = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
             mask = np.ones(table.num_rows, bool) if space is None else np.asarray(space.evaluate(raw), bool)
-            masks[task.name] = torch.from_numpy(np.broadcast_to(mask, (table.num_rows,)).copy())
+            mask = np.broadcast_to(mask, (table.num_rows,))
+            _check_labels(task, values, mask, checker)
+            if task.group_column is not None:
+                checker.fail_if(task.group_column, mask & (groups[task.group_column] == _MISSING_GROUP),
+                                f"missing (null) group id inside task {task.name!r}'s sample space")
+            # outside the sample space a label is never used; class 0 keeps a multiclass loss defined
+            labels[task.name] = torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))
+            masks[task.name] = torch.from_numpy(mask.copy())
         return Batch(
             dense=self._dense(table, checker),
             sparse=self._sparse(table, checker),
             labels=labels,
             masks=masks,
             extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
+            groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
         )
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
@@ -112,16 +124,48 @@ class BatchEncoder:
 
     def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
         values, lengths = [], []
-        for feature in self.schema.sparse:
+        features = self.schema.lookup_order
+        for feature in features:
             ids, counts = _feature_ids(table.column(feature.source_column), feature, checker)
             values.append(ids)
             lengths.append(counts)
         return KeyedJaggedTensor(
-            keys=[f.name for f in self.schema.sparse],
+            keys=[f.name for f in features],
             values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
             stride=table.num_rows,
         )
+
+
+def _check_labels(task: Task, values: np.ndarray, mask: np.ndarray, checker: RowChecker) -> None:
+    """Labels must suit the task's kind; a multiclass or ranking label only inside its sample space."""
+    if task.kind == "binary":
+        checker.fail_if(task.label, (values != 0) & (values != 1), "binary label outside {0, 1}", values)
+    elif task.kind == "multiclass":
+        bad = mask & ((values != np.round(values)) | (values < 0) | (values >= task.num_classes))
+        checker.fail_if(task.label, bad, f"multiclass label outside the classes 0..{task.num_classes - 1}", values)
+    elif task.kind == "ranking":
+        checker.fail_if(task.label, mask & (values < 0), "negative ranking relevance", values)
+
+
+_MISSING_GROUP = np.iinfo(np.int64).min
+
+
+def group_ids(column: pa.ChunkedArray) -> np.ndarray:
+    """int64 ids of a group column: integers as they are, strings by their 64-bit FNV-1a hash
+    (two requests collide with odds ~n^2 / 2^64); a null becomes a reserved missing id."""
+    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    if pa.types.is_dictionary(array.type):
+        array = array.dictionary_decode()
+    if _is_string(array.type):
+        ids = np.zeros(len(array), np.int64)
+        present = np.asarray(array.is_valid())
+        ids[present] = fnv1a_64(array.drop_null().cast(pa.large_string())).view(np.int64)
+    else:
+        ids = np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64).copy()
+        present = np.asarray(array.is_valid())
+    ids[~present] = _MISSING_GROUP
+    return ids
 
 
 def pretransform_dense(feature: DenseFeature, values: np.ndarray) -> np.ndarray:
@@ -175,7 +219,7 @@ def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> np.
 def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowChecker) -> tuple[np.ndarray, np.ndarray]:
     """Flat int64 ids and int32 per-row counts for one feature (a null row is an empty bag)."""
     array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if not feature.multi_valued:
+    if not _is_list(array.type):  # single ids; a sequence column may hold them too (sequences of one)
         present = np.asarray(array.is_valid())
         ids = _ids(array.drop_null() if array.null_count else array, feature, checker, np.flatnonzero(present))
         return ids, present.astype(np.int32)

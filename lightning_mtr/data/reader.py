@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lightning_mtr.data.batch import Batch
-from lightning_mtr.data.encode import SOURCE_COLUMN, BatchEncoder, DataError
+from lightning_mtr.data.encode import SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
 
@@ -330,7 +330,7 @@ class BatchStream(IterableDataset):
         what is kept, its size and the count of batches so far."""
         table = pa.concat_tables(buffer, promote_options="permissive")
         if self.shuffle_buffer:
-            table = table.take(pa.array(rng.permutation(table.num_rows)))
+            table = table.take(pa.array(self._shuffled_rows(table, rng)))
         full = table.num_rows - table.num_rows % self.batch_size
         if last_batch_after is not None:
             full = min(full, max(last_batch_after - emitted, 0) * self.batch_size)
@@ -344,6 +344,19 @@ class BatchStream(IterableDataset):
         if tail.num_rows and not self.drop_last and emitted >= skip:
             yield self.encoder.encode(tail, sources)
         return [], 0, emitted
+
+
+    def _shuffled_rows(self, table: pa.Table, rng: np.random.Generator) -> np.ndarray:
+        """A random row order; with a ranking task, runs of rows sharing its group id (a request)
+        move as blocks, so a request's rows stay together for the ranking loss."""
+        column = self.encoder.schema.shuffle_group
+        if column is None:
+            return rng.permutation(table.num_rows)
+        ids = group_ids(table.column(column))
+        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        sizes = np.diff(np.r_[starts, table.num_rows])
+        runs = rng.permutation(len(starts))
+        return np.repeat(starts[runs] - np.cumsum(np.r_[0, sizes[runs][:-1]]), sizes[runs]) + np.arange(table.num_rows)
 
 
 def worker_init(worker_id: int) -> None:

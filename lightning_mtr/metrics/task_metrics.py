@@ -1,23 +1,25 @@
 """Metric collections per task kind, and the masked per-task container the training loop uses.
 
-Every metric here takes the same ``update(logits, target)`` with float
-``logits [B]`` and ``target [B]``, so one ``MetricCollection.update`` call
-feeds them all. Binary metrics receive raw logits and apply ``sigmoid``
-themselves where they need probabilities; for regression the "logits" are the
-predictions.
+Every metric here takes ``update(logits, target)`` with float ``logits [B]`` (``[B, C]`` for
+multiclass) and ``target [B]``; per-group metrics also take ``groups=`` ``[B]`` ids, which
+``MetricCollection.update`` hands only to the metrics that accept it, so one call feeds them
+all. Binary metrics receive raw logits and apply ``sigmoid`` themselves where they need
+probabilities; for regression the "logits" are the predictions.
 """
 
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
-from torchmetrics.classification import BinaryAUROC
+from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
 
 from lightning_mtr.metrics.binned_auc import BinnedBinaryAUROC
+from lightning_mtr.metrics.grouped import GroupAUC, GroupNDCG
 from lightning_mtr.metrics.logloss import BinaryLogLoss
+from lightning_mtr.schema import TASK_KINDS, Task
 
-TASK_KINDS = ("binary", "regression")
 AUC_MODES = ("exact", "binned")
 
 
@@ -60,27 +62,77 @@ class RowCount(torchmetrics.Metric):
         return self.rows.double()
 
 
-def task_metrics(kind: str, auc: str = "exact", num_bins: int = 65536) -> torchmetrics.MetricCollection:
-    """The metrics of one task.
+class MulticlassLogLoss(torchmetrics.MeanMetric):
+    """Mean softmax cross-entropy of ``logits [B, C]`` against class ``target [B]``."""
+
+    higher_is_better = False
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        super().update(F.cross_entropy(logits.float(), target.long(), reduction="none"))
+
+
+class _FromLogits(torchmetrics.Metric):
+    """Feeds a torchmetrics multiclass metric softmax probabilities and integer classes (so a
+    batch of logits that happen to lie in [0, 1] is never taken for probabilities)."""
+
+    full_state_update = False
+
+    def __init__(self, metric: torchmetrics.Metric, **kwargs):
+        super().__init__(**kwargs)
+        self.metric = metric
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        self.metric.update(torch.softmax(logits.float(), dim=-1), target.long())
+
+    def compute(self) -> Tensor:
+        return self.metric.compute()
+
+    def reset(self) -> None:
+        self.metric.reset()
+        super().reset()
+
+
+def task_metrics(task: Task | str, auc: str = "exact", num_bins: int = 65536) -> torchmetrics.MetricCollection:
+    """The metrics of one task (every kind also counts its ``rows``).
 
     Args:
-        kind: "binary" gives ``auc``, ``logloss`` and ``rows``; "regression"
-            gives ``mse`` and ``rows``.
+        task: a schema task, or just a kind for the kinds that need no more ("binary",
+            "regression"). binary: ``auc``, ``logloss`` (and ``gauc`` with ``gauc_by``);
+            regression: ``mse``; multiclass: ``accuracy``, ``auc`` (macro, one-vs-rest),
+            ``logloss``; ranking: ``ndcg@k`` for each k of ``ndcg_at`` and ``gauc`` (of
+            relevance > 0, per group).
         auc: "exact" keeps every score (torchmetrics ``BinaryAUROC``);
             "binned" keeps a histogram of ``num_bins`` bins
             (``BinnedBinaryAUROC``: O(bins) memory and all-gather, AUC error
             bounded by the pairs sharing a bin). Prefer "binned" with several
-            processes.
+            processes. Binary tasks only: the others always keep every row.
         num_bins: bins of the binned AUC.
     """
-    if kind not in TASK_KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; expected one of {TASK_KINDS}")
+    if isinstance(task, str):
+        if task in ("multiclass", "ranking"):
+            raise ValueError(f"{task} metrics need the schema task (classes, group column), not just its kind")
+        task = Task(name="task", label="task", kind=task)
+    if task.kind not in TASK_KINDS:
+        raise ValueError(f"unknown task kind {task.kind!r}; expected one of {TASK_KINDS}")
     if auc not in AUC_MODES:
         raise ValueError(f"unknown auc mode {auc!r}; expected one of {AUC_MODES}")
-    if kind == "regression":
-        return torchmetrics.MetricCollection({"mse": torchmetrics.MeanSquaredError(), "rows": RowCount()})
-    auc_metric = LogitBinaryAUROC() if auc == "exact" else BinnedBinaryAUROC(num_bins, from_logits=True)
-    return torchmetrics.MetricCollection({"auc": auc_metric, "logloss": BinaryLogLoss(), "rows": RowCount()})
+    metrics: dict[str, torchmetrics.Metric] = {"rows": RowCount()}
+    if task.kind == "regression":
+        metrics["mse"] = torchmetrics.MeanSquaredError()
+    elif task.kind == "multiclass":
+        metrics["accuracy"] = _FromLogits(MulticlassAccuracy(task.num_classes, average="micro"))
+        metrics["auc"] = _FromLogits(MulticlassAUROC(task.num_classes, average="macro", thresholds=None))
+        metrics["logloss"] = MulticlassLogLoss()
+    elif task.kind == "ranking":
+        metrics.update({f"ndcg@{k}": GroupNDCG(k) for k in task.ndcg_at})
+        metrics["gauc"] = GroupAUC()
+    else:
+        metrics["auc"] = LogitBinaryAUROC() if auc == "exact" else BinnedBinaryAUROC(num_bins, from_logits=True)
+        metrics["logloss"] = BinaryLogLoss()
+        if task.gauc_by is not None:
+            metrics["gauc"] = GroupAUC()
+    # compute_groups off: torchmetrics would otherwise merge metrics whose states look alike
+    return torchmetrics.MetricCollection(metrics, compute_groups=False)
 
 
 class MaskedTaskMetrics(torch.nn.Module):
@@ -97,24 +149,32 @@ class MaskedTaskMetrics(torch.nn.Module):
     ``compute()``.
 
     Args:
-        tasks: ``(name, kind)`` pairs; kind as in ``task_metrics``.
+        tasks: schema tasks, or ``(name, kind)`` pairs for kinds that need no more; see
+            ``task_metrics``.
         prefix: stage name leading every key, e.g. "val".
         auc: "exact" or "binned", see ``task_metrics``.
         num_bins: bins of the binned AUC.
     """
 
-    def __init__(self, tasks: Sequence[tuple[str, str]], prefix: str, auc: str = "exact", num_bins: int = 65536):
+    def __init__(self, tasks: Sequence[Task | tuple[str, str]], prefix: str, auc: str = "exact",
+                 num_bins: int = 65536):
         super().__init__()
         self.prefix = prefix
-        self.collections = torch.nn.ModuleDict({name: task_metrics(kind, auc, num_bins) for name, kind in tasks})
+        tasks = [t if isinstance(t, Task) else Task(name=t[0], label=t[0], kind=t[1]) for t in tasks]
+        self.group_of = {t.name: t.group_column for t in tasks}
+        self.collections = torch.nn.ModuleDict({t.name: task_metrics(t, auc, num_bins) for t in tasks})
 
-    def update(self, logits: dict[str, Tensor], labels: dict[str, Tensor], masks: dict[str, Tensor]) -> None:
-        """Update every task on its masked rows; each dict maps task name to a ``[B]`` tensor."""
+    def update(self, logits: dict[str, Tensor], labels: dict[str, Tensor], masks: dict[str, Tensor],
+               groups: dict[str, Tensor] | None = None) -> None:
+        """Update every task on its masked rows; each dict maps task name (``groups``: column
+        name) to a ``[B]`` tensor (logits of a multiclass task: ``[B, C]``)."""
         for task, collection in self.collections.items():
             # Update even when the mask is empty: torchmetrics skips the all-gather of a list
             # state that is empty on one process, which would deadlock the others.
             mask = masks[task].bool()
-            collection.update(logits[task][mask], labels[task][mask])
+            column = self.group_of[task]
+            extra = {} if column is None else {"groups": groups[column][mask]}
+            collection.update(logits[task][mask], labels[task][mask], **extra)
 
     def compute(self) -> dict[str, Tensor]:
         """Metrics keyed ``"{prefix}/{task}/{metric}"``, e.g. ``"val/ctr/auc"``."""

@@ -39,7 +39,7 @@ class MMoE(nn.Module):
         self.features = FeatureInput(schema)
         self.bottom = MixtureBottom(self.features.output_dim, len(self.tasks), num_experts, expert, self.one_gate,
                                     gate_backend, gate_names=["shared"] if self.one_gate else self.tasks)
-        self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
+        self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         mixed = self.bottom(self.features(dense, sparse))  # [B, T, D]

@@ -48,7 +48,7 @@ class NFwFM(nn.Module):
         self.fields = FieldVectors(self.features.field_dims, field_dim)
         self.fwfm = FwFM(len(self.features.field_dims), self.fields.dim, linear)
         self.mlp = MLP(self.features.output_dim, hidden, dropout)
-        self.towers = TaskTowers(self.tasks, self.mlp.output_dim + 1, tower, dropout)
+        self.towers = TaskTowers(schema.task_outputs, self.mlp.output_dim + 1, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         features = self.features(dense, sparse)  # [B, dense + sum of dims]

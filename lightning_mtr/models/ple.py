@@ -55,7 +55,7 @@ class PLE(nn.Module):
                               gate_backend, gate_names=names))
             in_dim = levels[-1].output_dim
         self.levels = nn.Sequential(*levels)
-        self.towers = TaskTowers(self.tasks, in_dim, tower, dropout)
+        self.towers = TaskTowers(schema.task_outputs, in_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         mixed = self.levels(self.features(dense, sparse))  # [B, T, D]

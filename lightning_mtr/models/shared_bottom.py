@@ -32,7 +32,7 @@ class SharedBottom(nn.Module):
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
         self.bottom = SharedMLP(self.features.output_dim, len(self.tasks), bottom, dropout)
-        self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
+        self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         shared = self.bottom(self.features(dense, sparse))  # [B, T, D], the same D-vector for every task

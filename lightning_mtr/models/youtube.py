@@ -66,7 +66,7 @@ class YouTubeRanker(nn.Module):
         self.shared = MLP(_width(self.main_columns), shared)
         self.bottom = MixtureBottom(self.shared.output_dim, len(self.tasks), num_experts, expert,
                                     gate_backend=gate_backend, gate_names=self.tasks, gate_dropout=gate_dropout)
-        self.towers = TaskTowers(self.tasks, self.bottom.output_dim, tower, dropout)
+        self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
         position_dim = _width(self.position_columns)
         self.missing_position = nn.Parameter(torch.empty(position_dim))
         self.shallow = None if shallow_tower is None else nn.Sequential(

@@ -1,10 +1,15 @@
-"""Schema -> TorchRec embedding tables -> one flat feature vector per row."""
+"""Schema -> TorchRec embedding tables -> one flat feature vector per row (and, for sequence
+features, one embedding per element)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, KeyedTensor
+from torchrec import (
+    EmbeddingBagCollection, EmbeddingBagConfig, EmbeddingCollection, EmbeddingConfig, KeyedJaggedTensor, KeyedTensor,
+)
 from torchrec.modules.embedding_configs import PoolingType
 
 from lightning_mtr.schema import Schema
@@ -13,12 +18,18 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def embedding_configs(schema: Schema) -> list[EmbeddingBagConfig]:
-    """One TorchRec table config per schema table (shared tables list all their features)."""
+    """One TorchRec table config per pooled schema table (shared tables list all their features)."""
     return [
         EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
                            feature_names=list(t.feature_names), pooling=_POOLING[t.pooling])
-        for t in schema.tables
+        for t in schema.pooled_tables
     ]
+
+
+def sequence_configs(schema: Schema) -> list[EmbeddingConfig]:
+    """One TorchRec table config per table of sequence features (looked up unpooled)."""
+    return [EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
+                            feature_names=list(t.feature_names)) for t in schema.sequence_tables]
 
 
 class FeatureInput(nn.Module):
@@ -26,30 +37,73 @@ class FeatureInput(nn.Module):
 
     ``forward(dense [B, F_dense], sparse KJT) -> [B, output_dim]``. The tables live in
     ``self.embeddings``, a plain ``EmbeddingBagCollection`` that the trainer may swap for a
-    fused or sharded one without changing parameter names.
+    fused or sharded one without changing parameter names. Sequence features are not in that
+    vector: their tables live in ``self.sequence_embeddings`` (an ``EmbeddingCollection``,
+    present only when the schema has sequences) and :meth:`sequences` looks them up.
     """
 
     def __init__(self, schema: Schema, device: torch.device | str | None = None):
         super().__init__()
         # Default: the ambient device, so `with torch.device("meta"):` builds tables without memory.
         device = torch.device(device) if device is not None else torch.get_default_device()
+        tables = schema.pooled_tables
         self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
-        self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in schema.tables)
-        self.feature_names = [name for t in schema.tables for name in t.feature_names]
+        if schema.sequence_tables:
+            self.sequence_embeddings = EmbeddingCollection(tables=sequence_configs(schema), device=device)
+        self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in tables)
+        self.feature_names = [name for t in tables for name in t.feature_names]
+        self.sequence_names = [name for t in schema.sequence_tables for name in t.feature_names]
         self.dense_dim = len(schema.dense)
-        self.field_dims = {name: t.embedding_dim for t in schema.tables for name in t.feature_names}
+        self.field_dims = {name: t.embedding_dim for t in tables for name in t.feature_names}
+
+    def _split(self, sparse: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
+        """Pooled and sequence features: batches carry them in that order (``Schema.lookup_order``)."""
+        if not self.sequence_names:
+            return sparse, None
+        pooled, sequences = sparse.split([len(sparse.keys()) - len(self.sequence_names), len(self.sequence_names)])
+        return pooled, sequences
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.feature_names:
             return dense
-        pooled = self.embeddings(sparse)
+        pooled = self.embeddings(self._split(sparse)[0])
         # a sharded collection returns its features grouped by shard, in an order that depends on
         # the plan; the layers after it must always see them in the schema's order
         if pooled.keys() != self.feature_names:
             return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
         return torch.cat([dense, pooled.values()], dim=1)
 
+    def columns(self, features: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+        """The pooled embeddings of the named features inside ``forward``'s output, concatenated in
+        the given order (``[B, sum of their dims]``)."""
+        offsets, start = {}, self.dense_dim
+        for name in self.feature_names:
+            offsets[name] = (start, start + self.field_dims[name])
+            start += self.field_dims[name]
+        unknown = [n for n in names if n not in offsets]
+        if unknown:
+            raise ValueError(f"unknown pooled sparse features {unknown}; known: {self.feature_names}")
+        return torch.cat([features[:, :0]] + [features[:, slice(*offsets[n])] for n in names], dim=1)
+
+    def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past
+        each row's length; L is the longest sequence of the batch."""
+        looked_up = self.sequence_embeddings(self._split(sparse)[1])
+        return {name: _padded(looked_up[name].values(), looked_up[name].lengths()) for name in self.sequence_names}
+
     def pooled(self, features: torch.Tensor) -> torch.Tensor:
         """The pooled embeddings inside ``forward``'s output: ``[B, sum of dims]``, one block per
         feature in ``feature_names`` order, sized by ``field_dims`` (a view: no second lookup)."""
         return features[:, self.dense_dim:]
+
+
+def _padded(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged ``values [sum of lengths, D]`` as ``[B, longest, D]`` (zeros after each row's end;
+    at least one step, so a batch of empty sequences still has a shape)."""
+    lengths = lengths.long()
+    rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), lengths)
+    starts = torch.cumsum(lengths, 0) - lengths
+    positions = torch.arange(values.shape[0], device=values.device) - starts[rows]
+    out = values.new_zeros(lengths.numel(), max(int(lengths.max()) if lengths.numel() else 0, 1), values.shape[1])
+    out[rows, positions] = values
+    return out, lengths

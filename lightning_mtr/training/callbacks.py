@@ -13,16 +13,25 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
+_COLUMNS = ("rows", "auc", "logloss", "mse")
+
+
 def format_report(stage: str, tasks: list[tuple[str, str]], metrics: dict[str, Any]) -> str:
-    """A fixed-width table: task, kind, rows in its sample space, AUC, logloss, MSE."""
+    """A fixed-width table: task, kind, rows in its sample space, AUC, logloss, MSE, and the
+    metrics of other kinds (accuracy, GAUC, NDCG@k) as ``name=value`` in a last column."""
     def value(task: str, name: str, fmt: str) -> str:
         found = metrics.get(f"{stage}/{task}/{name}")
         return "-" if found is None else format(float(found), fmt)
 
-    lines = [f"{'task':<16}{'kind':<12}{'rows':>12}{'auc':>10}{'logloss':>10}{'mse':>12}"]
+    def others(task: str) -> str:
+        prefix = f"{stage}/{task}/"
+        names = [k[len(prefix):] for k in metrics if k.startswith(prefix) and k[len(prefix):] not in _COLUMNS]
+        return "  ".join(f"{name}={value(task, name, '.4f')}" for name in sorted(names))
+
+    lines = [f"{'task':<16}{'kind':<12}{'rows':>12}{'auc':>10}{'logloss':>10}{'mse':>12}  other"]
     for task, kind in tasks:
         lines.append(f"{task:<16}{kind:<12}{value(task, 'rows', '.0f'):>12}{value(task, 'auc', '.4f'):>10}"
-                     f"{value(task, 'logloss', '.4f'):>10}{value(task, 'mse', '.4f'):>12}")
+                     f"{value(task, 'logloss', '.4f'):>10}{value(task, 'mse', '.4f'):>12}  {others(task)}".rstrip())
     return "\n".join(lines)
 
 

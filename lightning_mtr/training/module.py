@@ -16,7 +16,9 @@ from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
-from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
+from lightning_mtr.training.sparse import (
+    SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
+)
 
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
@@ -64,10 +66,10 @@ class MultiTaskModule(L.LightningModule):
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
         self.task_weighting = (task_weighting or StaticWeights)(schema)
+        self.table_optimizer: torch.optim.Optimizer | None = None  # unfused tables (sequences on CPU)
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
-        tasks = [(t.name, t.kind) for t in schema.tasks]
         self.metrics = nn.ModuleDict({
-            stage: MaskedTaskMetrics(tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
+            stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
         })
 
     def setup(self, stage: str) -> None:
@@ -87,6 +89,13 @@ class MultiTaskModule(L.LightningModule):
         materialize(self.model, device)
         if not fused_modules(self.model):
             fuse_sparse_optimizer(self.model, self.sparse_optimizer, device)
+        self.table_optimizer = table_optimizer(self.model, self.sparse_optimizer)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+            self.table_optimizer.zero_grad(set_to_none=True)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
@@ -99,7 +108,7 @@ class MultiTaskModule(L.LightningModule):
             logits, given = self(batch), {}
         else:
             logits, given = forward_with_losses(batch.dense, batch.sparse, batch.labels)
-        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given)
+        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, losses = self._outputs_and_losses(batch)
@@ -137,7 +146,7 @@ class MultiTaskModule(L.LightningModule):
         logits, losses = self._outputs_and_losses(batch)
         self.log(f"{stage}/loss", weighted_total(losses, self.schema.tasks), batch_size=batch.batch_size,
                  sync_dist=True)
-        self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks)
+        self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks, batch.groups)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -151,13 +160,17 @@ class MultiTaskModule(L.LightningModule):
         self.metrics[stage].reset()
 
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
-        """Per-task scores: probabilities for binary tasks, raw predictions for regression."""
+        """Per-task scores: probabilities for binary tasks, one probability per class for
+        multiclass (``score_{task}_{class}``), raw predictions for regression and ranking."""
         logits = self(batch)
-        scores = {
-            task.name: torch.sigmoid(logits[task.name]) if task.kind == "binary" else logits[task.name]
-            for task in self.schema.tasks
-        }
-        return {**{f"score_{k}": v for k, v in scores.items()}, **batch.extras}
+        scores = {}
+        for task in self.schema.tasks:
+            logit = logits[task.name]
+            if task.kind == "multiclass":
+                scores.update({f"score_{task.name}_{c}": p for c, p in enumerate(torch.softmax(logit, -1).unbind(-1))})
+            else:
+                scores[f"score_{task.name}"] = torch.sigmoid(logit) if task.kind == "binary" else logit
+        return {**scores, **batch.extras}
 
     def configure_optimizers(self) -> Any:
         optimizer = self.dense_optimizer(dense_parameters(self.model) + list(self.task_weighting.parameters()))
@@ -170,9 +183,13 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["sparse_optimizer_states"] = {
             name: module.fused_optimizer().state_dict() for name, module in fused_modules(self.model).items()
         }
+        if self.table_optimizer is not None:
+            checkpoint["table_optimizer_state"] = self.table_optimizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("sparse_optimizer_states", {})
         for name, module in fused_modules(self.model).items():
             if name in states:
                 module.fused_optimizer().load_state_dict(states[name])
+        if self.table_optimizer is not None and "table_optimizer_state" in checkpoint:
+            self.table_optimizer.load_state_dict(checkpoint["table_optimizer_state"])

@@ -11,8 +11,8 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
-from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection, FusedEmbeddingCollection
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.fused import FusedOptimizerModule
 
@@ -54,8 +54,14 @@ class SparseOptimizer:
         return kwargs
 
 
+_FUSED = {EmbeddingBagCollection: (FusedEmbeddingBagCollection, "embedding_bag_configs"),
+          EmbeddingCollection: (FusedEmbeddingCollection, "embedding_configs")}
+
+
 def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device: torch.device) -> int:
-    """Swap every ``EmbeddingBagCollection`` under ``module`` for a fused one, in place.
+    """Swap every ``EmbeddingBagCollection`` (and, on CUDA, ``EmbeddingCollection``: TorchRec's
+    fused one has no CPU kernel, see :func:`table_optimizer`) under ``module`` for a fused one,
+    in place.
 
     Parameter names and the initial weights are kept, so checkpoints do not depend on it;
     tables still on the meta device are initialised by the fused collection itself.
@@ -65,10 +71,10 @@ def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device:
     swapped = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, EmbeddingBagCollection):
-                fused = FusedEmbeddingBagCollection(
-                    tables=child.embedding_bag_configs(), optimizer_type=TORCH_CLASS[optimizer.name],
-                    optimizer_kwargs=optimizer.kwargs(), device=device)
+            if type(child) in _FUSED and (device.type == "cuda" or type(child) is EmbeddingBagCollection):
+                fused_class, configs = _FUSED[type(child)]
+                fused = fused_class(tables=getattr(child, configs)(), optimizer_type=TORCH_CLASS[optimizer.name],
+                                    optimizer_kwargs=optimizer.kwargs(), device=device)
                 if not any(p.is_meta for p in child.parameters()):
                     fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)
@@ -76,12 +82,22 @@ def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device:
     return swapped
 
 
-def fused_modules(module: nn.Module) -> dict[str, FusedEmbeddingBagCollection]:
+def fused_modules(module: nn.Module) -> dict[str, FusedEmbeddingBagCollection | FusedEmbeddingCollection]:
     """The single-process fused collections (sharded ones keep their state in the strategy's checkpoints)."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, FusedEmbeddingBagCollection)}
+    return {name: m for name, m in module.named_modules()
+            if isinstance(m, (FusedEmbeddingBagCollection, FusedEmbeddingCollection))}
+
+
+def table_optimizer(module: nn.Module, optimizer: SparseOptimizer) -> torch.optim.Optimizer | None:
+    """The sparse optimizer's rule as a torch optimizer, for the tables left unfused (sequence
+    tables on CPU). Their gradients are dense, so each step costs the size of those tables, not
+    of the batch: fine for the sequence tables of a CPU run, and CUDA fuses them instead."""
+    params = [p for m in module.modules() if type(m) in _FUSED for p in m.parameters() if p.requires_grad]
+    return TORCH_CLASS[optimizer.name](params, **optimizer.kwargs()) if params else None
 
 
 def dense_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """Parameters that the dense optimizer owns: everything outside fused or sharded tables."""
-    fused = {id(p) for m in module.modules() if isinstance(m, FusedOptimizerModule) for p in m.parameters()}
-    return [p for p in module.parameters() if id(p) not in fused and p.requires_grad]
+    """Parameters that the dense optimizer owns: everything outside embedding tables (fused,
+    sharded, or stepped by :func:`table_optimizer`)."""
+    tables = {id(p) for m in module.modules() if isinstance(m, (FusedOptimizerModule, *_FUSED)) for p in m.parameters()}
+    return [p for p in module.parameters() if id(p) not in tables and p.requires_grad]
