@@ -16,13 +16,19 @@ ESM2_TASKS = ({"name": "ctr", "label": "click"}, {"name": "ctavr", "label": "cli
               {"name": "cvr", "label": "conversion", "sample_space": "click == 1", "weight": 0})
 
 
-def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr")) -> Schema:
-    """Three sparse features (two sharing a table) and ``num_dense`` dense ones; tasks by name or full dict."""
+SEQUENCES = ({"name": "hist_item", "num_embeddings": 30, "embedding_dim": 4, "sequence": True, "max_length": 3},
+             {"name": "hist_type", "num_embeddings": 3, "embedding_dim": 4, "sequence": True, "max_length": 3})
+
+
+def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr"), sequences: bool = False) -> Schema:
+    """Three sparse features (two sharing a table) and ``num_dense`` dense ones; tasks by name or
+    full dict; with ``sequences``, a behaviour sequence too (``hist_item``, ``hist_type``)."""
     return Schema.from_dict({
         "sparse": [
             {"name": "user", "num_embeddings": 50, "embedding_dim": 4},
             {"name": "item", "num_embeddings": 30, "embedding_dim": 4, "pooling": "mean", "multi_valued": True},
             {"name": "item_last", "num_embeddings": 30, "embedding_dim": 4, "pooling": "mean", "table": "item"},
+            *(SEQUENCES if sequences else ()),
         ],
         "dense": [{"name": f"d{i}"} for i in range(num_dense)],
         "tasks": [task if isinstance(task, dict) else {"name": task, "label": task} for task in tasks],
@@ -30,12 +36,18 @@ def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr
 
 
 def random_inputs(schema: Schema, batch: int, seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor]:
+    """Random rows in the batches' key order; every sequence feature of a row has one length
+    (they describe the same behaviours)."""
     generator = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(0, 3, (len(schema.sparse) * batch,), generator=generator)
+    features = schema.lookup_order
+    lengths = torch.randint(0, 3, (len(features) * batch,), generator=generator)
     lengths[:batch] = 1
-    sizes = [f.num_embeddings for f in schema.sparse for _ in range(batch)]
+    sequences = [i for i, f in enumerate(features) if f.sequence]
+    for i in sequences[1:]:
+        lengths[i * batch:(i + 1) * batch] = lengths[sequences[0] * batch:(sequences[0] + 1) * batch]
+    sizes = [f.num_embeddings for f in features for _ in range(batch)]
     values = torch.cat([torch.randint(0, size, (int(n),), generator=generator) for size, n in zip(sizes, lengths)])
-    sparse = KeyedJaggedTensor(keys=[f.name for f in schema.sparse], values=values, lengths=lengths)
+    sparse = KeyedJaggedTensor(keys=[f.name for f in features], values=values, lengths=lengths)
     return torch.randn(batch, len(schema.dense), generator=generator), sparse
 
 

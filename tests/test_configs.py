@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_mtr.cli import MultiTaskCLI, main
-from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticImpressions
+from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticBehaviour, SyntheticImpressions
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed import TorchRecStrategy
 
@@ -46,7 +46,8 @@ def _parse(*configs: Path | str) -> MultiTaskCLI:
     """Parse and instantiate (trainer, model, data module) without running anything or touching data."""
     no_data = AssertionError("instantiating a config must not prepare or generate data")
     with mock.patch.object(MultiTaskDataModule, "prepare_data", side_effect=no_data), \
-         mock.patch.object(SyntheticImpressions, "ensure", side_effect=no_data):
+         mock.patch.object(SyntheticImpressions, "ensure", side_effect=no_data), \
+         mock.patch.object(SyntheticBehaviour, "ensure", side_effect=no_data):
         return MultiTaskCLI(run=False, args=[arg for config in configs for arg in ("--config", str(config))])
 
 
@@ -56,14 +57,18 @@ def _fit(args: list[str], root: Path) -> MultiTaskCLI:
     return MultiTaskCLI(args=["fit", *args, *SMOKE, *overrides])
 
 
-def _assert_trained(cli: MultiTaskCLI, root: Path, val_rows: int) -> None:
+KIND_METRICS = {"binary": ("auc", "logloss"), "regression": ("mse",), "multiclass": ("accuracy", "auc", "logloss"),
+                "ranking": ("ndcg@10", "gauc")}
+
+
+def _assert_trained(cli: MultiTaskCLI, root: Path, val_rows: int | None) -> None:
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 2
     for task in cli.datamodule.schema.tasks:
         assert math.isfinite(metrics[f"train/{task.name}/loss"])
-        if task.sample_space is None:
+        if task.sample_space is None and val_rows is not None:
             assert metrics[f"val/{task.name}/rows"] == val_rows
-        for name in ("auc", "logloss") if task.kind == "binary" else ("mse",):
+        for name in KIND_METRICS[task.kind] + (("gauc",) if task.gauc_by else ()):
             assert math.isfinite(metrics[f"val/{task.name}/{name}"]), f"val/{task.name}/{name}"
     assert (root / "checkpoints" / "last.ckpt").is_file()
 
@@ -74,7 +79,7 @@ def test_conf_holds_the_expected_files():
             "conf/data/ali_ccp.yaml", "conf/data/census_income.yaml", "conf/data/mmoe_synthetic.yaml",
             "conf/data/aliexpress.yaml", "conf/data/criteo.yaml", "conf/data/ali_ccp_esmm.yaml",
             "conf/data/byterec.yaml",
-            "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml",
+            "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml", "conf/models/dupn.yaml",
             "conf/plan/large_ads.yaml"} <= names
     assert {"conf/trainer/cpu_2proc.yaml", "conf/trainer/gpu.yaml"} <= {_name(p) for p in OVERLAYS}
 
@@ -196,3 +201,11 @@ def test_mmoe_synthetic_trains(tmp_path):
     cli = _fit(["--config", "conf/data/mmoe_synthetic.yaml", "--data.train", str(train), "--data.val", str(val),
                 "--data.batch_size", "128"], tmp_path / "run")
     _assert_trained(cli, tmp_path / "run", val_rows=256)
+
+
+def test_dupn_trains_every_task_kind_on_the_behaviour_log(tmp_path):
+    """DUPN's config on a small behaviour log: CTR (with GAUC), ranking, FIFP and PPP all report."""
+    synthetic = f"{{log: behaviour, cache_dir: {tmp_path / 'data'}, train_rows: 4096, val_rows: 2048, test_rows: 64}}"
+    cli = _fit(["--config", "conf/models/dupn.yaml", "--data.synthetic", synthetic, "--data.batch_size", "256",
+                "--trainer.limit_val_batches", "2"], tmp_path / "run")
+    _assert_trained(cli, tmp_path / "run", val_rows=None)

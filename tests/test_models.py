@@ -21,12 +21,14 @@ SMALL = {
     "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert": [8, 6], "tower": [16]},
     "youtube": {"engagement": ["ctr"], "position_features": ["user"], "shared": [8], "num_experts": 2,
                 "expert": [6], "tower": [4]},
+    "dupn": {"item_part": ["hist_item"], "property_part": ["hist_type"], "user_features": ["user"], "lstm_hidden": 4,
+             "user_dim": 4, "attention": [4], "tower": [4]},
 }
 TASKS = {"esmm": ESMM_TASKS, "esm2": ESM2_TASKS}  # the others take any tasks
 
 
 def _schema(name: str):
-    return tiny_schema(tasks=TASKS.get(name, ("ctr", "cvr", "ctcvr")))
+    return tiny_schema(tasks=TASKS.get(name, ("ctr", "cvr", "ctcvr")), sequences=name == "dupn")
 
 
 def test_registry_is_literal_and_complete():

@@ -6,7 +6,8 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -15,6 +16,7 @@ from lightning_mtr.data.encode import BatchEncoder, DenseStats
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
+from lightning_mtr.data.synthetic.behaviour import BEHAVIOUR_VERSION, write_behaviour
 from lightning_mtr.schema import Schema
 
 Files = str | list[str] | None
@@ -57,6 +59,43 @@ class SyntheticImpressions:
         return {split: str(self.directory / f"{split}.parquet") for split in ("train", "val", "test")}
 
 
+@dataclass(frozen=True)
+class SyntheticBehaviour:
+    """Generate the synthetic behaviour log (DUPN's four logs, ``conf/schemas/dupn_synthetic.yaml``)
+    into ``cache_dir`` on first use; named by every argument and the generator's version.
+    In YAML, ``log: behaviour`` is what tells it from :class:`SyntheticImpressions`."""
+
+    log: Literal["behaviour"] = "behaviour"
+    cache_dir: str = ".cache/synthetic"
+    train_rows: int = 200_000
+    val_rows: int = 50_000
+    test_rows: int = 50_000
+    seed: int = 0
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.cache_dir) / (f"behaviour-v{BEHAVIOUR_VERSION}-s{self.seed}-{self.train_rows}-"
+                                       f"{self.val_rows}-{self.test_rows}")
+
+    def ensure(self) -> dict[str, str]:
+        return generate_once(self.directory, lambda out: write_behaviour(
+            out, self.train_rows, self.val_rows, self.test_rows, seed=self.seed))
+
+
+def generate_once(directory: Path, write: Callable[[Path], Any]) -> dict[str, str]:
+    """Run ``write`` into a temporary folder renamed to ``directory`` when done, so an
+    interrupted run never leaves files that a later run would take as complete; the split files."""
+    if not directory.exists():
+        partial = directory.with_name(f"{directory.name}.partial-{os.getpid()}")
+        shutil.rmtree(partial, ignore_errors=True)
+        write(partial)
+        try:
+            partial.rename(directory)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
+    return {split: str(directory / f"{split}.parquet") for split in ("train", "val", "test")}
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Streams batches for the schema's features and tasks.
 
@@ -65,7 +104,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         train, val, test, predict: a file, a directory, or a list of them (Parquet, or text:
             .csv, .tsv, .txt).
         text_format: how text files are parsed (delimiter; column names when there is no header).
-        synthetic: generate the built-in synthetic log and use it for any split left empty.
+        synthetic: generate a built-in synthetic log (impressions, or DUPN's behaviour log) and
+            use it for any split left empty.
         batch_size: training rows per batch.
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
         shuffle_buffer: rows shuffled together during training (0 disables shuffling).
@@ -75,7 +115,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     """
 
     def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
-                 predict: Files = None, synthetic: SyntheticImpressions | None = None, batch_size: int = 4096,
+                 predict: Files = None, synthetic: SyntheticImpressions | SyntheticBehaviour | None = None, batch_size: int = 4096,
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
                  extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat()):
         super().__init__()

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from lightning_mtr.models.aitm import AITM
+from lightning_mtr.models.dupn import DUPN
 from lightning_mtr.models.esm2 import ESM2
 from lightning_mtr.models.esmm import ESMM
 from lightning_mtr.models.mmoe import MMoE
@@ -32,6 +33,7 @@ MODELS: dict[str, type[nn.Module]] = {
     "esm2": ESM2,
     "aitm": AITM,
     "nfwfm": NFwFM,
+    "dupn": DUPN,
 }
 
 
@@ -42,4 +44,4 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["AITM", "ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]
+__all__ = ["AITM", "DUPN", "ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]

@@ -1,14 +1,15 @@
 """Seeded synthetic data whose labels have known structure, so a metric means something.
 
-Two generators, both written to Parquet:
+Three generators, all written to Parquet:
 
 * :func:`write_impressions` (``impressions.py``): a Criteo-like impression log for the
   ESMM/ESM2 setting, with the true probabilities in ``gt_*`` columns.
 * :func:`write_mmoe_regression` (``mmoe_regression.py``): the two-task regression of the
   MMoE paper (Ma et al., KDD 2018, section 4), whose task correlation is set by one number.
+* :func:`write_behaviour` (``behaviour.py``): DUPN's four logs (CTR, ranking requests,
+  influencer follows, purchasing power) driven by each user's behaviour sequence.
 
-Run them as ``lightning-mtr synth impressions ...`` or ``lightning-mtr synth mmoe ...``
-(see :func:`main`).
+Run them as ``lightning-mtr synth impressions|behaviour|mmoe ...`` (see :func:`main`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ import pyarrow.parquet as pq
 from lightning_mtr.data.synthetic.impressions import (
     DENSE_COLUMNS, GENERATOR_VERSION, SPARSE_COLUMNS, SPEC, SPLITS, VOCAB_SIZES, ImpressionSpec, write_impressions,
 )
+from lightning_mtr.data.synthetic.behaviour import write_behaviour
 from lightning_mtr.data.synthetic.mmoe_regression import mmoe_task_weights, write_mmoe_regression
 
 __all__ = ["DENSE_COLUMNS", "GENERATOR_VERSION", "SPARSE_COLUMNS", "SPEC", "SPLITS", "VOCAB_SIZES", "ImpressionSpec",
-           "main", "mmoe_task_weights", "write_impressions", "write_mmoe_regression"]
+           "main", "mmoe_task_weights", "write_behaviour", "write_impressions", "write_mmoe_regression"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lightning-mtr synth", description="Write seeded synthetic Parquet data.")
     commands = parser.add_subparsers(dest="command", required=True)
-    impressions = commands.add_parser("impressions", help="Criteo-like click/conversion log (train/val/test)")
-    impressions.add_argument("--out", required=True, type=Path, help="output directory")
-    for split in SPLITS:
-        impressions.add_argument(f"--{split}-rows", required=True, type=int)
-    impressions.add_argument("--seed", type=int, default=0)
+    for name, about in (("impressions", "Criteo-like click/conversion log (train/val/test)"),
+                        ("behaviour", "DUPN's behaviour-sequence logs: CTR, ranking, FIFP, PPP (train/val/test)")):
+        command = commands.add_parser(name, help=about)
+        command.add_argument("--out", required=True, type=Path, help="output directory")
+        for split in SPLITS:
+            command.add_argument(f"--{split}-rows", required=True, type=int)
+        command.add_argument("--seed", type=int, default=0)
     mmoe = commands.add_parser("mmoe", help="MMoE paper two-task regression with a set task correlation")
     mmoe.add_argument("--out", required=True, type=Path, help="output Parquet file")
     mmoe.add_argument("--rows", required=True, type=int)
@@ -49,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """``lightning-mtr synth {impressions,mmoe} ...``: write the data and say where."""
     args = _parser().parse_args(argv)
-    if args.command == "impressions":
-        paths = write_impressions(args.out, args.train_rows, args.val_rows, args.test_rows, seed=args.seed)
+    if args.command in ("impressions", "behaviour"):
+        write = write_impressions if args.command == "impressions" else write_behaviour
+        paths = write(args.out, args.train_rows, args.val_rows, args.test_rows, seed=args.seed)
         for split, path in paths.items():
             print(f"{path}: {pq.ParquetFile(path).metadata.num_rows} rows ({split})")
     else:

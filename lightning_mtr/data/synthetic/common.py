@@ -21,10 +21,12 @@ def write_chunks(
     path: Path,
     rows: int,
     row_group_rows: int,
-    make_chunk: Callable[[int, int], dict[str, np.ndarray]],
+    make_chunk: Callable[[int, int], dict[str, np.ndarray | pa.Array]],
     dictionary_columns: list[str] | bool = False
 ) -> Path:
     """Write make_chunk(index, n) tables, one row group each, with bounded memory.
+
+    A chunk's columns are numpy arrays, or Arrow arrays where numpy has no type (nulls, lists).
 
     Dictionary-encoding only the low-cardinality columns doubles the write speed;
     on random high-cardinality columns it costs time and saves nothing.

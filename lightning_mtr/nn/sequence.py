@@ -1,0 +1,84 @@
+"""Behaviour-sequence blocks: DUPN's property-gated LSTM and its attention pooling.
+
+Sequences arrive padded, ``[B, L, D]`` with ``lengths [B]``, most recent behaviour first (how
+the schema's truncation keeps the latest ones); both blocks read them in time order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lightning_mtr.nn.mlp import MLP
+
+
+def chronological(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Most-recent-first ``[B, L, D]`` -> oldest first, each row's padding still at its end."""
+    positions = torch.arange(steps.shape[1], device=steps.device)
+    source = (lengths[:, None] - 1 - positions).clamp_min(0)
+    source = torch.where(positions < lengths[:, None], source, positions)
+    return torch.gather(steps, 1, source[:, :, None].expand_as(steps))
+
+
+class PropertyGatedLSTM(nn.Module):
+    """DUPN's property-gated LSTM (Ni et al., KDD 2018, section 4.3): the behaviour's property
+    part (type, scene, time gap) drives the input, forget and output gates together with
+    ``h_{t-1}``, while the item part is what enters the cell:
+
+        i_t, f_t, o_t = sigmoid(W [p_t, h_{t-1}] + b)
+        c_t = f_t * c_{t-1} + i_t * tanh(W_c [e_t, h_{t-1}] + b_c),    h_t = o_t * tanh(c_t)
+
+    so a purchase can be let through where a passing click is forgotten. Steps past a row's
+    length leave its state unchanged. ``forward(items [B, L, Di], properties [B, L, Dp],
+    lengths [B]) -> hidden states [B, L, H]`` in time order (oldest first).
+    """
+
+    def __init__(self, item_dim: int, property_dim: int, hidden: int):
+        super().__init__()
+        self.hidden = hidden
+        self.gate_inputs = nn.Linear(property_dim, 3 * hidden)  # i, f, o from p_t
+        self.cell_inputs = nn.Linear(item_dim, hidden)  # the candidate cell from e_t
+        self.recurrent = nn.Linear(hidden, 4 * hidden, bias=False)  # i, f, o and the cell from h_{t-1}
+
+    def forward(self, items: torch.Tensor, properties: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        batch, steps, _ = items.shape
+        # the inputs' share of every step at once: only h_{t-1}'s share is left to the loop
+        inputs = torch.cat([self.gate_inputs(properties), self.cell_inputs(items)], dim=2)  # [B, L, 4H]
+        h = items.new_zeros(batch, self.hidden)
+        c = items.new_zeros(batch, self.hidden)
+        live = torch.arange(steps, device=items.device)[None, :] < lengths[:, None]  # [B, L]
+        outputs = []
+        # unbind, not inputs[:, t]: the backward of each slice would write a whole [B, L, 4H] gradient
+        for t, step_inputs in enumerate(inputs.unbind(1)):
+            pre = step_inputs + self.recurrent(h)
+            i, f, o = torch.sigmoid(pre[:, :3 * self.hidden]).chunk(3, dim=1)
+            c_next = f * c + i * torch.tanh(pre[:, 3 * self.hidden:])
+            h_next = o * torch.tanh(c_next)
+            step_live = live[:, t, None]
+            h, c = torch.where(step_live, h_next, h), torch.where(step_live, c_next, c)
+            outputs.append(h)
+        return torch.stack(outputs, dim=1)
+
+
+class BehaviourAttention(nn.Module):
+    """DUPN's attention net (section 4.4): each behaviour's weight comes from an MLP over its
+    hidden state, its property part, the query and the user,
+    ``a_t = softmax_t(MLP([h_t, p_t, q, u]))``, and the output is ``sum_t a_t h_t``; padding
+    steps get no weight, and a row without behaviours gets a zero vector."""
+
+    def __init__(self, hidden: int, property_dim: int, context_dim: int, attention: Sequence[int] = (64,)):
+        super().__init__()
+        mlp = MLP(hidden + property_dim + context_dim, attention)
+        self.score = nn.Sequential(mlp, nn.Linear(mlp.output_dim, 1, bias=False))  # a bias cancels in the softmax
+
+    def forward(self, states: torch.Tensor, properties: torch.Tensor, context: torch.Tensor,
+                lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``-> (pooled [B, H], weights [B, L])``."""
+        steps = states.shape[1]
+        inputs = torch.cat([states, properties, context[:, None].expand(-1, steps, -1)], dim=2)
+        logits = self.score(inputs)[:, :, 0]
+        live = torch.arange(steps, device=states.device)[None, :] < lengths[:, None]
+        weights = torch.softmax(logits.masked_fill(~live, torch.finfo(logits.dtype).min), dim=1) * live
+        return (weights[:, :, None] * states).sum(dim=1), weights
