@@ -56,17 +56,12 @@ class FeatureInput(nn.Module):
         self.dense_dim = len(schema.dense)
         self.field_dims = {name: t.embedding_dim for t in tables for name in t.feature_names}
 
-    def _split(self, sparse: KeyedJaggedTensor) -> tuple[KeyedJaggedTensor, KeyedJaggedTensor | None]:
-        """Pooled and sequence features: batches carry them in that order (``Schema.lookup_order``)."""
-        if not self.sequence_names:
-            return sparse, None
-        pooled, sequences = sparse.split([len(sparse.keys()) - len(self.sequence_names), len(self.sequence_names)])
-        return pooled, sequences
-
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.feature_names:
             return dense
-        pooled = self.embeddings(self._split(sparse)[0])
+        # each collection takes its own features from the whole batch: a sharded one must see the
+        # same keys every time, including when its input distribution is started early
+        pooled = self.embeddings(sparse)
         # a sharded collection returns its features grouped by shard, in an order that depends on
         # the plan; the layers after it must always see them in the schema's order
         if pooled.keys() != self.feature_names:
@@ -88,7 +83,7 @@ class FeatureInput(nn.Module):
     def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past
         each row's length; L is the longest sequence of the batch."""
-        looked_up = self.sequence_embeddings(self._split(sparse)[1])
+        looked_up = self.sequence_embeddings(sparse)
         return {name: _padded(looked_up[name].values(), looked_up[name].lengths()) for name in self.sequence_names}
 
     def pooled(self, features: torch.Tensor) -> torch.Tensor:

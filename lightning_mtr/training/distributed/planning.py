@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +18,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import KernelConfig, ShardingOption, Stats, TopologyFactory, TrainerConfig
@@ -103,12 +104,13 @@ def prepare_for_sharding(model: nn.Module, optimizer: SparseOptimizer) -> None:
     """Mark every table's weight with the sparse optimizer, which makes TorchRec build fused
     (optimizer-in-backward) kernels for the sharded tables. Works on the meta device."""
     for module in model.modules():
-        if isinstance(module, EmbeddingBagCollection):
+        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
             _apply_optimizer_in_backward(TORCH_CLASS[optimizer.name], module.parameters(), optimizer.kwargs())
 
 
-def sharders() -> list[EmbeddingBagCollectionSharder]:
-    return [EmbeddingBagCollectionSharder()]
+def sharders() -> list[EmbeddingBagCollectionSharder | EmbeddingCollectionSharder]:
+    """Pooled tables, and unpooled ones (sequence features)."""
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 class _BestPlan(Stats):
@@ -205,6 +207,8 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
         if constraint.sharding_types and not set(constraint.sharding_types) & available:
             raise ValueError(f"table {name!r}: sharding types {list(constraint.sharding_types)} are not available "
                              f"on {cluster.device} (TorchRec offers {sorted(available)} there)")
+    if cluster.device == "cpu":
+        constraints = _no_replicated_sequences_on_cpu(model, dict(constraints or {}), available)
     stats = _BestPlan()
     planner = EmbeddingShardingPlanner(
         topology=cluster.topology(), batch_size=batch_size, stats=[stats], debug=False,
@@ -213,14 +217,38 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
         plan = planner.collective_plan(model, sharders(), process_group)
     else:
         plan = planner.plan(model, sharders())
-    unplanned = sorted({c.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
-                        for c in m.embedding_bag_configs()} - {t for tables in plan.plan.values() for t in tables})
+    unplanned = sorted(set(_table_names(model)) - {t for tables in plan.plan.values() for t in tables})
     if unplanned:
         raise ValueError(f"tables {unplanned} got no sharding on {cluster.device}: check their constraints "
                          "(sharding types and compute kernels) against what this device offers")
     # collective_plan only logs on the rank that planned; the others describe the plan they received
     report = PlanReport.from_options(stats.options, cluster, batch_size) if stats.options else None
     return plan, report
+
+
+def _table_names(model: nn.Module, pooled: bool = True, unpooled: bool = True) -> list[str]:
+    names = []
+    for module in model.modules():
+        if pooled and isinstance(module, EmbeddingBagCollection):
+            names += [c.name for c in module.embedding_bag_configs()]
+        if unpooled and isinstance(module, EmbeddingCollection):
+            names += [c.name for c in module.embedding_configs()]
+    return names
+
+
+def _no_replicated_sequences_on_cpu(model: nn.Module, constraints: dict[str, TableConstraints],
+                                    available: set[str]) -> dict[str, TableConstraints]:
+    """TorchRec 1.8's CPU path fails on a data-parallel unpooled (sequence) table (its output
+    lengths and values disagree), so such tables may be table- or column-wise there only."""
+    for name in _table_names(model, pooled=False):
+        given = constraints.get(name, TableConstraints())
+        offered = [t for t in SHARDING_TYPES if t in available]
+        types = tuple(t for t in (given.sharding_types or offered) if t != "data_parallel")
+        if not types:
+            raise ValueError(f"table {name!r}: a sequence (unpooled) table cannot be data_parallel on cpu "
+                             "(TorchRec fails there); use table_wise or column_wise")
+        constraints[name] = replace(given, sharding_types=types)
+    return constraints
 
 
 def plan_to_json(plan: ShardingPlan) -> dict[str, Any]:
