@@ -151,3 +151,28 @@ def test_gradnorm_trains_inside_the_module(tmp_path):
     trainer.fit(module, datamodule=_Data())
     assert module.task_weighting._parameters_of, "attached to the materialised bottom"
     assert not torch.allclose(module.task_weighting.logits, torch.zeros(2)), "the weights moved"
+
+
+def _gradnorm_rank(rank: int, out: Path) -> None:
+    from lightning_mtr.training.distributed import TorchRecStrategy
+
+    torch.manual_seed(0)
+    module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=tiny_schema(),
+                             task_weighting=partial(GradNorm, shared="bottom"))
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=TorchRecStrategy(), max_epochs=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, default_root_dir=out)
+    trainer.fit(module, datamodule=_Data())
+    torch.save(module.task_weighting.logits.detach().clone(), out / f"logits-{rank}.pt")
+
+
+def test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights(tmp_path):
+    """With sharded tables and DDP: GradNorm's per-task gradient norms (autograd.grad, which
+    fires no DDP hook) run inside the step, and the weights' gradient is all-reduced, so every
+    process holds the same, moving task weights."""
+    from helpers import run_ranks
+
+    run_ranks(2, _gradnorm_rank, tmp_path)
+    logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in (0, 1)]
+    assert torch.isfinite(logits[0]).all() and not torch.allclose(logits[0], torch.zeros(2)), logits
+    torch.testing.assert_close(logits[0], logits[1])
