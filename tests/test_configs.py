@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_mtr.cli import MultiTaskCLI, main
-from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticBehaviour, SyntheticImpressions
+from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticLog
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed import TorchRecStrategy
 
@@ -46,8 +46,7 @@ def _parse(*configs: Path | str) -> MultiTaskCLI:
     """Parse and instantiate (trainer, model, data module) without running anything or touching data."""
     no_data = AssertionError("instantiating a config must not prepare or generate data")
     with mock.patch.object(MultiTaskDataModule, "prepare_data", side_effect=no_data), \
-         mock.patch.object(SyntheticImpressions, "ensure", side_effect=no_data), \
-         mock.patch.object(SyntheticBehaviour, "ensure", side_effect=no_data):
+         mock.patch.object(SyntheticLog, "ensure", side_effect=no_data):
         return MultiTaskCLI(run=False, args=[arg for config in configs for arg in ("--config", str(config))])
 
 
@@ -205,7 +204,12 @@ def test_mmoe_synthetic_trains(tmp_path):
 
 def test_dupn_trains_every_task_kind_on_the_behaviour_log(tmp_path):
     """DUPN's config on a small behaviour log: CTR (with GAUC), ranking, FIFP and PPP all report."""
-    synthetic = f"{{log: behaviour, cache_dir: {tmp_path / 'data'}, train_rows: 4096, val_rows: 2048, test_rows: 64}}"
-    cli = _fit(["--config", "conf/models/dupn.yaml", "--data.synthetic", synthetic, "--data.batch_size", "256",
+    # one field at a time: the config's `log: behaviour` must survive each override
+    sizes = {"cache_dir": tmp_path / "data", "train_rows": 4096, "val_rows": 2048, "test_rows": 64}
+    overrides = [arg for key, value in sizes.items() for arg in (f"--data.synthetic.{key}", str(value))]
+    cli = _fit(["--config", "conf/models/dupn.yaml", *overrides, "--data.batch_size", "256",
                 "--trainer.limit_val_batches", "2"], tmp_path / "run")
+    assert cli.datamodule.synthetic.log == "behaviour"
     _assert_trained(cli, tmp_path / "run", val_rows=None)
+    with pytest.raises(ValueError, match="impressions log, not the behaviour log"):
+        SyntheticLog(log="behaviour", placement_weight=1.0)

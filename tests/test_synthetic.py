@@ -284,3 +284,18 @@ def test_placement_column_sets_position_only_when_asked(tmp_path):
     assert spreads[2.0] > 2 * spreads[0.0], spreads
     default = pq.read_table(write_impressions(tmp_path / "default", 20_000, 100, 100, seed=1)["train"])
     assert default.equals(pq.read_table(tmp_path / "0.0" / "train.parquet")), "weight 0 is the default log"
+
+
+def test_device_column_sets_how_fast_clicks_fall_with_position(tmp_path):
+    """With a device spread, the click factor of a position depends on C2's id (the YouTube
+    ranker's position x device bias), every device keeping factor 1 at position 1."""
+    from lightning_mtr.data.synthetic import ImpressionSpec
+
+    paths = write_impressions(tmp_path, 20_000, 100, 100, seed=1, spec=ImpressionSpec(device_bias_spread=1.0))
+    table = pq.read_table(paths["train"], columns=["C2", "position", "gt_ctr", "gt_ctr_no_position"])
+    device, position = table["C2"].to_numpy(), table["position"].to_numpy()
+    factor = table["gt_ctr"].to_numpy() / table["gt_ctr_no_position"].to_numpy()
+    np.testing.assert_allclose(factor[position == 1], 1, atol=1e-5)
+    bottom = [factor[(position == 10) & (device == d)] for d in np.unique(device[position == 10])]
+    np.testing.assert_allclose([f.std() for f in bottom], 0, atol=1e-5)  # one factor per device and position
+    assert max(f[0] for f in bottom) > 3 * min(f[0] for f in bottom)

@@ -100,3 +100,18 @@ def test_builds_on_meta_and_materialises():
         model = _ranker()
     materialize(model, "cpu")
     assert torch.equal(model.missing_position, torch.zeros_like(model.missing_position))
+
+
+def test_shallow_tower_ranks_the_position_free_truth_best(tmp_path):
+    """The paper's claim, on the synthetic log where position is also set by an ad slot and its
+    bias differs per device (``tools/position_bias.py``): the main tower alone ranks the
+    position-free click probability better than a model without position (which credits the slot
+    and the device with the position's effect) and than MMoE with position as a feature scored at
+    position 1 (whose scores still move with the device). Measured on these 50k rows, Spearman
+    margins over the better baseline of +0.030 to +0.099 across seeds 0-5; seed 0: 0.844 vs 0.796
+    (no position) and 0.750 (position feature)."""
+    from tools.position_bias import compare
+
+    result = compare(rows=50_000, seed=0, batch_size=256, cache=str(tmp_path))
+    assert result["shallow_tower"] > result["no_position"] + 0.02, result
+    assert result["shallow_tower"] > result["position_feature"] + 0.02, result

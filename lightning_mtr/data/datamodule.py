@@ -23,63 +23,48 @@ Files = str | list[str] | None
 
 
 @dataclass(frozen=True)
-class SyntheticImpressions:
-    """Generate the synthetic impression log into ``cache_dir`` on first use.
+class SyntheticLog:
+    """Generate a built-in synthetic log into ``cache_dir`` on first use.
 
-    The directory name includes every argument and the generator's version, so changing
-    either never reuses stale files. ``placement_weight`` (default 0: off) lets the ids of a
-    column with no effect on relevance also set the display position (see ``ImpressionSpec``).
+    ``log``: ``impressions`` (the Criteo-like click/conversion log with position bias,
+    ``conf/schemas/synthetic_impressions.yaml``) or ``behaviour`` (DUPN's four logs driven by
+    behaviour sequences, ``conf/schemas/dupn_synthetic.yaml``). The directory name includes
+    every argument and the generator's version, so changing either never reuses stale files.
+    Impressions only: ``placement_weight`` (default 0: off) lets the ids of a column with no
+    effect on relevance also set the display position; ``device_bias_spread`` (default 0: off)
+    makes the position bias differ per id of a device-like column (see ``ImpressionSpec``).
     """
 
+    log: Literal["impressions", "behaviour"] = "impressions"
     cache_dir: str = ".cache/synthetic"
     train_rows: int = 200_000
     val_rows: int = 50_000
     test_rows: int = 50_000
     seed: int = 0
     placement_weight: float = 0.0
+    device_bias_spread: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.log == "behaviour" and (self.placement_weight or self.device_bias_spread):
+            raise ValueError("placement_weight and device_bias_spread shape the impressions log, not the behaviour log")
 
     @property
     def directory(self) -> Path:
+        sizes = f"s{self.seed}-{self.train_rows}-{self.val_rows}-{self.test_rows}"
+        if self.log == "behaviour":
+            return Path(self.cache_dir) / f"behaviour-v{BEHAVIOUR_VERSION}-{sizes}"
         placement = f"-placement{self.placement_weight:g}" if self.placement_weight else ""
-        return Path(self.cache_dir) / (f"impressions-v{GENERATOR_VERSION}-s{self.seed}-"
-                                       f"{self.train_rows}-{self.val_rows}-{self.test_rows}{placement}")
+        device = f"-device{self.device_bias_spread:g}" if self.device_bias_spread else ""
+        return Path(self.cache_dir) / f"impressions-v{GENERATOR_VERSION}-{sizes}{placement}{device}"
 
     def ensure(self) -> dict[str, str]:
-        """Generate once; written to a temporary folder and renamed, so an interrupted run
-        never leaves files that a later run would take as complete."""
-        if not self.directory.exists():
-            partial = self.directory.with_name(f"{self.directory.name}.partial-{os.getpid()}")
-            shutil.rmtree(partial, ignore_errors=True)
-            write_impressions(partial, self.train_rows, self.val_rows, self.test_rows, seed=self.seed,
-                              spec=ImpressionSpec(placement_weight=self.placement_weight))
-            try:
-                partial.rename(self.directory)
-            except OSError:  # another process finished first
-                shutil.rmtree(partial, ignore_errors=True)
-        return {split: str(self.directory / f"{split}.parquet") for split in ("train", "val", "test")}
-
-
-@dataclass(frozen=True)
-class SyntheticBehaviour:
-    """Generate the synthetic behaviour log (DUPN's four logs, ``conf/schemas/dupn_synthetic.yaml``)
-    into ``cache_dir`` on first use; named by every argument and the generator's version.
-    In YAML, ``log: behaviour`` is what tells it from :class:`SyntheticImpressions`."""
-
-    log: Literal["behaviour"] = "behaviour"
-    cache_dir: str = ".cache/synthetic"
-    train_rows: int = 200_000
-    val_rows: int = 50_000
-    test_rows: int = 50_000
-    seed: int = 0
-
-    @property
-    def directory(self) -> Path:
-        return Path(self.cache_dir) / (f"behaviour-v{BEHAVIOUR_VERSION}-s{self.seed}-{self.train_rows}-"
-                                       f"{self.val_rows}-{self.test_rows}")
-
-    def ensure(self) -> dict[str, str]:
-        return generate_once(self.directory, lambda out: write_behaviour(
-            out, self.train_rows, self.val_rows, self.test_rows, seed=self.seed))
+        """The split files, generated once."""
+        if self.log == "behaviour":
+            return generate_once(self.directory, lambda out: write_behaviour(
+                out, self.train_rows, self.val_rows, self.test_rows, seed=self.seed))
+        spec = ImpressionSpec(placement_weight=self.placement_weight, device_bias_spread=self.device_bias_spread)
+        return generate_once(self.directory, lambda out: write_impressions(
+            out, self.train_rows, self.val_rows, self.test_rows, seed=self.seed, spec=spec))
 
 
 def generate_once(directory: Path, write: Callable[[Path], Any]) -> dict[str, str]:
@@ -104,8 +89,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         train, val, test, predict: a file, a directory, or a list of them (Parquet, or text:
             .csv, .tsv, .txt).
         text_format: how text files are parsed (delimiter; column names when there is no header).
-        synthetic: generate a built-in synthetic log (impressions, or DUPN's behaviour log) and
-            use it for any split left empty.
+        synthetic: generate a built-in synthetic log (``log: impressions``, the default, or
+            ``log: behaviour``) and use it for any split left empty.
         batch_size: training rows per batch.
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
         shuffle_buffer: rows shuffled together during training (0 disables shuffling).
@@ -115,7 +100,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     """
 
     def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
-                 predict: Files = None, synthetic: SyntheticImpressions | SyntheticBehaviour | None = None, batch_size: int = 4096,
+                 predict: Files = None, synthetic: SyntheticLog | None = None, batch_size: int = 4096,
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
                  extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat()):
         super().__init__()

@@ -48,8 +48,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lightning_mtr.data.synthetic.common import stream, write_chunks
-from lightning_mtr.data.synthetic.impressions import _sigmoid, _solve_intercept
+from lightning_mtr.data.synthetic.common import sigmoid, solve_intercept, stream, write_chunks
 
 BEHAVIOUR_VERSION = 1  # bump whenever the same arguments would write different data
 LOGS = ("ctr", "ranking", "fifp", "ppp")  # the ``log`` column holds the index
@@ -261,7 +260,7 @@ def _draw_histories(world: _World, rng: np.random.Generator) -> tuple[np.ndarray
     category = np.where(in_intent, world.intent[owner], _draw_taste(world, owner, rng))
     item = _pick(world.items_by_category, category, rng)
     scene = rng.integers(0, len(spec.scene_effects), len(owner))
-    buy = _sigmoid(spec.buy_bias + spec.buy_price_weight * _price_fit(world, owner, item))
+    buy = sigmoid(spec.buy_bias + spec.buy_price_weight * _price_fit(world, owner, item))
     u = rng.random(len(owner))
     kind = np.where(u < buy, 2, (u < buy + (1 - buy) * spec.cart_rate).astype(np.int64))
     gap = np.minimum(np.floor(np.log2(1 + hours)), NUM_GAP_BUCKETS - 1).astype(np.int64)
@@ -329,7 +328,7 @@ def _calibrate(world: _World, rng: np.random.Generator) -> None:
         ("click", _preference(world, users, items, scenes), spec.target_ctr),
         ("follow", _follow_logit(world, users, influencers), spec.target_follow),
     ):
-        setattr(world, f"{name}_intercept", _solve_intercept(lambda b, x=logit: np.mean(_sigmoid(x + b)), target))
+        setattr(world, f"{name}_intercept", solve_intercept(lambda b, x=logit: np.mean(sigmoid(x + b)), target))
 
 
 def _layout(spec: BehaviourSpec, rng: np.random.Generator, n: int) -> np.ndarray:
@@ -375,12 +374,12 @@ def _behaviour_chunk(world: _World, rng: np.random.Generator, n: int,
     influencers = _candidates(world, world.influencers_by_category, users[follows], rng)
     logit = _preference(world, users[shown], items, scenes[shown]) + world.click_intercept
     gt_ctr, p_buy, gt_follow, gt_relevance_logit = (np.zeros(n, np.float32) for _ in range(4))
-    gt_ctr[shown] = _sigmoid(logit)
+    gt_ctr[shown] = sigmoid(logit)
     buy_logit = logit - spec.buy_threshold + spec.buy_price_weight * _price_fit(world, users[shown], items)
-    p_buy[ranking] = _sigmoid(buy_logit[ranking[shown]])
+    p_buy[ranking] = sigmoid(buy_logit[ranking[shown]])
     half_expected = (gt_ctr[ranking] + p_buy[ranking]) / 2
     gt_relevance_logit[ranking] = np.log(half_expected / (1 - half_expected))
-    gt_follow[follows] = _sigmoid(_follow_logit(world, users[follows], influencers) + world.follow_intercept)
+    gt_follow[follows] = sigmoid(_follow_logit(world, users[follows], influencers) + world.follow_intercept)
     u = rng.random(n, dtype=np.float32)  # one uniform per row: a buy implies a click, as an ordinal label must
     click = (u < gt_ctr).astype(np.int64)
     bought = click * (u < p_buy)

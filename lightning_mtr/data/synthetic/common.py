@@ -1,4 +1,5 @@
-"""What both generators share: seeded streams and a bounded-memory Parquet writer."""
+"""What the generators share: seeded streams, a bounded-memory Parquet writer, and the
+calibration of a world's intercepts."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ def stream(seed: int, *tags: str | int) -> np.random.Generator:
     """A generator keyed by (seed, tags): independent streams, stable across runs."""
     keys = [t if isinstance(t, int) else zlib.crc32(t.encode()) for t in tags]
     return np.random.default_rng([seed, *keys])
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def solve_intercept(mean_at: Callable[[float], float], target: float) -> float:
+    """Bisection for the intercept b with mean_at(b) == target (mean_at is increasing)."""
+    low, high = -30.0, 30.0
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if mean_at(mid) < target else (low, mid)
+    return 0.5 * (low + high)
 
 
 def write_chunks(

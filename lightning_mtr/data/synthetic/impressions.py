@@ -7,13 +7,12 @@ model can be compared with the Bayes-optimal predictor. Written by :func:`write_
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lightning_mtr.data.synthetic.common import stream, write_chunks
+from lightning_mtr.data.synthetic.common import sigmoid, solve_intercept, stream, write_chunks
 
 GENERATOR_VERSION = 3  # bump whenever the same arguments would write different data
 NUM_SPARSE = 26
@@ -49,6 +48,12 @@ class ImpressionSpec:
     * Items with a higher ``r`` are shown higher (smaller position), with noise
       (``position_noise_std``, in units of ``r``'s std): position is confounded with
       relevance. ``P(click) = sigmoid(r) * position ** -position_bias_exponent``.
+    * Optionally (``device_bias_spread`` > 0) the exponent depends on the id of
+      ``device_column``, as the YouTube ranker's paper observes per device (a phone shows
+      one item per screen, a desktop a grid): id ``k``'s exponent is
+      ``position_bias_exponent * exp(device_bias_spread * g_k)``, ``g_k ~ N(0, 1)``. Every
+      device keeps factor 1 at position 1, so ``gt_ctr_no_position`` still means the click
+      probability at the top; C2 (16 ids) has no click effect of its own.
     * ``q`` reuses some click effects (``conversion_shared``: column, weight) and adds
       small ones of its own (``conversion_id_effects``, ``conversion_dense_effects``), so
       clicked rows are a biased sample of impressions (the ESMM sample-selection bias).
@@ -98,6 +103,9 @@ class ImpressionSpec:
     # model without position then credits that column with the position's effect.
     placement_column: str = "C9"
     placement_weight: float = 0.0
+    # Off by default: the per-device position bias (class docstring).
+    device_column: str = "C2"
+    device_bias_spread: float = 0.0
     target_ctr: float = 0.15
     target_cvr_given_click: float = 0.2
     target_daction_given_click: float = 0.3
@@ -113,10 +121,6 @@ def _column(name: str) -> int:
     return int(name[1:]) - 1
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
 @dataclass
 class _World:
     """Per-id effect tables and calibration constants, derived only from the seed."""
@@ -130,6 +134,7 @@ class _World:
     dense_scale: np.ndarray
     position_bias: np.ndarray  # indexed by position, entry 0 unused
     placement: np.ndarray | None = None  # per rank of the placement column: its pull on position
+    device_bias: np.ndarray | None = None  # replaces position_bias: [rank of the device column, position]
     click_center: float = 0.0  # mean and std of r without intercept
     click_scale: float = 1.0
     click_intercept: float = 0.0
@@ -188,17 +193,21 @@ def _build_world(seed: int, spec: ImpressionSpec = SPEC) -> _World:
         column = _column(spec.placement_column)
         world.placement = stream(seed, "world", "placement").standard_normal(spec.vocab_sizes[column]).astype(
             np.float32)
+    if spec.device_bias_spread:  # its own stream too
+        vocab = spec.vocab_sizes[_column(spec.device_column)]
+        exponent = spec.position_bias_exponent * np.exp(
+            spec.device_bias_spread * stream(seed, "world", "device").standard_normal(vocab))
+        world.device_bias = np.ones((vocab, NUM_POSITIONS + 1), np.float32)
+        world.device_bias[:, 1:] = np.arange(1, NUM_POSITIONS + 1) ** -exponent[:, None]
     _calibrate(world, rng)
     return world
 
 
-def _solve_intercept(mean_at: Callable[[float], float], target: float) -> float:
-    """Bisection for the intercept b with mean_at(b) == target (mean_at is increasing)."""
-    low, high = -30.0, 30.0
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        low, high = (mid, high) if mean_at(mid) < target else (low, mid)
-    return 0.5 * (low + high)
+def _position_factor(world: _World, position: np.ndarray, ranks: list[np.ndarray]) -> np.ndarray:
+    """P(click) / P(click at position 1) of each row, float32 (n,)."""
+    if world.device_bias is None:
+        return world.position_bias[position]
+    return world.device_bias[ranks[_column(world.spec.device_column)], position]
 
 
 def _calibrate(world: _World, rng: np.random.Generator) -> None:
@@ -207,21 +216,21 @@ def _calibrate(world: _World, rng: np.random.Generator) -> None:
     ranks, dense = _draw_features(world, rng, spec.calibration_rows)
     logit = _click_logit(world, ranks, dense).astype(np.float64)
     world.click_center, world.click_scale = float(logit.mean()), float(logit.std())
-    bias = world.position_bias[_draw_positions(world, rng, logit, ranks)].astype(np.float64)
-    world.click_intercept = _solve_intercept(lambda b: np.mean(_sigmoid(logit + b) * bias), spec.target_ctr)
-    ctr = _sigmoid(logit + world.click_intercept) * bias
+    bias = _position_factor(world, _draw_positions(world, rng, logit, ranks), ranks).astype(np.float64)
+    world.click_intercept = solve_intercept(lambda b: np.mean(sigmoid(logit + b) * bias), spec.target_ctr)
+    ctr = sigmoid(logit + world.click_intercept) * bias
     daction_logit = _daction_logit(world, ranks, dense).astype(np.float64)
-    world.daction_intercept = _solve_intercept(
-        lambda b: np.sum(ctr * _sigmoid(daction_logit + b)) / np.sum(ctr), spec.target_daction_given_click
+    world.daction_intercept = solve_intercept(
+        lambda b: np.sum(ctr * sigmoid(daction_logit + b)) / np.sum(ctr), spec.target_daction_given_click
     )
-    dar = _sigmoid(daction_logit + world.daction_intercept)
+    dar = sigmoid(daction_logit + world.daction_intercept)
     conversion_logit = _conversion_logit(world, ranks, dense).astype(np.float64)
 
     def cvr_given_click(b: float) -> float:
-        cvr = dar * _sigmoid(conversion_logit + b + spec.daction_lift) + (1 - dar) * _sigmoid(conversion_logit + b)
+        cvr = dar * sigmoid(conversion_logit + b + spec.daction_lift) + (1 - dar) * sigmoid(conversion_logit + b)
         return np.sum(ctr * cvr) / np.sum(ctr)
 
-    world.conversion_intercept = _solve_intercept(cvr_given_click, spec.target_cvr_given_click)
+    world.conversion_intercept = solve_intercept(cvr_given_click, spec.target_cvr_given_click)
 
 
 def _draw_features(world: _World, rng: np.random.Generator, n: int) -> tuple[list[np.ndarray], np.ndarray]:
@@ -291,7 +300,7 @@ def _draw_positions(world: _World, rng: np.random.Generator, click_logit: np.nda
     if world.placement is not None:
         score = score + spec.placement_weight * world.placement[ranks[_column(spec.placement_column)]]
     score = score / np.sqrt(1 + noise_std**2 + spec.placement_weight**2)
-    quantile = _sigmoid(-1.702 * score)  # ~ Phi(-score): a logistic approximation of the normal CDF
+    quantile = sigmoid(-1.702 * score)  # ~ Phi(-score): a logistic approximation of the normal CDF
     return np.minimum(1 + (NUM_POSITIONS * quantile).astype(np.int64), NUM_POSITIONS)
 
 
@@ -299,12 +308,12 @@ def _impression_chunk(world: _World, rng: np.random.Generator, n: int) -> dict[s
     ranks, log_values = _draw_features(world, rng, n)
     click_logit = _click_logit(world, ranks, log_values)
     position = _draw_positions(world, rng, click_logit, ranks)
-    ctr_no_position = _sigmoid(click_logit + np.float32(world.click_intercept))
-    ctr = ctr_no_position * world.position_bias[position]
-    dar = _sigmoid(_daction_logit(world, ranks, log_values) + np.float32(world.daction_intercept))
+    ctr_no_position = sigmoid(click_logit + np.float32(world.click_intercept))
+    ctr = ctr_no_position * _position_factor(world, position, ranks)
+    dar = sigmoid(_daction_logit(world, ranks, log_values) + np.float32(world.daction_intercept))
     conversion_logit = _conversion_logit(world, ranks, log_values) + np.float32(world.conversion_intercept)
-    cvr_given_daction = _sigmoid(conversion_logit + np.float32(world.spec.daction_lift))
-    cvr_given_oaction = _sigmoid(conversion_logit)
+    cvr_given_daction = sigmoid(conversion_logit + np.float32(world.spec.daction_lift))
+    cvr_given_oaction = sigmoid(conversion_logit)
     cvr = dar * cvr_given_daction + (1 - dar) * cvr_given_oaction
     click = (rng.random(n, dtype=np.float32) < ctr).astype(np.int64)
     conversion_draw = rng.random(n, dtype=np.float32)
