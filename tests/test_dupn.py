@@ -212,3 +212,15 @@ def test_learns_purchasing_power_from_the_behaviour_sequence(tmp_path):
     # measured: DUPN 0.63 accuracy (macro AUC 0.90), shared bottom 0.28 (0.60); chance is 0.2
     assert dupn["val/ppp/accuracy"] > 0.5 and dupn["val/ppp/accuracy"] > flat["val/ppp/accuracy"] + 0.2, (dupn, flat)
     assert dupn["val/ppp/auc"] > 0.85 > flat["val/ppp/auc"] + 0.15, (dupn, flat)
+
+
+def test_sequence_tables_built_on_meta_get_torchrecs_initialisation():
+    """Materialised from meta, a sequence table is drawn like TorchRec draws it (uniform within
+    +-sqrt(1 / rows)), not N(0, 1) as an nn.Embedding's own reset would."""
+    from lightning_mtr.nn.meta import materialize
+
+    with torch.device("meta"):
+        model = _model()
+    materialize(model, "cpu")
+    weight = model.features.sequence_embeddings.embeddings["hist_item"].weight
+    assert not weight.is_meta and weight.abs().max() <= (1 / 30) ** 0.5 and weight.std() > 0

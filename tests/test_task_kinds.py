@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
-from lightning_mtr.data.encode import BatchEncoder, DataError
+from lightning_mtr.data.encode import MISSING_GROUP, BatchEncoder, DataError
 from lightning_mtr.data.reader import BatchStream, plan_units
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.models import MMoE
@@ -228,3 +228,23 @@ def test_every_kind_learns_end_to_end_and_predicts_per_class_scores(tmp_path):
     per_class = torch.stack([scores[f"score_level_{c}"] for c in range(4)], dim=1)
     assert torch.allclose(per_class.sum(dim=1), torch.ones(len(per_class)))
     assert "score_rank" in scores and "score_click" in scores
+
+
+def test_rows_without_a_request_are_shuffled_one_by_one_and_text_groups_read_as_strings(tmp_path):
+    """Rows of other logs (no request id) must not move as one block; CSV group ids are read as
+    text, so files whose ids look numeric in one and not in another still combine."""
+    table = _log(960, seed=0)
+    requests = table.column("request").to_numpy()
+    others = (table.column("log").to_numpy() == 1)
+    table = table.set_column(table.column_names.index("request"), "request",
+                             pa.array([None if o else int(r) for o, r in zip(others, requests)], pa.int64()))
+    table = table.take(np.argsort(others, kind="stable"))  # as if the other log were another file: one stretch
+    path = tmp_path / "log.parquet"
+    pq.write_table(table, path)
+    encoder = BatchEncoder(Schema.from_dict(SCHEMA))
+    stream = BatchStream(plan_units([str(path)], encoder), encoder, batch_size=64, shuffle_buffer=960, seed=3)
+    requests = torch.cat([b.groups["request"] for b in stream])
+    positions = (requests == MISSING_GROUP).nonzero().flatten()  # where the request-less rows landed
+    assert len(positions) == others.sum() and (positions.diff() > 1).sum() > 20, \
+        "request-less rows are spread, not kept as one block"
+    assert "request" in encoder.string_columns and "user" in encoder.string_columns

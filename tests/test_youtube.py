@@ -86,6 +86,12 @@ def test_gate_dropout_leaves_experts_out_in_training_only():
         MixtureBottom(5, 2, gate_dropout=1.0)
 
 
+def test_a_multiclass_engagement_task_is_refused():
+    schema = tiny_schema(tasks=("click", {"name": "level", "label": "level", "kind": "multiclass", "num_classes": 3}))
+    with pytest.raises(ValueError, match=r"engagement tasks \['level'\] have one logit per class"):
+        YouTubeRanker(schema, engagement=["level"], position_features=["user"])
+
+
 def test_bad_task_or_feature_names_are_refused():
     with pytest.raises(ValueError, match="engagement tasks"):
         _ranker(engagement=["watch_time"])

@@ -53,8 +53,10 @@ class BatchEncoder:
 
     @property
     def string_columns(self) -> list[str]:
-        """Single-valued ``hashed`` id columns: always read as strings from CSV."""
-        return [f.source_column for f in self.schema.sparse if f.hashed and not f.multi_valued]
+        """Single-valued ``hashed`` id columns and group columns (only equality of their ids
+        matters): always read as strings from CSV, whatever one file's first block looks like."""
+        hashed = [f.source_column for f in self.schema.sparse if f.hashed and not f.multi_valued]
+        return list(dict.fromkeys(hashed + self.schema.group_columns))
 
     @property
     def numeric_columns(self) -> list[str]:
@@ -96,7 +98,7 @@ class BatchEncoder:
             mask = np.broadcast_to(mask, (table.num_rows,))
             _check_labels(task, values, mask, checker)
             if task.group_column is not None:
-                checker.fail_if(task.group_column, mask & (groups[task.group_column] == _MISSING_GROUP),
+                checker.fail_if(task.group_column, mask & (groups[task.group_column] == MISSING_GROUP),
                                 f"missing (null) group id inside task {task.name!r}'s sample space")
             # outside the sample space a label is never used; class 0 keeps a multiclass loss defined
             labels[task.name] = torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))
@@ -148,7 +150,7 @@ def _check_labels(task: Task, values: np.ndarray, mask: np.ndarray, checker: Row
         checker.fail_if(task.label, mask & (values < 0), "negative ranking relevance", values)
 
 
-_MISSING_GROUP = np.iinfo(np.int64).min
+MISSING_GROUP = np.iinfo(np.int64).min
 
 
 def group_ids(column: pa.ChunkedArray) -> np.ndarray:
@@ -164,7 +166,7 @@ def group_ids(column: pa.ChunkedArray) -> np.ndarray:
     else:
         ids = np.asarray(array.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64).copy()
         present = np.asarray(array.is_valid())
-    ids[~present] = _MISSING_GROUP
+    ids[~present] = MISSING_GROUP
     return ids
 
 

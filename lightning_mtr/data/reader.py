@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lightning_mtr.data.batch import Batch
-from lightning_mtr.data.encode import SOURCE_COLUMN, BatchEncoder, DataError, group_ids
+from lightning_mtr.data.encode import MISSING_GROUP, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
 
@@ -353,7 +353,8 @@ class BatchStream(IterableDataset):
         if column is None:
             return rng.permutation(table.num_rows)
         ids = group_ids(table.column(column))
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+        # a row without a group id (another log's) is a run of its own
+        starts = np.flatnonzero(np.r_[True, (ids[1:] != ids[:-1]) | (ids[1:] == MISSING_GROUP)])
         sizes = np.diff(np.r_[starts, table.num_rows])
         runs = rng.permutation(len(starts))
         return np.repeat(starts[runs] - np.cumsum(np.r_[0, sizes[runs][:-1]]), sizes[runs]) + np.arange(table.num_rows)

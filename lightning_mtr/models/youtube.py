@@ -53,6 +53,10 @@ class YouTubeRanker(nn.Module):
         if unknown or not engagement:
             raise ValueError(f"engagement tasks {unknown or list(engagement)} must be some of the schema's tasks "
                              f"{self.tasks}")
+        several = [name for name, width in schema.task_outputs.items() if name in engagement and width != 1]
+        if several:
+            raise ValueError(f"engagement tasks {several} have one logit per class; the shallow tower's bias is one "
+                             "logit, for binary or regression engagement tasks")
         self.engagement = list(engagement)
         self.features = FeatureInput(schema)
         missing = sorted(set(position_features) - set(self.features.feature_names))

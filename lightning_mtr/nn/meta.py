@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
 
 def _own_meta(module: nn.Module) -> bool:
@@ -16,14 +16,18 @@ def _own_meta(module: nn.Module) -> bool:
 def materialize(module: nn.Module, device: torch.device | str) -> None:
     """Allocate every meta tensor on ``device`` and initialise it with ``reset_parameters``.
 
-    Embedding tables stay on meta: the fused or sharded collection that replaces them builds
-    and initialises its own (TorchRec's reset of a collection built on meta is a no-op, so
-    materialising them here would leave uninitialised memory). Every other module that owns
+    Pooled embedding tables stay on meta: the fused or sharded collection that replaces them
+    builds and initialises its own (TorchRec's reset of a collection built on meta is a no-op, so
+    materialising them here would leave uninitialised memory). Unpooled ones (sequence features)
+    are allocated and drawn from their table config's ``init_fn``, TorchRec's own initialisation:
+    on CPU no fused collection replaces them, and on CUDA the fused one copies them (an
+    ``nn.Embedding``'s own reset would draw N(0, 1), hundreds of times too large). Every other module that owns
     parameters is reset by its own ``reset_parameters`` or, lacking one, by its nearest
     ancestor's (e.g. a ``ParameterList`` inside an expert bank). Buffers must be refilled by
     their owner's own ``reset_parameters``.
     """
-    skipped = {id(m) for kept in module.modules() if isinstance(kept, EmbeddingBagCollection) for m in kept.modules()}
+    tables = [m for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
+    skipped = {id(m) for table in tables for m in table.modules()}
     named = dict(module.named_modules())
     owners = {name: m for name, m in named.items() if id(m) not in skipped and _own_meta(m)}
     buffers = [name for name, m in owners.items()
@@ -41,6 +45,11 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
         resets[resetter] = named[resetter]
     for resetter in resets.values():
         resetter.reset_parameters()
+    for collection in (t for t in tables if isinstance(t, EmbeddingCollection)):
+        collection.to_empty(device=device)
+        with torch.no_grad():
+            for config in collection.embedding_configs():
+                config.init_fn(collection.embeddings[config.name].weight)
 
 
 def _nearest_resetter(name: str, named: dict[str, nn.Module]) -> str | None:

@@ -173,9 +173,11 @@ class GradNorm(TaskWeighting):
         if not torch.is_grad_enabled() or not self._parameters_of:
             return model_loss
         norms = torch.stack([_gradient_norm(loss, self._parameters_of) for loss in task_losses])
-        # L_i(0): set on the first step, without asking the GPU whether it is the first
-        self.initial_losses.copy_(torch.where(self.initial_losses.isnan(), task_losses.detach(), self.initial_losses))
-        ratios = task_losses.detach() / self.initial_losses.clamp_min(1e-12)
+        # L_i(0): the first loss above 0 (an empty sample space or a batch with nothing to rank
+        # gives 0), set without asking the GPU whether it is the first
+        unset = self.initial_losses.isnan() & (task_losses.detach() > 0)
+        self.initial_losses.copy_(torch.where(unset, task_losses.detach(), self.initial_losses))
+        ratios = task_losses.detach() / self.initial_losses.nan_to_num(1.0).clamp_min(1e-12)
         target = ((weights * norms).mean() * (ratios / ratios.mean()) ** self.alpha).detach()
         return model_loss + (weights * norms - target).abs().sum()
 

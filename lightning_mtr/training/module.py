@@ -89,7 +89,8 @@ class MultiTaskModule(L.LightningModule):
         materialize(self.model, device)
         if not fused_modules(self.model):
             fuse_sparse_optimizer(self.model, self.sparse_optimizer, device)
-        self.table_optimizer = table_optimizer(self.model, self.sparse_optimizer)
+        if self.table_optimizer is None:  # a second fit of this module keeps its accumulators
+            self.table_optimizer = table_optimizer(self.model, self.sparse_optimizer)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)

@@ -33,7 +33,8 @@ class SparseOptimizer:
         name: ``sgd``, ``adagrad`` or ``rowwise_adagrad`` (CPU and CUDA), ``adam`` (CUDA only).
         lr: learning rate.
         eps: numerical epsilon for the adaptive optimizers.
-        weight_decay: L2 penalty applied to the touched rows.
+        weight_decay: L2 penalty applied to the touched rows (by the CPU torch optimizer of the
+            sequence tables, to every row: see :func:`table_optimizer`).
     """
 
     name: SparseOptimizerName = "rowwise_adagrad"
@@ -92,7 +93,13 @@ def table_optimizer(module: nn.Module, optimizer: SparseOptimizer) -> torch.opti
     """The sparse optimizer's rule as a torch optimizer, for the tables left unfused (sequence
     tables on CPU). Their gradients are dense, so each step costs the size of those tables, not
     of the batch: fine for the sequence tables of a CPU run, and CUDA fuses them instead."""
-    params = [p for m in module.modules() if type(m) in _FUSED for p in m.parameters() if p.requires_grad]
+    return rule_optimizer([p for m in module.modules() if type(m) in _FUSED for p in m.parameters()
+                           if p.requires_grad], optimizer)
+
+
+def rule_optimizer(params: list[nn.Parameter], optimizer: SparseOptimizer) -> torch.optim.Optimizer | None:
+    """The sparse optimizer's rule as a torch optimizer over ``params`` (None when there are none),
+    for tables that get gradients instead of an update inside backward."""
     return TORCH_CLASS[optimizer.name](params, **optimizer.kwargs()) if params else None
 
 

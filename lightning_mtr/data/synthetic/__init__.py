@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lightning-mtr synth {impressions,mmoe} ...``: write the data and say where."""
+    """``lightning-mtr synth {impressions,behaviour,mmoe} ...``: write the data and say where."""
     args = _parser().parse_args(argv)
     if args.command in ("impressions", "behaviour"):
         write = write_impressions if args.command == "impressions" else write_behaviour

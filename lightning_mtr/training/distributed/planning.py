@@ -202,13 +202,15 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
     one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits.
     The report is None on the ranks that received the plan rather than made it.
     """
-    available = set(sharders()[0].sharding_types(cluster.device))
+    pooled_types, sequence_types = (set(s.sharding_types(cluster.device)) for s in sharders())
+    sequence_tables = set(_table_names(model, pooled=False))
     for name, constraint in (constraints or {}).items():
+        available = sequence_types if name in sequence_tables else pooled_types
         if constraint.sharding_types and not set(constraint.sharding_types) & available:
             raise ValueError(f"table {name!r}: sharding types {list(constraint.sharding_types)} are not available "
                              f"on {cluster.device} (TorchRec offers {sorted(available)} there)")
     if cluster.device == "cpu":
-        constraints = _no_replicated_sequences_on_cpu(model, dict(constraints or {}), available)
+        constraints = _no_replicated_sequences_on_cpu(model, dict(constraints or {}), sequence_types)
     stats = _BestPlan()
     planner = EmbeddingShardingPlanner(
         topology=cluster.topology(), batch_size=batch_size, stats=[stats], debug=False,

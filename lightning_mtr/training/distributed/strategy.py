@@ -34,7 +34,7 @@ from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.planning import (
     Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json, prepare_for_sharding, sharders)
-from lightning_mtr.training.sparse import TORCH_CLASS
+from lightning_mtr.training.sparse import rule_optimizer
 
 
 class TorchRecStrategy(DDPStrategy):
@@ -138,11 +138,9 @@ class TorchRecStrategy(DDPStrategy):
         """Data-parallel tables are plain replicated tensors (TorchRec all-reduces their
         gradients): they get the sparse optimizer's rule as a torch optimizer, stepped with the
         dense one, so a table's update does not depend on how it is sharded."""
-        params = [p for m in model.modules() if isinstance(m, ShardedModule) for p in m.parameters()
-                  if p.requires_grad and not hasattr(p, "_in_backward_optimizers") and p.numel()]
-        if not params:
-            return None
-        return TORCH_CLASS[sparse_optimizer.name](params, **sparse_optimizer.kwargs())
+        return rule_optimizer([p for m in model.modules() if isinstance(m, ShardedModule) for p in m.parameters()
+                               if p.requires_grad and not hasattr(p, "_in_backward_optimizers") and p.numel()],
+                              sparse_optimizer)
 
     def process_dataloader(self, dataloader: Any) -> Any:
         return InputDistPrefetch(dataloader, self.root_device, self.prefetched) if self.prefetched else dataloader
