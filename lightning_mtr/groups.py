@@ -44,14 +44,17 @@ def order_within_groups(groups: torch.Tensor, key: torch.Tensor, descending: boo
     return GroupOrder(order, group, position, sizes)
 
 
-def padded(values: torch.Tensor, groups: torch.Tensor, fill: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``values [N]`` as ``[groups, longest group]`` (rows in their original order inside a group)
-    and the mask of real entries. Cost follows groups x longest group, so one huge group costs
-    as if every group were that large."""
+def padded(groups: torch.Tensor, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``values [N]`` as ``[groups, longest group]`` (rows in their original order inside a
+    group, zeros after), then the mask of real entries; the groups are ordered once for all.
+    Cost follows groups x longest group, so one huge group costs as if every group were that large."""
     grouped = order_within_groups(groups, torch.arange(groups.numel(), device=groups.device))
     width = int(grouped.sizes.max()) if grouped.num_groups else 0
-    out = values.new_full((grouped.num_groups, width), fill)
-    mask = torch.zeros(grouped.num_groups, width, dtype=torch.bool, device=values.device)
-    out[grouped.group, grouped.position] = values[grouped.order]
+    mask = torch.zeros(grouped.num_groups, width, dtype=torch.bool, device=groups.device)
     mask[grouped.group, grouped.position] = True
-    return out, mask
+    layouts = []
+    for value in values:
+        out = value.new_zeros(grouped.num_groups, width)
+        out[grouped.group, grouped.position] = value[grouped.order]
+        layouts.append(out)
+    return (*layouts, mask)

@@ -215,20 +215,16 @@ class Schema:
     @property
     def pooled_tables(self) -> list[EmbeddingTable]:
         """Tables whose features are pooled into one vector per row (an ``EmbeddingBagCollection``)."""
-        sequences = {f.table_name for f in self.sparse if f.sequence}
-        return [t for t in self.tables if t.name not in sequences]
+        return [t for t in self.tables if t.name not in self._sequence_table_names]
 
     @property
     def sequence_tables(self) -> list[EmbeddingTable]:
         """Tables of ``sequence`` features, looked up unpooled (an ``EmbeddingCollection``)."""
-        sequences = {f.table_name for f in self.sparse if f.sequence}
-        return [t for t in self.tables if t.name in sequences]
+        return [t for t in self.tables if t.name in self._sequence_table_names]
 
-    @property
-    def lookup_order(self) -> list[SparseFeature]:
-        """Sparse features as batches carry them: the pooled ones, then the sequences (so one
-        split of the batch's KeyedJaggedTensor feeds each collection)."""
-        return [f for f in self.sparse if not f.sequence] + [f for f in self.sparse if f.sequence]
+    @cached_property
+    def _sequence_table_names(self) -> frozenset[str]:
+        return frozenset(f.table_name for f in self.sparse if f.sequence)
 
     @cached_property
     def label_columns(self) -> frozenset[str]:

@@ -36,10 +36,9 @@ def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr
 
 
 def random_inputs(schema: Schema, batch: int, seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor]:
-    """Random rows in the batches' key order; every sequence feature of a row has one length
-    (they describe the same behaviours)."""
+    """Random rows; every sequence feature of a row has one length (they describe the same behaviours)."""
     generator = torch.Generator().manual_seed(seed)
-    features = schema.lookup_order
+    features = schema.sparse
     lengths = torch.randint(0, 3, (len(features) * batch,), generator=generator)
     lengths[:batch] = 1
     sequences = [i for i, f in enumerate(features) if f.sequence]

@@ -46,7 +46,7 @@ def _model(**kwargs) -> DUPN:
     return DUPN(SCHEMA, **(options | kwargs))
 
 
-def test_sequences_are_unpooled_truncated_to_the_most_recent_and_after_the_pooled_features():
+def test_sequences_are_unpooled_and_truncated_to_the_most_recent():
     batch = BatchEncoder(SCHEMA).encode(_table([[1, 2, 3, 4, 5, 6, 7], [8], []]), ["log.parquet"])
     assert batch.sparse.keys() == ["user_id", "item_id", *HISTORY]
     history = batch.sparse["hist_item"]
@@ -122,6 +122,15 @@ def test_universal_representation_is_behaviours_then_user_and_drives_every_task(
     changed, _ = model.user_representation(model.features(other.dense, other.sparse), other.sparse)
     assert not torch.allclose(changed[0, :128], representation[0, :128])
     assert torch.equal(changed[0, 128:], representation[0, 128:]) and torch.equal(changed[1:], representation[1:])
+
+
+def test_behaviour_parts_of_different_lengths_are_refused():
+    table = _table([[1, 2, 3], [4, 5]])
+    column = table.column_names.index("hist_type")
+    table = table.set_column(column, "hist_type", pa.array([[0, 1, 2], [0]]))  # row 1: 2 items, 1 type
+    batch = BatchEncoder(SCHEMA).encode(table, ["log.parquet"])
+    with pytest.raises(RuntimeError, match="differ in length"):
+        _model()(batch.dense, batch.sparse)
 
 
 def test_bad_parts_are_refused_by_name():

@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from lightning_mtr.metrics import BinaryLogLoss, BinnedBinaryAUROC, MaskedTaskMetrics, task_metrics
+from lightning_mtr.schema import Task
+
+BINARY = Task("ctr", "click")
 
 NUM_BINS = 65536
 
@@ -33,7 +36,7 @@ def test_hand_computed_auc():
     metric = BinnedBinaryAUROC()
     metric.update(scores, labels)
     assert metric.compute().item() == pytest.approx(0.75)
-    exact = task_metrics("binary", auc="exact")["auc"]
+    exact = task_metrics(BINARY, auc="exact")["auc"]
     exact.update(torch.logit(scores), labels)
     assert exact.compute().item() == pytest.approx(0.75)
 
@@ -77,7 +80,7 @@ def test_binned_state_merges_like_two_processes():
 
 
 def test_one_class_gives_zero_like_torchmetrics():
-    binned, exact = BinnedBinaryAUROC(), task_metrics("binary", auc="exact")["auc"]
+    binned, exact = BinnedBinaryAUROC(), task_metrics(BINARY, auc="exact")["auc"]
     binned.update(torch.tensor([0.2, 0.7]), torch.tensor([1, 1]))
     exact.update(torch.tensor([-1.0, 1.0]), torch.tensor([1, 1]))
     with pytest.warns(UserWarning):
@@ -116,7 +119,8 @@ def test_logloss_matches_hand_value_and_stays_finite():
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric RowCount was called before")
 @pytest.mark.parametrize("auc", ["exact", "binned"])
 def test_masked_metrics_see_only_masked_rows(auc):
-    metrics = MaskedTaskMetrics([("ctr", "binary"), ("watch", "regression"), ("cvr", "binary")], prefix="val", auc=auc)
+    tasks = [Task("ctr", "click"), Task("watch", "seconds", kind="regression"), Task("cvr", "conversion")]
+    metrics = MaskedTaskMetrics(tasks, prefix="val", auc=auc)
     # Rows 0, 2, 4 are in the ctr sample space: logits [0.5, -1, 2], labels [1, 0, 0].
     # Over all six rows the AUC would be 7/9 instead.
     ctr_logits = torch.tensor([0.5, 3.0, -1.0, -2.0, 2.0, 1.0])
@@ -147,11 +151,9 @@ def test_masked_metrics_see_only_masked_rows(auc):
 
 
 def test_task_metrics_names_allowed_values():
-    assert set(task_metrics("binary", auc="binned")) == {"auc", "logloss", "rows"}
-    assert set(task_metrics("regression")) == {"mse", "rows"}
+    assert set(task_metrics(BINARY, auc="binned")) == {"auc", "logloss", "rows"}
+    assert set(task_metrics(Task("watch", "seconds", kind="regression"))) == {"mse", "rows"}
     with pytest.raises(ValueError, match="binary"):
-        task_metrics("clustering")
-    with pytest.raises(ValueError, match="schema task"):
-        task_metrics("ranking")
+        task_metrics(Task("x", "y", kind="clustering"))
     with pytest.raises(ValueError, match="binned"):
-        task_metrics("binary", auc="approximate")
+        task_metrics(BINARY, auc="approximate")

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import binary_auroc
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import MISSING_GROUP, BatchEncoder, DataError
@@ -134,13 +134,18 @@ def test_ndcg_at_k_averages_requests_with_a_relevant_row():
 def test_multiclass_metrics_take_logits_even_when_they_look_like_probabilities():
     task = Task(name="level", label="level", kind="multiclass", num_classes=3)
     metrics = MaskedTaskMetrics([task], prefix="val")
-    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.8], [0.8, 0.15, 0.05]])
-    target = torch.tensor([0.0, 1.0, 2.0, 1.0])
-    metrics.update({"level": logits}, {"level": target}, {"level": torch.ones(4, dtype=bool)})
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.2, 0.8], [0.8, 0.15, 0.05], [0.3, 0.0, 0.95],
+                           [0.5, 0.45, 0.3]])
+    target = torch.tensor([0.0, 1.0, 2.0, 1.0, 0.0, 2.0])
+    metrics.update({"level": logits}, {"level": target}, {"level": torch.ones(6, dtype=bool)})
     results = metrics.compute()
-    assert results["val/level/accuracy"].item() == pytest.approx(0.75)
+    assert results["val/level/accuracy"].item() == pytest.approx(3 / 6)
     assert results["val/level/logloss"].item() == pytest.approx(F.cross_entropy(logits, target.long()).item())
-    assert 0.0 <= results["val/level/auc"].item() <= 1.0 and results["val/level/rows"].item() == 4
+    # these logits lie in [0, 1]: taken as probabilities they would give 0.75, as logits 0.7083
+    assert results["val/level/auc"].item() == pytest.approx(multiclass_auroc(
+        torch.softmax(logits, -1), target.long(), 3, average="macro", thresholds=None).item())
+    assert results["val/level/auc"].item() == pytest.approx(0.7083, abs=1e-4)
+    assert results["val/level/rows"].item() == 6
 
 
 SCHEMA = {

@@ -126,13 +126,12 @@ class BatchEncoder:
 
     def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
         values, lengths = [], []
-        features = self.schema.lookup_order
-        for feature in features:
+        for feature in self.schema.sparse:
             ids, counts = _feature_ids(table.column(feature.source_column), feature, checker)
             values.append(ids)
             lengths.append(counts)
         return KeyedJaggedTensor(
-            keys=[f.name for f in features],
+            keys=[f.name for f in self.schema.sparse],
             values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
             stride=table.num_rows,

@@ -92,12 +92,11 @@ class _FromLogits(torchmetrics.Metric):
         super().reset()
 
 
-def task_metrics(task: Task | str, auc: str = "exact", num_bins: int = 65536) -> torchmetrics.MetricCollection:
+def task_metrics(task: Task, auc: str = "exact", num_bins: int = 65536) -> torchmetrics.MetricCollection:
     """The metrics of one task (every kind also counts its ``rows``).
 
     Args:
-        task: a schema task, or just a kind for the kinds that need no more ("binary",
-            "regression"). binary: ``auc``, ``logloss`` (and ``gauc`` with ``gauc_by``);
+        task: a schema task. binary: ``auc``, ``logloss`` (and ``gauc`` with ``gauc_by``);
             regression: ``mse``; multiclass: ``accuracy``, ``auc`` (macro, one-vs-rest),
             ``logloss``; ranking: ``ndcg@k`` for each k of ``ndcg_at`` and ``gauc`` (of
             relevance > 0, per group).
@@ -108,10 +107,6 @@ def task_metrics(task: Task | str, auc: str = "exact", num_bins: int = 65536) ->
             processes. Binary tasks only: the others always keep every row.
         num_bins: bins of the binned AUC.
     """
-    if isinstance(task, str):
-        if task in ("multiclass", "ranking"):
-            raise ValueError(f"{task} metrics need the schema task (classes, group column), not just its kind")
-        task = Task(name="task", label="task", kind=task)
     if task.kind not in TASK_KINDS:
         raise ValueError(f"unknown task kind {task.kind!r}; expected one of {TASK_KINDS}")
     if auc not in AUC_MODES:
@@ -149,18 +144,15 @@ class MaskedTaskMetrics(torch.nn.Module):
     ``compute()``.
 
     Args:
-        tasks: schema tasks, or ``(name, kind)`` pairs for kinds that need no more; see
-            ``task_metrics``.
+        tasks: schema tasks; see ``task_metrics``.
         prefix: stage name leading every key, e.g. "val".
         auc: "exact" or "binned", see ``task_metrics``.
         num_bins: bins of the binned AUC.
     """
 
-    def __init__(self, tasks: Sequence[Task | tuple[str, str]], prefix: str, auc: str = "exact",
-                 num_bins: int = 65536):
+    def __init__(self, tasks: Sequence[Task], prefix: str, auc: str = "exact", num_bins: int = 65536):
         super().__init__()
         self.prefix = prefix
-        tasks = [t if isinstance(t, Task) else Task(name=t[0], label=t[0], kind=t[1]) for t in tasks]
         self.group_of = {t.name: t.group_column for t in tasks}
         self.collections = torch.nn.ModuleDict({t.name: task_metrics(t, auc, num_bins) for t in tasks})
 

@@ -87,10 +87,10 @@ class DUPN(nn.Module):
         query = torch.cat([features[:, :self.features.dense_dim], self.features.columns(features, self.query_features),
                            *[sequences[n][0].sum(dim=1) for n in self.query_sequences]], dim=1)
         lengths = sequences[self.item_part[0]][1]
-        for name in self.item_part + self.property_part:  # checked without waiting for a GPU
-            torch._assert_async((sequences[name][1] == lengths).all(),
-                                f"DUPN: sequence {name!r} differs in length from {self.item_part[0]!r} on some row; "
-                                "every part of a behaviour needs one entry per behaviour")
+        parts = torch.stack([sequences[name][1] for name in self.item_part + self.property_part])
+        torch._assert_async((parts == lengths).all(),  # checked without waiting for a GPU
+                            f"DUPN: the sequences {self.item_part + self.property_part} differ in length on some row; "
+                            "every part of a behaviour needs one entry per behaviour")
         items = chronological(torch.cat([sequences[n][0] for n in self.item_part], dim=2), lengths)
         properties = chronological(torch.cat([sequences[n][0] for n in self.property_part], dim=2), lengths)
         states = self.lstm(items, properties, lengths)

@@ -105,12 +105,9 @@ class YouTubeRanker(nn.Module):
 
 def _split_columns(features: FeatureInput, position: set[str]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
     """Column ranges of ``features``' output: (everything else, the position features)."""
-    main, positional, start = [(0, features.dense_dim)] if features.dense_dim else [], [], features.dense_dim
-    for name in features.feature_names:
-        stop = start + features.field_dims[name]
-        (positional if name in position else main).append((start, stop))
-        start = stop
-    return main, positional
+    main = [(0, features.dense_dim)] if features.dense_dim else []
+    main += [features.offsets[n] for n in features.feature_names if n not in position]
+    return main, [features.offsets[n] for n in features.feature_names if n in position]
 
 
 def _width(ranges: list[tuple[int, int]]) -> int:

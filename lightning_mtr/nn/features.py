@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torchrec import (
@@ -55,6 +56,9 @@ class FeatureInput(nn.Module):
         self.sequence_names = [name for t in schema.sequence_tables for name in t.feature_names]
         self.dense_dim = len(schema.dense)
         self.field_dims = {name: t.embedding_dim for t in tables for name in t.feature_names}
+        stops = len(schema.dense) + np.cumsum([0] + [self.field_dims[n] for n in self.feature_names])
+        # each pooled feature's columns in forward's output
+        self.offsets = {name: (int(a), int(b)) for name, a, b in zip(self.feature_names, stops[:-1], stops[1:])}
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.feature_names:
@@ -71,14 +75,10 @@ class FeatureInput(nn.Module):
     def columns(self, features: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """The pooled embeddings of the named features inside ``forward``'s output, concatenated in
         the given order (``[B, sum of their dims]``)."""
-        offsets, start = {}, self.dense_dim
-        for name in self.feature_names:
-            offsets[name] = (start, start + self.field_dims[name])
-            start += self.field_dims[name]
-        unknown = [n for n in names if n not in offsets]
+        unknown = [n for n in names if n not in self.offsets]
         if unknown:
             raise ValueError(f"unknown pooled sparse features {unknown}; known: {self.feature_names}")
-        return torch.cat([features[:, :0]] + [features[:, slice(*offsets[n])] for n in names], dim=1)
+        return torch.cat([features[:, :0]] + [features[:, slice(*self.offsets[n])] for n in names], dim=1)
 
     def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past

@@ -16,8 +16,7 @@ from lightning_mtr.groups import padded
 def pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """RankNet (Burges et al., 2005): ``mean over pairs (i, j) of one request with y_i > y_j of
     log(1 + exp(-(s_i - s_j)))``."""
-    score, mask = padded(scores, groups)
-    label, _ = padded(labels, groups)
+    score, label, mask = padded(groups, scores, labels)
     ordered = (label[:, :, None] > label[:, None, :]) & mask[:, :, None] & mask[:, None, :]
     losses = F.softplus(score[:, None, :] - score[:, :, None])  # [G, i, j]: -log sigmoid(s_i - s_j)
     return (losses * ordered).sum() / ordered.sum().clamp_min(1)
@@ -26,9 +25,8 @@ def pairwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor, groups: t
 def listwise_softmax_loss(scores: torch.Tensor, labels: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """Softmax cross-entropy over each request (ListNet's top-one form, Cao et al., 2007):
     ``-sum_i y_i log softmax(s)_i / sum_i y_i``, averaged over requests with a relevant row."""
-    score, mask = padded(scores, groups, fill=float("-inf"))
-    label, _ = padded(labels, groups)
-    log_probs = torch.log_softmax(score, dim=1).masked_fill(~mask, 0.0)
+    score, label, mask = padded(groups, scores, labels)
+    log_probs = torch.log_softmax(score.masked_fill(~mask, float("-inf")), dim=1).masked_fill(~mask, 0.0)
     relevance = label.sum(dim=1)
     per_request = -(label * log_probs).sum(dim=1) / relevance.clamp_min(1e-12)
     has_relevant = relevance > 0
