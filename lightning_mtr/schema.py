@@ -186,6 +186,11 @@ class Schema:
         return [task.name for task in self.tasks]
 
     @property
+    def task_weights(self) -> dict[str, float]:
+        """``{task: weight}`` as the schema sets them (static weighting)."""
+        return {task.name: task.weight for task in self.tasks}
+
+    @property
     def task_outputs(self) -> dict[str, int]:
         """``{task: logits per row}``: what task towers must produce."""
         return {task.name: task.output_size for task in self.tasks}

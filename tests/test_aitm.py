@@ -140,7 +140,7 @@ def test_calibrator_is_alpha_times_the_excess_over_the_step_before():
 
     # through the trainer's reduction: each step's mean BCE, plus alpha * the mean excess
     masks = {task: torch.ones(6, dtype=torch.bool) for task in FUNNEL}
-    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, losses), schema.tasks)
+    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, losses), schema.task_weights)
     torch.testing.assert_close(total, sum(b.mean() for b in bce.values()) + 0.6 * 0.25)
 
     _set_logits(model, {"ctr": 1.0, "ctcvr": 1.0, "ctpay": 1.0})  # equal probabilities: still none

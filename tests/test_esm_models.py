@@ -66,7 +66,7 @@ def test_esmm_trains_ctr_and_ctcvr_over_all_impressions():
     masks = {"ctr": torch.ones(16, dtype=torch.bool), "ctcvr": torch.ones(16, dtype=torch.bool),
              "cvr": click.bool()}
     logits, given = model.forward_with_losses(dense, sparse, labels)
-    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, given), schema.tasks)
+    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, given), schema.task_weights)
     expected = (_bce(logits["ctr"].sigmoid(), labels["ctr"]).mean()
                 + _bce(logits["ctcvr"].sigmoid(), labels["ctcvr"]).mean())
     torch.testing.assert_close(total.double(), expected, rtol=1e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def test_masked_losses_match_hand_computation():
     assert math.isclose(losses["ctr"].item(), expected_ctr, rel_tol=1e-6)
     assert math.isclose(losses["cvr"].item(), expected_cvr, rel_tol=1e-6)
     assert math.isclose(losses["watch"].item(), expected_watch, rel_tol=1e-6)
-    total = weighted_total(losses, TASKS)
+    total = weighted_total(losses, {t.name: t.weight for t in TASKS})
     assert math.isclose(total.item(), expected_ctr + 2 * expected_cvr + 0.5 * expected_watch, rel_tol=1e-6)
 
 
@@ -43,7 +43,7 @@ def test_empty_sample_space_contributes_zero_not_nan():
              "watch": torch.tensor([False, False])}
     losses = masked_task_losses(logits, labels, masks, TASKS)
     assert losses["cvr"].item() == 0.0 and losses["watch"].item() == 0.0
-    weighted_total(losses, TASKS).backward()
+    weighted_total(losses, {t.name: t.weight for t in TASKS}).backward()
     assert torch.equal(logits["cvr"].grad, torch.zeros(2))
     assert torch.isfinite(logits["ctr"].grad).all()
 

@@ -30,7 +30,7 @@ LOSSES = {"ctr": torch.tensor(0.4), "time": torch.tensor(2.0), "cvr": torch.tens
 
 
 def test_static_weights_are_the_schemas():
-    torch.testing.assert_close(StaticWeights(SCHEMA)(LOSSES), weighted_total(LOSSES, SCHEMA.tasks))
+    torch.testing.assert_close(StaticWeights(SCHEMA)(LOSSES), weighted_total(LOSSES, SCHEMA.task_weights))
 
 
 def test_uncertainty_weighting_follows_kendall_and_learns_sigma():

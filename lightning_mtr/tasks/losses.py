@@ -60,5 +60,7 @@ def masked_task_losses(
     return losses
 
 
-def weighted_total(losses: Mapping[str, torch.Tensor], tasks: Sequence[Task]) -> torch.Tensor:
-    return sum(task.weight * losses[task.name] for task in tasks)
+def weighted_total(losses: Mapping[str, torch.Tensor], weights: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+    """``sum_k w_k L_k``: the training loss under any task weighting, and ``val/loss`` under the
+    schema's (``Schema.task_weights``)."""
+    return sum(weight * losses[name] for name, weight in weights.items())

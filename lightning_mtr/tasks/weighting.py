@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lightning_mtr.schema import Schema
+from lightning_mtr.tasks.losses import weighted_total
 
 
 class TaskWeighting(nn.Module):
@@ -27,8 +28,7 @@ class TaskWeighting(nn.Module):
         self.names = [t.name for t in self.tasks]
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        current = self.weights()
-        return sum(current[t.name] * losses[t.name] for t in self.tasks)
+        return weighted_total(losses, self.weights())
 
     def weights(self) -> dict[str, torch.Tensor | float]:
         return {t.name: t.weight for t in self.tasks}
@@ -59,8 +59,7 @@ class UncertaintyWeights(TaskWeighting):
             nn.init.zeros_(value)
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        current = self.weights()
-        return sum(current[name] * losses[name] + 0.5 * s for name, s in self.log_variance.items())
+        return weighted_total(losses, self.weights()) + 0.5 * sum(self.log_variance.values())
 
     def weights(self) -> dict[str, torch.Tensor | float]:
         scale = {"regression": 0.5}
@@ -112,9 +111,11 @@ class ScheduledWeights(TaskWeighting):
             raise ValueError(f"gamma names unknown tasks {unknown}; the schema's tasks: {self.names}")
         self.gamma = dict(gamma)
         self.register_buffer("epoch", torch.zeros((), dtype=torch.long))
+        self.register_buffer("gammas", torch.tensor([self.gamma.get(n, 1.0) for n in self.names]), persistent=False)
 
-    def weights(self) -> dict[str, float]:
-        return {t.name: t.weight * self.gamma.get(t.name, 1.0) ** int(self.epoch) for t in self.tasks}
+    def weights(self) -> dict[str, torch.Tensor]:
+        current = self.gammas ** self.epoch  # on the device: no wait for the GPU every step
+        return {t.name: t.weight * current[k] for k, t in enumerate(self.tasks)}
 
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
         self.epoch += 1

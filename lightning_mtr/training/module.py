@@ -68,9 +68,8 @@ class MultiTaskModule(L.LightningModule):
         self.task_weighting = (task_weighting or StaticWeights)(schema)
         self.table_optimizer: torch.optim.Optimizer | None = None  # unfused tables (sequences on CPU)
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
-        self.metrics = nn.ModuleDict({
-            stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins) for stage in ("val", "test")
-        })
+        self.metrics = nn.ModuleDict({stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins)
+                                      for stage in ("val", "test")})
 
     def setup(self, stage: str) -> None:
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
@@ -132,9 +131,12 @@ class MultiTaskModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         """Schemes that move between epochs (DWA, PLE's schedule) see each task's mean training
         loss of the epoch, averaged over processes so every rank weights alike."""
-        means = {task: self.trainer.strategy.reduce(total / max(steps, 1), reduce_op="mean")
-                 for task, (total, steps) in self._epoch_losses.items()}
-        self.task_weighting.end_epoch({task: float(value) for task, value in means.items()})
+        if self._epoch_losses:  # one reduction and one copy to the host for every task
+            tasks = list(self._epoch_losses)
+            means = torch.stack([torch.as_tensor(total / max(steps, 1), device=self.device, dtype=torch.float32)
+                                 for total, steps in self._epoch_losses.values()])
+            means = self.trainer.strategy.reduce(means, reduce_op="mean").tolist()
+            self.task_weighting.end_epoch(dict(zip(tasks, means)))
         self._epoch_losses = {}
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
@@ -145,7 +147,7 @@ class MultiTaskModule(L.LightningModule):
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
         logits, losses = self._outputs_and_losses(batch)
-        self.log(f"{stage}/loss", weighted_total(losses, self.schema.tasks), batch_size=batch.batch_size,
+        self.log(f"{stage}/loss", weighted_total(losses, self.schema.task_weights), batch_size=batch.batch_size,
                  sync_dist=True)
         self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks, batch.groups)
 
