@@ -95,6 +95,17 @@ class CGC(nn.Module):
         self.gate_names = list(gate_names) if gate_names is not None else default_names
         if len(self.gate_names) != len(default_names):
             raise ValueError(f"{len(default_names)} gates but {len(self.gate_names)} gate names")
+        # [1, T, m_k + m_s]: the experts task k's gate mixes, its own then the shared ones; rebuilt, never saved
+        self.register_buffer("gate_experts", torch.empty(1, tasks, task_experts + shared_experts, dtype=torch.long),
+                             persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The gate-to-expert index (also what materialising from meta calls; the layers reset themselves)."""
+        device = self.gate_experts.device
+        own = torch.arange(self.tasks * self.task_experts, device=device).view(self.tasks, self.task_experts)
+        shared = torch.arange(self.tasks * self.task_experts, self.num_experts, device=device)
+        self.gate_experts.copy_(torch.cat([own, shared.expand(self.tasks, -1)], dim=1).unsqueeze(0))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return gate_mix(*self._experts_and_logits(inputs), self.gate_backend)
@@ -116,13 +127,7 @@ class CGC(nn.Module):
             task_logits = grouped_linear(self.task_gates, task_inputs)  # [B, T, m_k + m_s]
         experts = torch.cat([self.task_bank(task_inputs), self.shared_bank(shared_input)], dim=1)  # [B, E, D]
         logits = task_logits.new_full((inputs.shape[0], self.tasks, self.num_experts), float("-inf"))
-        logits = logits.scatter(2, self._task_gate_experts(inputs.device).expand_as(task_logits), task_logits)
+        logits = logits.scatter(2, self.gate_experts.expand_as(task_logits), task_logits)
         if self.shared_gate is not None:
             logits = torch.cat([logits, self.shared_gate(shared_input).unsqueeze(1)], dim=1)  # [B, T+1, E]
         return experts, logits
-
-    def _task_gate_experts(self, device: torch.device) -> torch.Tensor:
-        """``[1, T, m_k + m_s]``: the experts task k's gate mixes, its own then the shared ones."""
-        own = torch.arange(self.tasks * self.task_experts, device=device).view(self.tasks, self.task_experts)
-        shared = torch.arange(self.tasks * self.task_experts, self.num_experts, device=device)
-        return torch.cat([own, shared.expand(self.tasks, -1)], dim=1).unsqueeze(0)
