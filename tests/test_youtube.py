@@ -79,6 +79,16 @@ def test_gate_dropout_leaves_experts_out_in_training_only():
     torch.manual_seed(0)
     bottom = MixtureBottom(5, 2, num_experts=4, expert=[3], gate_dropout=0.5)
     inputs = torch.randn(64, 5)
+    torch.manual_seed(1)
+    mixed = bottom(inputs)
+    torch.manual_seed(1)
+    drawn = torch.rand(64, 2, 4) < 0.5  # the mask the forward drew, one per row, gate and expert
+    everything = drawn.all(dim=-1, keepdim=True)
+    assert everything.any(), "some row's gate drew every expert: the case the guard handles"
+    dropped = drawn & ~everything  # ... which then keeps them all
+    weights = torch.softmax(bottom._gate_logits(inputs).masked_fill(dropped, float("-inf")), dim=-1)
+    torch.testing.assert_close(mixed, torch.einsum("bge,bed->bgd", weights, bottom.experts(inputs)))
+    assert weights[dropped].eq(0).all() and weights[~dropped].gt(0).all()
     assert not torch.allclose(bottom(inputs), bottom(inputs)), "training draws a new mask each time"
     bottom.eval()
     torch.testing.assert_close(bottom(inputs), bottom(inputs))
