@@ -6,13 +6,13 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_mtr.data.encode import BatchEncoder, DenseStats
+from lightning_mtr.data.encode import BatchEncoder, DenseStats, checked_label_order
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
@@ -116,6 +116,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.text_format = text_format
         self.dense_stats: DenseStats | None = None
         self.resume_position: dict[str, int] | None = None
+        self.label_order: tuple[tuple[str, str], ...] = ()
         self._encoder: BatchEncoder | None = None
 
     def prepare_data(self) -> None:
@@ -127,6 +128,15 @@ class MultiTaskDataModule(L.LightningDataModule):
             for split, path in self.synthetic.ensure().items():
                 self.paths[split] = self.paths[split] or path
 
+    def require_label_order(self, pairs: Sequence[tuple[str, str]]) -> None:
+        """Check on every row read, in every stage, that each ``(earlier, later)`` pair's later
+        label is at most the earlier one (see ``BatchEncoder``). A chain model's funnel reaches
+        the data this way: ``MultiTaskModule.setup`` passes ``model.label_order()``, since the
+        data module is built before, and apart from, the model."""
+        order = checked_label_order(self.schema, pairs)
+        if order != self.label_order:
+            self.label_order, self._encoder = order, None
+
     @property
     def encoder(self) -> BatchEncoder:
         """Built on first use: after a checkpoint restore, whose dense statistics it then uses
@@ -134,7 +144,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self._encoder is None:
             if self.dense_stats is None and self.schema.needs_dense_stats:
                 self.dense_stats = self._training_stats()
-            self._encoder = BatchEncoder(self.schema, self.dense_stats, self.extras)
+            self._encoder = BatchEncoder(self.schema, self.dense_stats, self.extras, self.label_order)
         return self._encoder
 
     def _training_stats(self) -> DenseStats:

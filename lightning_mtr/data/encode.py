@@ -35,14 +35,22 @@ class DenseStats:
 
 
 class BatchEncoder:
-    """Turns Arrow tables into batches for one schema; stateless apart from the dense stats."""
+    """Turns Arrow tables into batches for one schema; stateless apart from the dense stats.
 
-    def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = ()):
-        """``dense_stats`` may be left out by an encoder that only checks columns (``check_columns``)."""
+    ``label_order``: ``(earlier, later)`` task pairs whose later label may never exceed the
+    earlier one on a row both sample spaces hold (a model's conversion funnel, e.g. ESMM's
+    ``("ctr", "ctcvr")``: pCTCVR = pCTR * pCVR <= pCTR, so a conversion without a click
+    cannot be fit). ``dense_stats`` may be left out by an encoder that only checks columns
+    (``check_columns``).
+    """
+
+    def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = (),
+                 label_order: Sequence[tuple[str, str]] = ()):
         self.schema = schema
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
         self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks]
+        self.label_order = checked_label_order(schema, label_order)
 
     @property
     def columns(self) -> list[str]:
@@ -90,19 +98,20 @@ class BatchEncoder:
     def encode(self, table: pa.Table, sources: Sequence[str]) -> Batch:
         checker = RowChecker(table, sources)
         raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
-        labels, masks = {}, {}
+        labels, masks, values = {}, {}, {}
         groups = {c: group_ids(table.column(c)) for c in self.schema.group_columns}
         for task, label, space in self._labels:
-            values = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
+            values[task.name] = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
             mask = np.ones(table.num_rows, bool) if space is None else np.asarray(space.evaluate(raw), bool)
             mask = np.broadcast_to(mask, (table.num_rows,))
-            _check_labels(task, values, mask, checker)
+            _check_labels(task, values[task.name], mask, checker)
             if task.group_column is not None:
                 checker.fail_if(task.group_column, mask & (groups[task.group_column] == MISSING_GROUP),
                                 f"missing (null) group id inside task {task.name!r}'s sample space")
             # outside the sample space a label is never used; class 0 keeps a multiclass loss defined
-            labels[task.name] = torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))
+            labels[task.name] = torch.from_numpy(np.where(mask, values[task.name], 0.0).astype(np.float32))
             masks[task.name] = torch.from_numpy(mask.copy())
+        self._check_label_order(values, masks, raw, checker)
         return Batch(
             dense=self._dense(table, checker),
             sparse=self._sparse(table, checker),
@@ -111,6 +120,22 @@ class BatchEncoder:
             extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
             groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
         )
+
+    def _check_label_order(self, values: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
+                           raw: dict[str, np.ndarray], checker: RowChecker) -> None:
+        """A later funnel step's label of 1 where the earlier one's is 0 stops the run, naming both tasks."""
+        tasks = {task.name: task for task in self.schema.tasks}
+        for earlier, later in self.label_order:
+            bad = (masks[earlier] & masks[later]).numpy() & (values[later] > values[earlier])
+            if not bad.any():
+                continue
+            first, early, late = int(np.flatnonzero(bad)[0]), tasks[earlier], tasks[later]
+            columns = sorted(early.label_expression.columns | late.label_expression.columns)
+            example = ", ".join(f"{c}={raw[c][first]:g}" for c in columns)
+            checker.fail_rows(bad, f"task {later!r} (label {late.label!r}) is 1 where task {earlier!r} (label "
+                                   f"{early.label!r}), the step before it in the model's funnel, is 0 (e.g. a row with "
+                                   f"{example})", f"a later step's label must imply the earlier one's: set the label "
+                                   f"of task {later!r} to {_factor(early.label)} * {_factor(late.label)}")
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
         if self.dense_stats is None and self.schema.needs_dense_stats:
@@ -147,6 +172,20 @@ def _check_labels(task: Task, values: np.ndarray, mask: np.ndarray, checker: Row
         checker.fail_if(task.label, bad, f"multiclass label outside the classes 0..{task.num_classes - 1}", values)
     elif task.kind == "ranking":
         checker.fail_if(task.label, mask & (values < 0), "negative ranking relevance", values)
+
+
+def _factor(label: str) -> str:
+    return label if label.isidentifier() else f"({label})"
+
+
+def checked_label_order(schema: Schema, pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """``pairs`` as a tuple, every task a binary schema task."""
+    kinds = {task.name: task.kind for task in schema.tasks}
+    for pair in pairs:
+        if len(pair) != 2 or any(kinds.get(name) != "binary" for name in pair):
+            raise ValueError(f"label order {tuple(pair)}: expected (earlier, later) names of binary schema tasks, "
+                             f"the schema's tasks are {kinds}")
+    return tuple((earlier, later) for earlier, later in pairs)
 
 
 MISSING_GROUP = np.iinfo(np.int64).min
@@ -190,13 +229,18 @@ class RowChecker:
         self.sources = sources
 
     def fail_if(self, column: str, bad: np.ndarray, problem: str, values: np.ndarray | None = None) -> None:
+        if bad.any():
+            example = f" (e.g. {values[int(np.flatnonzero(bad)[0])]!r})" if values is not None else ""
+            self.fail_rows(bad, f"column {column!r}: {problem}{example}")
+
+    def fail_rows(self, bad: np.ndarray, problem: str, fix: str | None = None) -> None:
+        """``{file of the first bad row}: {problem}; {count} bad row(s) in this batch[; {fix}]``."""
         if not bad.any():
             return
         row = int(np.flatnonzero(bad)[0])
         source = self.sources[self.table.column(SOURCE_COLUMN)[row].as_py()] if SOURCE_COLUMN in \
             self.table.column_names else "<input>"
-        example = f" (e.g. {values[row]!r})" if values is not None else ""
-        raise DataError(f"{source}: column {column!r}: {problem}{example}; {int(bad.sum())} bad row(s) in this batch")
+        raise DataError(f"{source}: {problem}; {int(bad.sum())} bad row(s) in this batch" + (f"; {fix}" if fix else ""))
 
 
 def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill: float | None = None) -> np.ndarray:

@@ -59,6 +59,10 @@ class AITM(nn.Module):
         })
         self.heads = TaskTowers(self.funnel, ait_dim, head, dropout)
 
+    def label_order(self) -> list[tuple[str, str]]:
+        """Each funnel step's label is at most the step before's (the data module checks it)."""
+        return list(zip(self.funnel, self.funnel[1:]))
+
     def representations(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         """``{task: z_t [B, D]}`` in funnel order."""
         inputs = self.features(dense, sparse)

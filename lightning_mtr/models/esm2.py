@@ -6,7 +6,9 @@ Four heads on shared embeddings: Y1 = P(click | impression), Y2 = P(DAction | cl
 DAction). Derived: pCTR = Y1, pCTAVR = Y1*Y2, pCVR = (1-Y2)*Y4 + Y2*Y3 and
 pCTCVR = Y1*pCVR. The loss is a weighted sum of the BCE losses of pCTR, pCTAVR and
 pCTCVR over all impressions (weights: the schema's task weights); pCVR is evaluated on
-clicked rows and never trained directly.
+clicked rows and never trained directly. A buy may follow a click without DAction, so
+ctcvr is not bounded by ctavr: the labels checked while reading are ctavr <= ctr and
+ctcvr <= ctr (``label_order``).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ESM2(ProbabilityChainModel):
     HEADS = ("y1_click", "y2_daction", "y3_buy_after_daction", "y4_buy_after_oaction")
     OUTPUTS = ("ctr", "ctavr", "ctcvr", "cvr")
     SUPERVISED = ("ctr", "ctavr", "ctcvr")
+    FUNNEL = (("ctr", "ctavr"), ("ctr", "ctcvr"))  # pCTAVR = Y1*Y2 <= Y1 and pCTCVR = Y1*pCVR <= Y1
 
     def __init__(self, schema: Schema, tower: Sequence[int] = (256, 128), bottom: BottomFactory = SharedInput,
                  dropout: float = 0.0, task_names: tuple[str, str, str, str] = ("ctr", "ctavr", "ctcvr", "cvr"),

@@ -11,7 +11,8 @@ Schema contract (see conf/schemas/esmm_synthetic.yaml): tasks ``ctr`` (label ``c
 clicks as in the paper, never trained directly) and ``ctcvr`` (label
 ``click * conversion``). A row with conversion = 1 and click = 0 (real Ali-CCP has them)
 is therefore a CTCVR negative and outside the CVR space: the label expression decides,
-not an accident of the data.
+not an accident of the data. A ctcvr label above the ctr label (e.g. ``label: conversion``)
+stops the run while the data is read (``label_order``): pCTCVR <= pCTR could never fit it.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ESMM(ProbabilityChainModel):
     HEADS = ("ctr", "cvr")
     OUTPUTS = ("ctr", "cvr", "ctcvr")
     SUPERVISED = ("ctr", "ctcvr")
+    FUNNEL = (("ctr", "ctcvr"),)
 
     def __init__(self, schema: Schema, tower: Sequence[int] = (256, 128), bottom: BottomFactory = SharedInput,
                  dropout: float = 0.0, task_names: tuple[str, str, str] = ("ctr", "cvr", "ctcvr"),

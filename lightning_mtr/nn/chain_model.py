@@ -25,12 +25,15 @@ class ProbabilityChainModel(nn.Module):
       schema's tasks, in this order.
     - ``SUPERVISED``: the roles trained by the op's losses (over all impressions); the other
       outputs are derived only and must carry weight 0.
+    - ``FUNNEL``: ``(earlier, later)`` supervised roles whose chain probability can never exceed
+      the earlier one's (e.g. pCTCVR = pCTR * pCVR <= pCTR), so neither may their labels.
     """
 
     CHAIN: str
     HEADS: tuple[str, ...]
     OUTPUTS: tuple[str, ...]
     SUPERVISED: tuple[str, ...]
+    FUNNEL: tuple[tuple[str, str], ...]
 
     def __init__(self, schema: Schema, tower: Sequence[int], bottom: BottomFactory, dropout: float,
                  task_names: Sequence[str], chain_backend: str):
@@ -46,6 +49,11 @@ class ProbabilityChainModel(nn.Module):
         self.features = FeatureInput(schema)
         self.bottom = bottom(self.features.output_dim, len(self.HEADS))
         self.heads = TaskTowers(self.HEADS, self.bottom.output_dim, tower, dropout)
+
+    def label_order(self) -> list[tuple[str, str]]:
+        """``(earlier, later)`` task names: the later label must be <= the earlier on every row
+        (the data module checks it while reading)."""
+        return [(self.task_of[earlier], self.task_of[later]) for earlier, later in self.FUNNEL]
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         return self.forward_with_losses(dense, sparse, None)[0]
