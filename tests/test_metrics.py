@@ -1,13 +1,23 @@
 """Metrics against hand-computed values and an independent rank-based AUC."""
 
 import math
+import warnings
 
+import lightning as L
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.metrics import BinaryLogLoss, BinnedBinaryAUROC, MaskedTaskMetrics, task_metrics
+from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Task
+from lightning_mtr.training import MultiTaskModule
+from lightning_mtr.training.callbacks import format_report
 
 BINARY = Task("ctr", "click")
 
@@ -79,14 +89,65 @@ def test_binned_state_merges_like_two_processes():
     assert halves[0].compute().item() == whole.compute().item()
 
 
-def test_one_class_gives_zero_like_torchmetrics():
+@pytest.mark.parametrize("label", [0, 1])
+def test_auc_over_one_class_is_undefined_not_zero(label):
+    """No positive/negative pair to rank: NaN, quietly, in both modes (torchmetrics 1.0.3 warns, returns 0)."""
     binned, exact = BinnedBinaryAUROC(), task_metrics(BINARY, auc="exact")["auc"]
-    binned.update(torch.tensor([0.2, 0.7]), torch.tensor([1, 1]))
-    exact.update(torch.tensor([-1.0, 1.0]), torch.tensor([1, 1]))
-    with pytest.warns(UserWarning):
-        assert binned.compute().item() == 0.0
-    with pytest.warns(UserWarning):
-        assert exact.compute().item() == 0.0
+    binned.update(torch.tensor([0.2, 0.7]), torch.tensor([label, label]))
+    exact.update(torch.tensor([-1.0, 1.0]), torch.tensor([label, label]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(binned.compute().item()) and math.isnan(exact.compute().item())
+
+
+def test_multiclass_macro_auc_averages_the_classes_whose_auc_is_defined():
+    """Class 3 never occurs, so its one-vs-rest AUC has no positive: left out of the mean, not
+    counted as 0; all rows of one class leave no class defined: NaN."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(200, 4)).astype(np.float32)
+    target = rng.integers(0, 3, 200)
+    logits[np.arange(200), target] += 1.0
+    probs = torch.softmax(torch.from_numpy(logits), -1).numpy()
+    expected = np.mean([rank_auc(probs[:, c], (target == c).astype(np.int64)) for c in range(3)])
+    metric = task_metrics(Task("level", "level", kind="multiclass", num_classes=4))["auc"]
+    for part in np.array_split(np.arange(200), 3):
+        metric.update(torch.from_numpy(logits[part]), torch.from_numpy(target[part]).float())
+    assert metric.compute().item() == pytest.approx(expected, abs=1e-6)
+    metric.reset()
+    metric.update(torch.from_numpy(logits[:5]), torch.ones(5))
+    assert math.isnan(metric.compute().item())
+
+
+@pytest.mark.parametrize("auc", ["exact", "binned"])
+def test_masked_metrics_report_one_class_as_undefined_auc_and_gauc(auc):
+    """Every user saw only clicks or only non-clicks: AUC is defined, GAUC is not; a task whose
+    rows are all negative has no AUC; logloss and rows stay defined."""
+    tasks = [Task("ctr", "click", gauc_by="user"), Task("buy", "buy")]
+    metrics = MaskedTaskMetrics(tasks, prefix="val", auc=auc)
+    logits = torch.tensor([0.5, 1.0, -1.0, -2.0])
+    click = torch.tensor([1.0, 1.0, 0.0, 0.0])
+    everything = torch.ones(4, dtype=torch.bool)
+    metrics.update({"ctr": logits, "buy": logits}, {"ctr": click, "buy": torch.zeros(4)},
+                   {"ctr": everything, "buy": everything}, {"user": torch.tensor([7, 7, 8, 8])})
+    results = metrics.compute()
+    assert results["val/ctr/auc"].item() == 1.0 and math.isnan(results["val/ctr/gauc"].item())
+    assert math.isnan(results["val/buy/auc"].item()) and results["val/buy/rows"].item() == 4
+    softplus = lambda x: math.log1p(math.exp(x))  # noqa: E731
+    assert results["val/buy/logloss"].item() == pytest.approx(np.mean([softplus(x) for x in logits.tolist()]))
+
+
+def test_report_says_an_undefined_auc_is_not_applicable():
+    nan = torch.tensor(float("nan"))
+    metrics = {"val/ctr/rows": torch.tensor(4.0), "val/ctr/auc": torch.tensor(0.75), "val/ctr/gauc": nan,
+               "val/buy/rows": torch.tensor(4.0), "val/buy/auc": nan, "val/buy/logloss": torch.tensor(0.5),
+               "val/none/rows": torch.tensor(0.0), "val/none/auc": nan}
+    lines = format_report("val", [("ctr", "binary"), ("buy", "binary"), ("none", "binary")], metrics).splitlines()
+    assert lines[0].split() == ["task", "kind", "rows", "auc", "logloss", "mse", "other"]
+    assert lines[1].split() == ["ctr", "binary", "4", "0.7500", "-", "-", "gauc=n/a", "(one", "class", "per", "group)"]
+    assert lines[2].split() == ["buy", "binary", "4", "n/a", "(one", "class)", "0.5000", "-"]
+    assert lines[3].split() == ["none", "binary", "0", "nan", "-", "-"]  # no rows at all: nothing was evaluated
+    auc_end = lines[0].index(" auc ") + 4  # the auc column widened and every row stays right-aligned under it
+    assert lines[1][:auc_end].endswith(" 0.7500") and lines[2][:auc_end].endswith(" n/a (one class)")
 
 
 @pytest.mark.parametrize(
@@ -157,3 +218,34 @@ def test_task_metrics_names_allowed_values():
         task_metrics(Task("x", "y", kind="clustering"))
     with pytest.raises(ValueError, match="binned"):
         task_metrics(BINARY, auc="approximate")
+
+
+def test_an_undefined_monitored_auc_never_wins_a_checkpoint(tmp_path):
+    """Lightning 2.6's ModelCheckpoint stores a NaN monitor value as the worst score (-inf in mode
+    max) and never lets it displace a kept checkpoint: an epoch whose validation AUC is undefined
+    is kept only until one with a defined AUC comes (README, Metrics)."""
+    rng = np.random.default_rng(0)
+    for name, rate in (("train", 0.5), ("one_class", 0.0), ("both", 0.5)):
+        pq.write_table(pa.table({"user": rng.integers(0, 20, 128), "buy": (rng.random(128) < rate).astype(np.int64)}),
+                       tmp_path / f"{name}.parquet")
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({
+        "sparse": [{"name": "user", "num_embeddings": 20, "embedding_dim": 4}],
+        "tasks": [{"name": "buy", "label": "buy"}]}))
+    data = MultiTaskDataModule(str(tmp_path / "schema.yaml"), train=str(tmp_path / "train.parquet"),
+                               val=str(tmp_path / "one_class.parquet"), batch_size=64)
+    seen = []
+
+    class SecondEpochSeesBothClasses(Callback):
+        def on_validation_end(self, trainer, module):
+            seen.append(float(trainer.callback_metrics["val/buy/auc"]))
+            data.paths["val"] = str(tmp_path / "both.parquet")
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/buy/auc", mode="max", save_last=True)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
+                        callbacks=[checkpoint, SecondEpochSeesBothClasses()], default_root_dir=tmp_path)
+    trainer.fit(MultiTaskModule(model=lambda s: MMoE(s, num_experts=2, expert=[4], tower=[4]), schema=data.schema),
+                datamodule=data)
+    assert math.isnan(seen[0]) and all(math.isfinite(auc) for auc in seen[1:]), seen
+    assert checkpoint.best_model_score.item() == max(seen[1:])
+    assert "epoch=0" not in checkpoint.best_model_path and (tmp_path / "ckpt" / "last.ckpt").exists()

@@ -16,17 +16,18 @@ from lightning_mtr.schema import Task
 # per-group metrics (GAUC, NDCG) and multiclass ones keep rows: their groups straddle the processes
 TASKS = [Task("ctr", "click", gauc_by="user"), Task("cvr", "conversion"), Task("watch", "watch", kind="regression"),
          Task("rank", "relevance", kind="ranking", group="request"),
-         Task("level", "level", kind="multiclass", num_classes=3)]
+         Task("level", "level", kind="multiclass", num_classes=5)]  # class 3 on rank 0 only, class 4 nowhere
 
 
 def _data(seed: int = 0, rows: int = 400):
     generator = torch.Generator().manual_seed(seed)
     logits = {task.name: torch.randn(rows, generator=generator) for task in TASKS}
-    logits["level"] = torch.randn(rows, 3, generator=generator)
+    logits["level"] = torch.randn(rows, 5, generator=generator)
     labels = {name: (torch.rand(rows, generator=generator) < 0.3).float() for name in ("ctr", "cvr")}
     labels["watch"] = torch.randn(rows, generator=generator)
     labels["rank"] = torch.randint(0, 3, (rows,), generator=generator).float()
     labels["level"] = torch.randint(0, 3, (rows,), generator=generator).float()
+    labels["level"][:20] = 3.0  # defined only once both processes' class counts are summed
     masks = {"ctr": torch.ones(rows, dtype=torch.bool), "cvr": labels["ctr"].bool(),
              "watch": torch.rand(rows, generator=generator) < 0.5, "rank": torch.ones(rows, dtype=torch.bool),
              "level": torch.ones(rows, dtype=torch.bool)}

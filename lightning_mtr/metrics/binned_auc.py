@@ -3,7 +3,6 @@
 import torch
 import torchmetrics
 from torch import Tensor
-from torchmetrics.utilities import rank_zero_warn
 
 
 class BinnedBinaryAUROC(torchmetrics.Metric):
@@ -28,8 +27,8 @@ class BinnedBinaryAUROC(torchmetrics.Metric):
     Scores crowded in a narrow range (say CTR predictions around 0.02) share
     bins more often; the bound above tells how much that costs.
 
-    With fewer than two classes seen, ``compute()`` warns and returns 0, the
-    same as torchmetrics 1.0.3's ``BinaryAUROC``, so both AUC modes agree.
+    With fewer than two classes seen the AUC is undefined: ``compute()``
+    returns NaN, as the exact ``LogitBinaryAUROC`` does, so both AUC modes agree.
 
     Args:
         num_bins: number of uniform bins over [0, 1].
@@ -91,8 +90,7 @@ class BinnedBinaryAUROC(torchmetrics.Metric):
         pos, neg = self.pos.double(), self.neg.double()
         num_pos, num_neg = pos.sum(), neg.sum()
         if num_pos == 0 or num_neg == 0:
-            rank_zero_warn("BinnedBinaryAUROC saw fewer than two classes; returning 0 like torchmetrics' BinaryAUROC.")
-            return torch.zeros((), dtype=torch.float32, device=pos.device)
+            return torch.full((), float("nan"), dtype=torch.float32, device=pos.device)
         neg_in_lower_bins = torch.cumsum(neg, 0) - neg
         wins = (pos * (neg_in_lower_bins + 0.5 * neg)).sum()
         return (wins / (num_pos * num_neg)).float()

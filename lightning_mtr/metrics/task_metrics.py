@@ -7,6 +7,7 @@ all. Binary metrics receive raw logits and apply ``sigmoid`` themselves where th
 probabilities; for regression the "logits" are the predictions.
 """
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy, MulticlassAUROC
+from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_mtr.metrics.binned_auc import BinnedBinaryAUROC
 from lightning_mtr.metrics.grouped import GroupAUC, GroupNDCG
@@ -32,9 +34,9 @@ class LogitBinaryAUROC(BinaryAUROC):
     that. float32 ``sigmoid`` rounds to 1.0 above a logit of about 17, so such
     rows tie with each other.
 
-    With fewer than two classes seen it warns and returns 0 (torchmetrics'
-    convention, which ``BinnedBinaryAUROC`` follows); with no rows at all it
-    raises ``ValueError``.
+    With fewer than two classes seen (no rows included) the AUC is undefined and
+    ``compute`` returns NaN, as ``BinnedBinaryAUROC`` does; torchmetrics 1.0.3
+    would warn and return 0, which reads as a model that ranks every pair wrong.
     """
 
     def __init__(self, **kwargs):
@@ -42,6 +44,12 @@ class LogitBinaryAUROC(BinaryAUROC):
 
     def update(self, logits: Tensor, target: Tensor) -> None:
         super().update(logits.sigmoid(), target)
+
+    def compute(self) -> Tensor:
+        target = dim_zero_cat(self.target) if len(self.target) else torch.zeros(0)
+        if not (bool((target == 1).any()) and bool((target == 0).any())):
+            return torch.tensor(float("nan"), device=target.device)
+        return super().compute()
 
 
 class RowCount(torchmetrics.Metric):
@@ -92,13 +100,36 @@ class _FromLogits(torchmetrics.Metric):
         super().reset()
 
 
+class MacroAUROC(_FromLogits):
+    """Macro one-vs-rest AUC of ``logits [B, C]`` over the classes whose AUC is defined: a class
+    absent from the rows (or in every row) has one side empty and is left out, instead of the
+    0 torchmetrics 1.0.3 averages in for it; NaN when no class is defined."""
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(MulticlassAUROC(num_classes, average="none", thresholds=None), **kwargs)
+        self.add_state("class_rows", torch.zeros(num_classes, dtype=torch.int64), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        super().update(logits, target)
+        self.class_rows += torch.bincount(target.long(), minlength=len(self.class_rows))
+
+    def compute(self) -> Tensor:
+        defined = (self.class_rows > 0) & (self.class_rows < self.class_rows.sum())
+        if not bool(defined.any()):
+            return torch.tensor(float("nan"), device=self.class_rows.device)
+        with warnings.catch_warnings():  # torchmetrics' warnings on the undefined classes left out here
+            warnings.filterwarnings("ignore", "No (positive|negative) samples in targets")
+            return self.metric.compute()[defined].mean()
+
+
 def task_metrics(task: Task, auc: str = "exact", num_bins: int = 65536) -> torchmetrics.MetricCollection:
     """The metrics of one task (every kind also counts its ``rows``).
 
     Args:
         task: a schema task. binary: ``auc``, ``logloss`` (and ``gauc`` with ``gauc_by``);
-            regression: ``mse``; multiclass: ``accuracy``, ``auc`` (macro, one-vs-rest),
-            ``logloss``; ranking: ``ndcg@k`` for each k of ``ndcg_at`` and ``gauc`` (of
+            regression: ``mse``; multiclass: ``accuracy``, ``auc`` (macro, one-vs-rest, over
+            the classes present and not in every row), ``logloss``; ranking: ``ndcg@k`` for
+            each k of ``ndcg_at`` and ``gauc`` (of
             relevance > 0, per group).
         auc: "exact" keeps every score (torchmetrics ``BinaryAUROC``);
             "binned" keeps a histogram of ``num_bins`` bins
@@ -116,7 +147,7 @@ def task_metrics(task: Task, auc: str = "exact", num_bins: int = 65536) -> torch
         metrics["mse"] = torchmetrics.MeanSquaredError()
     elif task.kind == "multiclass":
         metrics["accuracy"] = _FromLogits(MulticlassAccuracy(task.num_classes, average="micro"))
-        metrics["auc"] = _FromLogits(MulticlassAUROC(task.num_classes, average="macro", thresholds=None))
+        metrics["auc"] = MacroAUROC(task.num_classes)
         metrics["logloss"] = MulticlassLogLoss()
     elif task.kind == "ranking":
         metrics.update({f"ndcg@{k}": GroupNDCG(k) for k in task.ndcg_at})
@@ -141,7 +172,7 @@ class MaskedTaskMetrics(torch.nn.Module):
 
     A task that saw no rows in the whole epoch (on all processes) reports
     ``rows`` = 0 and NaN for its other metrics instead of failing in
-    ``compute()``.
+    ``compute()``; an AUC (or GAUC) over rows of one class is NaN too: undefined.
 
     Args:
         tasks: schema tasks; see ``task_metrics``.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +15,38 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 
 _COLUMNS = ("rows", "auc", "logloss", "mse")
+_HEADER = (("task", "<16"), ("kind", "<12"), ("rows", ">12"), ("auc", ">10"), ("logloss", ">10"), ("mse", ">12"))
+# NaN over rows that hold one class (in every group, for GAUC): undefined, not a bad model
+_UNDEFINED = {"auc": "n/a (one class)", "gauc": "n/a (one class per group)"}
 
 
 def format_report(stage: str, tasks: list[tuple[str, str]], metrics: dict[str, Any]) -> str:
     """A fixed-width table: task, kind, rows in its sample space, AUC, logloss, MSE, and the
-    metrics of other kinds (accuracy, GAUC, NDCG@k) as ``name=value`` in a last column."""
+    metrics of other kinds (accuracy, GAUC, NDCG@k) as ``name=value`` in a last column. An AUC
+    that is NaN on rows that exist reads ``n/a (one class)`` (GAUC: ``n/a (one class per
+    group)``); a column widens to fit it."""
     def value(task: str, name: str, fmt: str) -> str:
         found = metrics.get(f"{stage}/{task}/{name}")
-        return "-" if found is None else format(float(found), fmt)
+        if found is None:
+            return "-"
+        if math.isnan(float(found)) and name in _UNDEFINED and float(metrics.get(f"{stage}/{task}/rows", 0)) > 0:
+            return _UNDEFINED[name]
+        return format(float(found), fmt)
 
     def others(task: str) -> str:
         prefix = f"{stage}/{task}/"
         names = [k[len(prefix):] for k in metrics if k.startswith(prefix) and k[len(prefix):] not in _COLUMNS]
         return "  ".join(f"{name}={value(task, name, '.4f')}" for name in sorted(names))
 
-    lines = [f"{'task':<16}{'kind':<12}{'rows':>12}{'auc':>10}{'logloss':>10}{'mse':>12}  other"]
-    for task, kind in tasks:
-        lines.append(f"{task:<16}{kind:<12}{value(task, 'rows', '.0f'):>12}{value(task, 'auc', '.4f'):>10}"
-                     f"{value(task, 'logloss', '.4f'):>10}{value(task, 'mse', '.4f'):>12}  {others(task)}".rstrip())
-    return "\n".join(lines)
+    rows = [[task, kind, value(task, "rows", ".0f"), value(task, "auc", ".4f"), value(task, "logloss", ".4f"),
+             value(task, "mse", ".4f"), others(task)] for task, kind in tasks]
+    widths = [max([int(spec[1:]), *(len(row[c]) + 2 for row in rows)]) for c, (_, spec) in enumerate(_HEADER)]
+
+    def line(cells: list[str]) -> str:
+        fixed = "".join(format(cell, f"{spec[0]}{width}") for cell, (_, spec), width in zip(cells, _HEADER, widths))
+        return f"{fixed}  {cells[-1]}".rstrip()
+
+    return "\n".join([line([name for name, _ in _HEADER] + ["other"]), *(line(row) for row in rows)])
 
 
 @rank_zero_only
