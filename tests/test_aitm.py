@@ -1,21 +1,27 @@
 """AITM against its paper: information flows only down the funnel, the AIT attention is a softmax
-over exactly (transferred, own), and the loss adds the behavioural expectation calibrator."""
+over exactly (transferred, own), and the loss is ``L_ce + alpha L_lc`` under any task weighting."""
 
 from __future__ import annotations
 
 import math
 
+from functools import partial
+
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from torchrec import EmbeddingBagCollection
 
 from helpers import random_inputs, tiny_schema
+from lightning_mtr.data.batch import Batch
 from lightning_mtr.models.aitm import AITM
 from lightning_mtr.nn.ait import AdaptiveInformationTransfer
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
-from lightning_mtr.tasks import masked_task_losses, weighted_total
+from lightning_mtr.tasks.weighting import UncertaintyWeights
+from lightning_mtr.training import MultiTaskModule
 
 FUNNEL = ("ctr", "ctcvr", "ctpay")  # three steps, so z_3 reads z_2, which itself read z_1
 
@@ -46,12 +52,12 @@ def _labels(rows: int, funnel=FUNNEL) -> dict[str, torch.Tensor]:
 def test_one_logit_per_task_and_row(batch):
     schema, model = _model()
     dense, sparse = random_inputs(schema, batch)
-    logits, losses = model.forward_with_losses(dense, sparse, _labels(batch))
-    assert list(logits) == list(FUNNEL) and set(losses) == set(FUNNEL)
+    logits, given, extra = model.forward_with_losses(dense, sparse, _labels(batch))
+    assert list(logits) == list(FUNNEL) and given == {} and list(extra) == ["calibrator"]
     for task in FUNNEL:
-        assert logits[task].shape == losses[task].shape == (batch,)
-        assert torch.isfinite(logits[task]).all() and torch.isfinite(losses[task]).all()
-    assert model.forward_with_losses(dense, sparse, None)[1] == {}
+        assert logits[task].shape == (batch,) and torch.isfinite(logits[task]).all()
+    assert extra["calibrator"].shape == () and torch.isfinite(extra["calibrator"])
+    torch.testing.assert_close(model.forward_with_losses(dense, sparse, None)[2], extra, msg="needs no labels")
 
 
 def test_first_task_ignores_every_later_task():
@@ -127,36 +133,27 @@ def _set_logits(model: AITM, values: dict[str, float]) -> None:
 
 
 def test_calibrator_is_alpha_times_the_excess_over_the_step_before():
+    """``alpha L_lc = alpha / N sum_rows sum_{t>=2} max(p_t - p_{t-1}, 0)``."""
     schema, model = _model(alpha=0.6)
     inputs = random_inputs(schema, 6)
-    labels = _labels(6)
-    # p = 0.5, 0.75, 0.25: ctcvr exceeds ctr by 0.25, ctpay is below ctcvr
+    # p = 0.5, 0.75, 0.25: ctcvr exceeds ctr by 0.25 on every row, ctpay is below ctcvr
     _set_logits(model, {"ctr": 0.0, "ctcvr": math.log(3), "ctpay": -math.log(3)})
-    logits, losses = model.forward_with_losses(*inputs, labels)
-    bce = {task: F.binary_cross_entropy_with_logits(logits[task], labels[task], reduction="none") for task in FUNNEL}
-    torch.testing.assert_close(losses["ctr"], bce["ctr"])  # the first step has no step before it
-    torch.testing.assert_close(losses["ctcvr"], bce["ctcvr"] + 0.6 * 0.25)
-    torch.testing.assert_close(losses["ctpay"], bce["ctpay"])  # p_t <= p_{t-1}: no penalty
-
-    # through the trainer's reduction: each step's mean BCE, plus alpha * the mean excess
-    masks = {task: torch.ones(6, dtype=torch.bool) for task in FUNNEL}
-    total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, losses), schema.task_weights)
-    torch.testing.assert_close(total, sum(b.mean() for b in bce.values()) + 0.6 * 0.25)
-
-    _set_logits(model, {"ctr": 1.0, "ctcvr": 1.0, "ctpay": 1.0})  # equal probabilities: still none
-    logits, losses = model.forward_with_losses(*inputs, labels)
-    for task in FUNNEL:
-        torch.testing.assert_close(
-            losses[task], F.binary_cross_entropy_with_logits(logits[task], labels[task], reduction="none"))
+    _, given, extra = model.forward_with_losses(*inputs, _labels(6))
+    assert given == {}, "the task losses are the trainer's BCE"
+    torch.testing.assert_close(extra["calibrator"], torch.tensor(0.6 * 0.25))
+    _set_logits(model, {"ctr": 1.0, "ctcvr": 1.0, "ctpay": 1.0})  # equal probabilities: none
+    assert model.forward_with_losses(*inputs, _labels(6))[2]["calibrator"].item() == 0.0
+    # p = 0.5, 0.75, 0.9: both later steps exceed the one before, by 0.25 and 0.15
+    _set_logits(model, {"ctr": 0.0, "ctcvr": math.log(3), "ctpay": math.log(9)})
+    torch.testing.assert_close(model.forward_with_losses(*inputs, _labels(6))[2]["calibrator"],
+                               torch.tensor(0.6 * (0.25 + 0.15)))
 
 
 def test_calibrator_pushes_the_later_step_down_and_the_earlier_up():
     schema, model = _model(funnel=("ctr", "ctcvr"), alpha=1.0)
     _set_logits(model, {"ctr": -1.0, "ctcvr": 1.0})
-    labels = _labels(4, ("ctr", "ctcvr"))
-    logits, losses = model.forward_with_losses(*random_inputs(schema, 4), labels)
-    bce = F.binary_cross_entropy_with_logits(logits["ctcvr"], labels["ctcvr"], reduction="none")
-    (losses["ctcvr"] - bce).sum().backward()
+    _, _, extra = model.forward_with_losses(*random_inputs(schema, 4), _labels(4, ("ctr", "ctcvr")))
+    extra["calibrator"].backward()
     assert model.heads.towers["ctcvr"][-1].bias.grad > 0
     assert model.heads.towers["ctr"][-1].bias.grad < 0
 
@@ -165,10 +162,59 @@ def test_gradient_reaches_every_parameter():
     schema, model = _model()
     model.train()
     dense, sparse = random_inputs(schema, 256)  # enough rows that no small ReLU layer starts all dead
-    _, losses = model.forward_with_losses(dense, sparse, _labels(256))
-    sum(loss.mean() for loss in losses.values()).backward()
+    labels = _labels(256)
+    logits, _, extra = model.forward_with_losses(dense, sparse, labels)
+    (sum(F.binary_cross_entropy_with_logits(logits[t], labels[t]) for t in FUNNEL) + extra["calibrator"]).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert not missing, f"no gradient for {missing}"
+
+
+class _Batches(L.LightningDataModule):
+    def __init__(self, batch: Batch):
+        super().__init__()
+        self.batch = batch
+
+    def train_dataloader(self):
+        return DataLoader([self.batch], batch_size=None)
+
+
+class _FirstStep(L.Callback):
+    """Sets the head logits (p_ctr = 0.5, p_ctcvr = 0.7 on every row) and s = 1 for uncertainty
+    weighting once the model is materialised; keeps the first step's loss."""
+
+    def on_fit_start(self, trainer, module):
+        _set_logits(module.model, {"ctr": 0.0, "ctcvr": math.log(0.7 / 0.3)})
+        with torch.no_grad():
+            for value in getattr(module.task_weighting, "log_variance", {}).values():
+                value.fill_(1.0)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self.loss = float(outputs["loss"])
+
+
+@pytest.mark.parametrize("weighting", [None, UncertaintyWeights])
+def test_training_loss_is_weighted_ce_plus_alpha_times_the_violation(weighting, tmp_path):
+    """The paper's ``L_ce + alpha L_lc``: task weighting scales the BCEs only. Labels ctr = (1, 1, 0, 0),
+    ctcvr = (1, 0, 0, 0); p_ctr = 0.5, p_ctcvr = 0.7, so the violation is 0.2 on every row and
+    alpha L_lc = 0.6 * 0.2 = 0.12 (under s = 1 it used to enter as e^-1 * 0.12 = 0.044)."""
+    schema = tiny_schema(tasks=("ctr", "ctcvr"))
+    dense, sparse = random_inputs(schema, 4)
+    labels = {"ctr": torch.tensor([1.0, 1.0, 0.0, 0.0]), "ctcvr": torch.tensor([1.0, 0.0, 0.0, 0.0])}
+    batch = Batch(dense, sparse, labels, {task: torch.ones(4, dtype=torch.bool) for task in labels})
+    module = MultiTaskModule(model=partial(AITM, tower=[8], ait_dim=4, alpha=0.6), schema=schema,
+                             task_weighting=weighting)
+    step = _FirstStep()
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, callbacks=[step],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=_Batches(batch))
+    ce_ctr = math.log(2)  # -ln 0.5 on every row
+    ce_ctcvr = (-math.log(0.7) - 3 * math.log(0.3)) / 4
+    if weighting is None:  # the schema's weights, 1 and 1
+        expected = ce_ctr + ce_ctcvr + 0.12
+    else:  # Kendall: e^{-s} L_k + s/2 per task at s = 1
+        expected = math.exp(-1) * (ce_ctr + ce_ctcvr) + 2 * 0.5 + 0.12
+    assert step.loss == pytest.approx(expected, rel=1e-5)
+    assert float(trainer.callback_metrics["train/extra/calibrator"]) == pytest.approx(0.12, rel=1e-5)
 
 
 def test_builds_on_meta_and_materializes():

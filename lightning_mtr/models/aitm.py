@@ -5,14 +5,15 @@ Tasks are the steps of a conversion funnel (impression -> click -> conversion), 
 all impressions: a conversion task's label is ``click * conversion``. Embeddings are shared;
 each task t has its own tower ``q_t``; the first task uses ``z_1 = q_1`` and every later one
 ``z_t = AIT(g(z_{t-1}), q_t)`` (``lightning_mtr.nn.ait``), so information flows only down the
-funnel. Each task's head sits on ``z_t``. The loss is each task's BCE plus the behavioural
-expectation calibrator ``alpha * sum_{t>=2} max(p_t - p_{t-1}, 0)``.
+funnel. Each task's head sits on ``z_t``. The paper's loss is ``L_ce + alpha L_lc``: each
+task's BCE plus the behavioural expectation calibrator
+``L_lc = 1/N sum_rows sum_{t>=2} max(p_t - p_{t-1}, 0)``.
 
-The calibrator enters through ``forward_with_losses``: task t's per-row loss is its BCE plus
-``alpha * max(p_t - p_{t-1}, 0)``, so ``masked_task_losses`` averages both over task t's
-rows (all impressions) and the trainer needs nothing AITM-specific. Two consequences:
-the term is a mean over rows, as the paper's 1/N (the reference implementation sums it over
-the batch, which ties alpha to the batch size); and it is scaled by task t's schema weight.
+The BCEs are ordinary task losses (the trainer computes them, and any task weighting scales
+them); the calibrator is returned by ``forward_with_losses`` as an extra loss term that the
+trainer adds as it is, outside task weighting, so it stays ``alpha L_lc`` under learned
+weights too. It is a mean over rows, as the paper's 1/N (the reference implementation sums
+it over the batch, which ties alpha to the batch size).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
@@ -77,23 +77,17 @@ class AITM(nn.Module):
 
     def forward_with_losses(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
                             labels: Mapping[str, torch.Tensor] | None):
-        """``({task: logits [B]}, {task: per-row BCE + calibrator [B]})``; without labels no losses."""
+        """``({task: logits [B]}, {}, {"calibrator": alpha * L_lc})``: no per-row task losses of
+        its own (the trainer's BCE is the paper's), and the calibrator as an extra loss term,
+        which needs no labels."""
         logits = self(dense, sparse)
-        if labels is None:
-            return logits, {}
-        return logits, funnel_losses(logits, labels, self.funnel, self.alpha)
+        return logits, {}, {"calibrator": self.alpha * calibrator_loss(logits, self.funnel)}
 
 
-def funnel_losses(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], funnel: Sequence[str],
-                  alpha: float) -> dict[str, torch.Tensor]:
-    """Per row: ``BCE_t``, plus ``alpha * max(p_t - p_{t-1}, 0)`` for every step after the first."""
-    losses = {}
-    for previous, task in zip([None, *funnel], funnel):
-        logit = logits[task].float()
-        losses[task] = F.binary_cross_entropy_with_logits(logit, labels[task].float(), reduction="none")
-        if previous is not None:
-            losses[task] = losses[task] + alpha * expectation_calibrator(logits[previous], logit)
-    return losses
+def calibrator_loss(logits: Mapping[str, torch.Tensor], funnel: Sequence[str]) -> torch.Tensor:
+    """The paper's ``L_lc = 1/N sum_rows sum_{t>=2} max(p_t - p_{t-1}, 0)``, a scalar."""
+    steps = [expectation_calibrator(logits[previous], logits[task]) for previous, task in zip(funnel, funnel[1:])]
+    return torch.stack(steps, dim=1).sum(1).mean()
 
 
 def funnel_tasks(schema: Schema, tasks: Sequence[str]) -> list[str]:
@@ -116,6 +110,6 @@ def funnel_tasks(schema: Schema, tasks: Sequence[str]) -> list[str]:
             raise ValueError(f"AITM trains every funnel step over all impressions; remove task {name!r}'s "
                              f"sample_space {task.sample_space!r} (a later step's label is e.g. click * conversion)")
         if task.weight == 0:
-            raise ValueError(f"AITM: funnel task {name!r} has weight 0, which would drop its loss and its "
-                             "calibrator term")
+            raise ValueError(f"AITM: funnel task {name!r} has weight 0, which would drop its BCE loss; "
+                             "AITM trains every funnel step")
     return funnel

@@ -4,16 +4,21 @@ Each scheme is a module built from the schema (``class_path`` + ``init_args`` in
 ``model.task_weighting``), so learned weights (uncertainty) are trained by the dense optimizer
 and per-epoch state (DWA, PLE's schedule) travels in checkpoints as buffers. The schema's
 ``weight`` is each task's base weight; a task with weight 0 (a derived output such as ESMM's
-pCVR) stays out of the loss under every scheme.
+pCVR) stays out of the loss under every scheme, and out of every scheme's normalisation (DWA's
+and GradNorm's weights sum to the number of *trained* tasks). Terms a model adds to its loss
+outside the task losses (AITM's calibrator) are never weighted here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
 
+from lightning_mtr.nn import ExpertBank, MixtureBottom, SharedMLP
+from lightning_mtr.nn.cgc import CGC
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks.losses import weighted_total
 
@@ -26,6 +31,7 @@ class TaskWeighting(nn.Module):
         super().__init__()
         self.tasks = list(schema.tasks)
         self.names = [t.name for t in self.tasks]
+        self.trained = [t.name for t in self.tasks if t.weight]  # the tasks a scheme weighs
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return weighted_total(losses, self.weights())
@@ -39,6 +45,12 @@ class TaskWeighting(nn.Module):
     def attach(self, model: nn.Module) -> None:
         """Called with the materialised model, for schemes that look at its parameters."""
 
+    def _scaled(self, factors: Sequence[torch.Tensor | float]) -> dict[str, torch.Tensor | float]:
+        """Each trained task's schema weight times its factor (``factors`` in ``self.trained``'s
+        order); 0 for the tasks with weight 0."""
+        factor = dict(zip(self.trained, factors))
+        return {t.name: t.weight * factor[t.name] if t.weight else 0.0 for t in self.tasks}
+
 
 class StaticWeights(TaskWeighting):
     """The schema's weights, fixed (the default)."""
@@ -47,30 +59,50 @@ class StaticWeights(TaskWeighting):
 class UncertaintyWeights(TaskWeighting):
     """Kendall, Gal and Cipolla (CVPR 2018): a learned noise sigma_k per task,
     ``sum_k c_k / sigma_k^2 * L_k + log sigma_k`` with ``c = 1/2`` for regression and ``1`` for
-    classification; sigma is learned as ``s = log sigma^2`` (stable, unconstrained).
+    classification; sigma is learned as ``s = log sigma^2`` (numerically stable), so the
+    total is ``sum_k c_k e^{-s_k} L_k + s_k / 2``.
+
+    ``s`` is kept at or above ``min_log_variance`` by projection: before every use it is clamped
+    in place, so a task whose loss reaches 0 (where ``s -> -inf`` and the total -> -inf) stops at
+    the bound with a finite total, and since the bound is applied to the parameter itself (not
+    to a copy whose gradient would be 0 below it), ``s`` moves up again as soon as its gradient
+    ``1/2 - c e^{-s} L`` turns negative, i.e. once ``L > e^{s_min} / (2c)``. The default -10 caps
+    a task's weight at ``e^10`` (about 22,000) times its schema weight and binds only for
+    losses below ``e^-10 / 2``, about 2.3e-5 (4.5e-5 for regression), far below any real
+    task's (``make train``'s val loglosses: ctr 0.31, ctcvr 0.09).
+
+    Args:
+        min_log_variance: the lower bound of ``s = log sigma^2``.
     """
 
-    def __init__(self, schema: Schema):
+    def __init__(self, schema: Schema, min_log_variance: float = -10.0):
         super().__init__(schema)
-        self.log_variance = nn.ParameterDict({t.name: nn.Parameter(torch.zeros(())) for t in self.tasks if t.weight})
+        self.min_log_variance = min_log_variance
+        self.log_variance = nn.ParameterDict({name: nn.Parameter(torch.zeros(())) for name in self.trained})
 
     def reset_parameters(self) -> None:
         for value in self.log_variance.values():
             nn.init.zeros_(value)
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():  # the projection step of projected gradient descent
+            for value in self.log_variance.values():
+                value.clamp_(min=self.min_log_variance)
         return weighted_total(losses, self.weights()) + 0.5 * sum(self.log_variance.values())
 
     def weights(self) -> dict[str, torch.Tensor | float]:
         scale = {"regression": 0.5}
-        return {t.name: t.weight * scale.get(t.kind, 1.0) * torch.exp(-self.log_variance[t.name]) if t.weight else 0.0
-                for t in self.tasks}
+        kinds = {t.name: t.kind for t in self.tasks}
+        return self._scaled([scale.get(kinds[name], 1.0) * torch.exp(-self.log_variance[name])
+                             for name in self.trained])
 
 
 class DynamicWeightAverage(TaskWeighting):
     """Liu, Johns and Davison (CVPR 2019): ``w_k(t) = K exp(r_k / T) / sum_i exp(r_i / T)`` with
     ``r_k = L_k(t-1) / L_k(t-2)``, the ratio of a task's last two epoch losses: a task whose
-    loss falls slowly gets more weight. Weight 1 for the first two epochs.
+    loss falls slowly gets more weight. Weight 1 for the first two epochs. K and the softmax run
+    over the trained tasks only (schema weight > 0), so their weights sum to K; a weight-0 task
+    (ESMM's pCVR) stays at 0 and takes no share.
 
     Args:
         temperature: T; larger is closer to equal weights.
@@ -81,19 +113,19 @@ class DynamicWeightAverage(TaskWeighting):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.temperature = temperature
-        self.register_buffer("history", torch.full((2, len(self.names)), float("nan")))  # epochs t-2, t-1
-        self.register_buffer("current", torch.ones(len(self.names)))
+        self.register_buffer("history", torch.full((2, len(self.trained)), float("nan")))  # epochs t-2, t-1
+        self.register_buffer("current", torch.ones(len(self.trained)))
 
     def weights(self) -> dict[str, torch.Tensor | float]:
-        return {t.name: t.weight * self.current[k] for k, t in enumerate(self.tasks)}
+        return self._scaled(self.current)
 
     def end_epoch(self, epoch_losses: Mapping[str, float]) -> None:
-        latest = torch.tensor([epoch_losses[name] for name in self.names], device=self.history.device)
+        latest = torch.tensor([epoch_losses[name] for name in self.trained], device=self.history.device)
         self.history.copy_(torch.stack([self.history[1], latest]))
         if torch.isnan(self.history).any():
             return
         ratios = self.history[1] / self.history[0].clamp_min(1e-12)
-        self.current.copy_(len(self.names) * torch.softmax(ratios / self.temperature, dim=0))
+        self.current.copy_(len(self.trained) * torch.softmax(ratios / self.temperature, dim=0))
 
 
 class ScheduledWeights(TaskWeighting):
@@ -125,55 +157,81 @@ class GradNorm(TaskWeighting):
     """Chen et al. (ICML 2018): learned weights that balance each task's gradient norm on the
     shared layers, pulling tasks that train slowly (``L_i(t) / L_i(0)`` high) up.
 
-    Per step, with ``n_i = ||grad_W L_i||`` over the shared parameters ``W`` and weights
+    Per step, with ``n_i = ||grad_W L_i||`` over the shared weights ``W`` and weights
     ``w = T softmax(v)`` (so they always sum to T, the paper's renormalisation), the weights
     minimise ``sum_i |w_i n_i - mean_j(w_j n_j) r_i^alpha|`` (the target held constant) with
     ``r_i`` each task's loss ratio relative to the mean, while the model trains on
-    ``sum_i w_i L_i`` (weights held constant). Applied to the shared *dense* parameters only:
+    ``sum_i w_i L_i`` (weights held constant). T counts the trained tasks (schema weight > 0);
+    the learned weights replace their schema weights. Applied to shared *dense* weights only:
     the fused sparse optimizer updates the embeddings inside backward, where GradNorm cannot
     reach them. Costs one partial backward (down to ``W``) per task per step.
 
+    ``W`` is, as in the paper, the weight matrix of the last shared layer (``layer: last``):
+    the layer whose output every task reads, found by :func:`last_shared_layer` (a
+    Shared-Bottom MLP's last Linear; a mixture bottom's last expert layer, all experts'
+    weights as one batched tensor; PLE's last CGC level's shared experts' last layer, since
+    that level's task experts reach one task only). ``layer: all`` takes every trainable
+    parameter of ``shared`` instead. ``shared`` may also name one layer (``bottom.mlp.2``).
+
     Args:
-        shared: the model's submodule whose parameters are ``W`` (e.g. ``bottom`` for MMoE,
-            PLE and Shared-Bottom).
+        shared: the model's submodule that holds ``W``: ``bottom`` for MMoE, OMoE, the YouTube
+            ranker, Shared-Bottom (and ESMM/ESM2 given a bottom with layers), ``levels`` for PLE,
+            ``mlp`` for NFwFM.
+        layer: ``last`` (the paper) or ``all``.
         alpha: the restoring force's strength (the paper: 0.12 to 3).
     """
 
-    def __init__(self, schema: Schema, shared: str = "bottom", alpha: float = 1.5):
+    def __init__(self, schema: Schema, shared: str = "bottom", layer: Literal["last", "all"] = "last",
+                 alpha: float = 1.5):
         super().__init__(schema)
-        self.shared = shared
+        if layer not in ("last", "all"):
+            raise ValueError(f"GradNorm: layer must be 'last' (the paper) or 'all', got {layer!r}")
+        self.shared, self.layer = shared, layer
         self.alpha = alpha
-        self.trained = [t.name for t in self.tasks if t.weight]
         if len(self.trained) < 2:
             raise ValueError("GradNorm balances two or more tasks with a non-zero weight")
         self.logits = nn.Parameter(torch.zeros(len(self.trained)))
         self.register_buffer("initial_losses", torch.full((len(self.trained),), float("nan")))
-        self._parameters_of: list = []  # the shared parameters, set by attach (not a submodule: not owned)
+        self.shared_weights: list[nn.Parameter] = []  # W, set by attach (the model owns them)
 
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.logits)
 
     def attach(self, model: nn.Module) -> None:
+        """Find ``W`` in the materialised model; refuse a module that has none (e.g. ESMM's
+        parameter-free shared input), naming the modules that have some."""
+        from lightning_mtr.training.sparse import dense_parameters  # here: lightning_mtr.training imports this file
+
+        candidates = [name for name, m in model.named_modules()
+                      if name and name.count(".") < 2 and dense_parameters(m)]
         try:
             module = model.get_submodule(self.shared)
         except AttributeError:
-            raise ValueError(f"GradNorm: the model has no submodule {self.shared!r} to balance gradients on") from None
-        self._parameters_of = [p for p in module.parameters() if p.requires_grad]
+            raise ValueError(f"GradNorm: the model has no submodule {self.shared!r} to balance gradients on; "
+                             f"its modules with trainable dense parameters: {candidates}") from None
+        if not dense_parameters(module):
+            raise ValueError(
+                f"GradNorm: the model's {self.shared!r} ({type(module).__name__}) has no trainable dense "
+                f"parameters, so there is no gradient to balance; name one that has (shared: ...): {candidates}, "
+                "or give the model shared layers (ESMM's and ESM2's bottom: lightning_mtr.nn.SharedMLP or "
+                "MixtureBottom)")
+        last = self.layer == "last"
+        self.shared_weights = last_shared_layer(module, self.shared) if last else dense_parameters(module)
 
     def current(self) -> torch.Tensor:
         return len(self.trained) * torch.softmax(self.logits, dim=0)
 
     def weights(self) -> dict[str, torch.Tensor | float]:
         current = dict(zip(self.trained, self.current()))
-        return {t.name: t.weight * current[t.name] if t.weight else 0.0 for t in self.tasks}
+        return {name: current.get(name, 0.0) for name in self.names}  # what forward trains with
 
     def forward(self, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         weights = self.current()
         task_losses = torch.stack([losses[name] for name in self.trained])
         model_loss = (weights.detach() * task_losses).sum()
-        if not torch.is_grad_enabled() or not self._parameters_of:
+        if not torch.is_grad_enabled() or not self.shared_weights:
             return model_loss
-        norms = torch.stack([_gradient_norm(loss, self._parameters_of) for loss in task_losses])
+        norms = torch.stack([_gradient_norm(loss, self.shared_weights) for loss in task_losses])
         # L_i(0): the first loss above 0 (an empty sample space or a batch with nothing to rank
         # gives 0), set without asking the GPU whether it is the first
         unset = self.initial_losses.isnan() & (task_losses.detach() > 0)
@@ -186,3 +244,27 @@ class GradNorm(TaskWeighting):
 def _gradient_norm(loss: torch.Tensor, parameters: list[nn.Parameter]) -> torch.Tensor:
     grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
     return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-24)
+
+
+def last_shared_layer(module: nn.Module, name: str = "module") -> list[nn.Parameter]:
+    """The weights of the layer that produces ``module``'s output, by its structure (the order
+    in which it runs, never the order of registration): a Linear's weight; a Sequential's
+    (``MLP``, PLE's ``levels``) last child that has parameters; a bottom's experts (one batched
+    ``[E, in, out]`` tensor, or the first layer's ``[E*H, in]`` when the experts have one layer);
+    a CGC level's shared experts. Biases are left out, as the paper's ``W``."""
+    if isinstance(module, nn.Linear):
+        return [module.weight]
+    if isinstance(module, ExpertBank):
+        return [module.weights[-1] if len(module.weights) else module.first.weight]
+    if isinstance(module, CGC):
+        return last_shared_layer(module.shared_bank, f"{name}.shared_bank")
+    if isinstance(module, MixtureBottom):
+        return last_shared_layer(module.experts, f"{name}.experts")
+    if isinstance(module, SharedMLP):
+        return last_shared_layer(module.mlp, f"{name}.mlp")
+    if isinstance(module, nn.Sequential):
+        for index in reversed(range(len(module))):
+            if any(p.requires_grad for p in module[index].parameters()):
+                return last_shared_layer(module[index], f"{name}.{index}")
+    raise ValueError(f"GradNorm: no rule for the last shared layer of {name!r} ({type(module).__name__}); "
+                     "name a layer directly (e.g. shared: bottom.mlp.0) or use layer: all")

@@ -43,8 +43,9 @@ class MultiTaskModule(L.LightningModule):
         auc_bins: histogram bins of the binned AUC.
         task_weighting: how the per-task losses become the training loss
             (``lightning_mtr.tasks.weighting``: static schema weights by default, uncertainty,
-            DWA, PLE's schedule); its current weights are logged as ``train/{task}/weight``.
-            Validation's ``val/loss`` always uses the schema's weights, so runs compare.
+            DWA, PLE's schedule, GradNorm); its current weights are logged as
+            ``train/{task}/weight``. A model's extra loss terms are never weighted. Validation's
+            ``val/loss`` always uses the schema's weights, so runs compare.
     """
 
     def __init__(
@@ -104,20 +105,28 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
 
-    def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Models whose losses are part of the model (ESMM's probability chain) define
-        ``forward_with_losses(dense, sparse, labels) -> (logits, per-row losses)``."""
+    def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+                                                          dict[str, torch.Tensor]]:
+        """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
+        model define ``forward_with_losses(dense, sparse, labels) -> (logits, per-row task losses)``
+        (ESMM's probability chain), optionally with a third entry ``{name: scalar}`` of extra
+        loss terms (AITM's calibrator): those are added to the loss as they are, outside any task
+        weighting, and logged as ``train/extra/{name}``."""
         forward_with_losses = getattr(self.model, "forward_with_losses", None)
         if forward_with_losses is None:
-            logits, given = self(batch), {}
+            logits, given, extra = self(batch), {}, {}
         else:
-            logits, given = forward_with_losses(batch.dense, batch.sparse, batch.labels)
-        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups)
+            logits, given, *extra = forward_with_losses(batch.dense, batch.sparse, batch.labels)
+            extra = extra[0] if extra else {}
+        losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups)
+        return logits, losses, extra
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        _, losses = self._outputs_and_losses(batch)
-        loss = self.task_weighting(losses)
+        _, losses, extra = self._outputs_and_losses(batch)
+        loss = self.task_weighting(losses) + sum(extra.values())
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
+                      batch_size=batch.batch_size)
+        self.log_dict({f"train/extra/{name}": value.detach() for name, value in extra.items()},
                       batch_size=batch.batch_size)
         # tensors, not floats: a float() of a learned weight would wait for the GPU every step
         self.log_dict({f"train/{task}/weight": weight.detach() if isinstance(weight, torch.Tensor) else weight
@@ -150,9 +159,9 @@ class MultiTaskModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
-        logits, losses = self._outputs_and_losses(batch)
-        self.log(f"{stage}/loss", weighted_total(losses, self.schema.task_weights), batch_size=batch.batch_size,
-                 sync_dist=True)
+        logits, losses, extra = self._outputs_and_losses(batch)
+        self.log(f"{stage}/loss", weighted_total(losses, self.schema.task_weights) + sum(extra.values()),
+                 batch_size=batch.batch_size, sync_dist=True)
         self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks, batch.groups)
 
     def on_validation_epoch_end(self) -> None:
