@@ -111,28 +111,42 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
 
 
 def quality_metrics(trainer: L.Trainer, module: MultiTaskModule, data: MultiTaskDataModule, test: Path) -> dict:
-    """``mtl-bench/1`` quality keys from predicted scores on ``test`` (in file order)."""
+    """``mtl-bench/1`` quality keys from predicted scores on ``test`` (in file order), and the same
+    AUCs of the log's true probabilities (``truth_auc_*``), the Bayes-optimal ceiling of each."""
     data.paths["predict"] = str(test)
     batches = trainer.predict(module, datamodule=data)
     scores = {key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}
-    columns = pq.read_table(test, columns=["click", "conversion", "gt_conv_if_clicked"])
-    click, conversion = (columns.column(c).to_numpy().astype(np.float64) for c in ("click", "conversion"))
-    metrics = {}
+    truth = {"score_ctr": "gt_ctr", "score_cvr": "gt_cvr", "score_ctcvr": "gt_ctcvr"}
+    table = pq.read_table(test, columns=["click", "conversion", "gt_conv_if_clicked", *truth.values()])
+    labels = {c: table.column(c).to_numpy().astype(np.float64) for c in ("click", "conversion", "gt_conv_if_clicked")}
+    labels["ctcvr"] = labels["click"] * labels["conversion"]
+    metrics = _aucs(scores, labels)
+    metrics.update({f"truth_{key}": value for key, value in _aucs(
+        {key: table.column(truth[key]).to_numpy() for key in scores if key in truth}, labels).items()})
+    clicked = labels["click"] == 1
     if "score_ctr" in scores:
-        metrics.update(auc_ctr=_auc(scores["score_ctr"], click), logloss_ctr=_logloss(scores["score_ctr"], click),
+        metrics.update(logloss_ctr=_logloss(scores["score_ctr"], labels["click"]),
                        mean_pred_ctr=float(scores["score_ctr"].mean()))
     if "score_ctcvr" in scores:
-        ctcvr = click * conversion
-        metrics.update(auc_ctcvr=_auc(scores["score_ctcvr"], ctcvr),
-                       logloss_ctcvr=_logloss(scores["score_ctcvr"], ctcvr))
+        metrics.update(logloss_ctcvr=_logloss(scores["score_ctcvr"], labels["ctcvr"]))
     if "score_cvr" in scores:
-        clicked = click == 1
-        metrics.update(
-            auc_cvr_clicked=_auc(scores["score_cvr"][clicked], conversion[clicked]),
-            logloss_cvr_clicked=_logloss(scores["score_cvr"][clicked], conversion[clicked]),
-            auc_cvr_all=_auc(scores["score_cvr"], columns.column("gt_conv_if_clicked").to_numpy().astype(np.float64)),
-        )
+        metrics.update(logloss_cvr_clicked=_logloss(scores["score_cvr"][clicked], labels["conversion"][clicked]))
     return {key: round(value, 5) for key, value in metrics.items()}
+
+
+def _aucs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """AUCs of the scores present: CTR, CTCVR, and pCVR on clicked rows and over all impressions,
+    there against ``gt_conv_if_clicked`` (would this row have converted had it been clicked)."""
+    metrics = {}
+    if "score_ctr" in scores:
+        metrics["auc_ctr"] = _auc(scores["score_ctr"], labels["click"])
+    if "score_ctcvr" in scores:
+        metrics["auc_ctcvr"] = _auc(scores["score_ctcvr"], labels["ctcvr"])
+    if "score_cvr" in scores:
+        clicked = labels["click"] == 1
+        metrics["auc_cvr_clicked"] = _auc(scores["score_cvr"][clicked], labels["conversion"][clicked])
+        metrics["auc_cvr_all"] = _auc(scores["score_cvr"], labels["gt_conv_if_clicked"])
+    return metrics
 
 
 def _auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -19,12 +19,14 @@ from tools.bench_train import quality_metrics, train_one_epoch
 
 
 def compare(data: Path, seed: int, rows: int | None = None, batch_size: int = 1024) -> dict[str, dict[str, float]]:
-    """``{model: {auc_cvr_all, auc_cvr_clicked}}`` for ESMM and BASE at one seed."""
+    """``{model: {auc_cvr_all, auc_cvr_clicked}}`` for ESMM, BASE and the true probabilities at one seed."""
     results = {}
+    keys = ("auc_cvr_all", "auc_cvr_clicked")
     for model in ("esmm", "esmm_base"):
         trainer, module, datamodule, _ = train_one_epoch(model, data, rows, batch_size, seed)
         metrics = quality_metrics(trainer, module, datamodule, data / "test.parquet")
-        results[model] = {key: metrics[key] for key in ("auc_cvr_all", "auc_cvr_clicked")}
+        results[model] = {key: metrics[key] for key in keys}
+    results["truth"] = {key: metrics[f"truth_{key}"] for key in keys}
     return results
 
 
