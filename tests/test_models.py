@@ -17,7 +17,7 @@ SMALL = {
     "shared_bottom": {"bottom": [8, 6], "tower": [16]},
     "esmm": {"tower": [8, 6]},
     "esm2": {"tower": [8, 6]},
-    "nfwfm": {"hidden": [8, 6], "tower": [16]},
+    "nfwfm": {"hidden": [8, 6], "tower": [16], "multi_hot": "mean"},  # tiny_schema's item bag is pooled by its table
     "ple": {"num_levels": 2, "task_experts": 1, "shared_experts": 2, "expert": [8, 6], "tower": [16]},
     "youtube": {"engagement": ["ctr"], "position_features": ["user"], "shared": [8], "num_experts": 2,
                 "expert": [6], "tower": [4]},

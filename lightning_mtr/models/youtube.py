@@ -1,12 +1,14 @@
 """The YouTube multitask ranker (Zhao et al., RecSys 2019, "Recommending What Video to Watch Next").
 
-MMoE with its experts on a shared hidden layer, over every feature but the position ones;
-plus a shallow tower fed by position (and, e.g., device) whose bias logit is added to the
-engagement tasks' logits only. Position shows where an item was *displayed*, which raises its
-click rate whatever its relevance; the shallow tower absorbs that bias so the main tower
-learns relevance. At serving the position is unknown: the tower then reads a learned
-"missing" input, so its term no longer depends on position (trained by dropping the position
-of a share of rows, the paper's 10%).
+MMoE with its experts on a shared hidden layer, over every feature but the position (and
+shallow-only) ones; plus a shallow tower fed by the position and by features that change how
+much position matters (e.g. the device), whose bias logit is added to the engagement tasks'
+logits only.
+Position shows where an item was *displayed*, which raises its click rate whatever its
+relevance; the shallow tower absorbs that bias so the main tower learns relevance. At serving
+the position is unknown: the tower then reads a learned "missing" input in its place (trained
+by dropping the position of a share of rows, the paper's 10%) while the device still reaches
+it, so the bias is a constant per device, as in the paper.
 """
 
 from __future__ import annotations
@@ -22,19 +24,24 @@ from lightning_mtr.schema import Schema
 
 
 class YouTubeRanker(nn.Module):
-    """``features - position -> shared layer -> MMoE -> towers``, plus ``position -> shallow tower``
-    added to the engagement logits.
+    """``features - position (- shallow features) -> shared layer -> MMoE -> towers``, plus
+    ``[position, shallow features] -> shallow tower`` added to the engagement logits.
 
     Args:
         schema: features and tasks (linked from the data module).
         engagement: tasks that get the shallow tower's bias (e.g. click, watch time); the others
             are satisfaction tasks (e.g. like, rating) and get none.
-        position_features: sparse features that carry the display position (and device); the
-            main tower never sees them.
+        position_features: sparse features that carry the display position: dropped out in
+            training, "missing" at serving, never in the main tower.
+        shallow_features: sparse features the shallow tower reads beside the position and keeps
+            at serving (e.g. the device, whose position bias differs).
+        shallow_in_main: the shallow features also feed the main tower (where a device matters
+            to relevance too). Off by default: a main tower that sees the device learns part of
+            its position bias, which then stays in the served scores (tools/position_bias.py).
         shared: hidden sizes of the layer the experts sit on.
         num_experts, expert: the MMoE experts.
         tower: hidden sizes of each task tower.
-        shallow_tower: hidden sizes of the position tower (empty: one linear layer); ``None``
+        shallow_tower: hidden sizes of the shallow tower (empty: one linear layer); ``None``
             drops the tower and with it every use of position (a baseline).
         position_dropout: share of training rows whose position is replaced by "missing".
         gate_dropout: probability that an expert is left out of a row's gate in training.
@@ -43,6 +50,7 @@ class YouTubeRanker(nn.Module):
     """
 
     def __init__(self, schema: Schema, engagement: Sequence[str], position_features: Sequence[str] = ("position",),
+                 shallow_features: Sequence[str] = (), shallow_in_main: bool = False,
                  shared: Sequence[int] = (256,), num_experts: int = 8, expert: Sequence[int] = (128,),
                  tower: Sequence[int] = (64,), shallow_tower: Sequence[int] | None = (16,),
                  position_dropout: float = 0.1,
@@ -59,22 +67,24 @@ class YouTubeRanker(nn.Module):
                              "logit, for binary or regression engagement tasks")
         self.engagement = list(engagement)
         self.features = FeatureInput(schema)
-        missing = sorted(set(position_features) - set(self.features.feature_names))
-        if missing or not position_features:
-            raise ValueError(f"position features {missing or list(position_features)} must be sparse features of "
-                             f"the schema ({self.features.feature_names})")
-        self.main_columns, self.position_columns = _split_columns(self.features, set(position_features))
+        _check_features(self.features, position_features, shallow_features)
         if not 0.0 <= position_dropout < 1.0:
             raise ValueError(f"position_dropout must be in [0, 1), got {position_dropout}")
         self.position_dropout = position_dropout
-        self.shared = MLP(_width(self.main_columns), shared)
+        left_out = set(position_features) | (set() if shallow_in_main else set(shallow_features))
+        self.main_features = [n for n in self.features.feature_names if n not in left_out]
+        self.position_features, self.shallow_features = list(position_features), list(shallow_features)
+        if not self.features.dense_dim + self._width(self.main_features):
+            raise ValueError("YouTubeRanker: the main tower would read no feature (no dense features, and every sparse "
+                             "one is a position or shallow-only feature); set shallow_in_main: true or add features")
+        self.shared = MLP(self.features.dense_dim + self._width(self.main_features), shared)
         self.bottom = MixtureBottom(self.shared.output_dim, len(self.tasks), num_experts, expert,
                                     gate_backend=gate_backend, gate_names=self.tasks, gate_dropout=gate_dropout)
         self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
-        position_dim = _width(self.position_columns)
-        self.missing_position = nn.Parameter(torch.empty(position_dim))
+        self.missing_position = nn.Parameter(torch.empty(self._width(self.position_features)))
+        shallow_dim = self._width(self.position_features) + self._width(self.shallow_features)
         self.shallow = None if shallow_tower is None else nn.Sequential(
-            MLP(position_dim, shallow_tower), nn.Linear(shallow_tower[-1] if shallow_tower else position_dim, 1))
+            MLP(shallow_dim, shallow_tower), nn.Linear(shallow_tower[-1] if shallow_tower else shallow_dim, 1))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -83,32 +93,45 @@ class YouTubeRanker(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         features = self.features(dense, sparse)
-        main = torch.cat([features[:, a:b] for a, b in self.main_columns], dim=1)
+        dense_part = features[:, :self.features.dense_dim]
+        main = torch.cat([dense_part, self.features.columns(features, self.main_features)], dim=1)
         mixed = self.bottom(self.shared(main))  # [B, T, D]
         logits = self.towers({task: mixed[:, t] for t, task in enumerate(self.tasks)})
         if self.shallow is None:
             return logits
-        bias = self.position_bias(torch.cat([features[:, a:b] for a, b in self.position_columns], dim=1))
+        bias = self.position_bias(self.features.columns(features, self.position_features),
+                                  self.features.columns(features, self.shallow_features))
         return {task: logit + bias if task in self.engagement else logit for task, logit in logits.items()}
 
-    def position_bias(self, position: torch.Tensor) -> torch.Tensor:
-        """The shallow tower's logit ``[B]``: from the position in training (dropped for a share
-        of rows), from "missing" in evaluation and serving."""
+    def position_bias(self, position: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The shallow tower's logit ``[B]`` on ``[position, kept]``: the position is read in
+        training (dropped for a share of rows) and replaced by "missing" in evaluation and
+        serving; the ``kept`` shallow features always reach the tower."""
         missing = self.missing_position.expand_as(position)
         if not self.training:
             position = missing
         elif self.position_dropout:
             dropped = torch.rand(position.shape[0], 1, device=position.device) < self.position_dropout
             position = torch.where(dropped, missing, position)
-        return self.shallow(position)[:, 0]
+        return self.shallow(torch.cat([position, kept], dim=1))[:, 0]
+
+    def _width(self, names: Sequence[str]) -> int:
+        return sum(self.features.field_dims[n] for n in names)
 
 
-def _split_columns(features: FeatureInput, position: set[str]) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """Column ranges of ``features``' output: (everything else, the position features)."""
-    main = [(0, features.dense_dim)] if features.dense_dim else []
-    main += [features.offsets[n] for n in features.feature_names if n not in position]
-    return main, [features.offsets[n] for n in features.feature_names if n in position]
+def _check_features(features: FeatureInput, position: Sequence[str], shallow: Sequence[str]) -> None:
+    """Position and shallow features must be pooled sparse features, and each feature one or the other."""
+    known = features.feature_names
+    for what, names in (("position_features", position), ("shallow_features", shallow)):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise ValueError(f"YouTubeRanker {what} {unknown} are not pooled sparse features of the schema; known: "
+                             f"{known}")
+    if not position:
+        raise ValueError("YouTubeRanker needs position_features (e.g. [position]); a feature the shallow tower "
+                         "should keep at serving goes in shallow_features")
+    both = sorted(set(position) & set(shallow))
+    if both:
+        raise ValueError(f"YouTubeRanker: {both} are in both position_features (dropped, missing at serving) and "
+                         "shallow_features (kept at serving); list each feature in one of them")
 
-
-def _width(ranges: list[tuple[int, int]]) -> int:
-    return sum(b - a for a, b in ranges)
