@@ -78,10 +78,12 @@ class MultiTaskModule(L.LightningModule):
         trainer = self.trainer
         for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop, trainer.fit_loop.epoch_loop.val_loop):
             loop.inference_mode = False
-        # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row the data module reads
+        # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row our data module
+        # reads; a data module of the user's own (or plain dataloaders) checks its labels itself
         label_order = getattr(self.model, "label_order", None)
-        if label_order is not None and trainer.datamodule is not None:
-            trainer.datamodule.require_label_order(label_order())
+        require = getattr(trainer.datamodule, "require_label_order", None)
+        if label_order is not None and require is not None:
+            require(label_order())
 
     def configure_model(self) -> None:
         """One process: allocate the model on the device and fuse the sparse optimizer into the
