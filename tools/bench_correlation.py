@@ -56,11 +56,13 @@ def schema() -> Schema:
 
 
 def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: int, epochs: int,
-          batch_size: int = 256, lr: float = 1e-3) -> float:
-    """Final test loss (MSE of y1 + MSE of y2) of one model trained on one task pair."""
-    x, y = (torch.from_numpy(a) for a in mmoe_regression_arrays(rows, correlation, DIM, seed=seed))
-    x_test, y_test = (torch.from_numpy(a) for a in mmoe_regression_arrays(test_rows, correlation, DIM, seed=seed,
-                                                                           split="test"))
+          batch_size: int = 256, lr: float = 1e-3, alpha_std: float = 1.0, scale: float = 1.0) -> float:
+    """Final test loss (MSE of y1 + MSE of y2) of one model trained on one task pair; ``alpha_std``
+    and ``scale`` (the paper's c) shape the data, the same for every model."""
+    data = partial(mmoe_regression_arrays, correlation=correlation, dim=DIM, seed=seed, alpha_std=alpha_std,
+                   scale=scale)
+    x, y = (torch.from_numpy(a) for a in data(rows))
+    x_test, y_test = (torch.from_numpy(a) for a in data(test_rows, split="test"))
     # each seed draws its own sine terms, so the targets' scale varies several-fold between task
     # pairs; standardised targets (training statistics) put every pair's loss on one scale
     mean, std = y.mean(0), y.std(0)
@@ -88,12 +90,13 @@ def parameter_counts() -> dict[str, int]:
     return {name: sum(p.numel() for p in build(schema()).parameters()) for name, build in MODELS.items()}
 
 
-def _train_job(job: tuple[str, float, int, dict[str, int]]) -> float:
+def _train_job(job: tuple[str, float, int, dict[str, float]]) -> float:
     name, correlation, seed, settings = job
-    return train(name, correlation, seed, settings["rows"], settings["test_rows"], settings["epochs"])
+    return train(name, correlation, seed, int(settings["rows"]), int(settings["test_rows"]), int(settings["epochs"]),
+                 alpha_std=settings.get("alpha_std", 1.0), scale=settings.get("scale", 1.0))
 
 
-def run(settings: dict[str, int], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[float]]]:
+def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[float]]]:
     """Every (model, correlation, seed) run, in ``workers`` processes of ``threads`` torch threads
     each; every run is seeded on its own, so the numbers do not depend on ``workers``."""
     jobs = [(name, c, seed, settings) for c in CORRELATIONS for seed in range(settings["seeds"]) for name in MODELS]
@@ -153,15 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (these matmuls are too small to split)")
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=int, help=f"default {value} ({QUICK[key]} quick)")
+    parser.add_argument("--alpha-std", type=float, default=1.0,
+                        help="alpha ~ N(0, alpha_std^2): the sines' frequency (the paper does not give alpha)")
+    parser.add_argument("--scale", type=float, default=1.0, help="the paper's c: |w1| = |w2| = c")
     args = parser.parse_args(argv)
     settings = {key: getattr(args, key) or (QUICK if args.quick else FULL)[key] for key in FULL}
+    settings |= {"alpha_std": args.alpha_std, "scale": args.scale}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = run(settings, args.workers, args.threads)
     seconds = time.perf_counter() - started
     print(f"parameters: {parameter_counts()}")
     print(f"{settings['seeds']} seeds, {settings['rows']} training rows, {settings['epochs']} epochs, "
-          f"{args.workers} workers, {seconds:.0f} s\n{table(results)}")
+          f"alpha_std {args.alpha_std}, c {args.scale}, {args.workers} workers, {seconds:.0f} s\n{table(results)}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "correlation.png")
     (args.out / "results.json").write_text(json.dumps(

@@ -42,6 +42,8 @@ def mmoe_regression_chunks(
     seed: int = 0,
     split: str = "train",
     shape_seed: int = 0,
+    alpha_std: float = 1.0,
+    scale: float = 1.0,
 ) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
     """``chunk(index, n) -> (x [n, dim], y [n, 2])``: the rows of the MMoE paper's two tasks.
 
@@ -50,13 +52,14 @@ def mmoe_regression_chunks(
     The paper writes eps ~ N(0, 0.01); we read 0.01 as the variance, hence ``noise_std=0.1``.
     ``seed`` fixes the task pair's directions (w1, w2); ``split`` names an independent stream
     of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
-    alpha, beta are the paper's "given parameters" that shape the sines: drawn once from N(0, 1)
-    by ``shape_seed`` and kept for every ``seed``. Drawn per seed, they made some pairs several
-    times harder than others for every model (one seed's targets vary 0.27, another's 8.5).
-    """
-    w = np.stack(mmoe_task_weights(dim, correlation, seed), axis=1)  # (dim, 2)
+    alpha, beta are the paper's "given parameters" that shape the sines (it does not state them):
+    drawn once by ``shape_seed``, alpha ~ N(0, ``alpha_std``^2), beta ~ N(0, 1), and kept for
+    every ``seed``; ``scale`` is the paper's c (|w1| = |w2| = c). Drawn per seed, alpha, beta
+    made some pairs several times harder than others for every model (one seed's targets vary
+    0.27, another's 8.5)."""
+    w = np.stack(mmoe_task_weights(dim, correlation, seed, scale), axis=1)  # (dim, 2)
     sin_rng = stream(shape_seed, "mmoe-sin")
-    alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
+    alpha, beta = alpha_std * sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
 
     def chunk(index: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         rng = stream(seed, "mmoe-rows", split, index)
@@ -70,10 +73,11 @@ def mmoe_regression_chunks(
 
 def mmoe_regression_arrays(rows: int, correlation: float, dim: int = 100, num_sin: int = 10,
                            noise_std: float = 0.1, seed: int = 0, split: str = "train",
-                           row_group_rows: int = 65536, shape_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                           row_group_rows: int = 65536, shape_seed: int = 0, alpha_std: float = 1.0,
+                           scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The same rows as :func:`write_mmoe_regression`, in memory (float32 ``x``, ``y``)."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed, alpha_std, scale)
     parts = [chunk(index, min(row_group_rows, rows - start)) for index, start in enumerate(range(0, rows, row_group_rows))]
     return (np.concatenate([x for x, _ in parts]).astype(np.float32),
             np.concatenate([y for _, y in parts]).astype(np.float32))
