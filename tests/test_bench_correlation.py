@@ -19,13 +19,13 @@ def test_parameter_counts_match_as_in_the_paper():
 
 def test_tiny_run_reports_every_model_and_correlation(tmp_path, capsys):
     argv = ["--rows", "256", "--test-rows", "128", "--epochs", "1", "--seeds", "2", "--workers", "1",
-            "--alpha-std", "2", "--scale", "3"]
+            "--alpha-std", "2", "--scale", "3", "--lr", "0.01"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for name in MODELS:
         assert name in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["settings"]["alpha_std"] == 2.0 and results["settings"]["scale"] == 3.0
+    assert [results["settings"][key] for key in ("alpha_std", "scale", "lr")] == [2.0, 3.0, 0.01]
     for name in MODELS:
         for correlation in CORRELATIONS:
             losses = results["losses"][name][str(correlation)]
