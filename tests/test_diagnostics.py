@@ -54,7 +54,7 @@ def _fit(model, tmp_path, callback: GateDiagnostics, prepare=None) -> MultiTaskM
 
 
 def _collapse_ctr_gate(model) -> None:
-    """The ctr gate's logits: +40 on expert 1 whatever the input."""
+    """The ctr gate's logits: +40 on expert 1 whatever the input (through the optional gate bias)."""
     with torch.no_grad():
         model.bottom.gates.weight.zero_()
         model.bottom.gates.bias.zero_()
@@ -64,7 +64,8 @@ def _collapse_ctr_gate(model) -> None:
 def test_logged_weights_match_the_gates_and_collapse_warns(tmp_path):
     callback = GateDiagnostics()
     with pytest.warns(UserWarning, match="gate 'ctr' has collapsed onto expert 1"):
-        module = _fit(partial(MMoE, num_experts=3, expert=[8], tower=[4]), tmp_path, callback, _collapse_ctr_gate)
+        module = _fit(partial(MMoE, num_experts=3, expert=[8], tower=[4], gate_bias=True), tmp_path, callback,
+                      _collapse_ctr_gate)
     metrics = module.trainer.callback_metrics
     assert float(metrics["gates/ctr/expert1"]) == pytest.approx(1.0, abs=1e-4)
     assert float(metrics["gates/ctr/entropy"]) == pytest.approx(0.0, abs=1e-3)

@@ -8,7 +8,7 @@ import torch
 from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs, tiny_schema
 from lightning_mtr.models import MODELS, MMoE, OMoE, SharedBottom, build_model
 from lightning_mtr.kernels.gate_mix import gate_mix
-from lightning_mtr.nn import ExpertBank
+from lightning_mtr.nn import ExpertBank, MixtureBottom
 
 SMALL = {
     "aitm": {"tower": [8], "ait_dim": 4},
@@ -90,6 +90,38 @@ def test_mmoe_has_one_gate_per_task_and_omoe_one_shared_gate():
     schema = tiny_schema(tasks=("a", "b", "c"))
     assert _gate_count(MMoE(schema, num_experts=4, expert=[6])) == 3
     assert _gate_count(OMoE(schema, num_experts=4, expert=[6])) == 1
+
+
+@pytest.mark.parametrize("gate_bias", [False, True], ids=["paper", "gate_bias"])
+def test_mixture_gates_are_softmax_of_w_x_as_in_the_paper(gate_bias):
+    """MMoE's f^k(x) = sum_e softmax(W_gk x)_e f_e(x) (Ma et al., eq. 5-6): no gate bias unless
+    asked for; gate k, expert e and the mixture recomputed here from the weights."""
+    torch.manual_seed(0)
+    tasks, experts, in_dim, hidden = 2, 3, 5, 4
+    bottom = MixtureBottom(in_dim, tasks, num_experts=experts, expert=[hidden], gate_bias=gate_bias)
+    assert (bottom.gates.bias is not None) == gate_bias
+    assert ("gates.bias" in bottom.state_dict()) == gate_bias
+    with torch.no_grad():  # far from uniform gates; a bias large enough to matter
+        bottom.gates.weight.mul_(5)
+        if gate_bias:
+            bottom.gates.bias.copy_(3 * torch.randn(tasks * experts))
+    x = torch.randn(7, in_dim)
+    first_w = bottom.experts.first.weight.view(experts, hidden, in_dim)
+    first_b = bottom.experts.first.bias.view(experts, hidden)
+    f = [torch.relu(x @ first_w[e].T + first_b[e]) for e in range(experts)]  # [B, D] each
+    gate_w = bottom.gates.weight.view(tasks, experts, in_dim)
+    gate_b = bottom.gates.bias.view(tasks, experts) if gate_bias else torch.zeros(tasks, experts)
+    out = bottom(x)
+    for k in range(tasks):
+        g = torch.softmax(x @ gate_w[k].T + gate_b[k], dim=-1)  # [B, E]
+        torch.testing.assert_close(out[:, k], sum(g[:, e, None] * f[e] for e in range(experts)))
+
+
+@pytest.mark.parametrize("model", [MMoE, OMoE])
+def test_mmoe_and_omoe_gates_have_no_bias_by_default(model):
+    schema = tiny_schema(tasks=("a", "b"))
+    assert model(schema, num_experts=3, expert=[6]).bottom.gates.bias is None
+    assert model(schema, num_experts=3, expert=[6], gate_bias=True).bottom.gates.bias is not None
 
 
 def test_mmoe_task_output_follows_its_own_gate():

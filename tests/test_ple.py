@@ -70,30 +70,45 @@ def test_grouped_expert_bank_equals_independent_experts():
     torch.testing.assert_close(bank(flat), torch.stack([_expert(bank, e, flat) for e in range(T * M_K)], 1))
 
 
+@pytest.mark.parametrize("gate_bias", [False, True], ids=["paper", "gate_bias"])
 @pytest.mark.parametrize("grouped", [False, True], ids=["level1", "later_level"])
-def test_gates_are_softmax_over_their_experts(grouped):
+def test_gates_are_softmax_over_their_experts(grouped, gate_bias):
     """Task k's output is softmax(W_k x_k) over [task k's m_k experts, the m_s shared ones] and the
-    shared output softmax(W_s x_s) over all E experts, recomputed here from the weights."""
-    level = _level()
+    shared output softmax(W_s x_s) over all E experts (PLE's g^k(x) = softmax(W_g^k x): no bias
+    unless ``gate_bias``), recomputed here from the weights."""
+    torch.manual_seed(0)
+    level = CGC(F, T, M_K, M_S, expert=[8, 6], gate_bias=gate_bias)
+    assert (level.task_gates.bias is not None) == gate_bias and (level.shared_gate.bias is not None) == gate_bias
     with torch.no_grad():  # hand-set, far from uniform gates
         level.task_gates.weight.copy_(3 * torch.randn_like(level.task_gates.weight))
         level.shared_gate.weight.copy_(3 * torch.randn_like(level.shared_gate.weight))
+        for bias in (level.task_gates.bias, level.shared_gate.bias) if gate_bias else ():
+            bias.copy_(3 * torch.randn_like(bias))
     inputs = _inputs(grouped)
     task_in = [inputs[:, k] if grouped else inputs for k in range(T)]
     shared_in = inputs[:, T] if grouped else inputs
     task_experts = [_expert(level.task_bank, e, task_in[e // M_K]) for e in range(T * M_K)]
     shared_experts = [_expert(level.shared_bank, e, shared_in) for e in range(M_S)]
     gate_w = level.task_gates.weight.view(T, M_K + M_S, F)
-    gate_b = level.task_gates.bias.view(T, M_K + M_S)
+    gate_b = level.task_gates.bias.view(T, M_K + M_S) if gate_bias else torch.zeros(T, M_K + M_S)
     out = level(inputs)
     assert out.shape == (inputs.shape[0], T + 1, 6)
     for k in range(T):
         visible = torch.stack(task_experts[k * M_K:(k + 1) * M_K] + shared_experts, 1)  # [B, m_k + m_s, D]
         weights = torch.softmax(task_in[k] @ gate_w[k].T + gate_b[k], -1)
         torch.testing.assert_close(out[:, k], torch.einsum("be,bed->bd", weights, visible))
-    weights = torch.softmax(level.shared_gate(shared_in), -1)
+    shared_b = level.shared_gate.bias if gate_bias else torch.zeros(E)
+    weights = torch.softmax(shared_in @ level.shared_gate.weight.T + shared_b, -1)
     every = torch.stack(task_experts + shared_experts, 1)  # [B, E, D]
     torch.testing.assert_close(out[:, T], torch.einsum("be,bed->bd", weights, every))
+
+
+def test_ple_gates_have_no_bias_by_default():
+    schema = tiny_schema(tasks=("a", "b", "c"))
+    for gate_bias in (False, True):
+        for level in PLE(schema, **SMALL, gate_bias=gate_bias).levels:
+            gates = [level.task_gates] + ([level.shared_gate] if level.shared_gate is not None else [])
+            assert all((gate.bias is not None) == gate_bias for gate in gates)
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["level1", "later_level"])

@@ -267,6 +267,41 @@ def test_mmoe_split_is_held_out_sample_of_the_same_tasks(tmp_path):
     assert not np.allclose(other.column("y1").to_numpy(), val.column("y1").to_numpy())
 
 
+def test_mmoe_sine_shape_is_the_same_for_every_seed():
+    """The paper's alpha, beta are given parameters: every seed's task pair has the same sines
+    g(z) = sum_k sin(alpha_k z + beta_k) of its own projection z = w1.x (seeds differ in w and
+    rows); another ``shape_seed`` gives other sines. Checked without noise: y1 - z is g(z) exactly."""
+    from lightning_mtr.data.synthetic.mmoe_regression import mmoe_regression_arrays
+
+    def residual(seed: int, shape_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        x, y = mmoe_regression_arrays(500, 0.7, dim=8, noise_std=0.0, seed=seed, shape_seed=shape_seed)
+        z = x.astype(np.float64) @ mmoe_task_weights(8, 0.7, seed=seed)[0]
+        return z, y[:, 0] - z
+
+    z3, g3 = residual(3)
+    z4, g4 = residual(4)
+    assert not np.allclose(z3, z4)
+    rng = stream(0, "mmoe-sin")  # the paper's formula with shape_seed 0's draw, by hand
+    alpha, beta = rng.standard_normal(10), rng.standard_normal(10)
+    for z, g in ((z3, g3), (z4, g4)):
+        np.testing.assert_allclose(g, np.sin(z[:, None] * alpha + beta).sum(-1), atol=1e-4)
+    z, other = residual(3, shape_seed=1)
+    assert np.abs(other - np.sin(z[:, None] * alpha + beta).sum(-1)).max() > 1.0
+
+
+def test_mmoe_alpha_std_and_scale_are_the_sines_frequency_and_the_papers_c():
+    """alpha ~ N(0, alpha_std^2) (the paper leaves alpha open) and w_i = c u_i: with c = 2 and
+    alpha_std = 3, y1 = 2 u1.x + sum_k sin(3 a_k (2 u1.x) + b_k), a, b shape_seed 0's N(0, 1) draw."""
+    from lightning_mtr.data.synthetic.mmoe_regression import mmoe_regression_arrays
+
+    x, y = mmoe_regression_arrays(500, 0.7, dim=8, noise_std=0.0, seed=3, alpha_std=3.0, scale=2.0)
+    u1 = mmoe_task_weights(8, 0.7, seed=3)[0]  # unit length
+    z = 2.0 * (x.astype(np.float64) @ u1)
+    rng = stream(0, "mmoe-sin")
+    alpha, beta = rng.standard_normal(10), rng.standard_normal(10)
+    np.testing.assert_allclose(y[:, 0], z + np.sin(z[:, None] * 3.0 * alpha + beta).sum(-1), atol=1e-4)
+
+
 def test_placement_column_sets_position_only_when_asked(tmp_path):
     """With a placement weight, C9's ids (no effect on relevance) pull their rows up or down the
     page; without one, C9 says nothing about position (and the default log is unchanged)."""

@@ -28,17 +28,20 @@ class MMoE(nn.Module):
         dropout: dropout in the towers.
         gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix (no effect on
             parameters or checkpoints).
+        gate_bias: softmax(W_k x + b_k) gates instead of the paper's softmax(W_k x).
     """
 
     one_gate = False  # OMoE sets True: one gate shared by every task
 
     def __init__(self, schema: Schema, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 tower: Sequence[int] = (64,), dropout: float = 0.0, gate_backend: str = "auto"):
+                 tower: Sequence[int] = (64,), dropout: float = 0.0, gate_backend: str = "auto",
+                 gate_bias: bool = False):
         super().__init__()
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
         self.bottom = MixtureBottom(self.features.output_dim, len(self.tasks), num_experts, expert, self.one_gate,
-                                    gate_backend, gate_names=["shared"] if self.one_gate else self.tasks)
+                                    gate_backend, gate_names=["shared"] if self.one_gate else self.tasks,
+                                    gate_bias=gate_bias)
         self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

@@ -38,11 +38,12 @@ class PLE(nn.Module):
         dropout: dropout in the towers.
         gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix (no effect on
             parameters or checkpoints).
+        gate_bias: softmax(W x + b) gates instead of the paper's softmax(W x).
     """
 
     def __init__(self, schema: Schema, num_levels: int = 2, task_experts: int = 1, shared_experts: int = 1,
                  expert: Sequence[int] | Sequence[Sequence[int]] = (256, 128), tower: Sequence[int] = (64,),
-                 dropout: float = 0.0, gate_backend: str = "auto"):
+                 dropout: float = 0.0, gate_backend: str = "auto", gate_bias: bool = False):
         super().__init__()
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
@@ -52,7 +53,7 @@ class PLE(nn.Module):
             shared_gate = level < num_levels
             names = [f"L{level}/{gate}" for gate in [*self.tasks, *(["shared"] if shared_gate else [])]]
             levels.append(CGC(in_dim, len(self.tasks), task_experts, shared_experts, hidden, shared_gate,
-                              gate_backend, gate_names=names))
+                              gate_backend, gate_names=names, gate_bias=gate_bias))
             in_dim = levels[-1].output_dim
         self.levels = nn.Sequential(*levels)
         self.towers = TaskTowers(schema.task_outputs, in_dim, tower, dropout)

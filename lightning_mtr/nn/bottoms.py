@@ -59,11 +59,13 @@ class MixtureBottom(nn.Module):
         gate_dropout: in training, each expert is left out of each row's gate with this
             probability (the softmax renormalises over the rest), so no task leans on one
             expert alone (the YouTube ranker's gate dropout, Zhao et al. 2019: 10%).
+        gate_bias: give the gates a bias, softmax(W x + b). Off by default: the MMoE paper's gate
+            is g^k(x) = softmax(W_gk x), and the YouTube ranker's is the same.
     """
 
     def __init__(self, in_dim: int, branches: int, num_experts: int = 8, expert: Sequence[int] = (256, 128),
                  one_gate: bool = False, gate_backend: str = "auto", gate_names: Sequence[str] | None = None,
-                 gate_dropout: float = 0.0):
+                 gate_dropout: float = 0.0, gate_bias: bool = False):
         super().__init__()
         if not 0.0 <= gate_dropout < 1.0:
             raise ValueError(f"gate_dropout must be in [0, 1), got {gate_dropout}")
@@ -74,7 +76,7 @@ class MixtureBottom(nn.Module):
         if len(self.gate_names) != self.num_gates:
             raise ValueError(f"{self.num_gates} gates but {len(self.gate_names)} gate names")
         self.experts = ExpertBank(in_dim, num_experts, expert)
-        self.gates = nn.Linear(in_dim, self.num_gates * num_experts)
+        self.gates = nn.Linear(in_dim, self.num_gates * num_experts, bias=gate_bias)
         self.output_dim = self.experts.output_dim
         self.gate_backend = gate_backend
 

@@ -21,7 +21,10 @@ def grouped_linear(linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
     ``[B, G, in] -> [B, G, out / G]``, as one batched product (one small GEMM per group otherwise)."""
     groups, in_dim = inputs.shape[1], inputs.shape[2]
     weight = linear.weight.view(groups, -1, in_dim)  # [G, out/G, in]
-    out = torch.baddbmm(linear.bias.view(groups, 1, -1), inputs.transpose(0, 1), weight.transpose(1, 2))
+    if linear.bias is None:
+        out = torch.bmm(inputs.transpose(0, 1), weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(linear.bias.view(groups, 1, -1), inputs.transpose(0, 1), weight.transpose(1, 2))
     return out.transpose(0, 1)  # [B, G, out/G]
 
 
@@ -70,6 +73,8 @@ class CGC(nn.Module):
         gate_backend: ``auto``, ``torch`` or ``triton`` for the fused gate mix.
         gate_names: what diagnostics call the task gates, then the shared gate if any (default
             ``task0``, ``task1``, ..., ``shared``).
+        gate_bias: give the gates a bias, softmax(W x + b). Off by default: PLE's gate is
+            g^k(x) = softmax(W_g^k x).
 
     Shapes:
         ``[B, F]`` (every expert and gate reads it: PLE's first level) or ``[B, T+1, F]`` (task
@@ -78,7 +83,7 @@ class CGC(nn.Module):
 
     def __init__(self, in_dim: int, tasks: int, task_experts: int = 1, shared_experts: int = 1,
                  expert: Sequence[int] = (256, 128), shared_gate: bool = True, gate_backend: str = "auto",
-                 gate_names: Sequence[str] | None = None):
+                 gate_names: Sequence[str] | None = None, gate_bias: bool = False):
         super().__init__()
         if tasks < 1 or task_experts < 1 or shared_experts < 1:
             raise ValueError(f"CGC needs tasks, task_experts and shared_experts >= 1, got {tasks}, {task_experts}, "
@@ -87,8 +92,9 @@ class CGC(nn.Module):
         self.num_experts = tasks * task_experts + shared_experts
         self.task_bank = GroupedExpertBank(in_dim, tasks, task_experts, expert)
         self.shared_bank = ExpertBank(in_dim, shared_experts, expert)
-        self.task_gates = nn.Linear(in_dim, tasks * (task_experts + shared_experts))  # T blocks of m_k + m_s
-        self.shared_gate = nn.Linear(in_dim, self.num_experts) if shared_gate else None
+        # T blocks of m_k + m_s
+        self.task_gates = nn.Linear(in_dim, tasks * (task_experts + shared_experts), bias=gate_bias)
+        self.shared_gate = nn.Linear(in_dim, self.num_experts, bias=gate_bias) if shared_gate else None
         self.output_dim = self.task_bank.output_dim
         self.gate_backend = gate_backend
         default_names = [f"task{k}" for k in range(tasks)] + (["shared"] if shared_gate else [])

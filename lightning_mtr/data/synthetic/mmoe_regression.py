@@ -41,18 +41,25 @@ def mmoe_regression_chunks(
     noise_std: float = 0.1,
     seed: int = 0,
     split: str = "train",
+    shape_seed: int = 0,
+    alpha_std: float = 1.0,
+    scale: float = 1.0,
 ) -> Callable[[int, int], tuple[np.ndarray, np.ndarray]]:
     """``chunk(index, n) -> (x [n, dim], y [n, 2])``: the rows of the MMoE paper's two tasks.
 
     ``y_i = w_i.x + sum_k sin(alpha_k w_i.x + beta_k) + eps_i`` with x ~ N(0, I_dim),
-    w_i from :func:`mmoe_task_weights`, alpha_k, beta_k ~ N(0, 1) shared by both tasks.
+    w_i from :func:`mmoe_task_weights`, alpha_k, beta_k shared by both tasks.
     The paper writes eps ~ N(0, 0.01); we read 0.01 as the variance, hence ``noise_std=0.1``.
-    ``seed`` fixes the task pair (w1, w2, alpha, beta); ``split`` names an independent stream
+    ``seed`` fixes the task pair's directions (w1, w2); ``split`` names an independent stream
     of rows for it, so ``split="val"`` is a held-out sample of the same tasks.
-    """
-    w = np.stack(mmoe_task_weights(dim, correlation, seed), axis=1)  # (dim, 2)
-    sin_rng = stream(seed, "mmoe-sin")
-    alpha, beta = sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
+    alpha, beta are the paper's "given parameters" that shape the sines (it does not state them):
+    drawn once by ``shape_seed``, alpha ~ N(0, ``alpha_std``^2), beta ~ N(0, 1), and kept for
+    every ``seed``; ``scale`` is the paper's c (|w1| = |w2| = c). Drawn per seed, alpha, beta
+    made some pairs several times harder than others for every model (one seed's targets vary
+    0.27, another's 8.5)."""
+    w = np.stack(mmoe_task_weights(dim, correlation, seed, scale), axis=1)  # (dim, 2)
+    sin_rng = stream(shape_seed, "mmoe-sin")
+    alpha, beta = alpha_std * sin_rng.standard_normal(num_sin), sin_rng.standard_normal(num_sin)
 
     def chunk(index: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         rng = stream(seed, "mmoe-rows", split, index)
@@ -66,10 +73,11 @@ def mmoe_regression_chunks(
 
 def mmoe_regression_arrays(rows: int, correlation: float, dim: int = 100, num_sin: int = 10,
                            noise_std: float = 0.1, seed: int = 0, split: str = "train",
-                           row_group_rows: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+                           row_group_rows: int = 65536, shape_seed: int = 0, alpha_std: float = 1.0,
+                           scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The same rows as :func:`write_mmoe_regression`, in memory (float32 ``x``, ``y``)."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed, alpha_std, scale)
     parts = [chunk(index, min(row_group_rows, rows - start)) for index, start in enumerate(range(0, rows, row_group_rows))]
     return (np.concatenate([x for x, _ in parts]).astype(np.float32),
             np.concatenate([y for _, y in parts]).astype(np.float32))
@@ -85,11 +93,12 @@ def write_mmoe_regression(
     seed: int = 0,
     row_group_rows: int = 65536,
     split: str = "train",
+    shape_seed: int = 0,
 ) -> Path:
     """Write :func:`mmoe_regression_chunks`' rows to Parquet: columns ``x0..x{dim-1}``, ``y1``,
     ``y2``, all float32."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed)
 
     def columns(index: int, n: int) -> dict[str, np.ndarray]:
         x, y = chunk(index, n)
