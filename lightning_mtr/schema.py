@@ -23,6 +23,8 @@ TASK_KINDS = ("binary", "regression", "multiclass", "ranking")
 RankingLoss = Literal["pairwise", "listwise"]
 DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 OutOfRange = Literal["error", "modulo"]
+Side = Literal["user", "item"]
+SIDES = ("user", "item")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,11 @@ class SparseFeature:
     also hold single ids (a sequence of one, or none when null): how a candidate item shares
     the history's tables. A table is pooled or not, so sequence features share tables only
     with each other, and they share one ``embedding_dim`` (an ``EmbeddingCollection`` requires it).
+
+    ``side`` says what the feature describes: ``user`` (the request: the user, their behaviours,
+    the query, the context; the default) or ``item`` (the candidate being scored). Models that
+    build a representation once per request and score many candidates (DUPN), and a user/item
+    tower split, read the item side only where the candidate enters.
     """
 
     name: str
@@ -56,6 +63,7 @@ class SparseFeature:
     out_of_range: OutOfRange = "error"
     hashed: bool = False
     sequence: bool = False
+    side: Side = "user"
 
     @property
     def source_column(self) -> str:
@@ -71,13 +79,14 @@ class DenseFeature:
     """A numeric feature; ``log1p`` applies to ``max(x, 0)`` (DLRM's Criteo convention).
 
     Standardisation uses the mean and std of the transformed training data. A null value is
-    an error unless ``fill_missing`` gives the value to use.
+    an error unless ``fill_missing`` gives the value to use. ``side``: as for a sparse feature.
     """
 
     name: str
     column: str | None = None
     transform: DenseTransform = "none"
     fill_missing: float | None = None
+    side: Side = "user"
 
     @property
     def source_column(self) -> str:
@@ -246,6 +255,12 @@ class Schema:
         """Some dense feature is standardised with training-data statistics."""
         return any(f.standardized for f in self.dense)
 
+    def features_on_side(self, side: Side) -> list[str]:
+        """Names of the features (sparse, then dense, in schema order) tagged with ``side``."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {list(SIDES)}, got {side!r}")
+        return [f.name for f in self.sparse + self.dense if f.side == side]
+
     @property
     def input_columns(self) -> list[str]:
         return [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
@@ -266,6 +281,10 @@ class Schema:
                              "keeps one column's groups together, so they must share one")
         for feature in self.sparse:
             _validate_sparse(feature)
+        for feature in self.sparse + self.dense:
+            if feature.side not in SIDES:
+                raise ValueError(f"feature {feature.name!r}: side must be 'user' (the request: user, behaviours, "
+                                 f"query, context) or 'item' (the candidate), got {feature.side!r}")
         for feature in self.dense:
             if feature.transform not in ("none", "standardize", "log1p", "log1p_standardize"):
                 raise ValueError(f"dense feature {feature.name!r}: unknown transform {feature.transform!r}")

@@ -23,29 +23,33 @@ def chronological(steps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class PropertyGatedLSTM(nn.Module):
-    """DUPN's property-gated LSTM (Ni et al., KDD 2018, section 4.3): the behaviour's property
-    part (type, scene, time gap) drives the input, forget and output gates together with
-    ``h_{t-1}``, while the item part is what enters the cell:
+    """DUPN's property-gated LSTM (Ni et al., KDD 2018, section 4.3): the input, forget and output
+    gates read the behaviour's item part ``e_t``, its property part ``p_t`` (type, scene, time
+    gap) and ``h_{t-1}``; the cell candidate reads the item and ``h_{t-1}`` only:
 
-        i_t, f_t, o_t = sigmoid(W [p_t, h_{t-1}] + b)
-        c_t = f_t * c_{t-1} + i_t * tanh(W_c [e_t, h_{t-1}] + b_c),    h_t = o_t * tanh(c_t)
+        i_t, f_t, o_t = sigmoid(W_e e_t + W_p p_t + W_h h_{t-1} + b)
+        c_t = f_t * c_{t-1} + i_t * tanh(W_ec e_t + W_hc h_{t-1} + b_c),    h_t = o_t * tanh(c_t)
 
-    so a purchase can be let through where a passing click is forgotten. Steps past a row's
-    length leave its state unchanged. ``forward(items [B, L, Di], properties [B, L, Dp],
-    lengths [B]) -> hidden states [B, L, H]`` in time order (oldest first).
+    so a purchase can be let through where a passing click is forgotten. ``item_inputs`` holds
+    ``[W_e; W_ec]`` (and ``[b; b_c]``), ``property_inputs`` ``W_p`` and ``recurrent``
+    ``[W_h; W_hc]``, rows in the order i, f, o, cell. Steps past a row's length leave its state
+    unchanged. ``forward(items [B, L, Di], properties [B, L, Dp], lengths [B]) -> hidden states
+    [B, L, H]`` in time order (oldest first).
     """
 
     def __init__(self, item_dim: int, property_dim: int, hidden: int):
         super().__init__()
         self.hidden = hidden
-        self.gate_inputs = nn.Linear(property_dim, 3 * hidden)  # i, f, o from p_t
-        self.cell_inputs = nn.Linear(item_dim, hidden)  # the candidate cell from e_t
+        self.item_inputs = nn.Linear(item_dim, 4 * hidden)  # i, f, o and the cell from e_t
+        self.property_inputs = nn.Linear(property_dim, 3 * hidden, bias=False)  # i, f, o from p_t
         self.recurrent = nn.Linear(hidden, 4 * hidden, bias=False)  # i, f, o and the cell from h_{t-1}
 
     def forward(self, items: torch.Tensor, properties: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = items.shape
         # the inputs' share of every step at once: only h_{t-1}'s share is left to the loop
-        inputs = torch.cat([self.gate_inputs(properties), self.cell_inputs(items)], dim=2)  # [B, L, 4H]
+        from_items = self.item_inputs(items)  # [B, L, 4H]
+        gates = from_items[:, :, :3 * self.hidden] + self.property_inputs(properties)
+        inputs = torch.cat([gates, from_items[:, :, 3 * self.hidden:]], dim=2)
         h = items.new_zeros(batch, self.hidden)
         c = items.new_zeros(batch, self.hidden)
         live = torch.arange(steps, device=items.device)[None, :] < lengths[:, None]  # [B, L]
