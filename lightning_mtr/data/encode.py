@@ -90,7 +90,7 @@ class BatchEncoder:
     def encode(self, table: pa.Table, sources: Sequence[str]) -> Batch:
         checker = RowChecker(table, sources)
         raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
-        labels, masks = {}, {}
+        labels, masks, row_weights = {}, {}, {}
         groups = {c: group_ids(table.column(c)) for c in self.schema.group_columns}
         for task, label, space in self._labels:
             values = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
@@ -103,6 +103,8 @@ class BatchEncoder:
             # outside the sample space a label is never used; class 0 keeps a multiclass loss defined
             labels[task.name] = torch.from_numpy(np.where(mask, values, 0.0).astype(np.float32))
             masks[task.name] = torch.from_numpy(mask.copy())
+            if task.kind == "ranking" and task.ranking_loss == "pointwise":
+                row_weights[task.name] = torch.from_numpy(_pointwise_weights(task, values, mask, raw, checker))
         return Batch(
             dense=self._dense(table, checker),
             sparse=self._sparse(table, checker),
@@ -110,6 +112,7 @@ class BatchEncoder:
             masks=masks,
             extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
             groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
+            row_weights=row_weights,
         )
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
@@ -147,6 +150,26 @@ def _check_labels(task: Task, values: np.ndarray, mask: np.ndarray, checker: Row
         checker.fail_if(task.label, bad, f"multiclass label outside the classes 0..{task.num_classes - 1}", values)
     elif task.kind == "ranking":
         checker.fail_if(task.label, mask & (values < 0), "negative ranking relevance", values)
+
+
+def _pointwise_weights(task: Task, values: np.ndarray, mask: np.ndarray, raw: dict[str, np.ndarray],
+                       checker: RowChecker) -> np.ndarray:
+    """float32 ``n_i`` of a point-wise ranking task's rows (0 outside its sample space): 1, the
+    ``weight_column``, or the ``pointwise_weights`` entry of the row's relevance grade."""
+    if task.weight_column is not None:
+        weights = raw[task.weight_column]
+        checker.fail_if(task.weight_column, mask & (weights < 0),
+                        f"negative point-wise weight of task {task.name!r} (weights must be >= 0)", weights)
+    elif task.pointwise_weights is not None:
+        grades = np.array(sorted(task.pointwise_weights))
+        slot = np.minimum(np.searchsorted(grades, values), len(grades) - 1)
+        checker.fail_if(task.label, mask & (grades[slot] != values),
+                        f"relevance grade not in the pointwise_weights of task {task.name!r} (grades "
+                        f"{grades.tolist()}); add an entry for it", values)
+        weights = np.array([task.pointwise_weights[g] for g in grades.tolist()], np.float64)[slot]
+    else:
+        weights = np.ones(len(values))
+    return np.where(mask, weights, 0.0).astype(np.float32)
 
 
 MISSING_GROUP = np.iinfo(np.int64).min

@@ -108,7 +108,8 @@ class MultiTaskModule(L.LightningModule):
             logits, given = self(batch), {}
         else:
             logits, given = forward_with_losses(batch.dense, batch.sparse, batch.labels)
-        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups)
+        return logits, masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups,
+                                          batch.row_weights)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, losses = self._outputs_and_losses(batch)
