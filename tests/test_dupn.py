@@ -113,6 +113,11 @@ def _sigmoid(x: float) -> float:
     return 1 / (1 + math.exp(-x))
 
 
+def _cell_third(gates: list[float], cell: float) -> list[float]:
+    """Per-gate values (i, f, o) and the cell's, in the module's row order i, f, cell, o."""
+    return [*gates[:2], cell, gates[2]]
+
+
 def test_property_gated_lstm_by_hand_gates_read_item_property_and_state():
     """One unit, scalar e_t and p_t, numbers set by hand; the expected states follow the paper:
     i, f, o = sigma(w_e e + w_p p + w_h h + b), c = f c + i tanh(w_ec e + w_hc h + b_c), h = o tanh(c)."""
@@ -121,10 +126,10 @@ def test_property_gated_lstm_by_hand_gates_read_item_property_and_state():
     lstm = PropertyGatedLSTM(item_dim=1, property_dim=1, hidden=1).double()
     exact = dict(dtype=torch.float64)
     with torch.no_grad():
-        lstm.item_inputs.weight.copy_(torch.tensor([*w_e, w_ec], **exact)[:, None])
-        lstm.item_inputs.bias.copy_(torch.tensor([*b, b_c], **exact))
+        lstm.item_inputs.weight.copy_(torch.tensor(_cell_third(w_e, w_ec), **exact)[:, None])
+        lstm.item_inputs.bias.copy_(torch.tensor(_cell_third(b, b_c), **exact))
         lstm.property_inputs.weight.copy_(torch.tensor(w_p, **exact)[:, None])
-        lstm.recurrent.weight.copy_(torch.tensor([*w_h, w_hc], **exact)[:, None])
+        lstm.recurrent.weight.copy_(torch.tensor(_cell_third(w_h, w_hc), **exact)[:, None])
     items, properties = [1.0, -2.0], [0.5, 1.5]
 
     def by_hand(items, w_ec):
@@ -144,7 +149,7 @@ def test_property_gated_lstm_by_hand_gates_read_item_property_and_state():
     assert run(items).tolist() == pytest.approx(by_hand(items, w_ec), abs=1e-12)
     # the cell's item weight at zero: the items still reach the state through the gates
     with torch.no_grad():
-        lstm.item_inputs.weight[3] = 0.0
+        lstm.item_inputs.weight[2] = 0.0
     assert run(items).tolist() == pytest.approx(by_hand(items, 0.0), abs=1e-12)
     assert abs(run(items)[1] - run([-1.0, 3.0])[1]) > 1e-3
 
@@ -152,22 +157,36 @@ def test_property_gated_lstm_by_hand_gates_read_item_property_and_state():
 def test_property_gated_lstm_matches_an_independent_loop_and_stops_at_each_length():
     torch.manual_seed(0)
     lstm = PropertyGatedLSTM(item_dim=3, property_dim=2, hidden=4).double()
-    items, properties = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64)
-    states = lstm(items, properties, torch.tensor([3, 2]))
-    w_e, b = lstm.item_inputs.weight.split(4), lstm.item_inputs.bias.split(4)  # i, f, o, cell
-    w_p, w_h = lstm.property_inputs.weight.split(4), lstm.recurrent.weight.split(4)
-    h = c = torch.zeros(4, dtype=torch.float64)
-    for t in range(3):  # row 0, gate by gate
-        e, p = items[0, t], properties[0, t]
-        i, f, o = (torch.sigmoid(w_e[k] @ e + w_p[k] @ p + w_h[k] @ h + b[k]) for k in range(3))
-        c = f * c + i * torch.tanh(w_e[3] @ e + w_h[3] @ h + b[3])
-        h = o * torch.tanh(c)
-        torch.testing.assert_close(states[0, t], h, rtol=0, atol=1e-12)
-    assert torch.equal(states[1, 2], states[1, 1])  # past its length, row 1 keeps its last state
+    items, properties = torch.randn(3, 3, 3, dtype=torch.float64), torch.randn(3, 3, 2, dtype=torch.float64)
+    lengths = torch.tensor([3, 2, 0])
+    states = lstm(items, properties, lengths)
+    w_e, b = lstm.item_inputs.weight.split(4), lstm.item_inputs.bias.split(4)  # i, f, cell, o
+    w_h, (w_pi, w_pf, w_po) = lstm.recurrent.weight.split(4), lstm.property_inputs.weight.split(4)  # i, f, o
+    for row in range(3):
+        h = c = torch.zeros(4, dtype=torch.float64)
+        for t in range(int(lengths[row])):  # gate by gate, from the paper
+            e, p = items[row, t], properties[row, t]
+            i, f, o = (torch.sigmoid(w_e[k] @ e + w_p @ p + w_h[k] @ h + b[k]) for k, w_p in ((0, w_pi), (1, w_pf),
+                                                                                               (3, w_po)))
+            c = f * c + i * torch.tanh(w_e[2] @ e + w_h[2] @ h + b[2])
+            h = o * torch.tanh(c)
+            torch.testing.assert_close(states[row, t], h, rtol=0, atol=1e-12)
+    assert states[1, 2:].eq(0).all() and states[2].eq(0).all()  # past a row's length: zero
     with torch.no_grad():  # the cell candidate has no property term: gates held open, p_t changes nothing
-        lstm.item_inputs.bias[:12] = torch.tensor([1e4] * 4 + [-1e4] * 4 + [1e4] * 4, dtype=torch.float64)
-    lengths = torch.tensor([3, 2])
+        lstm.item_inputs.bias[[*range(4), *range(12, 16)]] = 1e4
+        lstm.item_inputs.bias[4:8] = -1e4
     assert torch.allclose(lstm(items, properties, lengths), lstm(items, torch.randn_like(properties), lengths))
+    assert not torch.allclose(lstm(items, properties, lengths), lstm(torch.randn_like(items), properties, lengths))
+
+
+def test_property_gated_lstm_gradients_match_finite_differences():
+    torch.manual_seed(0)
+    lstm = PropertyGatedLSTM(item_dim=2, property_dim=2, hidden=3).double()
+    items = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    properties = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda e, p: lstm(e, p, torch.tensor([3, 1])), (items, properties))
+    lstm(items, properties, torch.tensor([3, 1])).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lstm.parameters())
 
 
 def test_attention_weights_only_real_behaviours():
