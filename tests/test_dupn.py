@@ -351,11 +351,13 @@ def test_learns_purchasing_power_from_the_behaviour_sequence(tmp_path):
         feature["max_length"] = 20 if feature.get("max_length") else None  # the 20 most recent: faster
     schema_path = tmp_path / "schema.yaml"
     schema_path.write_text(yaml.safe_dump(config))
-    dupn = _fit(partial(DUPN, item_part=["hist_item", "hist_category", "hist_shop", "hist_brand", "hist_price"],
-                        property_part=["hist_scene", "hist_gap", "hist_type"], user_features=["user_age", "user_gender"],
-                        lstm_hidden=32, user_dim=32, attention=[16], tower=[16]), str(schema_path), files)
+    # the item part as conf/models/dupn.yaml has it: ids of 50k items seen ~once would only add noise
+    dupn = _fit(partial(DUPN, item_part=["hist_category", "hist_price"], property_part=["hist_scene", "hist_gap",
+                                                                                       "hist_type"],
+                        user_features=["user_age", "user_gender"], lstm_hidden=32, user_dim=32, attention=[16],
+                        tower=[16]), str(schema_path), files)
     flat = _fit(partial(SharedBottom, bottom=[64], tower=[16]), str(schema_path), files)
-    # measured: DUPN 0.64 accuracy (macro AUC 0.89), shared bottom 0.32 (0.58); chance is 0.2
+    # measured: DUPN 0.61 accuracy (macro AUC 0.90), shared bottom ~0.3 (0.58); chance is 0.2
     assert dupn["val/ppp/accuracy"] > 0.5 and dupn["val/ppp/accuracy"] > flat["val/ppp/accuracy"] + 0.2, (dupn, flat)
     assert dupn["val/ppp/auc"] > 0.85 > flat["val/ppp/auc"] + 0.15, (dupn, flat)
 
