@@ -8,7 +8,7 @@ tables, the model heads, the losses and the metrics are all built from the same
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
@@ -20,9 +20,12 @@ from lightning_mtr.expressions import Expression
 Pooling = Literal["sum", "mean"]
 TaskKind = Literal["binary", "regression", "multiclass", "ranking"]
 TASK_KINDS = ("binary", "regression", "multiclass", "ranking")
-RankingLoss = Literal["pairwise", "listwise"]
+RankingLoss = Literal["pairwise", "listwise", "pointwise"]
+RANKING_LOSS_NAMES = ("pairwise", "listwise", "pointwise")
 DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 OutOfRange = Literal["error", "modulo"]
+Side = Literal["user", "item"]
+SIDES = ("user", "item")
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class SparseFeature:
     also hold single ids (a sequence of one, or none when null): how a candidate item shares
     the history's tables. A table is pooled or not, so sequence features share tables only
     with each other, and they share one ``embedding_dim`` (an ``EmbeddingCollection`` requires it).
+
+    ``side`` says what the feature describes: ``user`` (the request: the user, their behaviours,
+    the query, the context; the default) or ``item`` (the candidate being scored). Models that
+    build a representation once per request and score many candidates (DUPN), and a user/item
+    tower split, read the item side only where the candidate enters.
     """
 
     name: str
@@ -56,6 +64,7 @@ class SparseFeature:
     out_of_range: OutOfRange = "error"
     hashed: bool = False
     sequence: bool = False
+    side: Side = "user"
 
     @property
     def source_column(self) -> str:
@@ -71,13 +80,14 @@ class DenseFeature:
     """A numeric feature; ``log1p`` applies to ``max(x, 0)`` (DLRM's Criteo convention).
 
     Standardisation uses the mean and std of the transformed training data. A null value is
-    an error unless ``fill_missing`` gives the value to use.
+    an error unless ``fill_missing`` gives the value to use. ``side``: as for a sparse feature.
     """
 
     name: str
     column: str | None = None
     transform: DenseTransform = "none"
     fill_missing: float | None = None
+    side: Side = "user"
 
     @property
     def source_column(self) -> str:
@@ -100,8 +110,12 @@ class Task:
     Kinds: ``binary`` (0/1 label, BCE; AUC, logloss), ``regression`` (squared error; MSE),
     ``multiclass`` (label in ``0..num_classes-1``, softmax cross-entropy; accuracy, macro
     AUC, logloss) and ``ranking`` (relevance >= 0, graded or 0/1, compared only between rows
-    of one ``group``, e.g. a request id; ``ranking_loss`` pairwise (RankNet) or listwise
-    (softmax); NDCG@k for each k in ``ndcg_at`` and GAUC of relevance > 0 per group).
+    of one ``group``, e.g. a request id; ``ranking_loss`` pairwise (RankNet), listwise
+    (softmax) or pointwise (DUPN's ``n_i log(1 + exp(-y_i s_i))``, y = +1 where relevance > 0,
+    else -1, averaged over rows); NDCG@k for each k in ``ndcg_at`` and GAUC of relevance > 0 per
+    group). The point-wise weight ``n_i`` is 1, the value of ``weight_column`` (>= 0), or the
+    ``pointwise_weights`` entry of the row's relevance grade (``{0: 1, 1: 1, 2: 5}``: a buy
+    counts five times); a weight column is read like a label, so it is never a feature.
     ``gauc_by`` (a user-id column) adds GAUC, the AUC of each user's rows averaged with
     weights = the user's rows, to a binary task. Training shuffles a ranking task's groups
     as blocks, so the rows of one request stay together (a batch boundary may still split one).
@@ -115,6 +129,8 @@ class Task:
     num_classes: int | None = None
     group: str | None = None
     ranking_loss: RankingLoss = "listwise"
+    weight_column: str | None = None
+    pointwise_weights: dict[int, float] | None = field(default=None, hash=False)
     ndcg_at: tuple[int, ...] = (5, 10)
     gauc_by: str | None = None
 
@@ -237,6 +253,8 @@ class Schema:
         columns: set[str] = set()
         for task in self.tasks:
             columns |= task.label_expression.columns
+            if task.weight_column is not None:
+                columns.add(task.weight_column)
             if task.sample_space_expression is not None:
                 columns |= task.sample_space_expression.columns
         return frozenset(columns)
@@ -245,6 +263,12 @@ class Schema:
     def needs_dense_stats(self) -> bool:
         """Some dense feature is standardised with training-data statistics."""
         return any(f.standardized for f in self.dense)
+
+    def features_on_side(self, side: Side) -> list[str]:
+        """Names of the features (sparse, then dense, in schema order) tagged with ``side``."""
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {list(SIDES)}, got {side!r}")
+        return [f.name for f in self.sparse + self.dense if f.side == side]
 
     @property
     def input_columns(self) -> list[str]:
@@ -266,6 +290,10 @@ class Schema:
                              "keeps one column's groups together, so they must share one")
         for feature in self.sparse:
             _validate_sparse(feature)
+        for feature in self.sparse + self.dense:
+            if feature.side not in SIDES:
+                raise ValueError(f"feature {feature.name!r}: side must be 'user' (the request: user, behaviours, "
+                                 f"query, context) or 'item' (the candidate), got {feature.side!r}")
         for feature in self.dense:
             if feature.transform not in ("none", "standardize", "log1p", "log1p_standardize"):
                 raise ValueError(f"dense feature {feature.name!r}: unknown transform {feature.transform!r}")
@@ -323,12 +351,34 @@ def _validate_task(task: Task) -> None:
         raise ValueError(f"{where}: num_classes must be >= 2, got {task.num_classes}")
     if (task.kind == "ranking") != (task.group is not None):
         raise ValueError(f"{where}: group (the request-id column) is required for kind ranking, and only there")
-    if task.ranking_loss not in ("pairwise", "listwise"):
-        raise ValueError(f"{where}: ranking_loss must be 'pairwise' or 'listwise', got {task.ranking_loss!r}")
+    if task.ranking_loss not in RANKING_LOSS_NAMES:
+        raise ValueError(f"{where}: ranking_loss must be one of {list(RANKING_LOSS_NAMES)}, got {task.ranking_loss!r}")
+    _validate_pointwise_weights(task, where)
     if not task.ndcg_at or any(not isinstance(k, int) or k < 1 for k in task.ndcg_at):
         raise ValueError(f"{where}: ndcg_at must list integers >= 1, got {task.ndcg_at!r}")
     if task.gauc_by is not None and task.kind != "binary":
         raise ValueError(f"{where}: gauc_by is for binary tasks (ranking tasks report GAUC per group already)")
+
+
+def _validate_pointwise_weights(task: Task, where: str) -> None:
+    if task.weight_column is None and task.pointwise_weights is None:
+        return
+    if task.kind != "ranking" or task.ranking_loss != "pointwise":
+        raise ValueError(f"{where}: weight_column and pointwise_weights weigh the rows of ranking_loss: pointwise; "
+                         f"this task is {task.kind} with ranking_loss {task.ranking_loss!r}")
+    if task.weight_column is not None and task.pointwise_weights is not None:
+        raise ValueError(f"{where}: give the row weight by weight_column or by pointwise_weights, not both")
+    table = task.pointwise_weights
+    if table is None:
+        return
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{where}: pointwise_weights maps relevance grades to weights, e.g. {{0: 1, 1: 1, 2: 5}}; "
+                         f"got {table!r}")
+    for grade, weight in table.items():
+        if isinstance(grade, bool) or not isinstance(grade, int) or grade < 0:
+            raise ValueError(f"{where}: pointwise_weights keys are relevance grades (integers >= 0), got {grade!r}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f"{where}: pointwise_weights[{grade}] must be a finite number >= 0, got {weight!r}")
 
 
 def _validate_sparse(feature: SparseFeature) -> None:
@@ -357,7 +407,7 @@ def _build(cls: type, config: Any, what: str) -> Any:
     return cls(**names)
 
 
-_NAME_KEYS = ("name", "column", "table", "group", "gauc_by")
+_NAME_KEYS = ("name", "column", "table", "group", "gauc_by", "weight_column")
 
 
 __all__ = ["DenseFeature", "EmbeddingTable", "Schema", "SparseFeature", "Task"]

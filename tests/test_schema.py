@@ -63,7 +63,7 @@ def test_tables_group_shared_features_and_label_columns_cover_sample_spaces():
     ({"tasks": [{"name": "x", "label": "y", "group": "request"}]}, "group .* is required for kind ranking"),
     ({"tasks": [{"name": "x", "label": "y", "kind": "multiclass"}]}, "num_classes is required"),
     ({"tasks": [{"name": "x", "label": "y", "kind": "multiclass", "num_classes": 1}]}, "num_classes must be >= 2"),
-    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking", "group": "r", "ranking_loss": "pointwise"}]},
+    ({"tasks": [{"name": "x", "label": "y", "kind": "ranking", "group": "r", "ranking_loss": "lambdarank"}]},
      "ranking_loss must be"),
     ({"tasks": [{"name": "x", "label": "y", "kind": "ranking", "group": "r", "ndcg_at": [0]}]}, "ndcg_at"),
     ({"tasks": [{"name": "x", "label": "y", "kind": "regression", "gauc_by": "user"}]}, "gauc_by is for binary"),

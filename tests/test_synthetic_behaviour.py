@@ -16,14 +16,14 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 from lightning_mtr.data.synthetic.behaviour import (
-    BEHAVIOUR_TYPES, HISTORY_COLUMNS, NUM_GAP_BUCKETS, NUM_LEVELS, SPEC, write_behaviour,
+    BEHAVIOUR_TYPES, HISTORY_COLUMNS, NUM_GAP_BUCKETS, NUM_LEVELS, RANKING_FEATURES, SPEC, write_behaviour,
 )
 
 ROWS = 60_000
 SMALL = dataclasses.replace(SPEC, num_users=3000, num_items=3000, num_shops=200, num_brands=300, num_influencers=200)
 NULLABLE = ("item_id", "item_category", "item_shop", "item_brand", "item_price", "influencer_id",
             "influencer_category")
-INT_COLUMNS = ("log", "request_id", "user_id", "user_age", "user_gender", "scene", *NULLABLE, "click", "relevance",
+INT_COLUMNS = ("log", "request_id", "user_id", "user_age", "user_gender", "scene", "query", *NULLABLE, "click", "relevance",
                "follow", "power_level")
 GROUND_TRUTH = ("gt_ctr", "gt_follow", "gt_relevance_logit")
 CTR, RANKING, FIFP, PPP = range(4)
@@ -38,7 +38,7 @@ def log(tmp_path_factory) -> dict[str, np.ndarray]:
     """The train split's columns; a list column as its flat values, with ``row`` (the row of each value)."""
     paths = write_behaviour(tmp_path_factory.mktemp("behaviour"), ROWS, 500, 500, seed=0, row_group_rows=16_384)
     table = pq.read_table(paths["train"])
-    columns = {name: table[name].fill_null(-1).to_numpy() for name in (*INT_COLUMNS, *GROUND_TRUTH)}
+    columns = {name: table[name].fill_null(-1).to_numpy() for name in (*INT_COLUMNS, *RANKING_FEATURES, *GROUND_TRUTH)}
     for name in HISTORY_COLUMNS:
         columns[name] = table[name].combine_chunks().flatten().to_numpy()
     columns["row"] = np.repeat(np.arange(ROWS), pc.list_value_length(table["hist_gap"]).to_numpy())
@@ -74,12 +74,12 @@ def test_specs_that_would_write_wrong_data_are_refused(tmp_path, change):
 
 def test_column_types_and_id_ranges(tmp_path):
     table = pq.read_table(write_behaviour(tmp_path, 2000, 100, 100, spec=SMALL)["train"])
-    assert sorted(table.column_names) == sorted([*INT_COLUMNS, *HISTORY_COLUMNS, *GROUND_TRUTH])
+    assert sorted(table.column_names) == sorted([*INT_COLUMNS, *HISTORY_COLUMNS, *RANKING_FEATURES, *GROUND_TRUTH])
     for name in INT_COLUMNS:
         assert table.schema.field(name).type == pa.int64(), name
     for name in HISTORY_COLUMNS:
         assert table.schema.field(name).type.equals(pa.list_(pa.int64()), check_metadata=False), name
-    for name in GROUND_TRUTH:
+    for name in (*RANKING_FEATURES, *GROUND_TRUTH):
         assert table.schema.field(name).type == pa.float32(), name
     for name, size in SMALL.vocab_sizes().items():
         values = pc.list_flatten(table[name]) if name in HISTORY_COLUMNS else table[name]
@@ -94,7 +94,7 @@ def test_nulls_and_labels_stay_on_their_own_log(log):
         assert np.array_equal(c[name] >= 0, present), name
     for name, own in (("click", shown), ("gt_ctr", shown), ("relevance", c["log"] == RANKING),
                       ("gt_relevance_logit", c["log"] == RANKING), ("follow", follows), ("gt_follow", follows),
-                      ("power_level", c["log"] == PPP)):
+                      ("power_level", c["log"] == PPP), *((name, shown) for name in RANKING_FEATURES)):
         assert np.all(c[name][~own] == 0), name
     ranking = c["log"] == RANKING
     assert set(np.unique(c["relevance"][ranking])) == {0, 1, 2}
@@ -110,7 +110,7 @@ def test_ranking_requests_are_contiguous_and_other_rows_have_their_own_request(l
     assert len(np.unique(c["request_id"])) == len(starts)  # a request id never comes back later
     is_request = c["log"][starts] == RANKING
     assert np.all(sizes[is_request] == SPEC.request_size) and np.all(sizes[~is_request] == 1)
-    for name in ("log", "user_id", "scene"):
+    for name in ("log", "user_id", "scene", "query"):
         assert np.all(c[name] == np.repeat(c[name][starts], sizes)), name  # constant within a request
 
 
@@ -134,21 +134,23 @@ def test_histories_are_most_recent_first_and_in_range(log):
     assert set(np.unique(c["hist_type"])) == set(range(len(BEHAVIOUR_TYPES)))
 
 
-def test_history_match_predicts_click_and_the_profile_does_not(log):
+def test_query_and_history_predict_click_together_and_the_profile_does_not(log):
     c = log
     rows = c["log"] == CTR
     click = c["click"][rows]
-    history = _auc(_history_share(c, c["item_category"])[rows], click)
+    query = _auc((c["item_category"] == c["query"])[rows], click)
     recency = _auc(_history_share(c, c["item_category"], decay=0.6)[rows], click)
+    both = _auc((c["item_category"] == c["query"])[rows] + 2 * _history_share(c, c["item_category"], 0.6)[rows], click)
     bayes = _auc(c["gt_ctr"][rows], click)
     cell = c["user_age"] * SPEC.num_genders + c["user_gender"]
     rate = np.bincount(cell[rows], click) / np.bincount(cell[rows])  # the best any profile-only model does here
     profile = _auc(rate[cell[rows]], click)
-    print(f"CTR AUC: history share {history:.3f}, recency-weighted {recency:.3f}, profile {profile:.3f}, "
-          f"gt_ctr (Bayes) {bayes:.3f}")
-    assert recency >= 0.75 and recency > history + 0.005  # the recent behaviours show the intent
+    print(f"CTR AUC: query match {query:.3f}, recency-weighted history share {recency:.3f}, both {both:.3f}, "
+          f"profile {profile:.3f}, gt_ctr (Bayes) {bayes:.3f}")
+    assert 0.7 < query < recency  # the query is informative, the history more so ...
+    assert both > recency + 0.02  # ... and each adds to the other
     assert profile < 0.56
-    assert recency < bayes < 0.95
+    assert both + 0.03 < bayes < 0.95
 
 
 def _power_from_history(c: dict[str, np.ndarray]) -> np.ndarray:
@@ -195,3 +197,26 @@ def test_ranking_buys_need_a_price_that_fits_the_power_seen_in_history(log):
     ranking = c["log"] == RANKING
     mean_relevance = c["relevance"][ranking].mean()
     assert abs(mean_relevance - np.mean(2 / (1 + np.exp(-c["gt_relevance_logit"][ranking])))) < 0.02
+
+
+def test_ranking_features_are_facts_of_the_item_and_request_whose_worth_depends_on_the_user(log):
+    """r_i are no labels' function (an item's sales and price are the same on all its rows; the
+    relevance follows the query), and how a click follows them flips with the purchasing power:
+    the reason DUPN weighs them with weight(rep), not with one global vector."""
+    c = log
+    shown = c["log"] <= RANKING
+    np.testing.assert_allclose(c["rank_price"][shown], c["item_price"][shown] / (NUM_LEVELS - 1), rtol=1e-6)
+    items, first = np.unique(c["item_id"][shown], return_inverse=True)
+    sales = c["rank_sales"][shown]
+    assert np.array_equal(sales, sales[np.unique(first, return_index=True)[1]][first])  # one value per item
+    match = c["item_category"][shown] == c["query"][shown]
+    assert c["rank_relevance"][shown][match].mean() > c["rank_relevance"][shown][~match].mean() + 0.8
+    assert np.all((c["rank_discount"][shown] >= 0) & (c["rank_discount"][shown] < 1))
+    power = _power_from_history(c)
+    worth = {}
+    for level in (0, NUM_LEVELS - 1):
+        rows = shown & (power == level)
+        worth[level] = {name: _auc(c[name][rows], c["click"][rows]) for name in ("rank_price", "rank_discount")}
+    print(f"click AUC of ranking features by the power seen in history: {worth}")
+    assert worth[0]["rank_price"] < 0.47 and worth[NUM_LEVELS - 1]["rank_price"] > 0.53  # cheap vs dear
+    assert worth[0]["rank_discount"] > worth[NUM_LEVELS - 1]["rank_discount"] + 0.05  # thrifty users like discounts

@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
-from lightning_mtr.data.encode import MISSING_GROUP, BatchEncoder, DataError
+from lightning_mtr.data.encode import MISSING_GROUP, SOURCE_COLUMN, BatchEncoder, DataError
 from lightning_mtr.data.reader import BatchStream, plan_units
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema, Task
 from lightning_mtr.tasks import masked_task_losses
-from lightning_mtr.tasks.ranking import listwise_softmax_loss, pairwise_logistic_loss
+from lightning_mtr.tasks.ranking import listwise_softmax_loss, pairwise_logistic_loss, pointwise_logistic_loss
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 
 
@@ -73,6 +73,90 @@ def test_ranking_losses_have_exact_gradients_and_ignore_request_order(loss):
     assert flat.item() == 0.0 and torch.isfinite(scores.grad).all()
     empty = loss(scores[:0], labels[:0], groups[:0])
     assert empty.item() == 0.0
+
+
+def test_pointwise_loss_is_dupns_weighted_logistic_loss_averaged_over_rows():
+    """Ni et al. (KDD 2018), section 5.2: sum_i n_i log(1 + exp(-y_i s_i)), y = +1 for relevance > 0,
+    else -1; divided by the row count (4 here), computed by hand."""
+    scores = torch.tensor([2.0, -1.0, 0.5, 0.0], dtype=torch.float64)
+    relevance = torch.tensor([2.0, 0.0, 1.0, 0.0], dtype=torch.float64)
+    weights = torch.tensor([5.0, 1.0, 1.0, 2.0], dtype=torch.float64)
+    # y = +1, -1, +1, -1: the terms are 5 log(1 + e^-2), log(1 + e^-1), log(1 + e^-0.5), 2 log 2
+    expected = (5 * math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)) + math.log1p(math.exp(-0.5))
+                + 2 * math.log(2)) / 4
+    assert expected == pytest.approx(0.702068, abs=1e-6)
+    assert pointwise_logistic_loss(scores, relevance, weights).item() == pytest.approx(expected, rel=1e-12)
+    # with every n_i = 1 it is the mean binary cross-entropy of relevance > 0
+    scores, labels, _ = _grouped_rows(rows=25)
+    bce = F.binary_cross_entropy_with_logits(scores, (labels > 0).double())
+    assert pointwise_logistic_loss(scores, labels, torch.ones(25)).item() == pytest.approx(bce.item(), rel=1e-12)
+    scores.requires_grad_(True)
+    row_weights = torch.rand(25, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 4
+    assert torch.autograd.gradcheck(lambda s: pointwise_logistic_loss(s, labels, row_weights), (scores,))
+    empty = pointwise_logistic_loss(scores[:0], labels[:0], row_weights[:0])
+    empty.backward()
+    assert empty.item() == 0.0 and scores.grad.eq(0).all()
+
+
+def _pointwise_schema(**weighting) -> Schema:
+    return Schema.from_dict({"tasks": [{"name": "rank", "label": "relevance", "kind": "ranking", "group": "request",
+                                        "sample_space": "log == 0", "ranking_loss": "pointwise", **weighting}]})
+
+
+def test_pointwise_weights_come_from_the_grade_table_or_a_column_through_the_encoder():
+    table = pa.table({"log": [0, 0, 1, 0, 0], "request": [7, 7, 8, 9, 9], "relevance": [2, 0, 0, 1, 0],
+                      "kind": [3.0, 1.0, 9.0, 1.0, 2.0]})
+    scores = torch.tensor([2.0, -1.0, 4.0, 0.5, 0.0])
+    by_grade = _pointwise_schema(pointwise_weights={0: 1, 1: 1, 2: 5})
+    batch = BatchEncoder(by_grade).encode(table, ["log.parquet"])
+    assert batch.row_weights["rank"].tolist() == [5.0, 1.0, 0.0, 1.0, 1.0]  # 0 outside the sample space
+    losses = masked_task_losses({"rank": scores}, batch.labels, batch.masks, by_grade.tasks, groups=batch.groups,
+                                row_weights=batch.row_weights)
+    # the four rows of log 0 (the log-1 row is outside): as in the hand computation above, n = 5, 1, 1, 1
+    expected = (5 * math.log1p(math.exp(-2)) + math.log1p(math.exp(-1)) + math.log1p(math.exp(-0.5))
+                + math.log(2)) / 4
+    assert losses["rank"].item() == pytest.approx(expected, rel=1e-6)
+    by_column = _pointwise_schema(weight_column="kind")
+    assert "kind" in by_column.label_columns  # read like a label, never a feature
+    batch = BatchEncoder(by_column).encode(table, ["log.parquet"])
+    assert batch.row_weights["rank"].tolist() == [3.0, 1.0, 0.0, 1.0, 2.0]
+    unweighted = BatchEncoder(_pointwise_schema()).encode(table, ["log.parquet"])
+    assert unweighted.row_weights["rank"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+
+
+def test_pointwise_weights_that_cannot_weigh_the_data_are_refused_by_name():
+    table = pa.table({"log": [0, 0, 1], "request": [7, 7, 8], "relevance": [2, 0, 3], "kind": [1.0, -2.0, -1.0],
+                      SOURCE_COLUMN: [1, 1, 0]})  # the rows came from the second file
+    files = ["a.parquet", "b.parquet"]
+    # grade 3 lies outside the sample space: only grade 2 is missing from the table
+    with pytest.raises(DataError, match=r"b.parquet: column 'relevance': relevance grade not in the pointwise_weights "
+                                        r"of task 'rank' \(grades \[0, 1\]\); add an entry .*2\.0.*1 bad row"):
+        BatchEncoder(_pointwise_schema(pointwise_weights={0: 1, 1: 2})).encode(table, files)
+    with pytest.raises(DataError, match="b.parquet: column 'kind': negative point-wise weight .* 1 bad row"):
+        BatchEncoder(_pointwise_schema(weight_column="kind")).encode(table, files)
+    encoder = BatchEncoder(_pointwise_schema(weight_column="behaviour_type"))
+    with pytest.raises(DataError, match="log.parquet: missing column 'behaviour_type'"):
+        encoder.check_columns(table.schema, "log.parquet")
+
+
+@pytest.mark.parametrize("weighting, problem", [
+    (dict(pointwise_weights={0: 1, 2: -5}), r"pointwise_weights\[2\] must be a finite number >= 0"),
+    (dict(pointwise_weights={"buy": 5}), "keys are relevance grades"),
+    (dict(pointwise_weights={}), "maps relevance grades to weights"),
+    (dict(pointwise_weights={0: 1}, weight_column="kind"), "not both"),
+    (dict(ranking_loss="listwise", weight_column="kind"), "weigh the rows of ranking_loss: pointwise"),
+    (dict(ranking_loss="pointwize"), r"ranking_loss must be one of \['pairwise', 'listwise', 'pointwise'\]"),
+])
+def test_bad_pointwise_settings_are_refused_by_task(weighting, problem):
+    with pytest.raises(ValueError, match=f"task 'rank': .*{problem}"):
+        _pointwise_schema(**weighting)
+
+
+def test_a_weight_column_cannot_also_be_a_feature():
+    with pytest.raises(ValueError, match="label leakage: column 'kind'"):
+        Schema.from_dict({"dense": [{"name": "kind"}], "tasks": [
+            {"name": "rank", "label": "relevance", "kind": "ranking", "group": "request",
+             "ranking_loss": "pointwise", "weight_column": "kind"}]})
 
 
 def test_masked_losses_dispatch_multiclass_and_ranking_on_their_sample_space():
@@ -207,12 +291,13 @@ def test_shuffled_training_batches_keep_each_request_together(tmp_path):
     assert not torch.equal(requests, torch.sort(requests).values)  # and the requests were shuffled
 
 
-def test_every_kind_learns_end_to_end_and_predicts_per_class_scores(tmp_path):
+@pytest.mark.parametrize("ranking_loss", [{}, {"ranking_loss": "pointwise", "pointwise_weights": {0: 1, 1: 1, 2: 5}}])
+def test_every_kind_learns_end_to_end_and_predicts_per_class_scores(tmp_path, ranking_loss):
     for split, seed in (("train", 0), ("val", 1)):
         pq.write_table(_log(4096 if split == "train" else 1024, seed), tmp_path / f"{split}.parquet")
     schema_path = tmp_path / "schema.yaml"
     import yaml
-    schema_path.write_text(yaml.safe_dump(SCHEMA))
+    schema_path.write_text(yaml.safe_dump({**SCHEMA, "tasks": [*SCHEMA["tasks"][:2], {**SCHEMA["tasks"][2], **ranking_loss}]}))
     L.seed_everything(0, verbose=False)
     data = MultiTaskDataModule(str(schema_path), train=str(tmp_path / "train.parquet"),
                                val=str(tmp_path / "val.parquet"), predict=str(tmp_path / "val.parquet"),

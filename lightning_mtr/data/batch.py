@@ -21,6 +21,8 @@ class Batch(Pipelineable):
         extras: column -> ``[B]`` tensor carried through untouched (e.g. ids for ``predict``).
         groups: column -> ``[B]`` int64 ids grouping rows for ranking losses and per-group
             metrics (a request id, a user id).
+        row_weights: task -> ``[B]`` float32 per-row loss weights ``n_i`` of point-wise ranking
+            tasks (0 outside the task's sample space).
     """
 
     dense: torch.Tensor
@@ -29,6 +31,7 @@ class Batch(Pipelineable):
     masks: dict[str, torch.Tensor]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
+    row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:
@@ -49,6 +52,7 @@ class Batch(Pipelineable):
             masks={k: move(v) for k, v in self.masks.items()},
             extras={k: move(v) for k, v in self.extras.items()},
             groups={k: move(v) for k, v in self.groups.items()},
+            row_weights={k: move(v) for k, v in self.row_weights.items()},
         )
 
     def pin_memory(self) -> Batch:
@@ -59,10 +63,11 @@ class Batch(Pipelineable):
             masks={k: v.pin_memory() for k, v in self.masks.items()},
             extras={k: v.pin_memory() for k, v in self.extras.items()},
             groups={k: v.pin_memory() for k, v in self.groups.items()},
+            row_weights={k: v.pin_memory() for k, v in self.row_weights.items()},
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *self.extras.values(),
-                       *self.groups.values()):
+                       *self.groups.values(), *self.row_weights.values()):
             tensor.record_stream(stream)
         self.sparse.record_stream(stream)

@@ -98,7 +98,7 @@ class BatchEncoder:
     def encode(self, table: pa.Table, sources: Sequence[str]) -> Batch:
         checker = RowChecker(table, sources)
         raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
-        labels, masks, values = {}, {}, {}
+        labels, masks, values, row_weights = {}, {}, {}, {}
         groups = {c: group_ids(table.column(c)) for c in self.schema.group_columns}
         for task, label, space in self._labels:
             values[task.name] = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
@@ -111,6 +111,9 @@ class BatchEncoder:
             # outside the sample space a label is never used; class 0 keeps a multiclass loss defined
             labels[task.name] = torch.from_numpy(np.where(mask, values[task.name], 0.0).astype(np.float32))
             masks[task.name] = torch.from_numpy(mask.copy())
+            if task.kind == "ranking" and task.ranking_loss == "pointwise":
+                row_weights[task.name] = torch.from_numpy(_pointwise_weights(task, values[task.name], mask, raw,
+                                                                             checker))
         self._check_label_order(values, masks, raw, checker)
         return Batch(
             dense=self._dense(table, checker),
@@ -119,6 +122,7 @@ class BatchEncoder:
             masks=masks,
             extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
             groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
+            row_weights=row_weights,
         )
 
     def _check_label_order(self, values: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
@@ -186,6 +190,26 @@ def checked_label_order(schema: Schema, pairs: Sequence[tuple[str, str]]) -> tup
             raise ValueError(f"label order {tuple(pair)}: expected (earlier, later) names of binary schema tasks, "
                              f"the schema's tasks are {kinds}")
     return tuple((earlier, later) for earlier, later in pairs)
+
+
+def _pointwise_weights(task: Task, values: np.ndarray, mask: np.ndarray, raw: dict[str, np.ndarray],
+                       checker: RowChecker) -> np.ndarray:
+    """float32 ``n_i`` of a point-wise ranking task's rows (0 outside its sample space): 1, the
+    ``weight_column``, or the ``pointwise_weights`` entry of the row's relevance grade."""
+    if task.weight_column is not None:
+        weights = raw[task.weight_column]
+        checker.fail_if(task.weight_column, mask & (weights < 0),
+                        f"negative point-wise weight of task {task.name!r} (weights must be >= 0)", weights)
+    elif task.pointwise_weights is not None:
+        grades = np.array(sorted(task.pointwise_weights))
+        slot = np.minimum(np.searchsorted(grades, values), len(grades) - 1)
+        checker.fail_if(task.label, mask & (grades[slot] != values),
+                        f"relevance grade not in the pointwise_weights of task {task.name!r} (grades "
+                        f"{grades.tolist()}); add an entry for it", values)
+        weights = np.array([task.pointwise_weights[g] for g in grades.tolist()], np.float64)[slot]
+    else:
+        weights = np.ones(len(values))
+    return np.where(mask, weights, 0.0).astype(np.float32)
 
 
 MISSING_GROUP = np.iinfo(np.int64).min

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_mtr.schema import Task
-from lightning_mtr.tasks.ranking import RANKING_LOSSES
+from lightning_mtr.tasks.ranking import GROUPED_RANKING_LOSSES, pointwise_logistic_loss
 
 
 def row_losses(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor],
@@ -36,12 +36,14 @@ def masked_task_losses(
     tasks: Sequence[Task],
     given: Mapping[str, torch.Tensor] | None = None,
     groups: Mapping[str, torch.Tensor] | None = None,
+    row_weights: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{task: mean loss over rows where masks[task]}``.
 
     ``given`` holds per-row losses a model computed itself (e.g. ESMM's fused probability
     chain); the other tasks get :func:`row_losses`, and ranking tasks their ranking loss over
-    the masked rows, grouped by ``groups[task.group]``. A batch with no row in a task's space
+    the masked rows: grouped by ``groups[task.group]``, or point-wise weighted by
+    ``row_weights[task.name]`` (the encoder's ``n_i``). A batch with no row in a task's space
     gives that task a loss of exactly 0 (with a gradient of 0), never NaN.
     """
     given = dict(given or {})
@@ -51,8 +53,11 @@ def masked_task_losses(
     for task in tasks:
         if task in ranking:
             mask = masks[task.name].bool()
-            losses[task.name] = RANKING_LOSSES[task.ranking_loss](
-                logits[task.name][mask].float(), labels[task.name][mask], groups[task.group][mask])
+            scores, relevance = logits[task.name][mask].float(), labels[task.name][mask]
+            if task.ranking_loss == "pointwise":
+                losses[task.name] = pointwise_logistic_loss(scores, relevance, row_weights[task.name][mask])
+            else:
+                losses[task.name] = GROUPED_RANKING_LOSSES[task.ranking_loss](scores, relevance, groups[task.group][mask])
             continue
         # fp32 sums: under bf16 autocast a bf16 row count rounds (2049 rows would count as 2048)
         weight = masks[task.name].float()

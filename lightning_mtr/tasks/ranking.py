@@ -1,8 +1,10 @@
-"""Ranking losses over rows grouped by request: only rows of the same request are compared.
+"""Ranking losses: pairwise and listwise over rows grouped by request (only rows of the same
+request are compared), and DUPN's point-wise loss over single rows.
 
-Both take the scores, relevance labels (>= 0, graded or 0/1) and request ids of the rows in a
-task's sample space, and return one scalar. A batch with nothing to compare (no request with
-two different labels, or no relevant row) gives exactly 0 with a zero gradient, never NaN.
+Each takes the scores and relevance labels (>= 0, graded or 0/1) of the rows in a task's sample
+space, the grouped ones the rows' request ids, the point-wise one the rows' weights; each returns
+one scalar. A batch with nothing to compare (no request with two different labels, no relevant
+row, no row at all) gives exactly 0 with a zero gradient, never NaN.
 """
 
 from __future__ import annotations
@@ -33,4 +35,17 @@ def listwise_softmax_loss(scores: torch.Tensor, labels: torch.Tensor, groups: to
     return (per_request * has_relevant).sum() / has_relevant.sum().clamp_min(1)
 
 
-RANKING_LOSSES = {"pairwise": pairwise_logistic_loss, "listwise": listwise_softmax_loss}
+def pointwise_logistic_loss(scores: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """DUPN's L2R loss (Ni et al., KDD 2018, section 5.2): ``sum_i n_i log(1 + exp(-y_i s_i))`` with
+    ``y_i = +1`` where the relevance is > 0, else -1, and ``n_i`` the row's weight (by behaviour
+    type), divided by the number of rows.
+
+    Dividing by the row count, not by ``sum_i n_i``, keeps a row of weight n worth exactly n
+    copies of it whatever else shares its batch, and makes the loss with every ``n_i = 1`` the
+    binary cross-entropy of ``relevance > 0`` averaged as every other task's loss is.
+    """
+    signs = torch.where(labels > 0, 1.0, -1.0).to(scores.dtype)
+    return (weights.to(scores.dtype) * F.softplus(-signs * scores)).sum() / max(scores.numel(), 1)
+
+
+GROUPED_RANKING_LOSSES = {"pairwise": pairwise_logistic_loss, "listwise": listwise_softmax_loss}

@@ -120,7 +120,8 @@ class MultiTaskModule(L.LightningModule):
         else:
             logits, given, *extra = forward_with_losses(batch.dense, batch.sparse, batch.labels)
             extra = extra[0] if extra else {}
-        losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups)
+        losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups,
+                                    batch.row_weights)
         return logits, losses, extra
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 A user's behaviour sequence is the only view of their taste, current intent and purchasing
 power, and those drive every label, so a model that reads the sequence (DUPN's LSTM +
-attention) can learn what one that does not cannot. Four logs share one table, one per
-DUPN task; the ``log`` column says which a row belongs to. Written by :func:`write_behaviour`.
+attention) can learn what one that does not cannot. Every request carries a query (a noisy
+view of its search intent) that says which part of the sequence matters: what the user did in
+the query's category. Four logs share one table, one per DUPN task; the ``log`` column says
+which a row belongs to. Written by :func:`write_behaviour`.
 
 Columns (``int64?`` is a nullable int64: Arrow nulls on the rows named "null")::
 
@@ -14,6 +16,8 @@ Columns (``int64?`` is a nullable int64: Arrow nulls on the rows named "null")::
     user_age             int64        [0, num_ages): only weakly related to power
     user_gender          int64        [0, num_genders): only weakly related to taste
     scene                int64        [0, len(scene_effects)): where the request came from
+    query                int64        [0, num_categories): the request's query, a category (every
+                                      row; the rows of a ranking request share it)
     item_id              int64?       [0, num_items); null on logs 2, 3
     item_category        int64?       [0, num_categories); null on logs 2, 3
     item_shop            int64?       [0, num_shops); null on logs 2, 3
@@ -29,6 +33,11 @@ Columns (``int64?`` is a nullable int64: Arrow nulls on the rows named "null")::
     hist_scene           list<int64>  ... and the property part: scene,
     hist_gap             list<int64>    time-gap bucket [0, NUM_GAP_BUCKETS), non-decreasing,
     hist_type            list<int64>    0 click / 1 add-to-cart / 2 buy (BEHAVIOUR_TYPES)
+    rank_sales           float32      the L2R ranking features r_i (RANKING_FEATURES) on logs 0, 1,
+    rank_price           float32        else 0: the item's sales volume (standardised log scale,
+    rank_relevance       float32        a noisy view of its quality), price level / 4, query
+    rank_discount        float32        relevance ([category == query] + noise) and the
+                                        discount on offer (U[0, 1)); none reads a label
     click                int64        0/1 on logs 0, 1 (relevance >= 1 on log 1); else 0
     relevance            int64        0 none / 1 click / 2 buy on log 1; else 0
     follow               int64        0/1 on log 2; else 0
@@ -38,6 +47,14 @@ Columns (``int64?`` is a nullable int64: Arrow nulls on the rows named "null")::
     gt_relevance_logit   float32      logit(E[relevance] / 2) on log 1: the Bayes ranking score; else 0
 
 ``gt_*`` columns are ground truth, never features.
+
+What each column is worth, measured on 200k rows of seed 0 (``tests/test_synthetic_behaviour.py``
+asserts looser bounds), as CTR AUC: ``item_category == query`` alone 0.769, the recency-weighted
+share of the history in the item's category 0.823, the two summed (match + 2 * share) 0.855,
+``rank_relevance`` 0.727, ``rank_sales`` 0.533, ``gt_ctr`` (Bayes) 0.920 (0.893 before the query).
+``rank_price`` ranks clicks with AUC 0.425 among users whose buys' mean price level is 0 and 0.591
+where it is 4; ``rank_discount`` 0.601 and 0.500: the ranking features' best weights depend on
+the user. Purchasing power from the buys' mean price: accuracy 0.672.
 """
 
 from __future__ import annotations
@@ -50,16 +67,18 @@ import pyarrow as pa
 
 from lightning_mtr.data.synthetic.common import sigmoid, solve_intercept, stream, write_chunks
 
-BEHAVIOUR_VERSION = 1  # bump whenever the same arguments would write different data
+BEHAVIOUR_VERSION = 2  # bump whenever the same arguments would write different data
 LOGS = ("ctr", "ranking", "fifp", "ppp")  # the ``log`` column holds the index
 _CTR, _RANKING, _FIFP, _PPP = range(len(LOGS))
 BEHAVIOUR_TYPES = ("click", "cart", "buy")  # the values of ``hist_type``
 NUM_LEVELS = 5  # item price levels and user purchasing-power levels share one scale, so they can match
 NUM_GAP_BUCKETS = 10
+# The L2R ranking features r_i (float32 on logs 0 and 1, else 0): DUPN's score is weight(rep)^T r_i.
+RANKING_FEATURES = ("rank_sales", "rank_price", "rank_relevance", "rank_discount")
 HISTORY_COLUMNS = ("hist_item", "hist_category", "hist_shop", "hist_brand", "hist_price", "hist_scene",
                    "hist_gap", "hist_type")
 # Dictionary-encoded in Parquet: few distinct values (a list column's leaf is "<name>.list.element").
-_LOW_CARDINALITY = ["log", "user_age", "user_gender", "scene", "item_category", "item_price",
+_LOW_CARDINALITY = ["log", "user_age", "user_gender", "scene", "query", "item_category", "item_price",
                     "influencer_category", "click", "relevance", "follow", "power_level"] + [
     f"{name}.list.element" for name in ("hist_category", "hist_price", "hist_scene", "hist_gap", "hist_type")]
 
@@ -78,7 +97,8 @@ class BehaviourSpec:
       else uniform; ``user_gender`` is the top favourite category modulo ``num_genders``
       with that probability, else uniform: the profile says little.
     * a shop has a price tier (uniform 0..4); an item's price level is its shop's tier
-      plus rounded N(0, ``price_noise_std``), clipped. Categories are spread evenly over
+      plus rounded N(0, ``price_noise_std``), clipped; its sales volume (``rank_sales``) is
+      quality / ``quality_std`` + N(0, ``sales_noise_std``). Categories are spread evenly over
       items and over influencers; shops and brands are uniform.
     * a user has ``U[min_history, max_history]`` behaviours, ``hours`` ago growing by
       Exponential(``mean_gap_hours``) steps, ``hist_gap = min(floor(log2(1 + hours)), 9)``.
@@ -89,14 +109,24 @@ class BehaviourSpec:
       -|item price level - p_u|`` is 0 when the price fits the user, else an add-to-cart
       with probability ``cart_rate``, else a click.
 
-    Labels:
+    Requests and labels:
 
-    * a candidate item's category is drawn from the user's taste with probability
-      ``candidate_taste_share``, else uniform; influencers of FIFP rows likewise.
+    * a request (a ranking request's rows, or any other single row) has a true search intent
+      ``t_r``: the user's current intent with probability ``request_intent_share``, else a draw
+      from the taste. Its ``query`` is ``t_r`` with probability ``query_accuracy``, else a uniform
+      category (a vague query): the query alone does not say whether it is the intent, the
+      recent behaviours in its category do.
+    * a candidate item's category is the query with probability ``candidate_query_share``, a draw
+      from the user's taste with probability ``candidate_taste_share``, else uniform; influencers
+      of FIFP rows: the taste with probability ``candidate_taste_share``, else uniform.
     * ``preference = click_taste_weight * taste_u[category] + click_intent_weight *
-      [category == intent_u] + click_price_weight * match + quality_item + profile[age, gender] +
-      scene_effects[scene]`` with quality ~ N(0, ``quality_std``) and profile effects ~
-      N(0, ``profile_effect_std``).
+      [category == t_r] + click_price_weight * match + click_discount_weight * (1 - p_u / 4) *
+      rank_discount + quality_item + profile[age, gender] + scene_effects[scene]`` with quality ~
+      N(0, ``quality_std``) and profile effects ~ N(0, ``profile_effect_std``): a discount moves
+      thrifty users only, and the price that fits depends on the power, so the best weights of
+      the ranking features r_i differ per user (DUPN's weight(rep)).
+    * ``rank_relevance = [category == query] + N(0, relevance_noise_std)``, ``rank_discount`` ~
+      U[0, 1) per row, ``rank_price = item price level / 4``.
     * CTR: ``gt_ctr = sigmoid(b_click + preference)``.
     * ranking: clicks as in CTR (``P(relevance >= 1) = gt_ctr``); a buy also needs a price that
       fits, as in histories: ``P(relevance = 2) = sigmoid(logit(gt_ctr) - buy_threshold +
@@ -125,6 +155,7 @@ class BehaviourSpec:
     num_favourites: int = 3
     profile_signal: float = 0.15
     price_noise_std: float = 0.6
+    sales_noise_std: float = 1.0
     min_history: int = 5
     max_history: int = 50
     mean_gap_hours: float = 10.0
@@ -133,10 +164,15 @@ class BehaviourSpec:
     buy_bias: float = -0.5
     buy_price_weight: float = 1.5
     cart_rate: float = 0.15
-    candidate_taste_share: float = 0.5
+    request_intent_share: float = 0.7
+    query_accuracy: float = 0.8
+    candidate_query_share: float = 0.4
+    candidate_taste_share: float = 0.3
+    relevance_noise_std: float = 0.5
     click_taste_weight: float = 6.0
     click_intent_weight: float = 3.5
     click_price_weight: float = 0.4
+    click_discount_weight: float = 2.5
     buy_threshold: float = 2.0
     quality_std: float = 0.3
     profile_effect_std: float = 0.1
@@ -154,7 +190,7 @@ class BehaviourSpec:
                       "price": NUM_LEVELS}
         return {
             "log": len(LOGS), "user_id": self.num_users, "user_age": self.num_ages, "user_gender": self.num_genders,
-            "scene": len(self.scene_effects), "influencer_id": self.num_influencers,
+            "scene": len(self.scene_effects), "query": self.num_categories, "influencer_id": self.num_influencers,
             "influencer_category": self.num_categories, "power_level": NUM_LEVELS,
             "item_id": self.num_items, **{f"item_{part}": size for part, size in item_parts.items()},
             "hist_item": self.num_items, **{f"hist_{part}": size for part, size in item_parts.items()},
@@ -182,6 +218,7 @@ class _World:
     item_brand: np.ndarray
     item_price: np.ndarray
     item_quality: np.ndarray
+    item_sales: np.ndarray  # the rank_sales feature: a noisy view of the quality
     items_by_category: tuple[np.ndarray, np.ndarray]  # see _group
     influencer_category: np.ndarray
     influencers_by_category: tuple[np.ndarray, np.ndarray]
@@ -233,7 +270,7 @@ def _draw_users(world_rng: np.random.Generator, spec: BehaviourSpec) -> dict[str
 
 
 def _draw_items(world_rng: np.random.Generator, spec: BehaviourSpec) -> dict[str, np.ndarray]:
-    """Every item's category, shop, brand, price and quality, and every influencer's category."""
+    """Every item's category, shop, brand, price, quality and sales, and every influencer's category."""
     n = spec.num_items
     shop_tier = world_rng.integers(0, NUM_LEVELS, spec.num_shops)
     category = _balanced(world_rng, n, spec.num_categories)
@@ -241,8 +278,10 @@ def _draw_items(world_rng: np.random.Generator, spec: BehaviourSpec) -> dict[str
     price = shop_tier[shop] + np.rint(spec.price_noise_std * world_rng.standard_normal(n)).astype(np.int64)
     influencer_category = _balanced(world_rng, spec.num_influencers, spec.num_categories)
     quality = spec.quality_std * world_rng.standard_normal(n)
+    sales = quality / spec.quality_std + spec.sales_noise_std * world_rng.standard_normal(n)
     return dict(item_category=category, item_shop=shop, item_brand=world_rng.integers(0, spec.num_brands, n),
                 item_price=np.clip(price, 0, NUM_LEVELS - 1), item_quality=quality,
+                item_sales=sales.astype(np.float32),
                 items_by_category=_group(category, spec.num_categories), influencer_category=influencer_category,
                 influencers_by_category=_group(influencer_category, spec.num_categories))
 
@@ -274,6 +313,9 @@ def _check_spec(spec: BehaviourSpec) -> None:
     if min(spec.num_items, spec.num_influencers) < spec.num_categories:  # _pick needs no empty category
         raise ValueError("every category needs an item and an influencer: num_items and num_influencers must be "
                          f">= num_categories ({spec.num_categories})")
+    if spec.candidate_query_share + spec.candidate_taste_share > 1:
+        raise ValueError("candidate_query_share + candidate_taste_share is the share of candidates not drawn "
+                         f"uniformly, so it must be <= 1, got {spec.candidate_query_share} + {spec.candidate_taste_share}")
     if not 0 < spec.num_favourites <= spec.num_categories:
         raise ValueError(f"need 0 < num_favourites <= num_categories, got {spec.num_favourites}")
 
@@ -288,12 +330,27 @@ def _build_world(seed: int, spec: BehaviourSpec = SPEC) -> _World:
     return world
 
 
-def _candidates(world: _World, grouped: tuple[np.ndarray, np.ndarray], users: np.ndarray,
-                rng: np.random.Generator) -> np.ndarray:
-    """Items (or influencers) shown to users: from a category of their taste or a uniform one."""
+def _requests(world: _World, users: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(true search intent, query) of each request: the intent is mostly the user's current one,
+    and the query shows it, or a uniform category when the query is vague."""
     spec = world.spec
-    category = np.where(rng.random(len(users)) < spec.candidate_taste_share, _draw_taste(world, users, rng),
+    intent = np.where(rng.random(len(users)) < spec.request_intent_share, world.intent[users],
+                      _draw_taste(world, users, rng))
+    query = np.where(rng.random(len(users)) < spec.query_accuracy, intent,
+                     rng.integers(0, spec.num_categories, len(users)))
+    return intent, query
+
+
+def _candidates(world: _World, grouped: tuple[np.ndarray, np.ndarray], users: np.ndarray,
+                rng: np.random.Generator, query: np.ndarray | None = None) -> np.ndarray:
+    """Items (or influencers) shown to users: from the query's category (items only), a category
+    of their taste, or a uniform one."""
+    spec = world.spec
+    u = rng.random(len(users))
+    category = np.where(u < spec.candidate_taste_share, _draw_taste(world, users, rng),
                         rng.integers(0, spec.num_categories, len(users)))
+    if query is not None:
+        category = np.where(u >= 1 - spec.candidate_query_share, query, category)
     return _pick(grouped, category, rng)
 
 
@@ -302,13 +359,16 @@ def _price_fit(world: _World, users: np.ndarray, items: np.ndarray) -> np.ndarra
     return -np.abs(world.item_price[items] - world.power[users])
 
 
-def _preference(world: _World, users: np.ndarray, items: np.ndarray, scenes: np.ndarray) -> np.ndarray:
+def _preference(world: _World, users: np.ndarray, items: np.ndarray, scenes: np.ndarray, intent: np.ndarray,
+                discount: np.ndarray) -> np.ndarray:
     """The click logit without its intercept (see :class:`BehaviourSpec`)."""
     spec = world.spec
     category = world.item_category[items]
+    thrift = 1 - world.power[users] / (NUM_LEVELS - 1)
     return (spec.click_taste_weight * world.taste[users, category]
-            + spec.click_intent_weight * (category == world.intent[users])
+            + spec.click_intent_weight * (category == intent)
             + spec.click_price_weight * _price_fit(world, users, items)
+            + spec.click_discount_weight * thrift * discount
             + world.item_quality[items] + world.profile_effect[world.age[users], world.gender[users]]
             + np.asarray(spec.scene_effects)[scenes])
 
@@ -322,10 +382,12 @@ def _calibrate(world: _World, rng: np.random.Generator) -> None:
     spec = world.spec
     users = rng.integers(0, spec.num_users, spec.calibration_rows)
     scenes = rng.integers(0, len(spec.scene_effects), spec.calibration_rows)
-    items = _candidates(world, world.items_by_category, users, rng)
+    intent, query = _requests(world, users, rng)
+    items = _candidates(world, world.items_by_category, users, rng, query)
     influencers = _candidates(world, world.influencers_by_category, users, rng)
+    discount = rng.random(spec.calibration_rows)
     for name, logit, target in (
-        ("click", _preference(world, users, items, scenes), spec.target_ctr),
+        ("click", _preference(world, users, items, scenes, intent, discount), spec.target_ctr),
         ("follow", _follow_logit(world, users, influencers), spec.target_follow),
     ):
         setattr(world, f"{name}_intercept", solve_intercept(lambda b, x=logit: np.mean(sigmoid(x + b)), target))
@@ -353,6 +415,15 @@ def _history_columns(world: _World, users: np.ndarray) -> dict[str, pa.Array]:
     return {f"hist_{part}": pa.ListArray.from_arrays(offsets, pa.array(v)) for part, v in values.items()}
 
 
+def _ranking_features(world: _World, items: np.ndarray, query: np.ndarray,
+                      rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The L2R features r_i of shown items (see RANKING_FEATURES); none reads a label."""
+    relevance = world.item_category[items] == query
+    return dict(rank_sales=world.item_sales[items], rank_price=world.item_price[items] / (NUM_LEVELS - 1),
+                rank_relevance=relevance + world.spec.relevance_noise_std * rng.standard_normal(len(items)),
+                rank_discount=rng.random(len(items)))
+
+
 def _nullable(values: np.ndarray, present: np.ndarray) -> pa.Array:
     """An int64 column holding values on the present rows and nulls elsewhere."""
     full = np.zeros(len(present), np.int64)
@@ -367,12 +438,15 @@ def _behaviour_chunk(world: _World, rng: np.random.Generator, n: int,
     units = _layout(spec, rng, n)
     unit = np.repeat(np.arange(len(units)), np.where(units == _RANKING, spec.request_size, 1))
     log = units[unit]
-    users = rng.integers(0, spec.num_users, len(units))[unit]
-    scenes = rng.integers(0, len(spec.scene_effects), len(units))[unit]
+    unit_users = rng.integers(0, spec.num_users, len(units))
+    users, scenes = unit_users[unit], rng.integers(0, len(spec.scene_effects), len(units))[unit]
+    intent, query = (values[unit] for values in _requests(world, unit_users, rng))
     shown, follows, ranking = (log == _CTR) | (log == _RANKING), log == _FIFP, log == _RANKING
-    items = _candidates(world, world.items_by_category, users[shown], rng)
+    items = _candidates(world, world.items_by_category, users[shown], rng, query[shown])
     influencers = _candidates(world, world.influencers_by_category, users[follows], rng)
-    logit = _preference(world, users[shown], items, scenes[shown]) + world.click_intercept
+    features = _ranking_features(world, items, query[shown], rng)
+    logit = _preference(world, users[shown], items, scenes[shown], intent[shown], features["rank_discount"])
+    logit += world.click_intercept
     gt_ctr, p_buy, gt_follow, gt_relevance_logit = (np.zeros(n, np.float32) for _ in range(4))
     gt_ctr[shown] = sigmoid(logit)
     buy_logit = logit - spec.buy_threshold + spec.buy_price_weight * _price_fit(world, users[shown], items)
@@ -384,12 +458,15 @@ def _behaviour_chunk(world: _World, rng: np.random.Generator, n: int,
     click = (u < gt_ctr).astype(np.int64)
     bought = click * (u < p_buy)
     columns = dict(log=log, request_id=first_request_id + unit, user_id=users, user_age=world.age[users],
-                   user_gender=world.gender[users], scene=scenes, item_id=_nullable(items, shown))
+                   user_gender=world.gender[users], scene=scenes, query=query, item_id=_nullable(items, shown))
     for part in ("category", "shop", "brand", "price"):
         columns[f"item_{part}"] = _nullable(getattr(world, f"item_{part}")[items], shown)
     columns.update(influencer_id=_nullable(influencers, follows),
                    influencer_category=_nullable(world.influencer_category[influencers], follows))
     columns.update(_history_columns(world, users))
+    for name, values in features.items():
+        columns[name] = np.zeros(n, np.float32)
+        columns[name][shown] = values
     return columns | dict(
         click=click, relevance=click * ranking + bought, follow=(u < gt_follow).astype(np.int64),
         power_level=np.where(log == _PPP, world.power[users], 0), gt_ctr=gt_ctr, gt_follow=gt_follow,
