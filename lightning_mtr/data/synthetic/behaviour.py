@@ -316,8 +316,8 @@ def _check_spec(spec: BehaviourSpec) -> None:
         raise ValueError("every category needs an item and an influencer: num_items and num_influencers must be "
                          f">= num_categories ({spec.num_categories})")
     if spec.candidate_query_share + spec.candidate_taste_share > 1:
-        raise ValueError("candidate_query_share + candidate_taste_share is the share of candidates not drawn "
-                         f"uniformly, so it must be <= 1, got {spec.candidate_query_share} + {spec.candidate_taste_share}")
+        raise ValueError("candidate_query_share + candidate_taste_share, the share of candidates not drawn "
+                         f"uniformly, must be <= 1, got {spec.candidate_query_share} + {spec.candidate_taste_share}")
     if not 0 < spec.num_favourites <= spec.num_categories:
         raise ValueError(f"need 0 < num_favourites <= num_categories, got {spec.num_favourites}")
 
