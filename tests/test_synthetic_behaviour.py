@@ -23,8 +23,8 @@ ROWS = 60_000
 SMALL = dataclasses.replace(SPEC, num_users=3000, num_items=3000, num_shops=200, num_brands=300, num_influencers=200)
 NULLABLE = ("item_id", "item_category", "item_shop", "item_brand", "item_price", "influencer_id",
             "influencer_category")
-INT_COLUMNS = ("log", "request_id", "user_id", "user_age", "user_gender", "scene", "query", *NULLABLE, "click", "relevance",
-               "follow", "power_level")
+INT_COLUMNS = ("log", "request_id", "user_id", "user_age", "user_gender", "scene", "query", *NULLABLE, "click",
+               "relevance", "follow", "power_level")
 GROUND_TRUTH = ("gt_ctr", "gt_follow", "gt_relevance_logit")
 CTR, RANKING, FIFP, PPP = range(4)
 
@@ -66,7 +66,8 @@ def test_same_arguments_give_identical_files_and_other_seeds_differ(tmp_path):
 
 
 @pytest.mark.parametrize("change", [dict(num_items=10), dict(num_influencers=10), dict(min_history=0),
-                                    dict(min_history=9, max_history=8), dict(num_favourites=41)])
+                                    dict(min_history=9, max_history=8), dict(num_favourites=41),
+                                    dict(candidate_query_share=0.6, candidate_taste_share=0.5)])
 def test_specs_that_would_write_wrong_data_are_refused(tmp_path, change):
     with pytest.raises(ValueError):
         write_behaviour(tmp_path, 10, 10, 10, spec=dataclasses.replace(SMALL, **change))

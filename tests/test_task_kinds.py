@@ -122,6 +122,8 @@ def test_pointwise_weights_come_from_the_grade_table_or_a_column_through_the_enc
     assert batch.row_weights["rank"].tolist() == [3.0, 1.0, 0.0, 1.0, 2.0]
     unweighted = BatchEncoder(_pointwise_schema()).encode(table, ["log.parquet"])
     assert unweighted.row_weights["rank"].tolist() == [1.0, 1.0, 0.0, 1.0, 1.0]
+    with pytest.raises(ValueError, match="task 'rank': ranking_loss pointwise needs its rows' weights"):
+        masked_task_losses({"rank": scores}, batch.labels, batch.masks, by_column.tasks, groups=batch.groups)
 
 
 def test_pointwise_weights_that_cannot_weigh_the_data_are_refused_by_name():
@@ -297,7 +299,8 @@ def test_every_kind_learns_end_to_end_and_predicts_per_class_scores(tmp_path, ra
         pq.write_table(_log(4096 if split == "train" else 1024, seed), tmp_path / f"{split}.parquet")
     schema_path = tmp_path / "schema.yaml"
     import yaml
-    schema_path.write_text(yaml.safe_dump({**SCHEMA, "tasks": [*SCHEMA["tasks"][:2], {**SCHEMA["tasks"][2], **ranking_loss}]}))
+    tasks = [*SCHEMA["tasks"][:2], {**SCHEMA["tasks"][2], **ranking_loss}]
+    schema_path.write_text(yaml.safe_dump({**SCHEMA, "tasks": tasks}))
     L.seed_everything(0, verbose=False)
     data = MultiTaskDataModule(str(schema_path), train=str(tmp_path / "train.parquet"),
                                val=str(tmp_path / "val.parquet"), predict=str(tmp_path / "val.parquet"),

@@ -55,9 +55,13 @@ def masked_task_losses(
             mask = masks[task.name].bool()
             scores, relevance = logits[task.name][mask].float(), labels[task.name][mask]
             if task.ranking_loss == "pointwise":
+                if task.name not in (row_weights or {}):
+                    raise ValueError(f"task {task.name!r}: ranking_loss pointwise needs its rows' weights n_i "
+                                     "(row_weights, as the BatchEncoder writes them into Batch.row_weights)")
                 losses[task.name] = pointwise_logistic_loss(scores, relevance, row_weights[task.name][mask])
             else:
-                losses[task.name] = GROUPED_RANKING_LOSSES[task.ranking_loss](scores, relevance, groups[task.group][mask])
+                grouped = GROUPED_RANKING_LOSSES[task.ranking_loss]
+                losses[task.name] = grouped(scores, relevance, groups[task.group][mask])
             continue
         # fp32 sums: under bf16 autocast a bf16 row count rounds (2049 rows would count as 2048)
         weight = masks[task.name].float()

@@ -49,9 +49,11 @@ Columns (``int64?`` is a nullable int64: Arrow nulls on the rows named "null")::
 ``gt_*`` columns are ground truth, never features.
 
 What each column is worth, measured on 200k rows of seed 0 (``tests/test_synthetic_behaviour.py``
-asserts looser bounds), as CTR AUC: ``item_category == query`` alone 0.769, the recency-weighted
-share of the history in the item's category 0.823, the two summed (match + 2 * share) 0.855,
-``rank_relevance`` 0.727, ``rank_sales`` 0.533, ``gt_ctr`` (Bayes) 0.920 (0.893 before the query).
+asserts looser bounds), as CTR AUC: ``item_category == query`` alone 0.769; times the
+recency-weighted (0.6 ** gap) share of the history in the query's category 0.828 (a logistic
+regression on the match, that share and their product: 0.842); the share in the item's category
+alone 0.823, match + 2 * share 0.855; ``rank_relevance`` 0.727, ``rank_sales`` 0.533; ``gt_ctr``
+(Bayes) 0.920 (0.893 before the query).
 ``rank_price`` ranks clicks with AUC 0.425 among users whose buys' mean price level is 0 and 0.591
 where it is 4; ``rank_discount`` 0.601 and 0.500: the ranking features' best weights depend on
 the user. Purchasing power from the buys' mean price: accuracy 0.672.
@@ -314,8 +316,8 @@ def _check_spec(spec: BehaviourSpec) -> None:
         raise ValueError("every category needs an item and an influencer: num_items and num_influencers must be "
                          f">= num_categories ({spec.num_categories})")
     if spec.candidate_query_share + spec.candidate_taste_share > 1:
-        raise ValueError("candidate_query_share + candidate_taste_share is the share of candidates not drawn "
-                         f"uniformly, so it must be <= 1, got {spec.candidate_query_share} + {spec.candidate_taste_share}")
+        raise ValueError("candidate_query_share + candidate_taste_share, the share of candidates not drawn "
+                         f"uniformly, must be <= 1, got {spec.candidate_query_share} + {spec.candidate_taste_share}")
     if not 0 < spec.num_favourites <= spec.num_categories:
         raise ValueError(f"need 0 < num_favourites <= num_categories, got {spec.num_favourites}")
 
