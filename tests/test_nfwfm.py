@@ -3,8 +3,6 @@ features of a row (the elements of multi-hot fields), as Pan et al. (WWW 2018) d
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 
@@ -13,7 +11,6 @@ from lightning_mtr.models.nfwfm import NFwFM
 from lightning_mtr.nn.fwfm import FieldVectors, FwFM
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
-from lightning_mtr.training.distributed.checkpoint import read_full
 from torchrec import KeyedJaggedTensor
 
 SMALL = {"hidden": [8, 6], "tower": [5]}
@@ -262,30 +259,3 @@ def test_needs_two_fields():
     with pytest.raises(ValueError, match="at least 2"):
         FwFM(num_fields=1, dim=4)
 
-
-def _nfwfm_for_dupn(sharded, setitem) -> None:
-    """test_sharded_training's sequence case with NFwFM in DUPN's place: its two sequences are
-    the multi-hot fields (summed, their elements paired), the pooled item feature single-valued."""
-    setitem(sharded.MODELS, True, partial(NFwFM, hidden=[8], tower=[4]))
-    sparse = [{**feature, "multi_valued": False} for feature in sharded.SCHEMA["sparse"]]
-    setitem(sharded.SCHEMA, "sparse", sparse)
-
-
-def _sharded_worker(rank: int, *args) -> None:
-    import test_sharded_training as sharded
-
-    worker = sharded._sharded_worker  # this process imported the module afresh: the original worker
-    _nfwfm_for_dupn(sharded, lambda target, key, value: target.__setitem__(key, value))
-    worker(rank, *args)
-
-
-def test_sharded_training_equals_one_process(monkeypatch, tmp_path):
-    """Both lookups (pooled tables, and the EmbeddingCollection that gives the elements) sharded
-    over 2 gloo processes train the same tables, r, r_FF and predictions as one process."""
-    import test_sharded_training as sharded
-
-    _nfwfm_for_dupn(sharded, monkeypatch.setitem)
-    monkeypatch.setattr(sharded, "_sharded_worker", _sharded_worker)
-    sharded.test_sharded_training_equals_one_process("sequences", "rowwise_adagrad", "cpu", tmp_path)
-    trained = read_full(tmp_path / "sharded")["model"]["model.fwfm.same_field_weights"]
-    assert not torch.equal(trained, torch.ones(2)), "r_FF was trained, so the comparison covers it"

@@ -15,7 +15,7 @@ from helpers import random_inputs, run_ranks
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_mtr.data.batch import Batch
-from lightning_mtr.models import DUPN, MMoE
+from lightning_mtr.models import DUPN, MMoE, NFwFM
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 from lightning_mtr.training.distributed.checkpoint import read_full
@@ -36,9 +36,12 @@ SCHEMA = {
 # DUPN's behaviour sequence: unpooled tables (an EmbeddingCollection), sharded too
 SEQUENCES = [{"name": "hist_item", "num_embeddings": 40, "embedding_dim": 8, "sequence": True, "max_length": 3},
              {"name": "hist_type", "num_embeddings": 3, "embedding_dim": 8, "sequence": True, "max_length": 3}]
-MODELS = {False: partial(MMoE, num_experts=2, expert=[8], tower=[4]),
-          True: partial(DUPN, item_part=["hist_item"], property_part=["hist_type"], user_features=["user"],
-                        lstm_hidden=8, user_dim=8, attention=[4], tower=[4])}
+# by case: the sequence cases add SEQUENCES, read by DUPN as its behaviours and by NFwFM as two
+# multi-hot fields (summed, their elements paired through r_FF; its pooled fields single-valued)
+MODELS = {"pooled": partial(MMoE, num_experts=2, expert=[8], tower=[4]),
+          "sequences": partial(DUPN, item_part=["hist_item"], property_part=["hist_type"], user_features=["user"],
+                               lstm_hidden=8, user_dim=8, attention=[4], tower=[4]),
+          "fwfm": partial(NFwFM, hidden=[8], tower=[4])}
 PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
     # TorchRec shards row-wise only on GPUs (its CPU sharder offers table-, column-wise and data-parallel)
@@ -52,6 +55,7 @@ PLANS = {
     "sequences": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]},
                   "hist_item": {"sharding_types": ["table_wise"]}},
 }
+PLANS["fwfm"] = PLANS["sequences"]
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
 # A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
@@ -62,19 +66,25 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"), ("table_wise:no-prefetch", "rowwise_adagrad"),
-         ("sequences", "rowwise_adagrad")]
+         ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad")]
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
 TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 
-def _schema(sequences: bool = False) -> Schema:
-    return Schema.from_dict({**SCHEMA, "sparse": SCHEMA["sparse"] + (SEQUENCES if sequences else [])})
+def _variant(plan: str) -> str:
+    """The model a case trains: its own for the sequence cases, MMoE for every other plan."""
+    return plan if plan in MODELS else "pooled"
 
 
-def _batch(seed: int, rows: int, sequences: bool = False) -> Batch:
-    schema = _schema(sequences)
+def _schema(variant: str = "pooled") -> Schema:
+    pooled = [{**f, "multi_valued": False} for f in SCHEMA["sparse"]] if variant == "fwfm" else SCHEMA["sparse"]
+    return Schema.from_dict({**SCHEMA, "sparse": pooled + (SEQUENCES if variant != "pooled" else [])})
+
+
+def _batch(seed: int, rows: int, variant: str = "pooled") -> Batch:
+    schema = _schema(variant)
     dense, sparse = random_inputs(schema, rows, seed)
     generator = torch.Generator().manual_seed(seed + 1000)
     labels = {t: (torch.rand(rows, generator=generator) < 0.4).float() for t in ("ctr", "cvr")}
@@ -148,15 +158,15 @@ def copy_full_state(module: torch.nn.Module, full: dict[str, torch.Tensor]) -> N
 
 
 def _module(start: dict | None = None, sparse_optimizer: str = "rowwise_adagrad",
-            sequences: bool = False) -> MultiTaskModule:
-    kwargs = dict(model=MODELS[sequences], schema=_schema(sequences),
+            variant: str = "pooled") -> MultiTaskModule:
+    kwargs = dict(model=MODELS[variant], schema=_schema(variant),
                   sparse_optimizer=SparseOptimizer(sparse_optimizer, lr=0.1))
     return _FromWeights(start, **kwargs) if start is not None else MultiTaskModule(**kwargs)
 
 
-def _start_weights(sequences: bool = False) -> dict[str, torch.Tensor]:
+def _start_weights(variant: str = "pooled") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    module = _module(sequences=sequences)
+    module = _module(variant=variant)
     module.configure_model()
     return {k: v.clone() for k, v in module.state_dict().items()}
 
@@ -166,8 +176,8 @@ def _trainer(accelerator: str = "cpu", **kwargs) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False, **kwargs)
 
 
-def _global_batches(steps_total: int = STEPS, sequences: bool = False) -> list[Batch]:
-    return [_batch(step, ROWS * WORLD, sequences) for step in range(steps_total)]
+def _global_batches(steps_total: int = STEPS, variant: str = "pooled") -> list[Batch]:
+    return [_batch(step, ROWS * WORLD, variant) for step in range(steps_total)]
 
 
 def _strategy(case: str, out: Path) -> TorchRecStrategy:
@@ -187,23 +197,23 @@ def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
 
 def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, start: dict, out: Path) -> None:
     """Trains with validation every 2 steps, so training and validation batches interleave."""
-    sequences = plan == "sequences"
-    module = _module(start, optimizer, sequences)
+    variant = _variant(plan)
+    module = _module(start, optimizer, variant)
     trainer = _trainer(accelerator, devices=WORLD, strategy=_strategy(plan, out), default_root_dir=out,
                        val_check_interval=2)
-    val = [_slice(_batch(50 + i, ROWS * WORLD, sequences), rank, WORLD) for i in range(2)]
-    trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches(STEPS, sequences)], val))
+    val = [_slice(_batch(50 + i, ROWS * WORLD, variant), rank, WORLD) for i in range(2)]
+    trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches(STEPS, variant)], val))
     prefetch = [(f.hits, f.misses) for f in trainer.strategy.prefetched]
     trainer.save_checkpoint(out / "sharded")
-    torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD, sequences), rank, WORLD)), out / f"logits-{rank}.pt")
+    torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD, variant), rank, WORLD)), out / f"logits-{rank}.pt")
     torch.save(prefetch, out / f"prefetched-{rank}.pt")
 
 
-def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, sequences: bool = False) -> tuple[dict, dict]:
-    module = _module(start, optimizer, sequences)
+def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant: str = "pooled") -> tuple[dict, dict]:
+    module = _module(start, optimizer, variant)
     _trainer(accelerator, devices=1, default_root_dir=out).fit(
-        module, datamodule=_Batches(_global_batches(STEPS, sequences)))
-    return {k: v.cpu() for k, v in module.state_dict().items()}, _predict(module, _batch(99, ROWS * WORLD, sequences))
+        module, datamodule=_Batches(_global_batches(STEPS, variant)))
+    return {k: v.cpu() for k, v in module.state_dict().items()}, _predict(module, _batch(99, ROWS * WORLD, variant))
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL tier needs 2 GPUs")
@@ -216,11 +226,13 @@ ON_DEVICES = ([pytest.param(*case, "cpu", id=f"cpu-{case[0]}-{case[1]}") for cas
 def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_path):
     """The same test on CPU (gloo) and on GPUs (NCCL, where row-wise layouts exist too). The
     ``sequences`` case is DUPN, whose unpooled tables are an EmbeddingCollection: sharded and
-    fused there, stepped by a torch optimizer of the same rule in one CPU process."""
-    sequences = plan == "sequences"
-    start = _start_weights(sequences)
+    fused there, stepped by a torch optimizer of the same rule in one CPU process; the ``fwfm``
+    case is NFwFM on the same tables, its multi-hot fields' elements paired through r_FF."""
+    variant = _variant(plan)
+    sequences = variant != "pooled"
+    start = _start_weights(variant)
     run_ranks(WORLD, _sharded_worker, plan, optimizer, accelerator, start, tmp_path)
-    expected_state, expected_logits = _unsharded(start, optimizer, accelerator, tmp_path, sequences)
+    expected_state, expected_logits = _unsharded(start, optimizer, accelerator, tmp_path, variant)
 
     saved = read_full(tmp_path / "sharded")["model"]
     for key, value in expected_state.items():
@@ -230,6 +242,7 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
         "the run must update both tables and dense layers for the comparison to mean anything"
     assert not sequences or {"model.features.sequence_embeddings.embeddings.hist_item.weight",
                              "model.features.sequence_embeddings.embeddings.hist_type.weight"} <= set(moved)
+    assert variant != "fwfm" or "model.fwfm.same_field_weights" in moved, "r_FF trains, so the comparison covers it"
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
@@ -248,7 +261,7 @@ def test_sequence_tables_are_not_replicated_on_cpu():
     from lightning_mtr.training.distributed.planning import Cluster, prepare_for_sharding, plan_model
 
     with torch.device("meta"):
-        model = MODELS[True](_schema(sequences=True))
+        model = MODELS["sequences"](_schema("sequences"))
     prepare_for_sharding(model, SparseOptimizer())
     plan, _ = plan_model(model, Cluster(world_size=2, local_world_size=2, device="cpu"), batch_size=16)
     sequences = plan.plan["features.sequence_embeddings"]
