@@ -82,6 +82,10 @@ def test_identical_experts_warn(tmp_path):
             first = model.bottom.experts.first
             first.weight[8:16] = first.weight[0:8]
             first.bias[8:16] = first.bias[0:8]
+            # and every gate weighs them alike, so their gradients match and training keeps them
+            # identical (with gates that differ, they drift apart at a rate that depends on the draw)
+            gates = model.bottom.gates.weight.view(-1, 2, first.weight.shape[1])  # [gates, E, in]
+            gates[:, 1] = gates[:, 0]
 
     with pytest.warns(UserWarning, match="experts 0 and 1 of model.bottom are near-identical"):
         _fit(partial(MMoE, num_experts=2, expert=[8], tower=[4]), tmp_path, GateDiagnostics(), duplicate_experts)
@@ -91,3 +95,23 @@ def test_models_without_gates_log_nothing(tmp_path):
     module = _fit(partial(SharedBottom, bottom=[8], tower=[4]), tmp_path, GateDiagnostics())
     assert not [k for k in module.trainer.callback_metrics if k.startswith("gates/")]
     assert not (tmp_path / "lightning_logs" / "version_0" / "gates.png").exists()
+
+
+def test_experts_that_are_both_zero_on_a_row_count_as_identical_there():
+    """ReLU experts are often all-zero on a row; two copies of one expert are then still the same
+    output there, so their mean cosine stays 1 (it read 0.91 for a draw where 9% of rows were zero)."""
+    expert = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 0.5], [0.0, 0.0]])  # rows 1 and 3: all zero
+    other = torch.tensor([[2.0, -1.0], [0.0, 0.0], [0.0, 0.0], [1.0, 1.0]])
+
+    class Gated(torch.nn.Module):
+        def gate_weights(self, inputs):
+            return {"g": torch.full((4, 3), 1 / 3)}, torch.stack([expert, expert, other], dim=1)  # [B, E, D]
+
+    callback = GateDiagnostics()
+    callback._record("bottom", Gated(), (torch.zeros(4, 1),))
+    total, rows = callback._cosine["bottom"]
+    cosine = total / rows
+    # the copies: 1 on every row; expert vs other by row: 0 (orthogonal), 1 (both zero), 0, 0 (one zero)
+    torch.testing.assert_close(cosine[0, 1], torch.tensor(1.0))
+    torch.testing.assert_close(cosine[0, 2], torch.tensor(0.25))
+    torch.testing.assert_close(cosine.diagonal(), torch.ones(3))

@@ -66,8 +66,10 @@ class GateDiagnostics(L.Callback):
             entry[1] += float(-(w * w.clamp_min(1e-12).log()).sum())
             entry[2] += rows
         unit = torch.nn.functional.normalize(experts.float(), dim=-1)  # [B, E, D]
+        # two all-zero outputs (ReLU experts are often zero on a row) are the same output: cosine 1
+        zero = (experts.float().abs().amax(dim=-1) == 0).float()  # [B, E]
         entry = self._cosine.setdefault(name, [0, 0])
-        entry[0] = entry[0] + torch.einsum("bed,bfd->ef", unit, unit).cpu()
+        entry[0] = entry[0] + (torch.einsum("bed,bfd->ef", unit, unit) + torch.einsum("be,bf->ef", zero, zero)).cpu()
         entry[1] += rows
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
