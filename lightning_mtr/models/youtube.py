@@ -74,15 +74,15 @@ class YouTubeRanker(nn.Module):
         left_out = set(position_features) | (set() if shallow_in_main else set(shallow_features))
         self.main_features = [n for n in self.features.feature_names if n not in left_out]
         self.position_features, self.shallow_features = list(position_features), list(shallow_features)
-        if not self.features.dense_dim + self._width(self.main_features):
+        if not self.features.dense_dim + self.features.widths(self.main_features):
             raise ValueError("YouTubeRanker: the main tower would read no feature (no dense features, and every sparse "
                              "one is a position or shallow-only feature); set shallow_in_main: true or add features")
-        self.shared = MLP(self.features.dense_dim + self._width(self.main_features), shared)
+        self.shared = MLP(self.features.dense_dim + self.features.widths(self.main_features), shared)
         self.bottom = MixtureBottom(self.shared.output_dim, len(self.tasks), num_experts, expert,
                                     gate_backend=gate_backend, gate_names=self.tasks, gate_dropout=gate_dropout)
         self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
-        self.missing_position = nn.Parameter(torch.empty(self._width(self.position_features)))
-        shallow_dim = self._width(self.position_features) + self._width(self.shallow_features)
+        self.missing_position = nn.Parameter(torch.empty(self.features.widths(self.position_features)))
+        shallow_dim = self.features.widths(self.position_features) + self.features.widths(self.shallow_features)
         self.shallow = None if shallow_tower is None else nn.Sequential(
             MLP(shallow_dim, shallow_tower), nn.Linear(shallow_tower[-1] if shallow_tower else shallow_dim, 1))
         self.reset_parameters()
@@ -114,9 +114,6 @@ class YouTubeRanker(nn.Module):
             dropped = torch.rand(position.shape[0], 1, device=position.device) < self.position_dropout
             position = torch.where(dropped, missing, position)
         return self.shallow(torch.cat([position, kept], dim=1))[:, 0]
-
-    def _width(self, names: Sequence[str]) -> int:
-        return sum(self.features.field_dims[n] for n in names)
 
 
 def _check_features(features: FeatureInput, position: Sequence[str], shallow: Sequence[str]) -> None:
