@@ -95,8 +95,8 @@ class FeatureInput(nn.Module):
         """The named features side by side, ``[B, sum of widths]``, from ``forward``'s output and
         :meth:`sequences`: a dense feature is its column, a pooled one its embedding, a sequence
         one the sum of its elements' embeddings (a single id stored as a sequence of one, such as a
-        candidate item sharing the history's table, is its embedding; zero when null)."""
-        self.widths(names)  # refuses unknown names
+        candidate item sharing the history's table, is its embedding; zero when null). Callers
+        check their names once, with :meth:`widths`, when they size their layers."""
         parts = [features[:, :0]]
         for name in names:
             if name in self.dense_names:
