@@ -11,7 +11,7 @@ import fnmatch
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -21,11 +21,11 @@ Pooling = Literal["sum", "mean"]
 TaskKind = Literal["binary", "regression", "multiclass", "ranking"]
 TASK_KINDS = ("binary", "regression", "multiclass", "ranking")
 RankingLoss = Literal["pairwise", "listwise", "pointwise"]
-RANKING_LOSS_NAMES = ("pairwise", "listwise", "pointwise")
+RANKING_LOSS_NAMES = get_args(RankingLoss)
 DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 OutOfRange = Literal["error", "modulo"]
 Side = Literal["user", "item"]
-SIDES = ("user", "item")
+SIDES = get_args(Side)
 
 
 @dataclass(frozen=True)
