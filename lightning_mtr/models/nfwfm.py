@@ -60,13 +60,13 @@ class NFwFM(nn.Module):
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)
         self.multi_hot = multi_hot
-        bag_dims = {f.name: f.embedding_dim for f in schema.sparse if f.sequence}
         self.bags = list(self.features.sequence_names)
-        self.fields = FieldVectors(self.features.field_dims, {n: bag_dims[n] for n in self.bags}, field_dim, multi_hot)
+        self.fields = FieldVectors(self.features.field_dims, dict.fromkeys(self.bags, self.features.sequence_dim),
+                                   field_dim, multi_hot)
         pooled = len(self.features.field_dims)
         same_field = range(pooled, pooled + len(self.bags)) if multi_hot == "sum" else ()
         self.fwfm = FwFM(pooled + len(self.bags), self.fields.dim, linear, same_field)
-        self.mlp = MLP(self.features.output_dim + sum(bag_dims.values()), hidden, dropout)
+        self.mlp = MLP(self.features.output_dim + self.features.widths(self.bags), hidden, dropout)
         self.towers = TaskTowers(schema.task_outputs, self.mlp.output_dim + 1, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:

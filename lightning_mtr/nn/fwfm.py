@@ -120,6 +120,8 @@ class FwFM(nn.Module):
         self.same_field = list(same_field)
         # r_FF, in same_field order; none without multi-hot fields (single-valued ones have no same-field pair)
         self.same_field_weights = nn.Parameter(torch.empty(len(self.same_field))) if self.same_field else None
+        # the same fields as an index on the device, so a step copies no index from the host
+        self.register_buffer("same_field_index", torch.empty(len(self.same_field), dtype=torch.long), persistent=False)
         self.linear = nn.Linear(num_fields * dim, 1) if linear else None
         # flat positions F*num_fields + G of the pairs in the [F, F] Gram matrix; rebuilt, never saved
         self.register_buffer("pair_index", torch.empty(num_pairs, dtype=torch.long), persistent=False)
@@ -130,6 +132,7 @@ class FwFM(nn.Module):
         rows, cols = torch.triu_indices(self.num_fields, self.num_fields, offset=1, device=self.pair_index.device)
         with torch.no_grad():
             self.pair_index.copy_(rows * self.num_fields + cols)
+            self.same_field_index.copy_(torch.tensor(self.same_field, dtype=torch.long))
             self.pair_weights.fill_(1.0)
             if self.same_field_weights is not None:
                 self.same_field_weights.fill_(1.0)
@@ -143,7 +146,7 @@ class FwFM(nn.Module):
 
     def within(self, fields: torch.Tensor, square_norms: torch.Tensor) -> torch.Tensor:
         """``[B, M]``: ``r_FF sum_{i<j in F} <v_i, v_j>`` of each multi-hot field."""
-        total = fields[:, self.same_field].square().sum(dim=-1)
+        total = fields.index_select(1, self.same_field_index).square().sum(dim=-1)
         return self.same_field_weights * (total - square_norms) / 2
 
     def forward(self, fields: torch.Tensor, square_norms: torch.Tensor | None = None) -> torch.Tensor:
@@ -164,5 +167,5 @@ class FwFM(nn.Module):
         full = full.index_put((self.pair_index,), self.pair_weights).view(self.num_fields, self.num_fields)
         diagonal = self.pair_weights.new_zeros(self.num_fields)
         if self.same_field_weights is not None:
-            diagonal = diagonal.index_put((torch.tensor(self.same_field, device=full.device),), self.same_field_weights)
+            diagonal = diagonal.index_put((self.same_field_index,), self.same_field_weights)
         return full + full.T + torch.diag(diagonal)
