@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_mtr.kernels.gate_mix import gate_mix
 from lightning_mtr.nn.experts import ExpertBank
-from lightning_mtr.nn.mlp import MLP
+from lightning_mtr.nn.mlp import MLP, last_layer_weights
 
 BottomFactory = Callable[[int, int], nn.Module]
 """``(in_dim, branches) -> bottom``; in YAML a ``class_path`` with the remaining ``init_args``."""
@@ -40,6 +40,9 @@ class SharedMLP(nn.Module):
         self.branches = branches
         self.mlp = MLP(in_dim, hidden, dropout)
         self.output_dim = self.mlp.output_dim
+
+    def last_layer_weights(self) -> list[nn.Parameter]:
+        return last_layer_weights(self.mlp)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.mlp(inputs).unsqueeze(1).expand(-1, self.branches, -1)
@@ -79,6 +82,10 @@ class MixtureBottom(nn.Module):
         self.gates = nn.Linear(in_dim, self.num_gates * num_experts, bias=gate_bias)
         self.output_dim = self.experts.output_dim
         self.gate_backend = gate_backend
+
+    def last_layer_weights(self) -> list[nn.Parameter]:
+        """The experts' last layer: the gates weigh the experts, they produce no shared output."""
+        return self.experts.last_layer_weights()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         logits = self._gate_logits(inputs)

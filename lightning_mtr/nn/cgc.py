@@ -113,6 +113,10 @@ class CGC(nn.Module):
         shared = torch.arange(self.tasks * self.task_experts, self.num_experts, device=device)
         self.gate_experts.copy_(torch.cat([own, shared.expand(self.tasks, -1)], dim=1).unsqueeze(0))
 
+    def last_layer_weights(self) -> list[nn.Parameter]:
+        """The shared experts' last layer: a level's task experts reach one task only."""
+        return self.shared_bank.last_layer_weights()
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return gate_mix(*self._experts_and_logits(inputs), self.gate_backend)
 

@@ -40,6 +40,11 @@ class ExpertBank(nn.Module):
                 weight.uniform_(-bound, bound)
                 bias.uniform_(-bound, bound)
 
+    def last_layer_weights(self) -> list[nn.Parameter]:
+        """Every expert's last layer as one tensor: the batched ``[E, in, out]`` weight, or the
+        first layer's ``[E*H, in]`` when the experts have one layer."""
+        return [self.weights[-1] if len(self.weights) else self.first.weight]
+
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         batch = inputs.shape[0]
         hidden = torch.relu(self.first(inputs)).view(batch, self.num_experts, -1).transpose(0, 1)  # [E, B, H]

@@ -23,3 +23,20 @@ class MLP(nn.Sequential):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return super().forward(inputs)
+
+
+def last_layer_weights(module: nn.Module) -> list[nn.Parameter]:
+    """The weights of the layer that produces ``module``'s output (GradNorm's ``W``), by its
+    structure, never by the order of registration: a Linear's weight; a block's own
+    ``last_layer_weights()`` (expert banks, bottoms, CGC); a Sequential's (``MLP``, PLE's
+    ``levels``) last child that has trainable parameters. Biases are left out, as the paper's W."""
+    if isinstance(module, nn.Linear):
+        return [module.weight]
+    own = getattr(module, "last_layer_weights", None)
+    if own is not None:
+        return own()
+    if isinstance(module, nn.Sequential):
+        for child in reversed(module):
+            if any(p.requires_grad for p in child.parameters()):
+                return last_layer_weights(child)
+    raise ValueError(f"no rule for the last layer of a {type(module).__name__}")

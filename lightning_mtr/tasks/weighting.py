@@ -17,8 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lightning_mtr.nn import ExpertBank, MixtureBottom, SharedMLP
-from lightning_mtr.nn.cgc import CGC
+from lightning_mtr.nn import last_layer_weights
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks.losses import weighted_total
 
@@ -167,7 +166,7 @@ class GradNorm(TaskWeighting):
     reach them. Costs one partial backward (down to ``W``) per task per step.
 
     ``W`` is, as in the paper, the weight matrix of the last shared layer (``layer: last``):
-    the layer whose output every task reads, found by :func:`last_shared_layer` (a
+    the layer whose output every task reads, found by :func:`lightning_mtr.nn.last_layer_weights` (a
     Shared-Bottom MLP's last Linear; a mixture bottom's last expert layer, all experts'
     weights as one batched tensor; PLE's last CGC level's shared experts' last layer, since
     that level's task experts reach one task only). ``layer: all`` takes every trainable
@@ -216,7 +215,11 @@ class GradNorm(TaskWeighting):
                 "or give the model shared layers (ESMM's and ESM2's bottom: lightning_mtr.nn.SharedMLP or "
                 "MixtureBottom)")
         last = self.layer == "last"
-        self.shared_weights = last_shared_layer(module, self.shared) if last else dense_parameters(module)
+        try:
+            self.shared_weights = last_layer_weights(module) if last else dense_parameters(module)
+        except ValueError as error:
+            raise ValueError(f"GradNorm: {error} ({self.shared!r}); name a layer directly (e.g. shared: "
+                             "bottom.mlp.0) or use layer: all") from None
 
     def current(self) -> torch.Tensor:
         return len(self.trained) * torch.softmax(self.logits, dim=0)
@@ -245,26 +248,3 @@ def _gradient_norm(loss: torch.Tensor, parameters: list[nn.Parameter]) -> torch.
     grads = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
     return torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-24)
 
-
-def last_shared_layer(module: nn.Module, name: str = "module") -> list[nn.Parameter]:
-    """The weights of the layer that produces ``module``'s output, by its structure (the order
-    in which it runs, never the order of registration): a Linear's weight; a Sequential's
-    (``MLP``, PLE's ``levels``) last child that has parameters; a bottom's experts (one batched
-    ``[E, in, out]`` tensor, or the first layer's ``[E*H, in]`` when the experts have one layer);
-    a CGC level's shared experts. Biases are left out, as the paper's ``W``."""
-    if isinstance(module, nn.Linear):
-        return [module.weight]
-    if isinstance(module, ExpertBank):
-        return [module.weights[-1] if len(module.weights) else module.first.weight]
-    if isinstance(module, CGC):
-        return last_shared_layer(module.shared_bank, f"{name}.shared_bank")
-    if isinstance(module, MixtureBottom):
-        return last_shared_layer(module.experts, f"{name}.experts")
-    if isinstance(module, SharedMLP):
-        return last_shared_layer(module.mlp, f"{name}.mlp")
-    if isinstance(module, nn.Sequential):
-        for index in reversed(range(len(module))):
-            if any(p.requires_grad for p in module[index].parameters()):
-                return last_shared_layer(module[index], f"{name}.{index}")
-    raise ValueError(f"GradNorm: no rule for the last shared layer of {name!r} ({type(module).__name__}); "
-                     "name a layer directly (e.g. shared: bottom.mlp.0) or use layer: all")
