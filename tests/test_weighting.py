@@ -233,6 +233,16 @@ def test_gradnorm_balances_on_the_last_shared_layer(build, shared, expected):
     torch.testing.assert_close(total, losses["ctr"] + losses["cvr"] + (norm["ctr"] - norm["cvr"]).abs())
     assert not torch.allclose(_norms(losses, every.shared_weights)["ctr"], norm["ctr"]), "W is not the whole module"
 
+    # a later step, losses at 0.5 and 0.9 of L(0): the paper's inverse training rates
+    # r_i = (L_i(t) / L_i(0)) / mean_j = 0.5 / 0.7 and 0.9 / 0.7, and with w = (1, 1) the norms
+    # G_i = 0.5 n_ctr and 0.9 n_cvr, so the term is sum_i |G_i - mean(G) r_i^1.5|
+    later = {"ctr": 0.5 * losses["ctr"], "cvr": 0.9 * losses["cvr"]}
+    g_ctr, g_cvr = 0.5 * norm["ctr"], 0.9 * norm["cvr"]
+    mean_g = (g_ctr + g_cvr) / 2
+    expected = (later["ctr"] + later["cvr"] + (g_ctr - mean_g * (0.5 / 0.7) ** 1.5).abs()
+                + (g_cvr - mean_g * (0.9 / 0.7) ** 1.5).abs())
+    torch.testing.assert_close(weighting(later), expected)
+
 
 def _norms(losses: dict[str, torch.Tensor], parameters: list[torch.nn.Parameter]) -> dict[str, torch.Tensor]:
     """``||d L_i / d parameters||`` per task, summed over the parameters' squares."""
