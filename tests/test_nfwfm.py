@@ -125,7 +125,7 @@ def _score(model: NFwFM) -> torch.Tensor:
     """The FwFM score of a real forward over the rows."""
     seen = []
     handle = model.fwfm.register_forward_hook(lambda module, args, out: seen.append(out))
-    model(torch.zeros(4, 1), _sparse())
+    model(torch.tensor([[0.7], [-1.3], [2.1], [0.4]]), _sparse())  # dense values: they must not reach the FwFM
     handle.remove()
     return seen[0]
 
