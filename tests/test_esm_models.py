@@ -45,10 +45,11 @@ def _esmm_case(seed: int, rows: int):
 
 def test_esmm_outputs_and_losses_follow_the_paper():
     schema, model, dense, sparse, labels = _esmm_case(seed=0, rows=32)
-    logits, row_losses = model.forward_with_losses(dense, sparse, labels)
+    logits, row_losses, extra = model.forward_with_losses(dense, sparse, labels)
     p_ctr, p_cvr, p_ctcvr = (logits[name].sigmoid().double() for name in ("ctr", "cvr", "ctcvr"))
     torch.testing.assert_close(p_ctcvr, p_ctr * p_cvr)  # pCTCVR = pCTR * pCVR
     assert set(row_losses) == {"ctr", "ctcvr"}, "ESMM has no direct CVR loss"
+    assert extra == {}, "the chain's losses are all per-task"
     torch.testing.assert_close(row_losses["ctr"].double(), _bce(p_ctr, labels["ctr"]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(p_ctcvr, labels["ctcvr"]), rtol=1e-5, atol=1e-6)
     # pCVR is its own tower's output, not derived: the CVR tower's parameters move only pCVR and pCTCVR
@@ -65,7 +66,7 @@ def test_esmm_trains_ctr_and_ctcvr_over_all_impressions():
     click = labels["ctr"]
     masks = {"ctr": torch.ones(16, dtype=torch.bool), "ctcvr": torch.ones(16, dtype=torch.bool),
              "cvr": click.bool()}
-    logits, given = model.forward_with_losses(dense, sparse, labels)
+    logits, given, _ = model.forward_with_losses(dense, sparse, labels)
     total = weighted_total(masked_task_losses(logits, labels, masks, schema.tasks, given), schema.task_weights)
     expected = (_bce(logits["ctr"].sigmoid(), labels["ctr"]).mean()
                 + _bce(logits["ctcvr"].sigmoid(), labels["ctcvr"]).mean())
@@ -109,7 +110,7 @@ def test_esm2_chain_follows_the_paper():
     model = ESM2(schema, tower=[8])
     dense, sparse = random_inputs(schema, 32)
     labels = _funnel_labels(32, {"ctavr": 0.4, "ctcvr": 0.3})
-    logits, row_losses = model.forward_with_losses(dense, sparse, labels)
+    logits, row_losses, _ = model.forward_with_losses(dense, sparse, labels)
     shared = model.bottom(model.features(dense, sparse))
     heads = model.heads({name: shared[:, h] for h, name in enumerate(model.heads.towers)})
     y1, y2, y3, y4 = (heads[name].sigmoid().double() for name in model.heads.towers)

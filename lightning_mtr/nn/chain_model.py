@@ -60,7 +60,8 @@ class ProbabilityChainModel(nn.Module):
 
     def forward_with_losses(self, dense: torch.Tensor, sparse: KeyedJaggedTensor,
                             labels: Mapping[str, torch.Tensor] | None):
-        """``({task: logits [B]}, {supervised task: per-row loss [B]})``; without labels the losses are unused."""
+        """``({task: logits [B]}, {supervised task: per-row loss [B]}, {})`` (no extra loss term);
+        without labels the losses are unused."""
         shared = self.bottom(self.features(dense, sparse))  # [B, heads, D]
         heads = self.heads({name: shared[:, h] for h, name in enumerate(self.HEADS)})
         head_logits = torch.stack([heads[name] for name in self.HEADS], dim=1)  # [B, H]
@@ -68,7 +69,7 @@ class ProbabilityChainModel(nn.Module):
         targets = chain_targets(labels, supervised, head_logits)
         chain, losses = probability_chain(head_logits, targets, self.CHAIN, backend=self.chain_backend)
         logits = {self.task_of[role]: chain[:, c] for c, role in enumerate(self.OUTPUTS)}
-        return logits, {task: losses[:, k] for k, task in enumerate(supervised)}
+        return logits, {task: losses[:, k] for k, task in enumerate(supervised)}, {}
 
 
 def check_chain_tasks(schema: Schema, supervised: Sequence[str], derived: Sequence[str], model: str) -> None:

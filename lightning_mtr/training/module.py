@@ -110,16 +110,15 @@ class MultiTaskModule(L.LightningModule):
     def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                           dict[str, torch.Tensor]]:
         """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
-        model define ``forward_with_losses(dense, sparse, labels) -> (logits, per-row task losses)``
-        (ESMM's probability chain), optionally with a third entry ``{name: scalar}`` of extra
-        loss terms (AITM's calibrator): those are added to the loss as they are, outside any task
-        weighting, and logged as ``train/extra/{name}``."""
+        model define ``forward_with_losses(dense, sparse, labels) -> (logits, per-row task losses,
+        {name: scalar extra loss})``: ESMM's probability chain gives per-row losses and no extra
+        term, AITM no per-row losses and its calibrator as an extra term; extra terms are added
+        to the loss as they are, outside any task weighting, and logged as ``train/extra/{name}``."""
         forward_with_losses = getattr(self.model, "forward_with_losses", None)
         if forward_with_losses is None:
             logits, given, extra = self(batch), {}, {}
         else:
-            logits, given, *extra = forward_with_losses(batch.dense, batch.sparse, batch.labels)
-            extra = extra[0] if extra else {}
+            logits, given, extra = forward_with_losses(batch.dense, batch.sparse, batch.labels)
         losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups,
                                     batch.row_weights)
         return logits, losses, extra
