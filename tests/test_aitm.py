@@ -124,16 +124,29 @@ def test_ait_weights_are_a_softmax_over_transferred_and_own_by_hand():
     torch.testing.assert_close(ait(previous, own), z)
 
 
-def _set_logits(model: AITM, values: dict[str, float]) -> None:
-    """Every row gets these logits: zero output weights, the logit as the bias."""
+def _set_logits(model: AITM, values: dict[str, float | list[float]]) -> None:
+    """Zero output weights, so the logits are exactly these: one number for every row (the bias),
+    or one per row (a zero bias plus a forward hook adding the rows' logits, so gradients still
+    reach the bias). Replaces any per-row logits set before."""
     with torch.no_grad():
         for task, value in values.items():
-            model.heads.towers[task][-1].weight.zero_()
-            model.heads.towers[task][-1].bias.fill_(value)
+            layer = model.heads.towers[task][-1]
+            if getattr(layer, "_row_logits", None) is not None:
+                layer._row_logits.remove()
+            layer._row_logits = None
+            layer.weight.zero_()
+            if isinstance(value, (int, float)):
+                layer.bias.fill_(value)
+            else:
+                layer.bias.zero_()
+                rows = torch.tensor(value, dtype=torch.float64)
+                layer._row_logits = layer.register_forward_hook(
+                    lambda module, args, output, rows=rows: output + rows.to(output)[:, None])
 
 
 def test_calibrator_is_alpha_times_the_excess_over_the_step_before():
-    """``alpha L_lc = alpha / N sum_rows sum_{t>=2} max(p_t - p_{t-1}, 0)``."""
+    """``alpha L_lc = alpha / N sum_rows sum_{t>=2} max(p_t - p_{t-1}, 0)``: the max per row, then
+    the mean over rows (not the max of the mean difference, which rows that differ tell apart)."""
     schema, model = _model(alpha=0.6)
     inputs = random_inputs(schema, 6)
     # p = 0.5, 0.75, 0.25: ctcvr exceeds ctr by 0.25 on every row, ctpay is below ctcvr
@@ -147,6 +160,22 @@ def test_calibrator_is_alpha_times_the_excess_over_the_step_before():
     _set_logits(model, {"ctr": 0.0, "ctcvr": math.log(3), "ctpay": math.log(9)})
     torch.testing.assert_close(model.forward_with_losses(*inputs, _labels(6))[2]["calibrator"],
                                torch.tensor(0.6 * (0.25 + 0.15)))
+    # Rows that differ. p_ctr = 0.5; p_ctcvr = 0.7 on rows 0-2 and 0.3 on rows 3-5, so
+    # p_ctcvr - p_ctr = +0.2, +0.2, +0.2, -0.2, -0.2, -0.2; p_ctpay = 0.1, below ctcvr on every row
+    # (-0.6 or -0.2). Per row: (3 * 0.2 + 3 * 0 + 0) / 6 = 0.1, so alpha L_lc = 0.6 * 0.1 = 0.06;
+    # the max of the mean difference would be 0.6 * (max(0, 0) + max(-0.4, 0)) = 0.
+    odds = math.log(0.7 / 0.3)
+    _set_logits(model, {"ctr": 0.0, "ctcvr": [odds] * 3 + [-odds] * 3, "ctpay": -math.log(9)})
+    torch.testing.assert_close(model.forward_with_losses(*inputs, _labels(6))[2]["calibrator"],
+                               torch.tensor(0.6 * 0.1))
+    # Rows that differ on every step. p_ctr = 0.5; p_ctcvr = 0.75 on rows 0-3 and 0.25 on rows 4-5
+    # (+0.25 x4, -0.25 x2); p_ctpay = 0.9 on row 0 and 0.1 elsewhere (+0.15; -0.65 x3; -0.15 x2).
+    # Per row: 4 * 0.25 / 6 + 0.15 / 6 = 1/6 + 0.025, so alpha L_lc = 0.6 * (1/6 + 0.025) = 0.115;
+    # the max of the mean would be 0.6 * (max(0.5 / 6, 0) + max(-2.1 / 6, 0)) = 0.6 / 12 = 0.05.
+    _set_logits(model, {"ctr": 0.0, "ctcvr": [math.log(3)] * 4 + [-math.log(3)] * 2,
+                        "ctpay": [math.log(9)] + [-math.log(9)] * 5})
+    torch.testing.assert_close(model.forward_with_losses(*inputs, _labels(6))[2]["calibrator"],
+                               torch.tensor(0.6 * (1 / 6 + 0.025)))
 
 
 def test_calibrator_pushes_the_later_step_down_and_the_earlier_up():
@@ -179,11 +208,12 @@ class _Batches(L.LightningDataModule):
 
 
 class _FirstStep(L.Callback):
-    """Sets the head logits (p_ctr = 0.5, p_ctcvr = 0.7 on every row) and s = 1 for uncertainty
-    weighting once the model is materialised; keeps the first step's loss."""
+    """Sets the head logits (p_ctr = 0.5 on every row, p_ctcvr = 0.7, 0.3, 0.7, 0.3) and s = 1 for
+    uncertainty weighting once the model is materialised; keeps the first step's loss."""
 
     def on_fit_start(self, trainer, module):
-        _set_logits(module.model, {"ctr": 0.0, "ctcvr": math.log(0.7 / 0.3)})
+        odds = math.log(0.7 / 0.3)
+        _set_logits(module.model, {"ctr": 0.0, "ctcvr": [odds, -odds, odds, -odds]})
         with torch.no_grad():
             for value in getattr(module.task_weighting, "log_variance", {}).values():
                 value.fill_(1.0)
@@ -195,8 +225,9 @@ class _FirstStep(L.Callback):
 @pytest.mark.parametrize("weighting", [None, UncertaintyWeights])
 def test_training_loss_is_weighted_ce_plus_alpha_times_the_violation(weighting, tmp_path):
     """The paper's ``L_ce + alpha L_lc``: task weighting scales the BCEs only. Labels ctr = (1, 1, 0, 0),
-    ctcvr = (1, 0, 0, 0); p_ctr = 0.5, p_ctcvr = 0.7, so the violation is 0.2 on every row and
-    alpha L_lc = 0.6 * 0.2 = 0.12 (under s = 1 it used to enter as e^-1 * 0.12 = 0.044)."""
+    ctcvr = (1, 0, 0, 0); p_ctr = 0.5, p_ctcvr = (0.7, 0.3, 0.7, 0.3), so p_ctcvr - p_ctr = +0.2, -0.2,
+    +0.2, -0.2 and alpha L_lc = 0.6 * (0.2 + 0 + 0.2 + 0) / 4 = 0.06 (the max of the mean difference
+    would give 0; under s = 1 it used to enter as e^-1 * 0.06 = 0.022)."""
     schema = tiny_schema(tasks=("ctr", "ctcvr"))
     dense, sparse = random_inputs(schema, 4)
     labels = {"ctr": torch.tensor([1.0, 1.0, 0.0, 0.0]), "ctcvr": torch.tensor([1.0, 0.0, 0.0, 0.0])}
@@ -208,13 +239,13 @@ def test_training_loss_is_weighted_ce_plus_alpha_times_the_violation(weighting, 
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=_Batches(batch))
     ce_ctr = math.log(2)  # -ln 0.5 on every row
-    ce_ctcvr = (-math.log(0.7) - 3 * math.log(0.3)) / 4
+    ce_ctcvr = (-3 * math.log(0.7) - math.log(0.3)) / 4  # rows: -ln 0.7, -ln(1 - 0.3), -ln(1 - 0.7), -ln(1 - 0.3)
     if weighting is None:  # the schema's weights, 1 and 1
-        expected = ce_ctr + ce_ctcvr + 0.12
+        expected = ce_ctr + ce_ctcvr + 0.06
     else:  # Kendall: e^{-s} L_k + s/2 per task at s = 1
-        expected = math.exp(-1) * (ce_ctr + ce_ctcvr) + 2 * 0.5 + 0.12
+        expected = math.exp(-1) * (ce_ctr + ce_ctcvr) + 2 * 0.5 + 0.06
     assert step.loss == pytest.approx(expected, rel=1e-5)
-    assert float(trainer.callback_metrics["train/extra/calibrator"]) == pytest.approx(0.12, rel=1e-5)
+    assert float(trainer.callback_metrics["train/extra/calibrator"]) == pytest.approx(0.06, rel=1e-5)
 
 
 def test_builds_on_meta_and_materializes():
