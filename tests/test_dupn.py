@@ -17,7 +17,7 @@ from lightning_mtr.training.sparse import (
     SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
 )
 
-SCHEMA = Schema.from_dict({
+SCHEMA_CONFIG = {
     "sparse": [
         {"name": "user_id", "num_embeddings": 20, "embedding_dim": 4},
         {"name": "item_id", "num_embeddings": 30, "embedding_dim": 4, "side": "item"},
@@ -33,7 +33,15 @@ SCHEMA = Schema.from_dict({
     "tasks": [{"name": "ctr", "label": "click"},
               {"name": "ltr", "label": "click", "kind": "ranking", "group": "request_id"},
               {"name": "ppp", "label": "power", "kind": "multiclass", "num_classes": 5}],
-})
+}
+SCHEMA = Schema.from_dict(SCHEMA_CONFIG)
+# with the paper's fourth task: FIFP (will the user follow the candidate's account?), whose head
+# reads rep and the followed account's embedding
+FIFP_SCHEMA = Schema.from_dict(SCHEMA_CONFIG | {
+    "sparse": SCHEMA_CONFIG["sparse"] + [{"name": "influencer", "num_embeddings": 12, "embedding_dim": 4,
+                                          "side": "item"}],
+    "tasks": SCHEMA_CONFIG["tasks"] + [{"name": "fifp", "label": "follow"}]})
+FIFP_HEADS = {"ctr": ["item_id", "item_category"], "fifp": ["influencer"]}
 HISTORY = ["hist_item", "hist_category", "hist_type"]
 HEADS = {"ctr": ["item_id", "item_category"]}
 RANKING = {"ltr": ["r0", "r1"]}
@@ -49,18 +57,25 @@ def _table(histories: list[list[int]], items: list[int] | None = None, users: li
         "r0": [0.1 * i for i in items], "r1": [1.0 - 0.2 * i for i in items],
         "hist_item": histories, "hist_category": [[i % 6 for i in h] for h in histories],
         "hist_type": [[i % 3 for i in h] for h in histories], "click": [r % 2 for r in range(rows)],
-        "request_id": [0] * rows, "power": [r % 5 for r in range(rows)]})
+        "request_id": [0] * rows, "power": [r % 5 for r in range(rows)],
+        # read by FIFP_SCHEMA only: the candidate's account, and whether the user followed it
+        "influencer": [_influencer(i) for i in items], "follow": [(r + 1) % 2 for r in range(rows)]})
+
+
+def _influencer(item: int) -> int:
+    return (5 * item + 1) % 12
 
 
 def _encode(table: pa.Table, schema: Schema = SCHEMA):
     return BatchEncoder(schema).encode(table, ["log.parquet"])
 
 
-def _model(**kwargs) -> DUPN:
+def _model(schema: Schema = SCHEMA, **kwargs) -> DUPN:
     torch.manual_seed(0)
     options = dict(item_part=["hist_item", "hist_category"], property_part=["hist_type"], user_features=["user_id"],
-                   heads=HEADS, ranking_features=RANKING, lstm_hidden=16, user_dim=16, attention=[8], tower=[8])
-    return DUPN(SCHEMA, **(options | kwargs))
+                   heads=FIFP_HEADS if schema is FIFP_SCHEMA else HEADS, ranking_features=RANKING, lstm_hidden=16,
+                   user_dim=16, attention=[8], tower=[8])
+    return DUPN(schema, **(options | kwargs))
 
 
 def test_sequences_are_unpooled_and_truncated_to_the_most_recent():
@@ -218,25 +233,28 @@ def test_representation_reads_the_request_and_never_the_candidate():
 
 def test_representation_once_then_k_candidates_equals_k_full_forwards():
     """D4: the paper's serving (section 7): rep once per request, the K candidates through the heads."""
-    model = _model()
+    model = _model(FIFP_SCHEMA)
     items = [3, 11, 17, 29, 0, 8]
     rows = _table([[1, 2, 3, 4]] * len(items), items=items, users=[5] * len(items))
-    request = _encode(rows.slice(0, 1))
+    request = _encode(rows.slice(0, 1), FIFP_SCHEMA)
     representation = model.user_representation(request.dense, request.sparse)  # [1, R]
     # the candidates' batch carries another user and no history: score reads the candidates only
-    candidates = _encode(_table([[]] * len(items), items=items, users=[7] * len(items)))
+    candidates = _encode(_table([[]] * len(items), items=items, users=[7] * len(items)), FIFP_SCHEMA)
     scored = model.score(representation, candidates.dense, candidates.sparse)
+    assert scored.keys() == {"ctr", "ltr", "ppp", "fifp"}
     for k in range(len(items)):
-        row = _encode(rows.slice(k, 1))
+        row = _encode(rows.slice(k, 1), FIFP_SCHEMA)
         full = model(row.dense, row.sparse)
-        for task in ("ctr", "ltr", "ppp"):
+        for task in ("ctr", "ltr", "ppp", "fifp"):
             torch.testing.assert_close(scored[task][k], full[task][0], rtol=0, atol=1e-6)
 
 
 def test_heads_are_the_papers():
-    """CTR: MLP([rep, item embedding]); L2R: weight(rep)^T r_i; PPP: MLP(rep), nothing of the item."""
-    model = _model()
-    batch = _encode(_table([[1, 2, 3], [4, 5], [6]], items=[3, 11, 17]))
+    """CTR: MLP([rep, item embedding]); L2R: weight(rep)^T r_i; PPP: MLP(rep), nothing of the item;
+    FIFP: MLP([rep, the followed account's embedding])."""
+    model = _model(FIFP_SCHEMA)
+    histories = [[1, 2, 3], [4, 5], [6]]
+    batch = _encode(_table(histories, items=[3, 11, 17]), FIFP_SCHEMA)
     rep = model.user_representation(batch.dense, batch.sparse)
     logits = model(batch.dense, batch.sparse)
     item_table = model.features.embeddings.embedding_bags["item_id"].weight
@@ -252,6 +270,23 @@ def test_heads_are_the_papers():
     hidden, out = model.towers.towers["ppp"][0][0], model.towers.towers["ppp"][1]
     assert hidden.in_features == model.representation_dim
     torch.testing.assert_close(logits["ppp"], torch.relu(rep @ hidden.weight.T + hidden.bias) @ out.weight.T + out.bias)
+    influencer_table = model.features.embeddings.embedding_bags["influencer"].weight
+    influencer = influencer_table[[_influencer(i) for i in (3, 11, 17)]]  # accounts 4, 8, 2
+    hidden, out = model.towers.towers["fifp"][0][0], model.towers.towers["fifp"][1]
+    assert hidden.in_features == model.representation_dim + 4 and out.out_features == 1
+    fifp = torch.relu(torch.cat([rep, influencer], dim=1) @ hidden.weight.T + hidden.bias) @ out.weight.T + out.bias
+    torch.testing.assert_close(logits["fifp"], fifp[:, 0])
+    # another candidate for the same request (item ids, categories, ranking features r, account):
+    # PPP reads rep alone, so its logits stay bit for bit; the candidate's heads move
+    other = _encode(_table(histories, items=[4, 20, 9]), FIFP_SCHEMA)
+    assert torch.equal(other.sparse["user_id"].values(), batch.sparse["user_id"].values())
+    assert not torch.equal(other.sparse["item_id"].values(), batch.sparse["item_id"].values())
+    assert not torch.equal(other.sparse["influencer"].values(), batch.sparse["influencer"].values())
+    assert not torch.equal(other.dense, batch.dense)
+    moved = model(other.dense, other.sparse)
+    assert torch.equal(moved["ppp"], logits["ppp"])
+    for task in ("ctr", "ltr", "fifp"):
+        assert not torch.allclose(moved[task], logits[task]), task
 
 
 def test_behaviour_parts_of_different_lengths_are_refused():
