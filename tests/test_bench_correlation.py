@@ -1,5 +1,6 @@
 """tools/bench_correlation.py runs end to end on tiny settings (its numbers are the benchmark's
-job, not a test's): every model, correlation and seed is trained and reported."""
+job, not a test's): every model, correlation and seed is trained, its loss curve recorded as the
+MMoE paper's Figure 4 plots it (loss against training step), and reported."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import statistics
 
 import pytest
 
-from tools.bench_correlation import CORRELATIONS, MODELS, main, parameter_counts, table
+from tools.bench_correlation import CORRELATIONS, MODELS, gap_curve, main, parameter_counts, run, table, task_table, train
 
 
 def test_parameter_counts_match_as_in_the_paper():
@@ -17,38 +18,88 @@ def test_parameter_counts_match_as_in_the_paper():
     assert max(counts.values()) / min(counts.values()) < 1.15, counts
 
 
+def test_train_records_the_curve_every_eval_every_steps():
+    """600 rows in batches of 256 are 3 steps an epoch, 6 in 2 epochs: checkpoints at steps 2, 4,
+    6, each with the mean training loss of its 2 steps and each task's held-out MSE."""
+    curve = train("mmoe", 0.5, seed=0, rows=600, test_rows=64, epochs=2, eval_every=2)
+    assert curve["steps"] == [2, 4, 6]
+    assert len(curve["train"]) == len(curve["test_tasks"]) == 3
+    assert all(len(tasks) == 2 and min(tasks) > 0 for tasks in curve["test_tasks"])
+    assert curve["test"] == pytest.approx([sum(tasks) for tasks in curve["test_tasks"]])
+    assert all(math.isfinite(v) and v > 0 for v in curve["train"])
+
+
+def test_eval_every_longer_than_the_run_is_refused():
+    settings = {"rows": 512, "test_rows": 64, "epochs": 1, "seeds": 1, "eval_every": 3}
+    with pytest.raises(ValueError, match="--eval-every must be in 1..2"):
+        run(settings)
+
+
 def test_tiny_run_reports_every_model_and_correlation(tmp_path, capsys):
-    argv = ["--rows", "256", "--test-rows", "128", "--epochs", "1", "--seeds", "2", "--workers", "1",
-            "--alpha-std", "2", "--scale", "3", "--lr", "0.01"]
+    argv = ["--rows", "256", "--test-rows", "128", "--epochs", "2", "--seeds", "2", "--eval-every", "1",
+            "--workers", "1", "--alpha-std", "2", "--scale", "3", "--lr", "0.01"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for name in MODELS:
         assert name in printed
+    assert "held-out loss along the run" in printed and "final held-out MSE per task" in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [results["settings"][key] for key in ("alpha_std", "scale", "lr")] == [2.0, 3.0, 0.01]
+    assert [results["settings"][key] for key in ("alpha_std", "scale", "lr", "eval_every")] == [2.0, 3.0, 0.01, 1]
     for name in MODELS:
         for correlation in CORRELATIONS:
-            losses = results["losses"][name][str(correlation)]
-            assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses)
+            curves = results["curves"][name][str(correlation)]
+            assert len(curves) == 2 and all(curve["steps"] == [1, 2] for curve in curves)
+            assert all(math.isfinite(v) and v > 0 for curve in curves for v in curve["test"])
     assert (tmp_path / "correlation.png").stat().st_size > 1000
 
 
-def test_table_prints_spread_median_and_the_gap_paired_by_seed():
-    """Per correlation: each model's mean ± standard deviation and median over seeds, then
-    Shared-Bottom minus MMoE seed by seed (a hard task pair raises both, not the gap)."""
-    losses = {"shared_bottom": [0.5, 0.1, 0.3], "omoe": [0.2, 0.2, 0.2], "mmoe": [0.4, 0.05, 0.1]}
-    results = {name: {c: [v * (1 + i) for v in values] for i, c in enumerate(CORRELATIONS)}
-               for name, values in losses.items()}
-    rows = table(results).splitlines()
-    assert rows[0].split() == ["correlation", "shared_bottom", "omoe", "mmoe", "shared_bottom", "-", "mmoe"]
+def _curves() -> dict:
+    """Three seeds of two-checkpoint curves; every loss scales with the correlation's index."""
+    tests = {"shared_bottom": [[0.9, 0.5], [0.3, 0.1], [0.6, 0.3]], "omoe": [[0.4, 0.2], [0.4, 0.2], [0.4, 0.2]],
+             "mmoe": [[0.5, 0.4], [0.2, 0.05], [0.3, 0.1]]}
+    trains = {"shared_bottom": [1.0, 0.2], "omoe": [0.5, 0.5], "mmoe": [0.6, 0.3]}
+    return {name: {c: [{"steps": [10, 20], "train": [v * (1 + i) for v in trains[name]],
+                        "test": [v * (1 + i) for v in curve],
+                        "test_tasks": [[0.25 * v * (1 + i), 0.75 * v * (1 + i)] for v in curve]}
+                       for curve in tests[name]]
+                   for i, c in enumerate(CORRELATIONS)}
+            for name in tests}
+
+
+def test_table_prints_curve_mean_final_and_the_gaps_paired_by_seed():
+    """Per correlation: each model's held-out loss averaged over its curve and at its end, mean ±
+    standard deviation over seeds, then Shared-Bottom minus MMoE seed by seed (a hard task pair
+    raises both, not the gap) for both, and for the training loss's curve mean."""
+    rows = table(_curves()).splitlines()
+    # by hand, correlation 1.0: Shared-Bottom's curve means 0.7, 0.2, 0.45 and finals 0.5, 0.1, 0.3;
+    # MMoE's 0.45, 0.125, 0.2 and 0.4, 0.05, 0.1; training curve means 0.6 and 0.45 on every seed
+    sb_curve, sb_final = [0.7, 0.2, 0.45], [0.5, 0.1, 0.3]
+    mmoe_curve, mmoe_final = [0.45, 0.125, 0.2], [0.4, 0.05, 0.1]
+    omoe = [0.3, 0.3, 0.3], [0.2, 0.2, 0.2]
+    gaps = ([0.25, 0.075, 0.25], [0.1, 0.05, 0.2], [0.15, 0.15, 0.15])
     for i, correlation in enumerate(CORRELATIONS):
         scale = 1 + i
-        gap = [(b - m) * scale for b, m in zip(losses["shared_bottom"], losses["mmoe"])]  # 0.1, 0.05, 0.2
         expected = [f"{correlation}"]
-        for values in losses.values():
+        for values in (sb_curve, sb_final, *omoe, mmoe_curve, mmoe_final, *gaps):
             scaled = [v * scale for v in values]
-            expected += [f"{statistics.mean(scaled):.4f}", "±", f"{statistics.stdev(scaled):.4f}", "(median",
-                         f"{statistics.median(scaled):.4f})"]
-        expected += [f"{sum(gap) / 3:.4f}", "±", f"{statistics.stdev(gap):.4f}"]
+            expected += [f"{statistics.mean(scaled):.4f}", "±", f"{statistics.stdev(scaled):.4f}"]
         assert rows[1 + i].split() == expected
-    assert float(rows[-1].split()[-3]) == pytest.approx(3 * (0.1 + 0.05 + 0.2) / 3, abs=1e-4)
+    assert float(rows[3].split()[-9]) == pytest.approx(3 * (0.25 + 0.075 + 0.25) / 3, abs=1e-4)
+
+
+def test_gap_curve_prints_the_paired_gap_at_every_checkpoint():
+    rows = gap_curve(_curves()).splitlines()
+    assert rows[0].split() == ["step", "correlation", "1.0", "correlation", "0.9", "correlation", "0.5"]
+    by_step = {10: [0.4, 0.1, 0.3], 20: [0.1, 0.05, 0.2]}  # Shared-Bottom minus MMoE, seed by seed
+    for row, (step, gap) in zip(rows[1:], by_step.items()):
+        expected = [str(step)]
+        for scale in (1, 2, 3):
+            expected += [f"{statistics.mean(gap) * scale:.4f}", "±", f"{statistics.stdev(gap) * scale:.4f}"]
+        assert row.split() == expected
+    assert len(rows) == 3
+
+
+def test_task_table_prints_each_tasks_final_loss():
+    rows = task_table(_curves()).splitlines()
+    # correlation 0.5 (x3): Shared-Bottom's finals 0.5, 0.1, 0.3 split 1:3 between y1 and y2
+    assert rows[3].split()[:3] == ["0.5", f"{0.25 * 0.3 * 3:.4f}", f"{0.75 * 0.3 * 3:.4f}"]

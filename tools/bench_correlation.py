@@ -49,8 +49,10 @@ MODELS = {
     "mmoe": partial(MMoE, num_experts=8, expert=[16], tower=[8]),
 }
 CORRELATIONS = (1.0, 0.9, 0.5)
-FULL = {"rows": 40_000, "test_rows": 2_000, "epochs": 15, "seeds": 10}
-QUICK = {"rows": 20_000, "test_rows": 1_000, "epochs": 8, "seeds": 3}
+FULL = {"rows": 40_000, "test_rows": 2_000, "epochs": 15, "seeds": 10, "eval_every": 100}
+QUICK = {"rows": 20_000, "test_rows": 1_000, "epochs": 8, "seeds": 3, "eval_every": 50}
+BATCH = 256
+GAP = ("shared_bottom", "mmoe")  # the paper's comparison: Shared-Bottom's loss minus MMoE's
 
 
 def schema() -> Schema:
@@ -60,15 +62,18 @@ def schema() -> Schema:
 
 
 def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: int, epochs: int,
-          batch_size: int = 256, lr: float = 1e-3, alpha_std: float = 1.0, scale: float = 1.0) -> float:
-    """Final test loss (MSE of y1 + MSE of y2) of one model trained on one task pair; ``alpha_std``
-    and ``scale`` (the paper's c) shape the data, the same for every model."""
+          eval_every: int = 100, batch_size: int = BATCH, lr: float = 1e-3, alpha_std: float = 1.0,
+          scale: float = 1.0) -> dict[str, list]:
+    """One model trained on one task pair, with its loss curve, as Figure 4 plots it: every
+    ``eval_every`` steps, the training loss averaged over those steps (``train``) and each task's
+    MSE on the held-out rows (``test_tasks``, [y1, y2]; ``test`` is their sum), at ``steps``.
+    ``alpha_std`` and ``scale`` (the paper's c) shape the data, the same for every model."""
     data = partial(mmoe_regression_arrays, correlation=correlation, dim=DIM, seed=seed, alpha_std=alpha_std,
                    scale=scale)
     x, y = (torch.from_numpy(a) for a in data(rows))
     x_test, y_test = (torch.from_numpy(a) for a in data(test_rows, split="test"))
-    # each seed draws its own sine terms, so the targets' scale varies several-fold between task
-    # pairs; standardised targets (training statistics) put every pair's loss on one scale
+    # each seed draws its own task directions; standardised targets (training statistics) put
+    # every pair's loss on one scale (1 = predicting the mean)
     mean, std = y.mean(0), y.std(0)
     y, y_test = (y - mean) / std, (y_test - mean) / std
     torch.manual_seed(seed)
@@ -77,43 +82,58 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
 
-    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def task_losses(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # [2]: MSE of y1, y2
         out = model(inputs, no_ids)
-        return ((out["y1"] - targets[:, 0]) ** 2).mean() + ((out["y2"] - targets[:, 1]) ** 2).mean()
+        return torch.stack([((out[task] - targets[:, t]) ** 2).mean() for t, task in enumerate(("y1", "y2"))])
 
+    curve: dict[str, list] = {"steps": [], "train": [], "test": [], "test_tasks": []}
+    step, window = 0, []
     for _ in range(epochs):
         for batch in torch.randperm(rows, generator=generator).split(batch_size):
             optimizer.zero_grad(set_to_none=True)
-            loss(x[batch], y[batch]).backward()
+            loss = task_losses(x[batch], y[batch]).sum()
+            loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        return float(loss(x_test, y_test))
+            step, window = step + 1, [*window, loss.item()]
+            if step % eval_every == 0:
+                with torch.no_grad():
+                    held_out = task_losses(x_test, y_test).tolist()
+                curve["steps"].append(step)
+                curve["train"].append(statistics.mean(window))
+                curve["test_tasks"].append(held_out)
+                curve["test"].append(sum(held_out))
+                window = []
+    return curve
 
 
 def parameter_counts() -> dict[str, int]:
     return {name: sum(p.numel() for p in build(schema()).parameters()) for name, build in MODELS.items()}
 
 
-def _train_job(job: tuple[str, float, int, dict[str, float]]) -> float:
+def _train_job(job: tuple[str, float, int, dict[str, float]]) -> dict[str, list]:
     name, correlation, seed, settings = job
     return train(name, correlation, seed, int(settings["rows"]), int(settings["test_rows"]), int(settings["epochs"]),
-                 lr=settings.get("lr", 1e-3), alpha_std=settings.get("alpha_std", 1.0),
+                 int(settings["eval_every"]), lr=settings.get("lr", 1e-3), alpha_std=settings.get("alpha_std", 1.0),
                  scale=settings.get("scale", 1.0))
 
 
-def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[float]]]:
-    """Every (model, correlation, seed) run, in ``workers`` processes of ``threads`` torch threads
-    each; every run is seeded on its own, so the numbers do not depend on ``workers``."""
+def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[dict]]]:
+    """Every (model, correlation, seed) run's curve, in ``workers`` processes of ``threads`` torch
+    threads each; every run is seeded on its own, so the numbers do not depend on ``workers``."""
+    steps = settings["epochs"] * -(-settings["rows"] // BATCH)
+    if not 0 < settings["eval_every"] <= steps:
+        raise ValueError(f"--eval-every must be in 1..{steps} (the run's steps: epochs x rows / {BATCH}), "
+                         f"got {settings['eval_every']}")
     jobs = [(name, c, seed, settings) for c in CORRELATIONS for seed in range(settings["seeds"]) for name in MODELS]
     if workers > 1:
         with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), torch.set_num_threads,
                                  (threads,)) as pool:
-            losses = list(pool.map(_train_job, jobs))
+            curves = list(pool.map(_train_job, jobs))
     else:
-        losses = [_train_job(job) for job in jobs]
-    results: dict[str, dict[float, list[float]]] = {name: {c: [] for c in CORRELATIONS} for name in MODELS}
-    for (name, correlation, _, _), loss in zip(jobs, losses):
-        results[name][correlation].append(loss)
+        curves = [_train_job(job) for job in jobs]
+    results: dict[str, dict[float, list[dict]]] = {name: {c: [] for c in CORRELATIONS} for name in MODELS}
+    for (name, correlation, _, _), curve in zip(jobs, curves):
+        results[name][correlation].append(curve)
     return results
 
 
@@ -121,35 +141,82 @@ def _spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(results: dict[str, dict[float, list[float]]]) -> str:
-    """Mean ± spread (standard deviation over seeds) and the median per model, then Shared-Bottom's
-    loss minus MMoE's on the same seed (same task pair, rows and initial seed): mean ± spread."""
-    gap = "shared_bottom - mmoe"
-    lines = [f"{'correlation':<12}" + "".join(f"{name:>34}" for name in results) + f"{gap:>26}"]
+def _cell(values: list[float], width: int = 8) -> str:
+    return f"{statistics.mean(values):>{width}.4f} ± {_spread(values):<7.4f}"
+
+
+def summaries(curves: list[dict], key: str = "test") -> dict[str, list[float]]:
+    """Per seed: ``curve``, the mean of the loss over every checkpoint (the area under Figure 4's
+    curve per step, fixed as the summary before any run was looked at), and ``final``, its last
+    value."""
+    return {"curve": [statistics.mean(c[key]) for c in curves], "final": [c[key][-1] for c in curves]}
+
+
+def _paired(results: dict[str, dict[float, list[dict]]], correlation: float, pick) -> list[float]:
+    base, other = (results[name][correlation] for name in GAP)
+    return [pick(b) - pick(m) for b, m in zip(base, other)]
+
+
+def table(results: dict[str, dict[float, list[dict]]]) -> str:
+    """Per correlation and model: the held-out loss's curve mean and final value, mean ± spread
+    (standard deviation over seeds); then Shared-Bottom minus MMoE on the same seed (same task
+    pair, rows and initial seed) for both, and for the training loss's curve mean."""
+    gap = f"{GAP[0]} - {GAP[1]}: curve, final, train curve"
+    lines = [f"{'correlation':<12}" + "".join(f"{name + ' curve, final':>42}" for name in results) + f"   {gap}"]
     for correlation in CORRELATIONS:
         cells = []
         for name in results:
-            losses = results[name][correlation]
-            cells.append(f"{statistics.mean(losses):>14.4f} ± {_spread(losses):<7.4f} "
-                         f"(median {statistics.median(losses):.4f})")
-        paired = [b - m for b, m in zip(results["shared_bottom"][correlation], results["mmoe"][correlation])]
-        cells.append(f"{statistics.mean(paired):>17.4f} ± {_spread(paired):.4f}")
-        lines.append(f"{correlation:<12}" + "".join(cells))
+            summary = summaries(results[name][correlation])
+            cells.append(f"{_cell(summary['curve'], 18)} {_cell(summary['final'])}")
+        gaps = [_paired(results, correlation, lambda c: statistics.mean(c["test"])),
+                _paired(results, correlation, lambda c: c["test"][-1]),
+                _paired(results, correlation, lambda c: statistics.mean(c["train"]))]
+        lines.append(f"{correlation:<12}" + "".join(cells) + "   " + " ".join(_cell(g) for g in gaps))
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[float, list[float]]], path: Path) -> None:
-    """Mean test loss against correlation, one line per model, with the spread as error bars."""
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.subplots()
-    for name, by_correlation in results.items():
-        means = [statistics.mean(by_correlation[c]) for c in CORRELATIONS]
-        spreads = [_spread(by_correlation[c]) for c in CORRELATIONS]
-        axes.errorbar(CORRELATIONS, means, yerr=spreads, marker="o", capsize=3, label=name)
-    axes.set_xlabel("task correlation")
-    axes.set_ylabel("test loss (MSE y1 + MSE y2)")
-    axes.set_title("MMoE paper, Figure 4: loss vs task correlation")
-    axes.legend()
+def gap_curve(results: dict[str, dict[float, list[dict]]], points: int = 8) -> str:
+    """Shared-Bottom minus MMoE's held-out loss along the run, paired by seed (mean ± spread), at
+    ``points`` checkpoints spread evenly from the first to the last, one column per correlation."""
+    steps = results[GAP[0]][CORRELATIONS[0]][0]["steps"]
+    picks = sorted({round(i * (len(steps) - 1) / max(points - 1, 1)) for i in range(points)})
+    lines = [f"{'step':>6}" + "".join(f"{f'correlation {c}':>21}" for c in CORRELATIONS)]
+    for i in picks:
+        lines.append(f"{steps[i]:>6}" + "".join(
+            f"{_cell(_paired(results, c, lambda curve: curve['test'][i]), 11)}" for c in CORRELATIONS))
+    return "\n".join(lines)
+
+
+def task_table(results: dict[str, dict[float, list[dict]]]) -> str:
+    """Each task's final held-out MSE, mean over seeds: does one task carry a model's loss?"""
+    lines = [f"{'correlation':<12}" + "".join(f"{name + ' y1, y2':>28}" for name in results)]
+    for correlation in CORRELATIONS:
+        lines.append(f"{correlation:<12}" + "".join(
+            "".join(f"{statistics.mean(c['test_tasks'][-1][t] for c in results[name][correlation]):>14.4f}"
+                    for t in range(2)) for name in results))
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[float, list[dict]]], path: Path) -> None:
+    """Figure 4's layout: one panel per correlation, each model's mean held-out loss against the
+    training step, with the spread over seeds shaded."""
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    panels = figure.subplots(1, len(CORRELATIONS), sharey=True)
+    for axes, correlation in zip(panels, CORRELATIONS):
+        for name, by_correlation in results.items():
+            curves = by_correlation[correlation]
+            steps = curves[0]["steps"]
+            by_step = list(zip(*(c["test"] for c in curves)))
+            means = [statistics.mean(v) for v in by_step]
+            spreads = [_spread(list(v)) for v in by_step]
+            axes.plot(steps, means, label=name)
+            axes.fill_between(steps, [m - s for m, s in zip(means, spreads)],
+                              [m + s for m, s in zip(means, spreads)], alpha=0.15)
+        axes.set_title(f"correlation {correlation}")
+        axes.set_xlabel("training step")
+    panels[0].set_ylabel("held-out loss (MSE y1 + MSE y2)")
+    panels[-1].legend()
+    figure.suptitle("MMoE paper, Figure 4: loss along training per task correlation")
     figure.savefig(path, dpi=100)
 
 
@@ -175,12 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"parameters: {parameter_counts()}")
     print(f"{settings['seeds']} seeds, {settings['rows']} training rows, {settings['epochs']} epochs, "
           f"alpha_std {args.alpha_std}, c {args.scale}, lr {args.lr}, {args.workers} workers, {seconds:.0f} s\n"
-          f"{table(results)}")
+          f"{table(results)}\n\n{GAP[0]} - {GAP[1]}, held-out loss along the run:\n{gap_curve(results)}\n\n"
+          f"final held-out MSE per task:\n{task_table(results)}")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "correlation.png")
     (args.out / "results.json").write_text(json.dumps(
         {"settings": settings, "seconds": seconds, "parameters": parameter_counts(),
-         "losses": {name: {str(c): v for c, v in by.items()} for name, by in results.items()}}, indent=1))
+         "curves": {name: {str(c): v for c, v in by.items()} for name, by in results.items()}}))
     print(f"wrote {args.out / 'correlation.png'} and results.json")
     return 0
 
