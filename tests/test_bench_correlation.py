@@ -18,6 +18,17 @@ def test_parameter_counts_match_as_in_the_paper():
     assert max(counts.values()) / min(counts.values()) < 1.15, counts
 
 
+def test_bottom_sets_only_shared_bottoms_width():
+    """--bottom 8: Shared-Bottom is 100 -> 8 shared, then per task 8 -> 8 -> 1 (weights and biases);
+    the paper's 113 gives about as many parameters as MMoE's experts, gates and towers."""
+    narrow, paper = parameter_counts(bottom=8), parameter_counts()
+    assert narrow["shared_bottom"] == (100 * 8 + 8) + 2 * (8 * 8 + 8 + 8 + 1)
+    assert paper["shared_bottom"] == (100 * 113 + 113) + 2 * (113 * 8 + 8 + 8 + 1)
+    assert {name: narrow[name] for name in ("omoe", "mmoe")} == {name: paper[name] for name in ("omoe", "mmoe")}
+    with pytest.raises(ValueError, match="bottom width must be positive"):
+        parameter_counts(bottom=0)
+
+
 def test_train_records_the_curve_every_eval_every_steps():
     """600 rows in batches of 256 are 3 steps an epoch, 6 in 2 epochs: checkpoints at steps 2, 4,
     6, each with the mean training loss of its 2 steps and each task's held-out MSE."""
@@ -37,14 +48,16 @@ def test_eval_every_longer_than_the_run_is_refused():
 
 def test_tiny_run_reports_every_model_and_correlation(tmp_path, capsys):
     argv = ["--rows", "256", "--test-rows", "128", "--epochs", "2", "--seeds", "2", "--eval-every", "1",
-            "--workers", "1", "--alpha-std", "2", "--scale", "3", "--lr", "0.01"]
+            "--workers", "1", "--alpha-std", "2", "--scale", "3", "--lr", "0.01", "--bottom", "8"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     for name in MODELS:
         assert name in printed
     assert "held-out loss along the run" in printed and "final held-out MSE per task" in printed
     results = json.loads((tmp_path / "results.json").read_text())
-    assert [results["settings"][key] for key in ("alpha_std", "scale", "lr", "eval_every")] == [2.0, 3.0, 0.01, 1]
+    assert [results["settings"][key] for key in ("alpha_std", "scale", "lr", "eval_every", "bottom")] == [
+        2.0, 3.0, 0.01, 1, 8]
+    assert results["parameters"]["shared_bottom"] == 970
     for name in MODELS:
         for correlation in CORRELATIONS:
             curves = results["curves"][name][str(correlation)]

@@ -43,8 +43,9 @@ from lightning_mtr.schema import Schema
 from torchrec import KeyedJaggedTensor
 
 DIM = 100
+BOTTOM = 113  # the paper's Shared-Bottom width: 13056 / (100 + 8 x 2), as many parameters as the experts and towers
 MODELS = {
-    "shared_bottom": partial(SharedBottom, bottom=[113], tower=[8]),
+    "shared_bottom": partial(SharedBottom, bottom=[BOTTOM], tower=[8]),
     "omoe": partial(OMoE, num_experts=8, expert=[16], tower=[8]),
     "mmoe": partial(MMoE, num_experts=8, expert=[16], tower=[8]),
 }
@@ -61,9 +62,17 @@ def schema() -> Schema:
                                        {"name": "y2", "label": "y2", "kind": "regression"}]})
 
 
+def build(model_name: str, bottom: int = BOTTOM) -> torch.nn.Module:
+    """One of ``MODELS``; ``bottom`` sets Shared-Bottom's width (the paper's 113 matches the
+    others' parameters; narrower ones show what the width does, nothing else changes)."""
+    if bottom < 1:
+        raise ValueError(f"Shared-Bottom's bottom width must be positive, got {bottom}")
+    return MODELS[model_name](schema(), **({"bottom": [bottom]} if model_name == "shared_bottom" else {}))
+
+
 def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: int, epochs: int,
           eval_every: int = 100, batch_size: int = BATCH, lr: float = 1e-3, alpha_std: float = 1.0,
-          scale: float = 1.0) -> dict[str, list]:
+          scale: float = 1.0, bottom: int = BOTTOM) -> dict[str, list]:
     """One model trained on one task pair, with its loss curve, as Figure 4 plots it: every
     ``eval_every`` steps, the training loss averaged over those steps (``train``) and each task's
     MSE on the held-out rows (``test_tasks``, [y1, y2]; ``test`` is their sum), at ``steps``.
@@ -77,7 +86,7 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
     mean, std = y.mean(0), y.std(0)
     y, y_test = (y - mean) / std, (y_test - mean) / std
     torch.manual_seed(seed)
-    model = MODELS[model_name](schema())
+    model = build(model_name, bottom)
     no_ids = KeyedJaggedTensor.empty()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -106,15 +115,15 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
     return curve
 
 
-def parameter_counts() -> dict[str, int]:
-    return {name: sum(p.numel() for p in build(schema()).parameters()) for name, build in MODELS.items()}
+def parameter_counts(bottom: int = BOTTOM) -> dict[str, int]:
+    return {name: sum(p.numel() for p in build(name, bottom).parameters()) for name in MODELS}
 
 
 def _train_job(job: tuple[str, float, int, dict[str, float]]) -> dict[str, list]:
     name, correlation, seed, settings = job
     return train(name, correlation, seed, int(settings["rows"]), int(settings["test_rows"]), int(settings["epochs"]),
                  int(settings["eval_every"]), lr=settings.get("lr", 1e-3), alpha_std=settings.get("alpha_std", 1.0),
-                 scale=settings.get("scale", 1.0))
+                 scale=settings.get("scale", 1.0), bottom=int(settings.get("bottom", BOTTOM)))
 
 
 def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[dict]]]:
@@ -232,14 +241,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="alpha ~ N(0, alpha_std^2): the sines' frequency (the paper does not give alpha)")
     parser.add_argument("--scale", type=float, default=1.0, help="the paper's c: |w1| = |w2| = c")
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (the paper gives none)")
+    parser.add_argument("--bottom", type=int, default=BOTTOM,
+                        help=f"Shared-Bottom's width (default the paper's {BOTTOM}; narrower to see what it does)")
     args = parser.parse_args(argv)
     settings = {key: getattr(args, key) or (QUICK if args.quick else FULL)[key] for key in FULL}
-    settings |= {"alpha_std": args.alpha_std, "scale": args.scale, "lr": args.lr}
+    settings |= {"alpha_std": args.alpha_std, "scale": args.scale, "lr": args.lr, "bottom": args.bottom}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     results = run(settings, args.workers, args.threads)
     seconds = time.perf_counter() - started
-    print(f"parameters: {parameter_counts()}")
+    print(f"parameters: {parameter_counts(args.bottom)}")
     print(f"{settings['seeds']} seeds, {settings['rows']} training rows, {settings['epochs']} epochs, "
           f"alpha_std {args.alpha_std}, c {args.scale}, lr {args.lr}, {args.workers} workers, {seconds:.0f} s\n"
           f"{table(results)}\n\n{GAP[0]} - {GAP[1]}, held-out loss along the run:\n{gap_curve(results)}\n\n"
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "correlation.png")
     (args.out / "results.json").write_text(json.dumps(
-        {"settings": settings, "seconds": seconds, "parameters": parameter_counts(),
+        {"settings": settings, "seconds": seconds, "parameters": parameter_counts(args.bottom),
          "curves": {name: {str(c): v for c, v in by.items()} for name, by in results.items()}}))
     print(f"wrote {args.out / 'correlation.png'} and results.json")
     return 0
