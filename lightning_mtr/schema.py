@@ -8,6 +8,7 @@ tables, the model heads, the losses and the metrics are all built from the same
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
@@ -51,6 +52,11 @@ class SparseFeature:
     the query, the context; the default) or ``item`` (the candidate being scored). Models that
     build a representation once per request and score many candidates (DUPN), and a user/item
     tower split, read the item side only where the candidate enters.
+
+    ``init_range``: the table's weights start uniform in ``[-init_range, init_range]``. Unset,
+    TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
+    vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
+    ids apart (DUPN's CTR AUC 0.75 instead of 0.85 on its behaviour log; README: DUPN).
     """
 
     name: str
@@ -65,6 +71,7 @@ class SparseFeature:
     hashed: bool = False
     sequence: bool = False
     side: Side = "user"
+    init_range: float | None = None
 
     @property
     def source_column(self) -> str:
@@ -162,6 +169,7 @@ class EmbeddingTable:
     embedding_dim: int
     pooling: Pooling
     feature_names: tuple[str, ...]
+    init_range: float | None = None  # None: TorchRec's sqrt(1 / num_embeddings)
 
 
 @dataclass(frozen=True)
@@ -229,7 +237,7 @@ class Schema:
             by_name.setdefault(feature.table_name, []).append(feature)
         return [
             EmbeddingTable(name, group[0].num_embeddings, group[0].embedding_dim, group[0].pooling,
-                           tuple(f.name for f in group))
+                           tuple(f.name for f in group), group[0].init_range)
             for name, group in by_name.items()
         ]
 
@@ -309,6 +317,9 @@ class Schema:
                     f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                     f"(num_embeddings, embedding_dim, pooling): {sorted(shapes)}"
                 )
+            if len({f.init_range for f in users}) > 1:
+                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
+                                 f"init_range: {[f.init_range for f in users]}; set it on each, or on none")
             if len({f.sequence for f in users}) > 1:
                 raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
                                  "a table is looked up pooled or unpooled, so give the sequence its own table")
@@ -391,6 +402,10 @@ def _validate_sparse(feature: SparseFeature) -> None:
         raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
+    if feature.init_range is not None and not (isinstance(feature.init_range, (int, float))
+                                               and 0 < feature.init_range < math.inf):
+        raise ValueError(f"{where}: init_range must be a positive number (weights start uniform in "
+                         f"[-init_range, init_range]), got {feature.init_range!r}")
 
 
 def _build(cls: type, config: Any, what: str) -> Any:

@@ -79,6 +79,7 @@ def test_conf_holds_the_expected_files():
             "conf/data/aliexpress.yaml", "conf/data/criteo.yaml", "conf/data/ali_ccp_esmm.yaml",
             "conf/data/byterec.yaml",
             "conf/models/esmm.yaml", "conf/models/esm2.yaml", "conf/models/esmm_base.yaml", "conf/models/dupn.yaml",
+            "conf/models/dupn_no_sequence.yaml", "conf/models/dupn_shared_bottom.yaml",
             "conf/plan/large_ads.yaml"} <= names
     assert {"conf/trainer/cpu_2proc.yaml", "conf/trainer/gpu.yaml"} <= {_name(p) for p in OVERLAYS}
 

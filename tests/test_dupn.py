@@ -300,7 +300,8 @@ def test_behaviour_parts_of_different_lengths_are_refused():
 
 @pytest.mark.parametrize("change, message", [
     ({"item_part": ["item_category"]}, r"item_part must name sequence features of the schema's request side"),
-    ({"property_part": []}, "property_part must name sequence features"),
+    ({"property_part": []}, "item_part and property_part are both set .* or both empty"),
+    ({"item_part": [], "property_part": []}, None),  # the ablation without the sequence: built
     ({"user_features": ["hist_item"]}, "user_features must name pooled sparse features"),
     ({"user_features": ["item_id"]}, "user_features must name pooled sparse features"),
     ({"heads": {"ctr": ["d0"]}}, r"heads\['ctr'\] reads \['d0'\], which are not candidate features"),
@@ -310,6 +311,9 @@ def test_behaviour_parts_of_different_lengths_are_refused():
     ({"heads": {"ltr": ["item_id"]}}, r"tasks \['ltr'\] are in both heads and ranking_features"),
 ])
 def test_bad_parts_and_heads_are_refused_by_name(change, message):
+    if message is None:
+        assert not hasattr(_model(**change), "lstm")
+        return
     with pytest.raises(ValueError, match=message):
         _model(**change)
     assert MODELS["dupn"] is DUPN
@@ -407,3 +411,61 @@ def test_sequence_tables_built_on_meta_get_torchrecs_initialisation():
     materialize(model, "cpu")
     weight = model.features.sequence_embeddings.embeddings["hist_item"].weight
     assert not weight.is_meta and weight.abs().max() <= (1 / 30) ** 0.5 and weight.std() > 0
+
+
+# the request and the candidate without any behaviour sequence (pooled features only): the
+# schema of DUPN's ablation without the sequence (conf/models/dupn_no_sequence.yaml)
+FLAT_SCHEMA = Schema.from_dict(SCHEMA_CONFIG | {"sparse": [
+    {"name": "user_id", "num_embeddings": 20, "embedding_dim": 4},
+    {"name": "item_id", "num_embeddings": 30, "embedding_dim": 4, "side": "item"},
+    {"name": "query", "table": "category", "num_embeddings": 6, "embedding_dim": 8},
+    {"name": "item_category", "table": "category", "num_embeddings": 6, "embedding_dim": 8, "side": "item"}]})
+
+
+def test_without_the_sequence_an_mlp_of_the_request_takes_the_behaviour_vectors_place():
+    """Both parts empty: rep = [relu(W [query, d0] + b); u], as wide as DUPN's, the same heads."""
+    model = _model(FLAT_SCHEMA, item_part=[], property_part=[])
+    assert not hasattr(model, "lstm") and not hasattr(model, "attention")
+    assert model.features.sequences(_encode(_table([[1]]), FLAT_SCHEMA).sparse) == {}
+    batch = _encode(_table([[1, 2], [3], [4]], items=[3, 11, 17]), FLAT_SCHEMA)
+    rep = model.user_representation(batch.dense, batch.sparse)
+    assert rep.shape == (3, 32)
+    tables = model.features.embeddings.embedding_bags
+    query = tables["category"].weight[[0, 3, 0]]  # the query column is (3 * row) % 6
+    request = torch.cat([query, torch.full((3, 1), 0.5)], dim=1)  # the request side: query, then d0
+    layer = model.request[0]
+    user_layer = model.user[0]
+    user = torch.relu(tables["user_id"].weight[[0, 1, 2]] @ user_layer.weight.T + user_layer.bias)
+    expected = torch.cat([torch.relu(request @ layer.weight.T + layer.bias), user], dim=1)
+    torch.testing.assert_close(rep, expected)
+    logits = model(batch.dense, batch.sparse)
+    assert {task: tuple(v.shape) for task, v in logits.items()} == {"ctr": (3,), "ltr": (3,), "ppp": (3, 5)}
+
+
+def test_init_range_reaches_every_kind_of_table():
+    """``init_range: r`` starts a table uniform in [-r, r] whether it is pooled (built directly, or
+    by the fused collection from meta), or a sequence table materialised from meta; unset, it is
+    TorchRec's +-sqrt(1 / rows)."""
+    from lightning_mtr.nn.features import FeatureInput
+    from lightning_mtr.nn.meta import materialize
+
+    config = SCHEMA_CONFIG | {"sparse": [dict(f, init_range=0.75) if f["name"] in ("user_id", "hist_type") else f
+                                         for f in SCHEMA_CONFIG["sparse"]]}
+    schema = Schema.from_dict(config)
+
+    def spread(weight: torch.Tensor, bound: float) -> bool:  # within the bound and reaching towards it
+        return bool(weight.abs().max() <= bound and weight.abs().max() > 0.8 * bound)
+
+    direct = FeatureInput(schema, device="cpu")
+    assert spread(direct.embeddings.embedding_bags["user_id"].weight, 0.75)
+    assert spread(direct.embeddings.embedding_bags["item_id"].weight, (1 / 30) ** 0.5)
+    with torch.device("meta"):
+        model = _model(schema)
+    materialize(model, "cpu")
+    fuse_sparse_optimizer(model, SparseOptimizer(), torch.device("cpu"))
+    sequence = model.features.sequence_embeddings.embeddings
+    assert spread(sequence["hist_type"].weight, 0.75)
+    assert spread(sequence["hist_item"].weight, (1 / 30) ** 0.5)
+    pooled = dict(model.features.embeddings.named_parameters())
+    assert spread(next(w for n, w in pooled.items() if "user_id" in n), 0.75)
+    assert spread(next(w for n, w in pooled.items() if "item_id" in n), (1 / 30) ** 0.5)

@@ -41,7 +41,9 @@ class DUPN(nn.Module):
             describes the request: the behaviour parts, the user profile and the query/context
             (the remaining ``side: user`` features: dense, pooled, and sequences summed).
         item_part: sequence features of a behaviour's item (their embeddings are concatenated).
-        property_part: sequence features of a behaviour's property.
+        property_part: sequence features of a behaviour's property. Both empty: the ablation
+            without the behaviour sequence (conf/models/dupn_no_sequence.yaml), where an MLP over
+            the query/context features takes the place of LSTM and attention, at the same width.
         user_features: pooled sparse features of the user profile, for the user vector.
         heads: ``{task: [item-side features]}`` that each MLP head reads next to ``rep``; a task
             named neither here nor in ``ranking_features`` reads ``rep`` alone.
@@ -70,8 +72,11 @@ class DUPN(nn.Module):
         width = self.features.widths
         query_in = width(self.query_features)
         self.user = MLP(width(self.user_features), [user_dim])
-        self.lstm = PropertyGatedLSTM(width(self.item_part), width(self.property_part), lstm_hidden)
-        self.attention = BehaviourAttention(lstm_hidden, width(self.property_part), query_in + user_dim, attention)
+        if self.item_part:
+            self.lstm = PropertyGatedLSTM(width(self.item_part), width(self.property_part), lstm_hidden)
+            self.attention = BehaviourAttention(lstm_hidden, width(self.property_part), query_in + user_dim, attention)
+        else:
+            self.request = MLP(query_in, [lstm_hidden])
         self.representation_dim = lstm_hidden + user_dim
         self.tasks = schema.task_names
         self.towers = TaskTowers({t: schema.task_outputs[t] for t in self.head_features},
@@ -101,6 +106,8 @@ class DUPN(nn.Module):
         gather = self.features.gather
         user = self.user(gather(features, sequences, self.user_features))
         query = gather(features, sequences, self.query_features)
+        if not self.item_part:
+            return torch.cat([self.request(query), user], dim=1)
         lengths = sequences[self.item_part[0]][1]
         parts = torch.stack([sequences[name][1] for name in self.item_part + self.property_part])
         torch._assert_async((parts == lengths).all(),  # checked without waiting for a GPU
@@ -129,10 +136,13 @@ def _check(schema: Schema, features: FeatureInput, item_part: list[str], propert
     """Refuse parts and heads that would not make the paper's model; ``-> (MLP heads, ranking heads)``."""
     user_side, item_side = set(schema.features_on_side("user")), set(schema.features_on_side("item"))
     sequences, pooled = set(features.sequence_names), set(features.feature_names)
+    if bool(item_part) != bool(property_part):
+        raise ValueError("DUPN: item_part and property_part are both set (a behaviour's item and its property) or "
+                         f"both empty (the ablation without the sequence); got {item_part} and {property_part}")
     for name, part, kind in (("item_part", item_part, sequences), ("property_part", property_part, sequences),
                              ("user_features", user_features, pooled)):
         what = "sequence" if kind is sequences else "pooled sparse"
-        if not part or not set(part) <= kind & user_side:
+        if (not part and kind is pooled) or not set(part) <= kind & user_side:
             raise ValueError(f"DUPN: {name} must name {what} features of the schema's request side (side: user): "
                              f"{sorted(kind & user_side)}; got {part}")
     tasks = set(schema.task_names)

@@ -13,24 +13,28 @@ from torchrec import (
 )
 from torchrec.modules.embedding_configs import PoolingType
 
-from lightning_mtr.schema import Schema
+from lightning_mtr.schema import EmbeddingTable, Schema
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
+def _table_arguments(table: EmbeddingTable) -> dict:
+    """What every TorchRec config of ``table`` gets; an unset init range keeps TorchRec's default,
+    which the fused, sharded and unpooled tables all read from the config."""
+    init = {} if table.init_range is None else {"weight_init_min": -table.init_range,
+                                                 "weight_init_max": table.init_range}
+    return dict(name=table.name, num_embeddings=table.num_embeddings, embedding_dim=table.embedding_dim,
+                feature_names=list(table.feature_names), **init)
+
+
 def embedding_configs(schema: Schema) -> list[EmbeddingBagConfig]:
     """One TorchRec table config per pooled schema table (shared tables list all their features)."""
-    return [
-        EmbeddingBagConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                           feature_names=list(t.feature_names), pooling=_POOLING[t.pooling])
-        for t in schema.pooled_tables
-    ]
+    return [EmbeddingBagConfig(**_table_arguments(t), pooling=_POOLING[t.pooling]) for t in schema.pooled_tables]
 
 
 def sequence_configs(schema: Schema) -> list[EmbeddingConfig]:
     """One TorchRec table config per table of sequence features (looked up unpooled)."""
-    return [EmbeddingConfig(name=t.name, num_embeddings=t.num_embeddings, embedding_dim=t.embedding_dim,
-                            feature_names=list(t.feature_names)) for t in schema.sequence_tables]
+    return [EmbeddingConfig(**_table_arguments(t)) for t in schema.sequence_tables]
 
 
 class FeatureInput(nn.Module):
@@ -110,7 +114,9 @@ class FeatureInput(nn.Module):
 
     def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past
-        each row's length; L is the longest sequence of the batch."""
+        each row's length; L is the longest sequence of the batch. Empty without sequence features."""
+        if not self.sequence_names:
+            return {}
         looked_up = self.sequence_embeddings(sparse)
         return {name: _padded(looked_up[name].values(), looked_up[name].lengths()) for name in self.sequence_names}
 
