@@ -9,9 +9,10 @@ import math
 import statistics
 
 import pytest
+import torch
 
-from tools.bench_correlation import (BATCH, CORRELATIONS, FULL, MODELS, QUICK, gap_curve, main, parameter_counts, run,
-                                     table, task_pair, task_table, train)
+from tools.bench_correlation import (BATCH, CORRELATIONS, FULL, MODELS, QUICK, best_validation, early_stopping_table,
+                                     gap_curve, main, parameter_counts, run, table, task_pair, task_table, train)
 
 
 def test_parameter_counts_match_as_in_the_paper():
@@ -86,7 +87,7 @@ def test_full_and_quick_runs_see_every_training_row_once():
 def test_the_models_of_one_seed_share_one_draw_of_rows():
     first = task_pair(0.5, 0, 300, 50)
     assert task_pair(0.5, 0, 300, 50) is first
-    x, y, _, _ = first
+    x, y, *_ = first
     assert x.shape == (300, 100) and y.mean(0).abs().max() < 1e-5 and (y.std(0) - 1).abs().max() < 1e-5
 
 
@@ -140,3 +141,50 @@ def test_task_table_prints_each_tasks_final_loss():
     rows = task_table(_curves()).splitlines()
     # correlation 0.5 (x3): Shared-Bottom's finals 0.5, 0.1, 0.3 split 1:3 between y1 and y2
     assert rows[3].split()[:3] == ["0.5", f"{0.25 * 0.3 * 3:.4f}", f"{0.75 * 0.3 * 3:.4f}"]
+
+
+def test_validation_rows_are_their_own_stream_and_recorded_at_every_checkpoint():
+    """--val-rows: rows drawn from their own stream (neither training nor test rows), standardised
+    with the training statistics, and their summed MSE at every checkpoint beside the test loss."""
+    x, y, x_test, _, x_val, y_val = task_pair(0.5, 0, 300, 50, val_rows=40)
+    assert x_val.shape == (40, 100) and y_val.shape == (40, 2)
+    assert not torch.equal(x_val, x_test[:40]) and not torch.equal(x_val, x[:40])
+    curve = train("shared_bottom", 0.5, seed=0, rows=600, test_rows=64, epochs=2, eval_every=2, val_rows=40)
+    assert len(curve["val"]) == len(curve["steps"]) == 3 and all(math.isfinite(v) and v > 0 for v in curve["val"])
+    assert "val" not in train("shared_bottom", 0.5, seed=0, rows=600, test_rows=64, epochs=1, eval_every=3)
+
+
+def test_best_validation_is_the_test_loss_where_validation_is_lowest():
+    curve = {"steps": [10, 20, 30], "val": [0.9, 0.4, 0.6], "test": [1.0, 0.5, 0.3]}
+    assert best_validation(curve) == 0.5  # not the last (0.3) nor the lowest test loss
+
+
+def test_early_stopping_table_pairs_the_gap_by_seed_and_across_correlations():
+    """Two seeds; Shared-Bottom's loss at its best validation checkpoint is 0.5, 0.6 at every
+    correlation, MMoE's is 0.4, 0.6 at 1.0 and falls with the correlation's index i by 0.1 i on
+    seed 0 and 0.05 i on seed 1, so the paired gap is [0.1, 0.0], [0.2, 0.05], [0.3, 0.1]."""
+    def run_of(test: float) -> dict:  # the second checkpoint is the best on validation
+        return {"steps": [1, 2], "val": [1.0, 0.5], "test": [9.0, test]}
+    results = {"shared_bottom": {c: [run_of(0.5), run_of(0.6)] for c in CORRELATIONS},
+               "omoe": {c: [run_of(0.7), run_of(0.7)] for c in CORRELATIONS},
+               "mmoe": {c: [run_of(0.4 - 0.1 * i), run_of(0.6 - 0.05 * i)] for i, c in enumerate(CORRELATIONS)}}
+    rows = early_stopping_table(results).splitlines()
+    for i, (correlation, moved) in enumerate(zip(CORRELATIONS, ([0.0, 0.0], [0.1, 0.05], [0.2, 0.1]))):
+        mmoe = [0.4 - 0.1 * i, 0.6 - 0.05 * i]
+        gap = [0.5 - mmoe[0], 0.6 - mmoe[1]]
+        expected = [str(correlation)]
+        for values in ([0.5, 0.6], [0.7, 0.7], mmoe, gap, moved):
+            expected += [f"{statistics.mean(values):.4f}", "±", f"{statistics.stdev(values):.4f}"]
+        assert rows[1 + i].split() == [*expected, f"{sum(m > 0 for m in moved)}/2"]
+    assert rows[3].split()[-1] == "2/2" and rows[1].split()[-1] == "0/2"
+
+
+def test_val_rows_prints_the_early_stopping_table(tmp_path, capsys):
+    argv = ["--rows", "256", "--test-rows", "64", "--val-rows", "32", "--epochs", "2", "--seeds", "2",
+            "--eval-every", "1", "--workers", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "test loss at the best of 32 validation rows' checkpoints" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["val_rows"] == 32
+    assert all(len(curve["val"]) == 2 for curve in results["curves"]["mmoe"]["0.5"])
