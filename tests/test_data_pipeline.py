@@ -700,3 +700,29 @@ def test_standardised_features_cannot_be_encoded_without_statistics():
     encoder.check_columns(pa.schema([("x", pa.float64()), ("click", pa.int64())]), "a.parquet")
     with pytest.raises(ValueError, match="needs dense statistics"):
         encoder.encode(pa.table({"x": [1.0], "click": [1]}), ["a.parquet"])
+
+
+def test_an_encoder_without_labels_reads_features_and_extras_only(tmp_path):
+    """``labels=False`` (predict): no label, sample-space, weight or group column is needed, from
+    Parquet or CSV, and the batches carry none; the features encode as with labels."""
+    schema = Schema.from_dict({
+        "sparse": [{"name": "shop", "num_embeddings": 10}], "dense": [{"name": "price"}],
+        "tasks": [{"name": "ctr", "label": "click"}, {"name": "cvr", "label": "buy", "sample_space": "click == 1"},
+                  {"name": "rank", "label": "grade", "kind": "ranking", "group": "request",
+                   "ranking_loss": "pointwise", "weight_column": "n"}],
+    })
+    labelled = pa.table({"shop": [3, 1], "price": [0.5, 2.0], "click": [1, 0], "buy": [1, 0], "grade": [2, 0],
+                         "n": [1.0, 1.0], "request": [7, 7], "row_id": [11, 12]})
+    unlabelled = labelled.select(["shop", "price", "row_id"])
+    encoder = BatchEncoder(schema, extras=["row_id"], labels=False)
+    assert encoder.columns == ["shop", "price", "row_id"] and encoder.numeric_columns == ["price"]
+    (tmp_path / "log.csv").write_text("shop,price,row_id\n3,0.5,11\n1,2.0,12\n")
+    for path in (write_parquet(tmp_path / "log.parquet", unlabelled.to_pydict()), str(tmp_path / "log.csv")):
+        (batch,) = BatchStream(plan_units([path], encoder), encoder, batch_size=8)
+        assert batch.labels == {} and batch.masks == {} and batch.groups == {} and batch.row_weights == {}
+        assert batch.extras["row_id"].tolist() == [11, 12]
+        expected = BatchEncoder(schema, extras=["row_id"]).encode(labelled, ["log.parquet"])
+        torch.testing.assert_close(batch.dense, expected.dense)
+        assert torch.equal(batch.sparse.values(), expected.sparse.values())
+    with pytest.raises(DataError, match=r"log.parquet: missing column 'buy'"):
+        BatchEncoder(schema).check_columns(unlabelled.schema, "log.parquet")

@@ -108,6 +108,16 @@ def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, m
     position = pq.read_table(data / "test.parquet", columns=["position"]).column("position").to_numpy()
     np.testing.assert_array_equal(written.column("position").to_numpy(), position)
 
+    # a serving log has no label columns: predict reads the features and extras only
+    labels = sorted(trained.datamodule.schema.label_columns)
+    unlabelled = tmp_path / "unlabelled.parquet"
+    pq.write_table(pq.read_table(data / "test.parquet").drop_columns(labels), unlabelled)
+    main(["predict", *_fit_args(tmp_path, *SMALL_DATA), "--ckpt_path", str(checkpoint), "--data.extras", "[position]",
+          "--data.predict", str(unlabelled), "--prediction_writer.output_dir", str(tmp_path / "unlabelled_out")])
+    scored = pq.read_table(tmp_path / "unlabelled_out" / "predictions-rank0.parquet")
+    for key, values in expected.items():
+        np.testing.assert_allclose(scored.column(key).to_numpy(), values, rtol=1e-5, atol=1e-6, err_msg=key)
+
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
     """1 epoch, checkpoint, resume for epoch 2 == 2 epochs in one go (weights, optimizers, data order)."""

@@ -117,7 +117,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.dense_stats: DenseStats | None = None
         self.resume_position: dict[str, int] | None = None
         self.label_order: tuple[tuple[str, str], ...] = ()
-        self._encoder: BatchEncoder | None = None
+        self._encoders: dict[bool, BatchEncoder] = {}  # by whether it reads labels
 
     def prepare_data(self) -> None:
         if self.synthetic is not None:
@@ -135,17 +135,23 @@ class MultiTaskDataModule(L.LightningDataModule):
         data module is built before, and apart from, the model."""
         order = checked_label_order(self.schema, pairs)
         if order != self.label_order:
-            self.label_order, self._encoder = order, None
+            self.label_order, self._encoders = order, {}
 
     @property
     def encoder(self) -> BatchEncoder:
         """Built on first use: after a checkpoint restore, whose dense statistics it then uses
         (Lightning restores after ``setup``), so validate/test/predict need no training data."""
-        if self._encoder is None:
+        return self._encoder_for(labels=True)
+
+    def _encoder_for(self, labels: bool) -> BatchEncoder:
+        """``labels=False``: predict's, which reads features and extras only, so a serving log
+        without label columns scores."""
+        if labels not in self._encoders:
             if self.dense_stats is None and self.schema.needs_dense_stats:
                 self.dense_stats = self._training_stats()
-            self._encoder = BatchEncoder(self.schema, self.dense_stats, self.extras, self.label_order)
-        return self._encoder
+            self._encoders[labels] = BatchEncoder(self.schema, self.dense_stats, self.extras, self.label_order,
+                                                  labels=labels)
+        return self._encoders[labels]
 
     def _training_stats(self) -> DenseStats:
         if not self.paths["train"]:
@@ -157,10 +163,11 @@ class MultiTaskDataModule(L.LightningDataModule):
     def _loader(self, split: str, training: bool) -> DataLoader:
         if not self.paths[split]:
             raise ValueError(f"no {split} data configured (data.{split})")
-        units = plan_units(list_files(self.paths[split]), self.encoder, self.text_format)
+        encoder = self._encoder_for(labels=split != "predict")
+        units = plan_units(list_files(self.paths[split]), encoder, self.text_format)
         trainer = self.trainer
         stream = BatchStream(
-            units, self.encoder, self.batch_size if training else self.eval_batch_size,
+            units, encoder, self.batch_size if training else self.eval_batch_size,
             shuffle_buffer=self.shuffle_buffer if training else 0, seed=self.seed,
             rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
             even_batches=training and trainer is not None and trainer.world_size > 1,
@@ -212,7 +219,7 @@ class MultiTaskDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("dense_stats"):
             self.dense_stats = DenseStats(**{k: tuple(v) for k, v in state["dense_stats"].items()})
-            self._encoder = None
+            self._encoders = {}
         # only a resumed fit continues mid-epoch (a checkpoint loaded to validate says nothing
         # about where a later fit starts)
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"

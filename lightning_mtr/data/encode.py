@@ -41,22 +41,25 @@ class BatchEncoder:
     earlier one on a row both sample spaces hold (a model's conversion funnel, e.g. ESMM's
     ``("ctr", "ctcvr")``: pCTCVR = pCTR * pCVR <= pCTR, so a conversion without a click
     cannot be fit). ``dense_stats`` may be left out by an encoder that only checks columns
-    (``check_columns``).
+    (``check_columns``). ``labels=False`` reads the features and extras only, for scoring a
+    log that has no labels (``predict``): its batches carry no labels, masks or groups.
     """
 
     def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = (),
-                 label_order: Sequence[tuple[str, str]] = ()):
+                 label_order: Sequence[tuple[str, str]] = (), labels: bool = True):
         self.schema = schema
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
-        self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks]
-        self.label_order = checked_label_order(schema, label_order)
+        self.labels = labels
+        self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks] if labels else []
+        self.label_order = checked_label_order(schema, label_order) if labels else ()
+        self._label_columns = sorted(schema.label_columns) if labels else []
+        self._group_columns = schema.group_columns if labels else []
 
     @property
     def columns(self) -> list[str]:
         """Every column the encoder reads, in a stable order without repeats."""
-        wanted = (self.schema.input_columns + sorted(self.schema.label_columns) + self.schema.group_columns
-                  + list(self.extras))
+        wanted = self.schema.input_columns + self._label_columns + self._group_columns + list(self.extras)
         return list(dict.fromkeys(wanted))
 
     @property
@@ -64,19 +67,19 @@ class BatchEncoder:
         """Single-valued ``hashed`` id columns and group columns (only equality of their ids
         matters): always read as strings from CSV, whatever one file's first block looks like."""
         hashed = [f.source_column for f in self.schema.sparse if f.hashed and not f.multi_valued]
-        return list(dict.fromkeys(hashed + self.schema.group_columns))
+        return list(dict.fromkeys(hashed + self._group_columns))
 
     @property
     def numeric_columns(self) -> list[str]:
         """Dense features and label/sample-space columns: always read as float64 from CSV."""
-        return [f.source_column for f in self.schema.dense] + sorted(self.schema.label_columns)
+        return [f.source_column for f in self.schema.dense] + self._label_columns
 
     def check_columns(self, arrow_schema: pa.Schema, source: str) -> None:
         """Fail early, naming the file and column, on a missing column or a wrong type."""
         kinds = {f.source_column: ("sparse", f) for f in self.schema.sparse}
         kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
-        kinds.update({c: ("numeric", None) for c in sorted(self.schema.label_columns) + list(self.extras)})
-        kinds.update({c: ("group", None) for c in self.schema.group_columns})
+        kinds.update({c: ("numeric", None) for c in self._label_columns + list(self.extras)})
+        kinds.update({c: ("group", None) for c in self._group_columns})
         for column, (kind, feature) in kinds.items():
             if column not in arrow_schema.names:
                 raise DataError(f"{source}: missing column {column!r}")
@@ -97,9 +100,9 @@ class BatchEncoder:
 
     def encode(self, table: pa.Table, sources: Sequence[str]) -> Batch:
         checker = RowChecker(table, sources)
-        raw = {c: numeric_column(table.column(c), c, checker) for c in self.schema.label_columns}
+        raw = {c: numeric_column(table.column(c), c, checker) for c in self._label_columns}
         labels, masks, values, row_weights = {}, {}, {}, {}
-        groups = {c: group_ids(table.column(c)) for c in self.schema.group_columns}
+        groups = {c: group_ids(table.column(c)) for c in self._group_columns}
         for task, label, space in self._labels:
             values[task.name] = np.broadcast_to(np.asarray(label.evaluate(raw), dtype=np.float64), (table.num_rows,))
             mask = np.ones(table.num_rows, bool) if space is None else np.asarray(space.evaluate(raw), bool)
