@@ -9,6 +9,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
+from lightning_mtr.data.encode import DataError
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.distributed import checkpoint, plan_tool
@@ -38,12 +39,18 @@ class MultiTaskCLI(LightningCLI):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself)."""
+    """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
+    Bad input data ends the run with its message (the file, the column, the fix) on one line of
+    stderr and exit status 2, not a traceback through Lightning's loops."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
-    MultiTaskCLI(args=argv)
+    try:
+        MultiTaskCLI(args=argv)
+    except DataError as error:
+        print(f"lightning-mtr: error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -191,3 +191,17 @@ def test_synth_impressions_writes_three_files(tmp_path, at_repo_root, capsys):
     assert [f.name for f in files] == ["test.parquet", "train.parquet", "val.parquet"]
     assert {f.stem: pq.ParquetFile(f).metadata.num_rows for f in files} == {"train": 300, "val": 100, "test": 50}
     assert capsys.readouterr().out.count(".parquet:") == 3
+
+
+def test_bad_data_ends_with_one_line_naming_file_and_column(fitted, at_repo_root, capsys):
+    """A scoring log missing a feature column: exit status 2 and the DataError's message on
+    stderr, no traceback."""
+    bad = fitted["root"] / "no_position.parquet"
+    pq.write_table(pq.read_table(fitted["splits"]["test"]).drop_columns(["position"]), bad)
+    root = fitted["root"]
+    status = main([*_args("predict", root / "bad", root / "cache"), "--ckpt_path", str(_last_checkpoint(fitted)),
+                   "--data.predict", str(bad), "--prediction_writer.output_dir", str(root / "bad_scores")])
+    errors = capsys.readouterr().err
+    assert status == 2
+    assert f"lightning-mtr: error: {bad}: missing column 'position'\n" in errors
+    assert "Traceback" not in errors
