@@ -107,11 +107,17 @@ def test_nested_labels_train(tmp_path, model):
     assert trainer.state.finished and torch.isfinite(trainer.callback_metrics["val/ctcvr/logloss"])
 
 
-@pytest.mark.parametrize("stage, split", [("fit", "val"), ("validate", "val"), ("test", "test"),
-                                          ("predict", "test")])
-def test_every_stage_checks_the_funnel(tmp_path, stage, split):
+@pytest.mark.parametrize("stage, split", [("fit", "val"), ("validate", "val"), ("test", "test")])
+def test_every_stage_that_reads_labels_checks_the_funnel(tmp_path, stage, split):
     with pytest.raises(DataError, match=f"{split}.parquet: task 'ctcvr'"):
         _run(tmp_path, "esmm", "conversion", split, stage)
+
+
+def test_predict_reads_no_labels_so_a_bad_funnel_still_scores(tmp_path):
+    """Scoring needs the features only (a serving log has no labels): predict never reads the
+    labels, so it neither checks their funnel nor needs their columns."""
+    _, trainer = _run(tmp_path, "esmm", "conversion", "test", "predict")
+    assert trainer.state.finished
 
 
 def test_esm2_daction_without_a_click_is_refused_too(tmp_path):
