@@ -50,7 +50,6 @@ class BatchEncoder:
         self.schema = schema
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
-        self.labels = labels
         self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks] if labels else []
         self.label_order = checked_label_order(schema, label_order) if labels else ()
         self._label_columns = sorted(schema.label_columns) if labels else []
