@@ -56,7 +56,7 @@ class SparseFeature:
     ``init_range``: the table's weights start uniform in ``[-init_range, init_range]``. Unset,
     TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
     vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
-    ids apart (DUPN's CTR AUC 0.75 instead of 0.85 on its behaviour log; README: DUPN).
+    ids apart (DUPN's CTR AUC 0.755 instead of 0.812 with 1.0 on 200k rows; README: DUPN).
     """
 
     name: str
@@ -402,8 +402,8 @@ def _validate_sparse(feature: SparseFeature) -> None:
         raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
-    if feature.init_range is not None and not (isinstance(feature.init_range, (int, float))
-                                               and 0 < feature.init_range < math.inf):
+    init = feature.init_range
+    if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf):
         raise ValueError(f"{where}: init_range must be a positive number (weights start uniform in "
                          f"[-init_range, init_range]), got {feature.init_range!r}")
 

@@ -74,6 +74,7 @@ def test_tables_group_shared_features_and_label_columns_cover_sample_spaces():
     ({"sparse": [{"name": "a", "num_embeddings": 3, "max_length": 2}]}, "max_length needs multi_valued"),
     ({"sparse": [{"name": "a", "num_embeddings": 3, "init_range": 0}]}, "init_range must be a positive number"),
     ({"sparse": [{"name": "a", "num_embeddings": 3, "init_range": "wide"}]}, "init_range must be a positive number"),
+    ({"sparse": [{"name": "a", "num_embeddings": 3, "init_range": True}]}, "init_range must be a positive number"),
     ({"sparse": [{"name": "a", "num_embeddings": 3, "table": "t", "init_range": 0.5},
                  {"name": "b", "num_embeddings": 3, "table": "t"}]}, r"share table 't' but disagree on init_range"),
     ({"dense": [{"name": "d", "transform": "sqrt"}]}, "unknown transform"),
