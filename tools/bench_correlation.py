@@ -56,7 +56,7 @@ from lightning_mtr.schema import Schema
 from torchrec import KeyedJaggedTensor
 
 DIM = 100
-BOTTOM = 113  # the paper's Shared-Bottom width: 13056 / (100 + 8 x 2), as many parameters as the experts and towers
+BOTTOM = 113  # the paper's Shared-Bottom width: 13056 / (100 + 8 x 2), its count of expert and tower weights
 MODELS = {
     "shared_bottom": partial(SharedBottom, bottom=[BOTTOM], tower=[8]),
     "omoe": partial(OMoE, num_experts=8, expert=[16], tower=[8]),
@@ -104,7 +104,7 @@ def task_pair(correlation: float, seed: int, rows: int, test_rows: int, alpha_st
 
 
 def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: int, epochs: int,
-          eval_every: int = 100, batch_size: int = BATCH, lr: float = LR, alpha_std: float = 1.0,
+          eval_every: int = 100, lr: float = LR, alpha_std: float = 1.0,
           scale: float = 1.0, bottom: int = BOTTOM, val_rows: int = 0) -> dict[str, list]:
     """One model trained on one task pair, with its loss curve, as Figure 4 plots it: every
     ``eval_every`` steps, the training loss averaged over those steps (``train``) and each task's
@@ -124,24 +124,24 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
         return torch.stack([((out[task] - targets[:, t]) ** 2).mean() for t, task in enumerate(("y1", "y2"))])
 
     curve: dict[str, list] = {"steps": [], "train": [], "test": [], "test_tasks": []} | ({"val": []} if val_rows else {})
-    step, window = 0, []
+    step, window = 0, 0.0  # window: the training loss summed since the last checkpoint
     for _ in range(epochs):
-        for batch in torch.randperm(rows, generator=generator).split(batch_size):
+        for batch in torch.randperm(rows, generator=generator).split(BATCH):
             optimizer.zero_grad(set_to_none=True)
             loss = task_losses(x[batch], y[batch]).sum()
             loss.backward()
             optimizer.step()
-            step, window = step + 1, [*window, loss.item()]
+            step, window = step + 1, window + loss.item()
             if step % eval_every == 0:
                 with torch.no_grad():
                     held_out = task_losses(x_test, y_test).tolist()
                     if val_rows:
                         curve["val"].append(task_losses(x_val, y_val).sum().item())
                 curve["steps"].append(step)
-                curve["train"].append(statistics.mean(window))
+                curve["train"].append(window / eval_every)
                 curve["test_tasks"].append(held_out)
                 curve["test"].append(sum(held_out))
-                window = []
+                window = 0.0
     return curve
 
 
@@ -149,15 +149,13 @@ def parameter_counts(bottom: int = BOTTOM) -> dict[str, int]:
     return {name: sum(p.numel() for p in build(name, bottom).parameters()) for name in MODELS}
 
 
-def _train_job(job: tuple[str, float, int, dict[str, float]]) -> dict[str, list]:
+def _train_job(job: tuple[str, float, int, dict[str, int | float]]) -> dict[str, list]:
+    """``settings`` are ``train``'s keyword arguments (plus ``seeds``): a misspelt key raises."""
     name, correlation, seed, settings = job
-    return train(name, correlation, seed, int(settings["rows"]), int(settings["test_rows"]), int(settings["epochs"]),
-                 int(settings["eval_every"]), lr=settings.get("lr", LR), alpha_std=settings.get("alpha_std", 1.0),
-                 scale=settings.get("scale", 1.0), bottom=int(settings.get("bottom", BOTTOM)),
-                 val_rows=int(settings.get("val_rows", 0)))
+    return train(name, correlation, seed, **{key: value for key, value in settings.items() if key != "seeds"})
 
 
-def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[dict]]]:
+def run(settings: dict[str, int | float], workers: int = 1, threads: int = 1) -> dict[str, dict[float, list[dict]]]:
     """Every (model, correlation, seed) run's curve, in ``workers`` processes of ``threads`` torch
     threads each; every run is seeded on its own, so the numbers do not depend on ``workers``."""
     steps = settings["epochs"] * -(-settings["rows"] // BATCH)
@@ -166,9 +164,10 @@ def run(settings: dict[str, float], workers: int = 1, threads: int = 1) -> dict[
                          f"got {settings['eval_every']}")
     jobs = [(name, c, seed, settings) for c in CORRELATIONS for seed in range(settings["seeds"]) for name in MODELS]
     if workers > 1:
-        with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), torch.set_num_threads,
-                                 (threads,)) as pool:
-            curves = list(pool.map(_train_job, jobs))
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            # a seed's models are consecutive jobs: one chunk, one process, one draw of rows (task_pair)
+            curves = list(pool.map(_train_job, jobs, chunksize=len(MODELS)))
     else:
         curves = [_train_job(job) for job in jobs]
     results: dict[str, dict[float, list[dict]]] = {name: {c: [] for c in CORRELATIONS} for name in MODELS}
@@ -305,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = run(settings, args.workers, args.threads)
     seconds = time.perf_counter() - started
-    print(f"parameters: {parameter_counts(args.bottom)}")
+    parameters = parameter_counts(args.bottom)
+    print(f"parameters: {parameters}")
     print(f"{settings['seeds']} seeds, {settings['rows']} training rows, {settings['epochs']} epochs, "
           f"alpha_std {args.alpha_std}, c {args.scale}, lr {args.lr}, {args.workers} workers, {seconds:.0f} s\n"
           f"{table(results)}\n\n{GAP[0]} - {GAP[1]}, held-out loss along the run:\n{gap_curve(results)}\n\n"
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.out / "correlation.png")
     (args.out / "results.json").write_text(json.dumps(
-        {"settings": settings, "seconds": seconds, "parameters": parameter_counts(args.bottom),
+        {"settings": settings, "seconds": seconds, "parameters": parameters,
          "curves": {name: {str(c): v for c, v in by.items()} for name, by in results.items()}}))
     print(f"wrote {args.out / 'correlation.png'} and results.json")
     return 0
