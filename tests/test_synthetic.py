@@ -334,3 +334,16 @@ def test_device_column_sets_how_fast_clicks_fall_with_position(tmp_path):
     bottom = [factor[(position == 10) & (device == d)] for d in np.unique(device[position == 10])]
     np.testing.assert_allclose([f.std() for f in bottom], 0, atol=1e-5)  # one factor per device and position
     assert max(f[0] for f in bottom) > 3 * min(f[0] for f in bottom)
+
+
+def test_mmoe_writer_writes_the_in_memory_rows_for_every_shape_option(tmp_path):
+    """``write_mmoe_regression`` and ``mmoe_regression_arrays`` give the same rows, the sines'
+    alpha spread and the scale c included."""
+    from lightning_mtr.data.synthetic.mmoe_regression import mmoe_regression_arrays
+
+    options = dict(dim=4, seed=2, shape_seed=5, alpha_std=2.0, scale=3.0)
+    written = pq.read_table(write_mmoe_regression(tmp_path / "m.parquet", 300, 0.5, **options))
+    x, y = mmoe_regression_arrays(300, 0.5, **options)
+    np.testing.assert_array_equal(np.stack([written.column(f"x{d}").to_numpy() for d in range(4)], axis=1), x)
+    np.testing.assert_array_equal(np.stack([written.column("y1").to_numpy(), written.column("y2").to_numpy()], 1), y)
+    assert not np.allclose(y, mmoe_regression_arrays(300, 0.5, dim=4, seed=2, shape_seed=5)[1])

@@ -77,7 +77,8 @@ def mmoe_regression_arrays(rows: int, correlation: float, dim: int = 100, num_si
                            scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
     """The same rows as :func:`write_mmoe_regression`, in memory (float32 ``x``, ``y``)."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed, alpha_std, scale)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed=seed, split=split, shape_seed=shape_seed,
+                                   alpha_std=alpha_std, scale=scale)
     parts = [chunk(index, min(row_group_rows, rows - start)) for index, start in enumerate(range(0, rows, row_group_rows))]
     return (np.concatenate([x for x, _ in parts]).astype(np.float32),
             np.concatenate([y for _, y in parts]).astype(np.float32))
@@ -94,11 +95,14 @@ def write_mmoe_regression(
     row_group_rows: int = 65536,
     split: str = "train",
     shape_seed: int = 0,
+    alpha_std: float = 1.0,
+    scale: float = 1.0,
 ) -> Path:
     """Write :func:`mmoe_regression_chunks`' rows to Parquet: columns ``x0..x{dim-1}``, ``y1``,
     ``y2``, all float32."""
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
-    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed, split, shape_seed)
+    chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed=seed, split=split, shape_seed=shape_seed,
+                                   alpha_std=alpha_std, scale=scale)
 
     def columns(index: int, n: int) -> dict[str, np.ndarray]:
         x, y = chunk(index, n)
