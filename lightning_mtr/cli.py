@@ -1,5 +1,5 @@
 """``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data, ``plan``
-for a sharding plan and ``consolidate`` for a sharded checkpoint."""
+for a sharding plan, ``consolidate`` for a sharded checkpoint, and ``export`` for serving."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
+from lightning_mtr.serving import export
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.diagnostics import GateDiagnostics
+from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import checkpoint, plan_tool
 
 
@@ -20,6 +22,7 @@ class MultiTaskCLI(LightningCLI):
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_callback", RecordingSaveConfig)  # and the run into each checkpoint
         # the module configures its own optimizers: a top-level `optimizer:` would hand the
         # embedding tables to the dense optimizer
         kwargs.setdefault("auto_configure_optimizers", False)
@@ -43,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     Bad input data ends the run with its message (the file, the column, the fix) on one line of
     stderr and exit status 2, not a traceback through Lightning's loops."""
     args = sys.argv[1:] if argv is None else argv
-    commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main}
+    commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
+                "export": export.main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:

@@ -43,11 +43,14 @@ class BatchEncoder:
     cannot be fit). ``dense_stats`` may be left out by an encoder that only checks columns
     (``check_columns``). ``labels=False`` reads the features and extras only, for scoring a
     log that has no labels (``predict``): its batches carry no labels, masks or groups.
+    ``transform_dense=False`` leaves dense features as read (nulls filled, float64), for an
+    exported program that transforms them itself.
     """
 
     def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = (),
-                 label_order: Sequence[tuple[str, str]] = (), labels: bool = True):
+                 label_order: Sequence[tuple[str, str]] = (), labels: bool = True, transform_dense: bool = True):
         self.schema = schema
+        self.transform_dense = transform_dense
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
         self._labels = [(t, t.label_expression, t.sample_space_expression) for t in schema.tasks] if labels else []
@@ -144,16 +147,17 @@ class BatchEncoder:
                                    f"of task {later!r} to {_factor(early.label)} * {_factor(late.label)}")
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
-        if self.dense_stats is None and self.schema.needs_dense_stats:
+        if self.dense_stats is None and self.schema.needs_dense_stats and self.transform_dense:
             raise ValueError("the schema standardises dense features, so the encoder needs dense statistics")
-        columns = [
-            transform_dense(feature, numeric_column(table.column(feature.source_column), feature.source_column,
-                                              checker, feature.fill_missing), self.dense_stats, index)
-            for index, feature in enumerate(self.schema.dense)
-        ]
+        dtype = np.float32 if self.transform_dense else np.float64
+        columns = [numeric_column(table.column(f.source_column), f.source_column, checker, f.fill_missing)
+                   for f in self.schema.dense]
+        if self.transform_dense:
+            columns = [transform_dense(f, values, self.dense_stats, index)
+                       for index, (f, values) in enumerate(zip(self.schema.dense, columns))]
         if not columns:
-            return torch.zeros(table.num_rows, 0)
-        return torch.from_numpy(np.stack(columns, axis=1).astype(np.float32))
+            return torch.zeros(table.num_rows, 0, dtype=torch.float32 if self.transform_dense else torch.float64)
+        return torch.from_numpy(np.stack(columns, axis=1).astype(dtype))
 
     def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
         values, lengths = [], []

@@ -37,24 +37,14 @@ def sequence_configs(schema: Schema) -> list[EmbeddingConfig]:
     return [EmbeddingConfig(**_table_arguments(t)) for t in schema.sequence_tables]
 
 
-class FeatureInput(nn.Module):
-    """Pooled embeddings of every sparse feature, concatenated after the dense features.
+class FeatureLayout(nn.Module):
+    """Where each feature sits in the flat feature vector, without any tables: what the models
+    read besides ``forward`` and ``sequences``. :class:`FeatureInput` fills it from TorchRec
+    tables for training; ``lightning_mtr.serving`` from plain tensors for an exported program."""
 
-    ``forward(dense [B, F_dense], sparse KJT) -> [B, output_dim]``. The tables live in
-    ``self.embeddings``, a plain ``EmbeddingBagCollection`` that the trainer may swap for a
-    fused or sharded one without changing parameter names. Sequence features are not in that
-    vector: their tables live in ``self.sequence_embeddings`` (an ``EmbeddingCollection``,
-    present only when the schema has sequences) and :meth:`sequences` looks them up.
-    """
-
-    def __init__(self, schema: Schema, device: torch.device | str | None = None):
+    def __init__(self, schema: Schema):
         super().__init__()
-        # Default: the ambient device, so `with torch.device("meta"):` builds tables without memory.
-        device = torch.device(device) if device is not None else torch.get_default_device()
         tables = schema.pooled_tables
-        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
-        if schema.sequence_tables:
-            self.sequence_embeddings = EmbeddingCollection(tables=sequence_configs(schema), device=device)
         self.output_dim = len(schema.dense) + sum(t.embedding_dim * len(t.feature_names) for t in tables)
         self.feature_names = [name for t in tables for name in t.feature_names]
         self.sequence_names = [name for t in schema.sequence_tables for name in t.feature_names]
@@ -65,18 +55,6 @@ class FeatureInput(nn.Module):
         stops = len(schema.dense) + np.cumsum([0] + [self.field_dims[n] for n in self.feature_names])
         # each pooled feature's columns in forward's output
         self.offsets = {name: (int(a), int(b)) for name, a, b in zip(self.feature_names, stops[:-1], stops[1:])}
-
-    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        if not self.feature_names:
-            return dense
-        # each collection takes its own features from the whole batch: a sharded one must see the
-        # same keys every time, including when its input distribution is started early
-        pooled = self.embeddings(sparse)
-        # a sharded collection returns its features grouped by shard, in an order that depends on
-        # the plan; the layers after it must always see them in the schema's order
-        if pooled.keys() != self.feature_names:
-            return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
-        return torch.cat([dense, pooled.values()], dim=1)
 
     def columns(self, features: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
         """The pooled embeddings of the named features inside ``forward``'s output, concatenated in
@@ -112,6 +90,42 @@ class FeatureInput(nn.Module):
                 parts.append(sequences[name][0].sum(dim=1))
         return torch.cat(parts, dim=1)
 
+    def pooled(self, features: torch.Tensor) -> torch.Tensor:
+        """The pooled embeddings inside ``forward``'s output: ``[B, sum of dims]``, one block per
+        feature in ``feature_names`` order, sized by ``field_dims`` (a view: no second lookup)."""
+        return features[:, self.dense_dim:]
+
+
+class FeatureInput(FeatureLayout):
+    """Pooled embeddings of every sparse feature, concatenated after the dense features.
+
+    ``forward(dense [B, F_dense], sparse KJT) -> [B, output_dim]``. The tables live in
+    ``self.embeddings``, a plain ``EmbeddingBagCollection`` that the trainer may swap for a
+    fused or sharded one without changing parameter names. Sequence features are not in that
+    vector: their tables live in ``self.sequence_embeddings`` (an ``EmbeddingCollection``,
+    present only when the schema has sequences) and :meth:`sequences` looks them up.
+    """
+
+    def __init__(self, schema: Schema, device: torch.device | str | None = None):
+        super().__init__(schema)
+        # Default: the ambient device, so `with torch.device("meta"):` builds tables without memory.
+        device = torch.device(device) if device is not None else torch.get_default_device()
+        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
+        if schema.sequence_tables:
+            self.sequence_embeddings = EmbeddingCollection(tables=sequence_configs(schema), device=device)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        if not self.feature_names:
+            return dense
+        # each collection takes its own features from the whole batch: a sharded one must see the
+        # same keys every time, including when its input distribution is started early
+        pooled = self.embeddings(sparse)
+        # a sharded collection returns its features grouped by shard, in an order that depends on
+        # the plan; the layers after it must always see them in the schema's order
+        if pooled.keys() != self.feature_names:
+            return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
+        return torch.cat([dense, pooled.values()], dim=1)
+
     def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past
         each row's length; L is the longest sequence of the batch. Empty without sequence features."""
@@ -119,11 +133,6 @@ class FeatureInput(nn.Module):
             return {}
         looked_up = self.sequence_embeddings(sparse)
         return {name: _padded(looked_up[name].values(), looked_up[name].lengths()) for name in self.sequence_names}
-
-    def pooled(self, features: torch.Tensor) -> torch.Tensor:
-        """The pooled embeddings inside ``forward``'s output: ``[B, sum of dims]``, one block per
-        feature in ``feature_names`` order, sized by ``field_dims`` (a view: no second lookup)."""
-        return features[:, self.dense_dim:]
 
 
 def _padded(values: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,12 +132,18 @@ def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
     dense weights under ``state_dict``, plus the loop, callback and data-module state (dense
     statistics), without optimizer state. It evaluates, predicts and exports on one process
     with the default strategy; continuing *training* resumes from the sharded directory."""
+    single = read_consolidated(path)
+    torch.save(single, output)
+    return single
+
+
+def read_consolidated(path: str | Path) -> dict[str, Any]:
+    """What :func:`consolidate` writes, in memory."""
     state = load_trainer_state(Path(path))
     merged = merge_tensors(read_full(path, keys={"model"}), state.pop("plain"))  # no optimizer state
     single = {k: v for k, v in state.items() if k not in ("format", "plan", "world_size")}
     single["state_dict"] = merged["model"]
     single["sharded_from"] = {"world_size": state["world_size"], "plan": state["plan"]}
-    torch.save(single, output)
     return single
 
 

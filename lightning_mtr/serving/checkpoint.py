@@ -1,0 +1,84 @@
+"""A trained model back from its checkpoint, on one CPU process, for export."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torchrec import EmbeddingBagCollection
+
+from lightning_mtr.data.datamodule import SyntheticLog
+from lightning_mtr.data.encode import DenseStats
+from lightning_mtr.nn.meta import materialize
+from lightning_mtr.schema import Schema
+from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_consolidated
+from lightning_mtr.training.run_record import RUN_RECORD, run_record
+
+
+@dataclass
+class TrainedRun:
+    """The model (evaluation mode, plain TorchRec tables on CPU) and what it was trained with."""
+
+    model: nn.Module
+    schema: Schema
+    dense_stats: DenseStats | None
+    model_config: dict[str, Any]  # class_path and init_args
+    data_config: dict[str, Any]  # the data module's arguments
+
+    def test_files(self) -> str | list[str]:
+        """The run's test split: its ``data.test`` files, or the synthetic log's test file."""
+        test = self.data_config.get("test")
+        if test:
+            return test
+        synthetic = self.data_config.get("synthetic")
+        if synthetic:
+            return SyntheticLog(**synthetic).ensure()["test"]
+        raise ValueError("the run has no test data (data.test); pass the files to check the export on")
+
+
+def load_run(checkpoint: str | Path, config: str | Path | None = None) -> TrainedRun:
+    """Rebuild the trained model from a checkpoint file or a sharded checkpoint directory.
+
+    The model's class and arguments and the schema come from the run record that ``lightning-mtr
+    fit`` writes into every checkpoint, or from ``config``, the ``config.yaml`` LightningCLI
+    saves beside the logs (for a checkpoint written without the CLI's record)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    state = read_consolidated(path) if is_sharded_checkpoint(path) else \
+        torch.load(path, map_location="cpu", weights_only=True)
+    record = state.get(RUN_RECORD)
+    if config is not None:
+        with open(config) as handle:
+            loaded = yaml.safe_load(handle) or {}
+        record = run_record(loaded.get("fit", loaded), None)  # a config of `fit` may nest under it
+    if record is None:
+        raise ValueError(f"{path} does not say which model it holds (it was not written by `lightning-mtr fit`); "
+                         "pass --config with the config.yaml of the run that trained it")
+    schema = Schema.from_dict(record["schema"]) if record["schema"] else Schema.from_yaml(record["data"]["schema"])
+    stats = (state.get("MultiTaskDataModule") or {}).get("dense_stats")
+    model = build_trained(record["model"], schema, {k[len("model."):]: v for k, v in state["state_dict"].items()
+                                                    if k.startswith("model.")})
+    return TrainedRun(model, schema, DenseStats(**{k: tuple(v) for k, v in stats.items()}) if stats else None,
+                      record["model"], record["data"])
+
+
+def build_trained(model_config: dict[str, Any], schema: Schema, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """``class_path(schema, **init_args)`` on CPU holding ``weights``, in evaluation mode."""
+    module_name, _, class_name = model_config["class_path"].rpartition(".")
+    model_class = getattr(importlib.import_module(module_name), class_name)
+    with torch.device("meta"):
+        model = model_class(schema, **model_config.get("init_args", {}))
+    materialize(model, "cpu")  # everything but the pooled tables, which stay on meta
+    for tables in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
+        tables.to_empty(device="cpu")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"the checkpoint does not fit {model_config['class_path']} with its recorded arguments: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model.eval()

@@ -1,0 +1,233 @@
+"""``lightning-mtr export``: checkpoint -> checked, torch-only artifact.
+
+The export is refused, and nothing written, unless the fp32 program scores a held-out batch as
+the trained model does (within ``FP32_TOLERANCE``) and a quantised one keeps every task's AUC on
+the test data within ``AUC_TOLERANCE`` of the fp32 program's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torchmetrics.functional.classification import binary_auroc, multiclass_auroc
+
+import lightning_mtr
+from lightning_mtr.data.encode import BatchEncoder, DataError, fnv1a_64
+from lightning_mtr.data.reader import list_files, plan_units, read_tagged, sources_of
+from lightning_mtr.schema import Schema
+from lightning_mtr.serving.artifact import AOT_PROGRAM, PROGRAM, write_manifest
+from lightning_mtr.serving.checkpoint import TrainedRun, load_run
+from lightning_mtr.serving.program import MAX_BATCH, ServingModel, export_program, output_names, probabilities
+from lightning_mtr.serving.tables import QUANTIZE, Quantize
+
+FP32_TOLERANCE = 1e-5
+AUC_TOLERANCE = {"int8": 0.002, "int4": 0.01}
+_CHUNK_ROWS = 8192
+HASH_EXAMPLES = ("", "a", "user_42", "商品-9")
+
+
+class ExportError(RuntimeError):
+    """The exported program does not score as the trained model does."""
+
+
+def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none", aot: bool = False,
+           config: str | Path | None = None, data: str | list[str] | None = None,
+           check_rows: int = 1_000_000) -> dict:
+    """Export, check, and write ``out`` (replaced only once every check passed); ``-> manifest``."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
+    run = load_run(checkpoint, config)
+    models = {"none": ServingModel(run.model, run.schema, run.dense_stats)}
+    if quantize != "none":
+        models[quantize] = ServingModel(run.model, run.schema, run.dense_stats, quantize)
+    programs = {k: export_program(m) for k, m in models.items()}
+    check = verify(run, {k: p.module() for k, p in programs.items()}, data or run.test_files(), check_rows)
+    check["table_bytes"] = {k: m.table_bytes for k, m in models.items()}
+    print(report(check, quantize))
+    _check_aucs(check, quantize)
+    out = Path(out)
+    staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    torch.export.save(programs[quantize], staging / PROGRAM)
+    if aot:
+        from lightning_mtr.serving.aot import compile_aot
+        compile_aot(programs[quantize], staging / AOT_PROGRAM)
+    manifest = build_manifest(run, quantize, check)
+    write_manifest(staging, manifest)
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+    return manifest
+
+
+def _check_aucs(check: dict, quantize: Quantize) -> None:
+    if quantize == "none":
+        return
+    limit = AUC_TOLERANCE[quantize]
+    changed = {task: check["auc"][quantize][task] - auc for task, auc in check["auc"]["none"].items()}
+    over = {task: delta for task, delta in changed.items() if not abs(delta) <= limit}
+    if over:
+        raise ExportError(f"{quantize} tables change the AUC of {', '.join(f'{t} by {d:+.4f}' for t, d in over.items())}"
+                          f" (limit {limit}); nothing written: export with a wider --quantize")
+
+
+def report(check: dict, quantize: Quantize) -> str:
+    """The numbers the export was accepted on: parity, AUC per task, table bytes."""
+    kinds = ["none"] + ([quantize] if quantize != "none" else [])
+    label = {"none": "fp32"}
+    lines = [f"checked on {check['rows']:,} rows of {check['data']}",
+             f"fp32 program vs trained model: max |score difference| {check['fp32_max_abs_diff']:.2e} "
+             f"(limit {FP32_TOLERANCE:g})"]
+    if check["auc"]["none"]:
+        lines.append(f"{'task':<16}" + "".join(f"{label.get(k, k) + ' AUC':>12}" for k in kinds)
+                     + ("" if quantize == "none" else f"{'change':>10}{'limit':>8}"))
+        for task, auc in check["auc"]["none"].items():
+            line = f"{task:<16}" + "".join(f"{check['auc'][k][task]:>12.4f}" for k in kinds)
+            if quantize != "none":
+                line += f"{check['auc'][quantize][task] - auc:>+10.4f}{AUC_TOLERANCE[quantize]:>8}"
+            lines.append(line)
+    sizes = check["table_bytes"]
+    tables = f"embedding tables: {sizes['none']:,} bytes fp32"
+    if quantize != "none":
+        tables += f", {sizes[quantize]:,} bytes {quantize} ({sizes['none'] / sizes[quantize]:.2f}x smaller)"
+    return "\n".join(lines + [tables])
+
+
+def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
+    """Everything a client needs besides the program: inputs, hashing, outputs, provenance."""
+    schema = run.schema
+    stats = run.dense_stats
+    dense = [{"name": f.name, "column": f.source_column, "transform": f.transform, "fill_missing": f.fill_missing,
+              **({"mean": stats.mean[i], "std": stats.std[i]} if f.standardized else {})}
+             for i, f in enumerate(schema.dense)]
+    sparse = [{"name": f.name, "column": f.source_column, "num_embeddings": f.num_embeddings, "hashed": f.hashed,
+               "out_of_range": f.out_of_range, "multi_valued": f.multi_valued, "sequence": f.sequence,
+               "max_length": f.max_length, "side": f.side} for f in schema.sparse]
+    examples = pa.array(HASH_EXAMPLES, pa.large_string())
+    hashes = fnv1a_64(examples)
+    return {
+        "versions": {"lightning_mtr": lightning_mtr.__version__, "torch": torch.__version__},
+        "model": run.model_config,
+        "schema": asdict(schema),
+        "inputs": {
+            "dense": {"dtype": "float64", "shape": ["B", len(dense)], "features": dense,
+                      "note": "raw values; the program applies each transform (a NaN becomes fill_missing)"},
+            "values": {"dtype": "int64", "shape": ["N"],
+                       "note": "row ids of every sparse feature, feature by feature, row by row within one"},
+            "lengths": {"dtype": "int64", "shape": [len(sparse), "B"], "features": sparse,
+                        "note": "ids per feature (schema order) per row; a sequence keeps its first max_length"},
+            "batch": {"min": 1, "max": MAX_BATCH},
+        },
+        "hashing": {
+            "algorithm": "FNV-1a 64 of the id's UTF-8 bytes, then modulo num_embeddings",
+            "applies_to": "string ids, and every id of a feature with hashed: true (written as a decimal string)",
+            "offset_basis": "0xcbf29ce484222325", "prime": "0x100000001b3",
+            "test_vectors": [{"string": text, "fnv1a_64": f"0x{int(h):016x}",
+                              "rows": {f.name: int(h % np.uint64(f.num_embeddings)) for f in schema.sparse}}
+                             for text, h in zip(HASH_EXAMPLES, hashes)],
+        },
+        "outputs": _outputs(schema),
+        "quantize": quantize,
+        "check": {**check, "data": [str(p) for p in list_files(check["data"])]},
+    }
+
+
+def _outputs(schema: Schema) -> list[dict]:
+    meaning = {"binary": "probability", "regression": "predicted value", "ranking": "ranking score"}
+    outputs = []
+    for task in schema.tasks:
+        if task.kind == "multiclass":
+            outputs += [{"name": f"{task.name}_{c}", "task": task.name, "kind": task.kind,
+                         "meaning": f"probability of class {c}"} for c in range(task.num_classes)]
+        else:
+            outputs.append({"name": task.name, "task": task.name, "kind": task.kind, "meaning": meaning[task.kind]})
+    return outputs
+
+
+def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | list[str], check_rows: int) -> dict:
+    """Score the test rows with every program; refuse on a broken parity or AUC limit."""
+    schema = run.schema
+    scores = {k: {name: [] for name in output_names(schema)} for k in programs}
+    labels = {t.name: [] for t in schema.tasks}
+    masks = {t.name: [] for t in schema.tasks}
+    parity = None
+    rows = 0
+    for batch, raw in _batches(schema, run, data, check_rows):
+        inputs = (raw.dense, raw.sparse.values(), raw.sparse.lengths().view(len(schema.sparse), -1).long())
+        with torch.no_grad():
+            outputs = {k: program(*inputs) for k, program in programs.items()}
+            if parity is None:
+                reference = probabilities(schema, run.model(batch.dense, batch.sparse))
+                parity = max(float((outputs["none"][n] - reference[n]).abs().max()) for n in reference)
+        for k in programs:
+            for name in scores[k]:
+                scores[k][name].append(outputs[k][name])
+        for task in schema.tasks:
+            labels[task.name].append(batch.labels[task.name])
+            masks[task.name].append(batch.masks[task.name])
+        rows += batch.batch_size
+    if parity is None:
+        raise ExportError(f"no rows to check the export on in {data}")
+    if not parity <= FP32_TOLERANCE:
+        raise ExportError(f"the exported fp32 program's scores differ from the trained model's by {parity:.3g} "
+                          f"(limit {FP32_TOLERANCE:g}); nothing written")
+    aucs = {k: _aucs(schema, {n: torch.cat(v) for n, v in s.items()},
+                     {t: torch.cat(v) for t, v in labels.items()}, {t: torch.cat(v) for t, v in masks.items()})
+            for k, s in scores.items()}
+    return {"rows": rows, "data": data, "fp32_max_abs_diff": parity, "auc": aucs}
+
+
+def _batches(schema: Schema, run: TrainedRun, data: str | list[str], check_rows: int) -> Iterator:
+    """``(training batch, raw-dense batch)`` of the same rows, at most ``check_rows`` of them."""
+    encoder = BatchEncoder(schema, run.dense_stats)
+    raw = BatchEncoder(schema, run.dense_stats, labels=False, transform_dense=False)
+    units = plan_units(list_files(data), encoder)
+    sources, seen = sources_of(units), 0
+    for table in read_tagged(units, encoder.columns, _CHUNK_ROWS, encoder.numeric_columns, encoder.string_columns):
+        table = table.slice(0, check_rows - seen)
+        seen += table.num_rows
+        yield encoder.encode(table, sources), raw.encode(table, sources)
+        if seen >= check_rows:
+            return
+
+
+def _aucs(schema: Schema, scores: dict, labels: dict, masks: dict) -> dict[str, float]:
+    """AUC of each binary task (macro AUC of a multiclass one) on its sample space."""
+    aucs = {}
+    for task in schema.tasks:
+        mask = masks[task.name]
+        if task.kind == "binary":
+            aucs[task.name] = float(binary_auroc(scores[task.name][mask], labels[task.name][mask].long()))
+        elif task.kind == "multiclass":
+            probs = torch.stack([scores[f"{task.name}_{c}"] for c in range(task.num_classes)], dim=1)[mask]
+            aucs[task.name] = float(multiclass_auroc(probs, labels[task.name][mask].long(), task.num_classes))
+    return aucs
+
+
+def main(argv: list[str]) -> int:
+    """``lightning-mtr export --ckpt PATH --out DIR [--quantize none|int8|int4] [--aot]``"""
+    parser = argparse.ArgumentParser(prog="lightning-mtr export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a checkpoint file, or a sharded checkpoint directory")
+    parser.add_argument("--out", required=True, help="the artifact directory to write (replaced)")
+    parser.add_argument("--quantize", default="none", choices=QUANTIZE, help="embedding rows: fp32, int8 or int4")
+    parser.add_argument("--aot", action="store_true", help="also an AOTInductor package for C++ (model.aoti.pt2)")
+    parser.add_argument("--config", help="the run's config.yaml, for a checkpoint not written by lightning-mtr fit")
+    parser.add_argument("--data", nargs="+", help="labelled Parquet/CSV files to check on (default: the run's test)")
+    parser.add_argument("--check-rows", type=int, default=1_000_000, help="rows of --data to check on at most")
+    args = parser.parse_args(argv)
+    try:
+        export(args.ckpt, args.out, args.quantize, args.aot, args.config, args.data, args.check_rows)
+    except (ExportError, DataError, ValueError, FileNotFoundError) as error:
+        print(f"lightning-mtr export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0

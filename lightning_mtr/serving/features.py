@@ -1,0 +1,124 @@
+"""The feature input of an exported program: plain tensors in, core PyTorch operators only.
+
+Sparse features arrive as one flat ``values`` tensor of row ids and a ``lengths [F, B]`` tensor
+(ids per schema sparse feature per row, feature-major, the layout of a KeyedJaggedTensor). The
+tables of one embedding dim are stacked into one matrix, as fbgemm's table-batched lookup does,
+so a batch costs one gather and one scatter-add per dim instead of one per feature.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_mtr.nn.features import FeatureLayout
+from lightning_mtr.schema import EmbeddingTable, Schema
+from lightning_mtr.serving.tables import Quantize, RowStore
+
+SparseInput = tuple[torch.Tensor, torch.Tensor]  # (values [N] int64, lengths [F, B] int64)
+
+
+class StackedTables(nn.Module):
+    """Tables of one embedding dim in one :class:`RowStore`; ``slot[f]`` is input feature f's block
+    in the output (-1: another stack's) and ``row_offset[f]`` its table's first row."""
+
+    def __init__(self, schema: Schema, tables: list[EmbeddingTable], weights: dict[str, torch.Tensor],
+                 quantize: Quantize):
+        super().__init__()
+        inputs = [f.name for f in schema.sparse]
+        self.names = [name for t in tables for name in t.feature_names]
+        starts = dict(zip((t.name for t in tables), torch.tensor([0] + [t.num_embeddings for t in tables]).cumsum(0)))
+        table_of = {name: t for t in tables for name in t.feature_names}
+        self.register_buffer("slot", torch.tensor([self.names.index(n) if n in table_of else -1 for n in inputs]))
+        self.register_buffer("row_offset", torch.tensor([int(starts[table_of[n].name]) if n in table_of else 0
+                                                         for n in inputs]))
+        self.register_buffer("mean", torch.tensor([table_of[n].pooling == "mean" for n in self.names]))
+        self.rows = RowStore(torch.cat([weights[t.name] for t in tables]), quantize)
+
+    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
+        """``[len(names), B, D]``: each feature's ids summed (or averaged) per row."""
+        batch, blocks = lengths.shape[1], len(self.names)
+        rows, slot = self._rows(values, bag, batch)
+        target = torch.where(slot >= 0, slot * batch + bag % batch, blocks * batch)  # the rest: one spare row
+        summed = rows.new_zeros(blocks * batch + 1, rows.shape[1]).index_add(0, target, rows)[:-1]
+        summed = summed.view(blocks, batch, -1)
+        counts = lengths[self.slot >= 0][self._block_order()].clamp_min(1).to(summed.dtype)  # [blocks, B]
+        return torch.where(self.mean[:, None, None], summed / counts[:, :, None], summed)
+
+    def padded(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, position: torch.Tensor,
+               steps: list) -> list[torch.Tensor]:
+        """Per feature ``[B, steps[k], D]``: its rows in order, zero past each row's length (ids
+        past ``steps[k]`` are dropped, as training's truncation to ``max_length`` drops them)."""
+        batch = lengths.shape[1]
+        rows, slot = self._rows(values, bag, batch)
+        out = []
+        for k, length in enumerate(steps):
+            keep = (slot == k) & (position < length)
+            target = torch.where(keep, (bag % batch) * length + position, batch * length)
+            padded = rows.new_zeros(batch * length + 1, rows.shape[1]).index_add(0, target, rows)[:-1]
+            out.append(padded.view(batch, length, -1))
+        return out
+
+    def _rows(self, values: torch.Tensor, bag: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        feature = bag // batch
+        slot = self.slot[feature]
+        rows = self.rows.lookup(torch.where(slot >= 0, values + self.row_offset[feature], 0))
+        return rows, slot
+
+    def _block_order(self) -> torch.Tensor:
+        """Input features of this stack (in input order) sorted into block order."""
+        return torch.argsort(self.slot[self.slot >= 0])
+
+
+class ServingFeatureInput(FeatureLayout):
+    """:class:`~lightning_mtr.nn.features.FeatureInput`'s outputs from ``(values, lengths)``:
+    ``forward(dense, (values, lengths)) -> [B, output_dim]`` and :meth:`sequences`."""
+
+    def __init__(self, schema: Schema, weights: dict[str, torch.Tensor], quantize: Quantize = "none"):
+        super().__init__(schema)
+        self.input_names = [f.name for f in schema.sparse]
+        dims = sorted({t.embedding_dim for t in schema.pooled_tables})
+        self.stacks = nn.ModuleList(StackedTables(schema, [t for t in schema.pooled_tables if t.embedding_dim == d],
+                                                  weights, quantize) for d in dims)
+        self.block = {name: (s, stack.names.index(name)) for s, stack in enumerate(self.stacks) for name in stack.names}
+        self.sequence_stack = StackedTables(schema, schema.sequence_tables, weights, quantize) \
+            if schema.sequence_tables else None
+        self.max_length = {f.name: f.max_length for f in schema.sparse if f.sequence}
+
+    def forward(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
+        if not self.feature_names:
+            return dense
+        values, lengths = sparse
+        bag = _bags(values, lengths)
+        pooled = [stack.pooled(values, lengths, bag) for stack in self.stacks]
+        return torch.cat([dense] + [pooled[s][b] for s, b in (self.block[n] for n in self.feature_names)], dim=1)
+
+    def sequences(self, sparse: SparseInput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """As ``FeatureInput.sequences``: a feature with ``max_length`` is padded to it (the
+        models mask the padding, so its length never changes a score, and the program stays
+        free of sizes known only at run time where a recurrent layer reads it); one without it,
+        to its longest sequence in the batch."""
+        if self.sequence_stack is None:
+            return {}
+        values, lengths = sparse
+        bag = _bags(values, lengths)
+        starts = torch.cumsum(lengths.reshape(-1), 0) - lengths.reshape(-1)
+        position = torch.arange(values.shape[0], device=values.device) - starts[bag]
+        names = self.sequence_stack.names
+        own = lengths[[self.input_names.index(n) for n in names]]
+        steps = [self.max_length[name] or _longest(own[k]) for k, name in enumerate(names)]
+        padded = self.sequence_stack.padded(values, lengths, bag, position, steps)
+        return {name: (padded[k], own[k]) for k, name in enumerate(names)}
+
+
+def _longest(lengths: torch.Tensor):
+    """The longest sequence in the batch, at least 1: a size known only when the program runs."""
+    steps = lengths.max().clamp_min(1).item()
+    torch._check(steps > 0)
+    return steps
+
+
+def _bags(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Each id's bag ``feature * B + row``."""
+    flat = lengths.reshape(-1)
+    return torch.repeat_interleave(torch.arange(flat.shape[0], device=values.device), flat, output_size=values.shape[0])

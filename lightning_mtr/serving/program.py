@@ -1,0 +1,135 @@
+"""A trained model as a servable program: raw inputs in, named probabilities out.
+
+:class:`ServingModel` wraps a copy of the model in evaluation mode (dropout off, the YouTube
+ranker's position replaced by its learned "missing" value), with the plain-tensor feature input
+of :mod:`lightning_mtr.serving.features`, the fused kernels on their PyTorch reference path, and
+the schema's dense transforms inside, so a serving system sends raw feature values.
+:func:`export_program` turns it into a ``torch.export`` program of core ATen operators.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+
+import torch
+from torch import nn
+
+from lightning_mtr.data.encode import DenseStats
+from lightning_mtr.schema import Schema
+from lightning_mtr.serving.features import ServingFeatureInput
+from lightning_mtr.serving.tables import Quantize, RowStore
+
+MAX_BATCH = 16384
+
+
+def output_names(schema: Schema) -> list[str]:
+    """The program's outputs in order: a binary task's probability, a multiclass task's one per
+    class (``{task}_{class}``), a regression or ranking task's value."""
+    return [name for t in schema.tasks
+            for name in ([f"{t.name}_{c}" for c in range(t.num_classes)] if t.kind == "multiclass" else [t.name])]
+
+
+class ServingModel(nn.Module):
+    """``forward(dense [B, n_dense] float64 raw, values [N] int64, lengths [F, B] int64) -> {output: [B]}``
+    (float64 dense: a raw timestamp or price keeps the precision training standardised it with)."""
+
+    def __init__(self, model: nn.Module, schema: Schema, dense_stats: DenseStats | None, quantize: Quantize = "none"):
+        super().__init__()
+        self.schema = schema
+        self.model = copy.deepcopy(model).eval()
+        for module in self.model.modules():  # the registered kernels are lightning_mtr:: ops
+            for attribute in ("gate_backend", "chain_backend"):
+                if hasattr(module, attribute):
+                    setattr(module, attribute, "torch")
+        self.model.features = ServingFeatureInput(schema, table_weights(model.features), quantize)
+        dense = schema.dense
+        if dense_stats is None and schema.needs_dense_stats:
+            raise ValueError("the schema standardises dense features: export needs the training statistics")
+        mean = [dense_stats.mean[i] if f.standardized else 0.0 for i, f in enumerate(dense)]
+        std = [dense_stats.std[i] if f.standardized else 1.0 for i, f in enumerate(dense)]
+        self.register_buffer("log1p", torch.tensor([f.transform.startswith("log1p") for f in dense], dtype=torch.bool))
+        self.register_buffer("fill", torch.tensor([float("nan") if f.fill_missing is None else f.fill_missing
+                                                   for f in dense], dtype=torch.float64))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float64))
+        self.eval()
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the embedding rows."""
+        return sum(m.nbytes for m in self.model.features.modules() if isinstance(m, RowStore))
+
+    def transform_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        """The schema's transforms in float64, as the training data pipeline computes them; a NaN
+        becomes the feature's ``fill_missing`` (and stays NaN without one)."""
+        x = dense.double()
+        x = torch.where(torch.isnan(x), self.fill, x)
+        x = torch.where(self.log1p, torch.log1p(x.clamp_min(0.0)), x)
+        return ((x - self.mean) / self.std).float()
+
+    def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = self.model(self.transform_dense(dense), (values, lengths))
+        return probabilities(self.schema, logits)
+
+
+def probabilities(schema: Schema, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{output: [B]}`` in :func:`output_names` order, as ``predict`` scores them."""
+    scores = {}
+    for task in schema.tasks:
+        logit = logits[task.name].float()
+        if task.kind == "multiclass":
+            scores.update({f"{task.name}_{c}": p for c, p in enumerate(torch.softmax(logit, -1).unbind(-1))})
+        else:
+            scores[task.name] = torch.sigmoid(logit) if task.kind == "binary" else logit
+    return scores
+
+
+def table_weights(features: nn.Module) -> dict[str, torch.Tensor]:
+    """``{table: weight}`` of a FeatureInput's tables (plain or fused collections name their
+    weights ``...<table>.weight``)."""
+    weights = {}
+    for name, tensor in features.state_dict().items():
+        parts = name.split(".")
+        if parts[-1] == "weight" and parts[0] in ("embeddings", "sequence_embeddings"):
+            weights[parts[-2]] = tensor.detach().float().cpu()
+    return weights
+
+
+def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A small valid batch (one id per feature per row, id 0) to trace the program with."""
+    lengths = torch.ones(len(schema.sparse), batch, dtype=torch.int64)
+    dense = torch.zeros(batch, len(schema.dense), dtype=torch.float64)
+    return dense, torch.zeros(int(lengths.sum()), dtype=torch.int64), lengths
+
+
+def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
+    """A ``torch.export`` program with a dynamic batch (1 to ``MAX_BATCH``) and id count; refuses
+    one that calls anything but core ATen operators."""
+    batch, ids = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("ids", max=1 << 40)
+    dynamic = {"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}}
+    with torch.no_grad():
+        program = torch.export.export(serving, example_inputs(serving.schema), dynamic_shapes=dynamic, strict=False)
+    foreign = sorted(foreign_operators(program))
+    if foreign:
+        raise RuntimeError(f"the exported program calls operators outside core PyTorch: {foreign}")
+    return program
+
+
+_PYTHON_OPERATORS = {getattr(operator, name) for name in dir(operator) if not name.startswith("_")}
+
+
+def foreign_operators(program: torch.export.ExportedProgram) -> set[str]:
+    """Names of the called functions that are neither ATen operators nor Python's own arithmetic
+    on sizes (e.g. ``fbgemm::``, ``torchrec``, ``lightning_mtr::``)."""
+    found = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function":
+            continue
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+            continue
+        if target in _PYTHON_OPERATORS or getattr(target, "__module__", None) in ("torch", "math"):
+            continue
+        found.add(str(target))
+    return found
