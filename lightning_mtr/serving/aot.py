@@ -65,7 +65,10 @@ def build_client(workdir: Path) -> Path:
 
     header = "torch/csrc/inductor/aoti_package/model_package_loader.h"
     if not any((Path(p) / header).exists() for p in cpp_extension.include_paths()):
-        raise RuntimeError(f"torch {torch.__version__} ships no {header}: the AOTInductor client needs torch >= 2.6")
+        raise RuntimeError(
+            f"torch {torch.__version__} ships no {header}: the AOTInductor client needs a torch wheel with its "
+            "C++ headers (the PyPI wheels of torch >= 2.6 have them)"
+        )
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     exe = workdir / "score_client"
