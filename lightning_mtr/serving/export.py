@@ -136,6 +136,7 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
                              for text, h in zip(HASH_EXAMPLES, hashes)],
         },
         "outputs": _outputs(schema),
+        "data": {"extras": run.data_config.get("extras") or [], "text_format": run.data_config.get("text_format")},
         "quantize": quantize,
         "check": {**check, "data": [str(p) for p in list_files(check["data"])]},
     }
