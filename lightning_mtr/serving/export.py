@@ -49,7 +49,7 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     if quantize != "none":
         models[quantize] = ServingModel(run.model, run.schema, run.dense_stats, quantize)
     programs = {k: export_program(m) for k, m in models.items()}
-    check = verify(run, {k: p.module() for k, p in programs.items()}, data or run.test_files(), check_rows)
+    check, sample = verify(run, {k: p.module() for k, p in programs.items()}, data or run.test_files(), check_rows)
     check["table_bytes"] = {k: m.table_bytes for k, m in models.items()}
     print(report(check, quantize))
     _check_aucs(check, quantize)
@@ -59,14 +59,28 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     staging.mkdir(parents=True)
     torch.export.save(programs[quantize], staging / PROGRAM)
     if aot:
-        from lightning_mtr.serving.aot import compile_aot
-        compile_aot(programs[quantize], staging / AOT_PROGRAM)
+        check["aot_max_abs_diff"] = _compile_checked(programs[quantize], staging / AOT_PROGRAM, sample)
+        print(f"AOTInductor package vs program: max |score difference| {check['aot_max_abs_diff']:.2e}")
     manifest = build_manifest(run, quantize, check)
     write_manifest(staging, manifest)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)
     return manifest
+
+
+def _compile_checked(program: torch.export.ExportedProgram, path: Path, sample: tuple) -> float:
+    """The AOTInductor package, refused unless it scores ``sample`` as ``program`` does."""
+    from lightning_mtr.serving.aot import compile_aot
+    compile_aot(program, path)
+    with torch.no_grad():
+        expected = program.module()(*sample)
+        compiled = torch._inductor.aoti_load_package(str(path))(*sample)
+    difference = max(float((compiled[name] - value).abs().max()) for name, value in expected.items())
+    if not difference <= FP32_TOLERANCE:
+        raise ExportError(f"the AOTInductor package's scores differ from the program's by {difference:.3g} "
+                          f"(limit {FP32_TOLERANCE:g}); nothing written")
+    return difference
 
 
 def _check_aucs(check: dict, quantize: Quantize) -> None:
@@ -154,19 +168,22 @@ def _outputs(schema: Schema) -> list[dict]:
     return outputs
 
 
-def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | list[str], check_rows: int) -> dict:
-    """Score the test rows with every program; refuse on a broken parity or AUC limit."""
+def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | list[str], check_rows: int
+           ) -> tuple[dict, tuple]:
+    """Score the test rows with every program; refuse if the fp32 program's scores differ from the
+    trained model's. ``-> (numbers, the first batch's program inputs)``."""
     schema = run.schema
     scores = {k: {name: [] for name in output_names(schema)} for k in programs}
     labels = {t.name: [] for t in schema.tasks}
     masks = {t.name: [] for t in schema.tasks}
-    parity = None
+    parity, sample = None, ()
     rows = 0
     for batch, raw in _batches(schema, run, data, check_rows):
         inputs = (raw.dense, raw.sparse.values(), raw.sparse.lengths().view(len(schema.sparse), -1).long())
         with torch.no_grad():
             outputs = {k: program(*inputs) for k, program in programs.items()}
             if parity is None:
+                sample = inputs
                 reference = probabilities(schema, run.model(batch.dense, batch.sparse))
                 parity = max(float((outputs["none"][n] - reference[n]).abs().max()) for n in reference)
         for k in programs:
@@ -184,7 +201,7 @@ def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | li
     aucs = {k: _aucs(schema, {n: torch.cat(v) for n, v in s.items()},
                      {t: torch.cat(v) for t, v in labels.items()}, {t: torch.cat(v) for t, v in masks.items()})
             for k, s in scores.items()}
-    return {"rows": rows, "data": data, "fp32_max_abs_diff": parity, "auc": aucs}
+    return {"rows": rows, "data": data, "fp32_max_abs_diff": parity, "auc": aucs}, sample
 
 
 def _batches(schema: Schema, run: TrainedRun, data: str | list[str], check_rows: int) -> Iterator:

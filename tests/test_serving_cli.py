@@ -1,0 +1,148 @@
+"""``lightning-mtr export`` end to end: a checkpoint of ``lightning-mtr fit`` (conf/debug.yaml on a
+tiny synthetic log) becomes an int8 artifact with an AOTInductor package, checked on the run's
+test split; the C++ client scores as Python does; refusals write nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+
+from lightning_mtr.cli import main
+from lightning_mtr.serving import export as export_module
+from lightning_mtr.serving.aot import build_client, find_compiler, score_with_client
+from lightning_mtr.serving.artifact import load_artifact
+from lightning_mtr.serving.checkpoint import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _has_compiler() -> bool:
+    try:
+        return bool(find_compiler())
+    except RuntimeError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One tiny fit, exported with --quantize int8 --aot."""
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        patch.setattr(sys, "argv", ["lightning-mtr"])
+        assert main(["fit", "--config", "conf/debug.yaml", "--data.synthetic.train_rows", "3000",
+                     "--data.synthetic.val_rows", "500", "--data.synthetic.test_rows", "1500",
+                     "--data.synthetic.cache_dir", str(root / "cache"), "--data.batch_size", "512",
+                     "--model.model.init_args.expert", "[32, 16]", "--model.model.init_args.tower", "[8]",
+                     "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(root / "run")]) == 0
+    checkpoint = root / "run" / "checkpoints" / "last.ckpt"
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(root / "artifact"), "--quantize", "int8",
+                 "--aot"]) == 0
+    return {"root": root, "checkpoint": checkpoint, "artifact": root / "artifact"}
+
+
+def _test_batch(exported):
+    """The run's test rows as the program takes them, and the trained model's probabilities."""
+    run = load_run(exported["checkpoint"])
+    batch, raw = next(export_module._batches(run.schema, run, run.test_files(), 700))
+    inputs = (raw.dense, raw.sparse.values(), raw.sparse.lengths().view(len(run.schema.sparse), -1).long())
+    with torch.no_grad():
+        expected = export_module.probabilities(run.schema, run.model(batch.dense, batch.sparse))
+    return inputs, expected
+
+
+def test_manifest_describes_inputs_hashing_outputs_and_checks(exported):
+    manifest = json.loads((exported["artifact"] / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt2", "model.aoti.pt2"}
+    assert manifest["model"]["class_path"] == "lightning_mtr.models.MMoE"
+    assert manifest["model"]["init_args"]["expert"] == [32, 16]
+    assert [o["name"] for o in manifest["outputs"]] == ["ctr", "cvr", "ctcvr"]
+    assert manifest["quantize"] == "int8" and manifest["versions"]["torch"] == torch.__version__
+    layout = manifest["inputs"]
+    assert [f["name"] for f in layout["lengths"]["features"]] == [f["name"] for f in manifest["schema"]["sparse"]]
+    assert layout["dense"]["dtype"] == "float64" and layout["dense"]["shape"][1] == len(manifest["schema"]["dense"])
+    assert all("mean" in f and f["std"] > 0 for f in layout["dense"]["features"])  # log1p_standardize: stats inside
+    vectors = {v["string"]: v for v in manifest["hashing"]["test_vectors"]}
+    # FNV-1a 64 (offset basis 0xcbf29ce484222325, prime 0x100000001b3): "" is the basis, and
+    # "a" = (basis ^ 0x61) * prime mod 2^64
+    assert vectors[""]["fnv1a_64"] == "0xcbf29ce484222325"
+    a = ((0xCBF29CE484222325 ^ 0x61) * 0x100000001B3) % 2**64
+    assert vectors["a"]["fnv1a_64"] == f"0x{a:016x}" == "0xaf63dc4c8601ec8c"
+    sizes = {f["name"]: f["num_embeddings"] for f in layout["lengths"]["features"]}
+    assert vectors["a"]["rows"] == {name: a % size for name, size in sizes.items()}
+    check = manifest["check"]
+    assert check["rows"] == 1500 and check["fp32_max_abs_diff"] <= 1e-5 and check["aot_max_abs_diff"] <= 1e-5
+    assert set(check["auc"]["int8"]) == {"ctr", "cvr", "ctcvr"}
+    for task, auc in check["auc"]["none"].items():
+        assert abs(check["auc"]["int8"][task] - auc) <= 0.002
+    assert check["table_bytes"]["int8"] * 3 < check["table_bytes"]["none"]  # 16-d rows: 20 bytes, not 64
+
+
+def test_artifact_scores_the_test_rows_as_the_trained_model(exported):
+    inputs, expected = _test_batch(exported)
+    artifact = load_artifact(exported["artifact"])
+    scores = artifact.score(*inputs)
+    assert artifact.output_names == list(expected)
+    for name, value in expected.items():
+        # int8 rows: each id's row is off by at most half a step of its 255 steps
+        assert (scores[name] - value).abs().max() < 0.02, name
+    assert any(not torch.equal(scores[n], expected[n]) for n in expected), "int8 tables are in use"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler ($CXX, c++, g++ or clang++) to build the client")
+def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
+    inputs, _ = _test_batch(exported)
+    artifact = load_artifact(exported["artifact"])
+    client = build_client(tmp_path / "client")
+    for rows in (1, 700):
+        batch = (inputs[0][:rows], *_first_rows(inputs[1], inputs[2], rows))
+        got, timing = score_with_client(client, exported["artifact"] / "model.aoti.pt2", batch, artifact.output_names)
+        assert f"batch {rows}," in timing
+        for name, value in artifact.score(*batch).items():
+            assert got[name].shape == (rows,)
+            torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0)
+
+
+def _first_rows(values: torch.Tensor, lengths: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ids and lengths of the first ``rows`` rows of every feature."""
+    ends = torch.cumsum(lengths.reshape(-1), 0).view(lengths.shape)
+    starts = ends - lengths
+    keep = torch.cat([values[int(starts[f, 0]):int(starts[f, 0]) + int(lengths[f, :rows].sum())]
+                      for f in range(lengths.shape[0])])
+    return keep, lengths[:, :rows].contiguous()
+
+
+def test_an_auc_beyond_the_limit_is_refused_and_nothing_written(exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(export_module.AUC_TOLERANCE, "int4", -1.0)  # any change is too much
+    out = tmp_path / "refused"
+    assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(out), "--quantize", "int4",
+                 "--check-rows", "500"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("lightning-mtr export: error: int4 tables change the AUC of ctr")
+    assert not out.exists() and not out.with_name("refused.partial").exists()
+
+
+def test_fp32_scores_off_the_trained_model_are_refused(exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)
+    assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(tmp_path / "x"),
+                 "--check-rows", "300"]) == 2
+    assert "differ from the trained model's" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_without_a_run_record_needs_the_config(exported, tmp_path, capsys):
+    state = torch.load(exported["checkpoint"], weights_only=True)
+    del state["lightning_mtr_run"]
+    bare = tmp_path / "bare.ckpt"
+    torch.save(state, bare)
+    assert main(["export", "--ckpt", str(bare), "--out", str(tmp_path / "x")]) == 2
+    assert "pass --config with the config.yaml" in capsys.readouterr().err
+    assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
+    assert "no checkpoint at" in capsys.readouterr().err

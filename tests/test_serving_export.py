@@ -1,0 +1,233 @@
+"""``lightning-mtr export``: every registered model as a torch.export program of core ATen ops that
+scores as the model does, with quantised tables, dense transforms inside, a checked artifact, and
+a torch-only process that loads and runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import ESMM_TASKS, random_inputs, tiny_schema
+from test_models import SMALL, _schema
+from lightning_mtr.data.encode import BatchEncoder, DenseStats
+from lightning_mtr.models import MODELS, build_model
+from lightning_mtr.schema import Schema
+from lightning_mtr.serving.artifact import ArtifactError, load_artifact, write_manifest
+from lightning_mtr.serving.features import ServingFeatureInput
+from lightning_mtr.serving.program import ServingModel, export_program, foreign_operators, probabilities
+from lightning_mtr.serving.tables import RowStore, pack_int4, quantize_rows, unpack_int4
+
+BLOCKED = ("torchrec", "fbgemm_gpu", "lightning", "lightning_mtr")
+
+
+def _program_inputs(schema: Schema, batch: int, seed: int = 0):
+    dense, sparse = random_inputs(schema, batch, seed)
+    return dense, sparse, (dense.double(), sparse.values(), sparse.lengths().view(len(schema.sparse), -1).long())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """Every registered model, small, with random weights: (schema, model, program saved and loaded)."""
+    root = tmp_path_factory.mktemp("programs")
+    built = {}
+    for name in sorted(MODELS):
+        torch.manual_seed(0)
+        schema = _schema(name)
+        model = build_model(name, schema, **SMALL[name]).eval()
+        program = export_program(ServingModel(model, schema, None))
+        torch.export.save(program, root / f"{name}.pt2")
+        built[name] = (schema, model, program, torch.export.load(root / f"{name}.pt2").module())
+    return built
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("batch", [1, 7])
+def test_every_model_round_trips_and_scores_as_trained(exported, name, batch):
+    schema, model, program, loaded = exported[name]
+    dense, sparse, inputs = _program_inputs(schema, batch, seed=batch)
+    with torch.no_grad():
+        expected = probabilities(schema, model(dense, sparse))
+        scores = loaded(*inputs)
+    assert list(scores) == list(expected)
+    for output, value in expected.items():
+        assert scores[output].shape == (batch,)
+        torch.testing.assert_close(scores[output], value, atol=1e-6, rtol=0, msg=output)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_every_program_calls_core_aten_operators_only(exported, name):
+    program = exported[name][2]
+    assert foreign_operators(program) == set()
+    code = program.graph_module.code
+    for namespace in ("fbgemm", "torchrec", "lightning_mtr"):
+        assert namespace not in code
+
+
+def test_one_program_takes_batches_from_1_to_16384(exported):
+    schema, model, _, loaded = exported["mmoe"]
+    dense, sparse, inputs = _program_inputs(schema, 16384)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*inputs)["ctr"], torch.sigmoid(model(dense, sparse)["ctr"]), atol=1e-6,
+                                   rtol=0)
+
+
+def test_an_unknown_operator_is_named():
+    class Custom(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.lightning_mtr.gate_mix(x, x)[0]
+
+    import lightning_mtr.kernels  # noqa: F401  (registers the op)
+    program = torch.export.export(Custom(), (torch.randn(2, 3, 4),))
+    assert foreign_operators(program) == {"lightning_mtr.gate_mix.default"}
+
+
+def test_outputs_of_every_task_kind():
+    schema = tiny_schema(tasks=({"name": "click", "label": "click"},
+                                {"name": "genre", "label": "genre", "kind": "multiclass", "num_classes": 3},
+                                {"name": "watch", "label": "watch", "kind": "regression"}))
+    torch.manual_seed(0)
+    model = build_model("mmoe", schema, **SMALL["mmoe"]).eval()
+    dense, sparse, inputs = _program_inputs(schema, 5)
+    scores = export_program(ServingModel(model, schema, None)).module()(*inputs)
+    assert list(scores) == ["click", "genre_0", "genre_1", "genre_2", "watch"]
+    with torch.no_grad():
+        logits = model(dense, sparse)
+    torch.testing.assert_close(scores["watch"], logits["watch"], atol=1e-6, rtol=0)  # a value, not squashed
+    by_hand = torch.exp(logits["genre"]) / torch.exp(logits["genre"]).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(torch.stack([scores[f"genre_{c}"] for c in range(3)], 1), by_hand, atol=1e-6, rtol=0)
+
+
+def test_dense_transforms_run_inside_the_program():
+    """Raw values in; log1p(max(x, 0)), then (v - mean) / std, then NaN -> fill_missing, by hand."""
+    schema = Schema.from_dict({
+        "sparse": [{"name": "user", "num_embeddings": 5, "embedding_dim": 4}],
+        "dense": [{"name": "price", "transform": "log1p_standardize"}, {"name": "age", "transform": "standardize"},
+                  {"name": "views", "transform": "log1p", "fill_missing": 3.0}, {"name": "raw"}],
+        "tasks": [{"name": "ctr", "label": "click"}]})
+    stats = DenseStats(mean=(1.5, 40.0, 9.0, 9.0), std=(0.5, 10.0, 9.0, 9.0))
+    serving = ServingModel(build_model("shared_bottom", schema, bottom=[4], tower=[4]), schema, stats)
+    raw = torch.tensor([[np.e - 1, 50.0, float("nan"), -2.0], [-5.0, 20.0, 0.0, 1e9 + 0.5]], dtype=torch.float64)
+    expected = torch.tensor([[(1.0 - 1.5) / 0.5, 1.0, np.log(4.0), -2.0],
+                             [(0.0 - 1.5) / 0.5, -2.0, 0.0, 1e9 + 0.5]], dtype=torch.float32)
+    torch.testing.assert_close(serving.transform_dense(raw), expected, atol=1e-6, rtol=1e-7)
+
+
+def test_stacked_tables_equal_torchrec_lookups_for_mixed_dims_mean_pooling_and_empty_bags():
+    schema = Schema.from_dict({
+        "sparse": [{"name": "a", "num_embeddings": 7, "embedding_dim": 4, "multi_valued": True},
+                   {"name": "b", "num_embeddings": 9, "embedding_dim": 8, "pooling": "mean", "multi_valued": True},
+                   {"name": "c", "num_embeddings": 7, "embedding_dim": 4, "table": "a", "multi_valued": True},
+                   {"name": "s", "num_embeddings": 6, "embedding_dim": 4, "sequence": True},
+                   {"name": "t", "num_embeddings": 6, "embedding_dim": 4, "sequence": True, "table": "s",
+                    "max_length": 4}],
+        "dense": [{"name": "d"}], "tasks": [{"name": "ctr", "label": "click"}]})
+    from lightning_mtr.nn.features import FeatureInput
+    from lightning_mtr.serving.program import table_weights
+    torch.manual_seed(0)
+    trained = FeatureInput(schema)
+    serving = ServingFeatureInput(schema, table_weights(trained))
+    dense, sparse = random_inputs(schema, 6, seed=3)
+    values, lengths = sparse.values(), sparse.lengths().view(len(schema.sparse), -1).long()
+    assert (lengths == 0).any(), "some bags are empty"
+    torch.testing.assert_close(serving(dense, (values, lengths)), trained(dense, sparse), atol=1e-6, rtol=0)
+    for name, (padded, own) in trained.sequences(sparse).items():
+        got, got_lengths = serving.sequences((values, lengths))[name]
+        assert torch.equal(got_lengths, own)
+        steps = padded.shape[1]
+        torch.testing.assert_close(got[:, :steps], padded, atol=1e-6, rtol=0)  # t is padded to its max_length
+        assert not got[:, steps:].any()
+
+
+def test_int8_and_int4_rows_by_hand():
+    row = torch.tensor([[0.0, 1.0, 2.0, 3.0, 1.5]])
+    codes, scale_bias = quantize_rows(row, 8)
+    assert scale_bias.dtype == torch.float16
+    assert scale_bias[0].tolist() == [pytest.approx(3 / 255, rel=1e-3), 0.0]
+    assert codes[0].tolist() == [0, 85, 170, 255, 128]  # round(x / (3 / 255)) with the fp16 scale
+    codes4, _ = quantize_rows(row, 4)
+    assert codes4[0].tolist() == [0, 5, 10, 15, 8]
+    packed = pack_int4(codes4)
+    assert packed.tolist() == [[0 | 5 << 4, 10 | 15 << 4, 8]]
+    assert torch.equal(unpack_int4(packed, 5), codes4)
+    weight = torch.randn(100, 16)
+    for quantize, bits, size in (("int8", 8, 20), ("int4", 4, 12)):
+        store = RowStore(weight, quantize)
+        assert store.nbytes == 100 * size  # 16 codes of `bits`, plus an fp16 scale and bias
+        error = (store.lookup(torch.arange(100)) - weight).abs()
+        span = weight.max(1).values - weight.min(1).values
+        assert (error <= span[:, None] / (2**bits - 1) / 2 * 1.01 + 1e-3).all()
+    assert RowStore(weight).nbytes == 100 * 64
+
+
+def test_youtube_position_cannot_change_a_score(exported):
+    schema, _, _, loaded = exported["youtube"]  # position_features: [user]
+    dense, sparse, (raw, values, lengths) = _program_inputs(schema, 9)
+    moved = values.clone()
+    first = int(lengths[0].sum())  # `user` is the first sparse feature: its ids come first
+    moved[:first] = (moved[:first] + 7) % 50
+    with torch.no_grad():
+        assert not torch.equal(moved, values)
+        for output, score in loaded(raw, values, lengths).items():
+            torch.testing.assert_close(loaded(raw, moved, lengths)[output], score, atol=0, rtol=0)
+
+
+def test_a_torch_only_process_loads_and_scores_the_program(exported, tmp_path):
+    """The program runs where only torch is importable: torchrec, fbgemm_gpu, lightning and
+    lightning_mtr are blocked in the fresh process's import system."""
+    schema, model, program, _ = exported["dupn"]
+    dense, sparse, inputs = _program_inputs(schema, 11)
+    torch.export.save(program, tmp_path / "model.pt2")
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = textwrap.dedent(f"""
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {BLOCKED!r}:
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        import torch
+        program = torch.export.load(sys.argv[1]).module()
+        with torch.no_grad():
+            scores = program(*torch.load(sys.argv[2], weights_only=True))
+        torch.save(scores, sys.argv[3])
+        print(sorted(m for m in sys.modules if m.split(".")[0] in {BLOCKED!r}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "model.pt2"), str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "scores.pt")], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    scores = torch.load(tmp_path / "scores.pt", weights_only=True)
+    with torch.no_grad():
+        for output, value in probabilities(schema, model(dense, sparse)).items():
+            torch.testing.assert_close(scores[output], value, atol=1e-6, rtol=0)
+
+
+def test_a_tampered_or_truncated_artifact_is_refused(tmp_path):
+    (tmp_path / "model.pt2").write_bytes(b"program bytes")
+    write_manifest(tmp_path, {"outputs": []})
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"] == {"model.pt2": hashlib.sha256(b"program bytes").hexdigest()}
+    assert manifest["format"] == "lightning-mtr-artifact/1"
+    (tmp_path / "model.pt2").write_bytes(b"program byteZ")
+    with pytest.raises(ArtifactError, match="model.pt2: sha256 differs"):
+        load_artifact(tmp_path)
+    (tmp_path / "model.pt2").write_bytes(b"program")
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        load_artifact(tmp_path)
+    (tmp_path / "model.pt2").unlink()
+    with pytest.raises(ArtifactError, match="model.pt2: missing"):
+        load_artifact(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_artifact(tmp_path)
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match="no manifest.json"):
+        load_artifact(tmp_path)
