@@ -90,3 +90,15 @@ def test_sharded_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
     assert state["lr_schedulers"][0]["last_epoch"] == 2 and state["lr_schedulers"][0]["_last_lr"] == [
         pytest.approx(0.00025)], "the resumed run continues the schedule"
     assert state["global_step"] > 2 * 19, "19 steps in the first epoch (2 x 1024 rows), then 20 of 2048 rows"
+
+
+def test_sharded_checkpoint_exports_without_consolidating_first(two_process_run, tmp_path):
+    """``lightning-mtr export`` reads the 2-process checkpoint directory itself; its check compares
+    the program with the model rebuilt from the whole tables."""
+    root, _ = two_process_run
+    out = tmp_path / "artifact"
+    assert main(["export", "--ckpt", str(root / "checkpoints" / "last.ckpt"), "--out", str(out),
+                 "--check-rows", "2000"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["check"]["rows"] == 2000 and manifest["check"]["fp32_max_abs_diff"] <= 1e-5
+    assert manifest["check"]["auc"]["none"]["ctr"] > 0.75
