@@ -5,6 +5,7 @@ test split; the C++ client scores as Python does; refusals write nothing."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -146,3 +147,23 @@ def test_a_checkpoint_without_a_run_record_needs_the_config(exported, tmp_path, 
     assert "pass --config with the config.yaml" in capsys.readouterr().err
     assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
     assert "no checkpoint at" in capsys.readouterr().err
+
+
+def test_readme_python_snippet_runs_with_only_torch(exported, tmp_path):
+    """README's "From Python with only torch installed" block, on this run's artifact, in a process
+    where torchrec, fbgemm_gpu, lightning and lightning_mtr cannot be imported."""
+    readme = (REPO / "README.md").read_text()
+    snippet = readme.split("**From Python with only torch installed:**", 1)[1].split("```python\n", 1)[1]
+    snippet = snippet.split("```", 1)[0].replace("artifacts/debug", str(exported["artifact"]))
+    blocker = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+               "        if name.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'lightning', 'lightning_mtr'):\n"
+               "            raise ImportError('blocked: ' + name)\nsys.meta_path.insert(0, Block())\n")
+    done = subprocess.run([sys.executable, "-c", blocker + snippet + "\nimport json\nprint(json.dumps({k: v.tolist() for k, v in scores.items()}))"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    scores = json.loads(done.stdout.strip().splitlines()[-1])
+    assert list(scores) == ["ctr", "cvr", "ctcvr"] and all(len(v) == 2 for v in scores.values())
+    inputs = torch.load(tmp_path / "inputs.pt", weights_only=True)
+    expected = load_artifact(exported["artifact"]).score(*inputs)
+    for name, value in expected.items():
+        assert scores[name] == pytest.approx(value.tolist(), abs=1e-6)

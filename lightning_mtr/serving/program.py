@@ -53,7 +53,7 @@ class ServingModel(nn.Module):
                                                    for f in dense], dtype=torch.float64))
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float64))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float64))
-        self.eval()
+        self.eval().requires_grad_(False)  # a serving process keeps no autograd graph
 
     @property
     def table_bytes(self) -> int:
