@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,12 @@ def test_a_tampered_or_truncated_artifact_is_refused(tmp_path):
     (tmp_path / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="no manifest.json"):
         load_artifact(tmp_path)
+
+
+def test_a_recurrent_sequence_without_max_length_is_refused_with_the_fix():
+    schema = tiny_schema(tasks=("ctr",), sequences=True)
+    schema = Schema(tasks=schema.tasks, dense=schema.dense,
+                    sparse=tuple(replace(f, max_length=None) if f.sequence else f for f in schema.sparse))
+    model = build_model("dupn", schema, **SMALL["dupn"]).eval()
+    with pytest.raises(ValueError, match="needs max_length on those sequence features"):
+        export_program(ServingModel(model, schema, None))

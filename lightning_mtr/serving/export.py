@@ -57,12 +57,16 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    torch.export.save(programs[quantize], staging / PROGRAM)
-    if aot:
-        check["aot_max_abs_diff"] = _compile_checked(programs[quantize], staging / AOT_PROGRAM, sample)
-        print(f"AOTInductor package vs program: max |score difference| {check['aot_max_abs_diff']:.2e}")
-    manifest = build_manifest(run, quantize, check)
-    write_manifest(staging, manifest)
+    try:
+        torch.export.save(programs[quantize], staging / PROGRAM)
+        if aot:
+            check["aot_max_abs_diff"] = _compile_checked(programs[quantize], staging / AOT_PROGRAM, sample)
+            print(f"AOTInductor package vs program: max |score difference| {check['aot_max_abs_diff']:.2e}")
+        manifest = build_manifest(run, quantize, check)
+        write_manifest(staging, manifest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

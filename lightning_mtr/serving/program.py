@@ -14,6 +14,7 @@ import operator
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.schema import Schema
@@ -108,8 +109,15 @@ def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
     one that calls anything but core ATen operators."""
     batch, ids = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("ids", max=1 << 40)
     dynamic = {"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}}
-    with torch.no_grad():
-        program = torch.export.export(serving, example_inputs(serving.schema), dynamic_shapes=dynamic, strict=False)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(serving, example_inputs(serving.schema), dynamic_shapes=dynamic,
+                                          strict=False)
+    except GuardOnDataDependentSymNode as error:
+        raise ValueError(f"torch.export cannot trace {type(serving.model).__name__} where a size is known only when "
+                         f"it runs ({str(error).splitlines()[0]}); a layer that reads a sequence step by step (DUPN's "
+                         "item_part and property_part) needs max_length on those sequence features, so the program "
+                         "pads them to a fixed length") from None
     foreign = sorted(foreign_operators(program))
     if foreign:
         raise RuntimeError(f"the exported program calls operators outside core PyTorch: {foreign}")
