@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,8 +67,10 @@ def _score(served, data: list[Path], out: Path, *extra: str, artifact: Path | No
 
 @pytest.fixture(scope="module")
 def scored(served):
-    """``log.parquet`` scored once, keeping ``row_id``."""
+    """``log.parquet`` scored once, keeping ``row_id``: one row per input row, in input order."""
     [table] = _score(served, [served["root"] / "log.parquet"], served["root"] / "scored", "--extras", "row_id")
+    assert table.column_names == SCORES + ["row_id"]
+    assert table["row_id"].to_pylist() == served["log"]["row_id"].to_pylist()
     return table
 
 
@@ -86,8 +89,6 @@ def test_scores_equal_predict_on_a_log_without_labels(served, scored, monkeypatc
                  str(root / "log.parquet"), "--data.extras", "[row_id]",
                  "--prediction_writer.output_dir", str(root / "predicted")]) == 0
     predicted = pq.read_table(root / "predicted" / "predictions-rank0.parquet")
-    assert scored.column_names == SCORES + ["row_id"]
-    assert scored["row_id"].to_pylist() == served["log"]["row_id"].to_pylist()  # input order
     assert scored.schema == predicted.schema  # same names and types: the two outputs are interchangeable
     _assert_same_scores(scored, predicted)
     assert float(np.std(scored["score_ctr"].to_numpy())) > 0  # different rows, different scores
@@ -136,7 +137,7 @@ def test_manifest_gives_default_extras_and_text_format(served, scored, tmp_path)
     assert table.column_names == SCORES
 
 
-def _set(column: str, value) -> callable:
+def _set(column: str, value) -> Callable[[pa.Table], pa.Table]:
     """A change to the log: ``column`` of its last row becomes ``value`` (None: null; a string
     turns the whole column into strings)."""
     def change(table: pa.Table) -> pa.Table:
