@@ -10,7 +10,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
-from lightning_mtr.serving import export
+from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     stderr and exit status 2, not a traceback through Lightning's loops."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
-                "export": export.main}
+                "export": export.main, "score": score.main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:

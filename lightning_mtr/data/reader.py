@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,7 +105,7 @@ def plan_units(files: Sequence[str], encoder: BatchEncoder, text: TextFormat = T
     units: list[Unit] = []
     for path in files:
         if not path.endswith(".parquet"):
-            with _opened(path):
+            with _opened(path, text):
                 encoder.check_columns(text.open(path).schema, path)
                 options = _csv_options(encoder.columns, encoder.numeric_columns, encoder.string_columns)
                 rows = sum(batch.num_rows for batch in text.open(path, options))
@@ -128,7 +129,7 @@ def read_unit(unit: Unit, columns: Sequence[str], chunk_rows: int, numeric: Coll
     the ``numeric`` columns are read as float64 and the ``strings`` columns as strings."""
     stop = unit.rows if unit.stop is None else unit.stop
     offset = 0
-    with _opened(unit.path):
+    with _opened(unit.path, unit.text if unit.row_group is None else None):
         if unit.row_group is None:
             batches = unit.text.open(unit.path, _csv_options(columns, numeric, strings))
         else:
@@ -167,16 +168,22 @@ def sources_of(units: Sequence[Unit]) -> list[str]:
 
 
 class _opened:
-    """Turn Arrow's I/O and format errors into a DataError naming the file."""
+    """Turn Arrow's I/O and format errors into a DataError naming the file (and, for a value of a
+    text file that does not parse, the column: Arrow's message gives only its number)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, text: TextFormat | None = None):
         self.path = path
+        self.text = text
 
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, kind, error, traceback) -> bool:
         if isinstance(error, (pa.ArrowException, OSError)) and not isinstance(error, DataError):
+            found = re.match(r"In CSV column #(\d+): (.*)", str(error), re.DOTALL) if self.text else None
+            if found:
+                column = self.text.open(self.path).schema.names[int(found[1])]
+                raise DataError(f"{self.path}: column {column!r}: {found[2]}") from error
             raise DataError(f"{self.path}: unreadable or truncated file ({error})") from error
         return False
 

@@ -7,8 +7,11 @@ process may copy it, or read the manifest itself (its format is documented in RE
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,21 @@ MANIFEST = "manifest.json"
 FORMAT = "lightning-mtr-artifact/1"
 PROGRAM = "model.pt2"
 AOT_PROGRAM = "model.aoti.pt2"  # AOTInductor package, for C++ (--aot)
+
+
+@contextlib.contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers: torch's harmless warnings would bury a scorer's own
+    one-line messages on stderr."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 class ArtifactError(ValueError):
@@ -81,4 +99,5 @@ def load_artifact(directory: str | Path, program: str = PROGRAM) -> Artifact:
     manifest = read_manifest(directory)
     if program not in manifest["files"]:
         raise ArtifactError(f"{directory}: no {program} in {MANIFEST}")
-    return Artifact(Path(directory), manifest, torch.export.load(Path(directory) / program).module())
+    with quiet_loggers("torch._export.serde.serialize"):  # "Symbol u1 did not appear in the graph", each load
+        return Artifact(Path(directory), manifest, torch.export.load(Path(directory) / program).module())
