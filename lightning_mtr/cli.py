@@ -1,5 +1,5 @@
 """``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data, ``plan``
-for a sharding plan, ``consolidate`` for a sharded checkpoint, and ``export`` for serving."""
+for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``score`` for serving."""
 
 from __future__ import annotations
 
