@@ -241,3 +241,15 @@ def test_a_recurrent_sequence_without_max_length_is_refused_with_the_fix():
     model = build_model("dupn", schema, **SMALL["dupn"]).eval()
     with pytest.raises(ValueError, match="needs max_length on those sequence features"):
         export_program(ServingModel(model, schema, None))
+
+
+@pytest.mark.parametrize("bad", [-1, 30], ids=["negative", "past_the_table"])
+def test_an_id_outside_its_table_stops_the_program(exported, bad):
+    """`item` (30 rows) is stacked before `user`'s table: an id of 30 would read a `user` row."""
+    schema, _, _, loaded = exported["mmoe"]
+    _, _, (dense, values, lengths) = _program_inputs(schema, 4)
+    item = [f.name for f in schema.sparse].index("item")
+    values = values.clone()
+    values[int(lengths[:item].sum())] = bad  # the first id of `item`
+    with pytest.raises(RuntimeError, match="negative or >= its feature's num_embeddings"):
+        loaded(dense, values, lengths)

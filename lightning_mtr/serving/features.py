@@ -32,6 +32,8 @@ class StackedTables(nn.Module):
         self.register_buffer("slot", torch.tensor([self.names.index(n) if n in table_of else -1 for n in inputs]))
         self.register_buffer("row_offset", torch.tensor([int(starts[table_of[n].name]) if n in table_of else 0
                                                          for n in inputs]))
+        self.register_buffer("table_rows", torch.tensor([table_of[n].num_embeddings if n in table_of else 0
+                                                         for n in inputs]))
         self.register_buffer("mean", torch.tensor([table_of[n].pooling == "mean" for n in self.names]))
         self.rows = RowStore(torch.cat([weights[t.name] for t in tables]), quantize)
 
@@ -62,6 +64,9 @@ class StackedTables(nn.Module):
     def _rows(self, values: torch.Tensor, bag: torch.Tensor, batch) -> tuple[torch.Tensor, torch.Tensor]:
         feature = bag // batch
         slot = self.slot[feature]
+        # stacked, an id past its table would silently read the next table's rows
+        valid = (slot < 0) | ((values >= 0) & (values < self.table_rows[feature]))
+        torch._assert_async(valid.all(), "an id is negative or >= its feature's num_embeddings (see manifest.json)")
         rows = self.rows.lookup(torch.where(slot >= 0, values + self.row_offset[feature], 0))
         return rows, slot
 
