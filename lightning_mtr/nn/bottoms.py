@@ -88,12 +88,18 @@ class MixtureBottom(nn.Module):
         return self.experts.last_layer_weights()
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        logits = self._gate_logits(inputs)
+        return self.after_first(self.experts.first(inputs), self.gates(inputs))
+
+    def after_first(self, first: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """The bottom from the outputs of its two linear layers on the input on, the experts'
+        first ``[B, E*H1]`` and the gates' ``[B, gates*E]`` (``lightning_mtr.serving.split``
+        computes them in a user and an item half)."""
+        logits = gates.view(gates.shape[0], self.num_gates, -1)  # [B, gates, E]
         if self.training and self.gate_dropout:
             dropped = torch.rand_like(logits) < self.gate_dropout
             dropped &= ~dropped.all(dim=-1, keepdim=True)  # a row never loses every expert
             logits = logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
-        mixed = gate_mix(self.experts(inputs), logits, self.gate_backend)  # [B, gates, D]
+        mixed = gate_mix(self.experts.after_first(first), logits, self.gate_backend)  # [B, gates, D]
         return mixed.expand(-1, self.branches, -1)
 
     def _gate_logits(self, inputs: torch.Tensor) -> torch.Tensor:

@@ -46,8 +46,13 @@ class ExpertBank(nn.Module):
         return [self.weights[-1] if len(self.weights) else self.first.weight]
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        batch = inputs.shape[0]
-        hidden = torch.relu(self.first(inputs)).view(batch, self.num_experts, -1).transpose(0, 1)  # [E, B, H]
+        return self.after_first(self.first(inputs))
+
+    def after_first(self, first: torch.Tensor) -> torch.Tensor:
+        """The bank from the first layer's output ``[B, E*H1]`` on (the user/item split of
+        ``lightning_mtr.serving.split`` computes that layer in two halves)."""
+        batch = first.shape[0]
+        hidden = torch.relu(first).view(batch, self.num_experts, -1).transpose(0, 1)  # [E, B, H]
         for weight, bias in zip(self.weights, self.biases):
             hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
         return hidden.transpose(0, 1)  # [B, E, D]

@@ -107,14 +107,24 @@ def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.
 def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
     """A ``torch.export`` program with a dynamic batch (1 to ``MAX_BATCH``) and id count; refuses
     one that calls anything but core ATen operators."""
+    return export_module(serving, example_inputs(serving.schema), input_dims())
+
+
+def input_dims() -> dict[str, dict[int, torch.export.Dim]]:
+    """The dynamic sizes of the ``(dense, values, lengths)`` inputs: the batch and the id count."""
     batch, ids = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("ids", max=1 << 40)
-    dynamic = {"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}}
+    return {"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}}
+
+
+def export_module(module: nn.Module, inputs: tuple, dynamic: dict) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``module`` (non-strict, no autograd), refused if it calls anything but
+    core ATen operators."""
     try:
         with torch.no_grad():
-            program = torch.export.export(serving, example_inputs(serving.schema), dynamic_shapes=dynamic,
-                                          strict=False)
+            program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
     except GuardOnDataDependentSymNode as error:
-        raise ValueError(f"torch.export cannot trace {type(serving.model).__name__} where a size is known only when "
+        model = module.model if isinstance(module, ServingModel) else module.side.model  # or a split program
+        raise ValueError(f"torch.export cannot trace {type(model).__name__} where a size is known only when "
                          f"it runs ({str(error).splitlines()[0]}); a layer that reads a sequence step by step (DUPN's "
                          "item_part and property_part) needs max_length on those sequence features, so the program "
                          "pads them to a fixed length") from None
