@@ -60,7 +60,7 @@ def _test_batch(exported):
 
 def test_manifest_describes_inputs_hashing_outputs_and_checks(exported):
     manifest = json.loads((exported["artifact"] / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"model.pt2", "model.aoti.pt2"}
+    assert set(manifest["files"]) == {"model.pt2", "model.aoti.pt2", "user.pt2", "item.pt2"}
     assert manifest["model"]["class_path"] == "lightning_mtr.models.MMoE"
     assert manifest["model"]["init_args"]["expert"] == [32, 16]
     assert [o["name"] for o in manifest["outputs"]] == ["ctr", "cvr", "ctcvr"]
@@ -83,6 +83,20 @@ def test_manifest_describes_inputs_hashing_outputs_and_checks(exported):
     for task, auc in check["auc"]["none"].items():
         assert abs(check["auc"]["int8"][task] - auc) <= 0.002
     assert check["table_bytes"]["int8"] * 3 < check["table_bytes"]["none"]  # 16-d rows: 20 bytes, not 64
+
+
+def test_the_artifact_has_a_user_and_an_item_program_that_score_as_model_pt2(exported):
+    from lightning_mtr.serving.split import split_difference
+
+    artifact = load_artifact(exported["artifact"])
+    split = artifact.manifest["split"]
+    assert split["user"]["inputs"] == {"dense": [f"I{k}" for k in range(1, 14)],
+                                       "sparse": [f"C{j}" for j in range(1, 14)] + ["position"]}
+    width = split["user"]["output"][1]
+    assert split["item"]["inputs"] == {"user": [1, width], "dense": [], "sparse": [f"C{j}" for j in range(14, 27)]}
+    user, item = (load_artifact(exported["artifact"], split[side]["file"]).program for side in ("user", "item"))
+    inputs, _ = _test_batch(exported)
+    assert split_difference(load_run(exported["checkpoint"]).schema, artifact.program, user, item, inputs) <= 1e-5
 
 
 def test_artifact_scores_the_test_rows_as_the_trained_model(exported):

@@ -120,3 +120,14 @@ def test_a_model_that_reads_no_item_feature_is_refused():
     model = build_model("youtube", schema, **{**SMALL["youtube"], "position_features": ["position"]})
     with pytest.raises(SplitRefused, match=r"reads none of the schema's `side: item` features \['position'\]"):
         split_model(model, schema, None)
+
+
+def test_export_writes_the_monolithic_program_only_and_says_why(capsys):
+    from types import SimpleNamespace
+
+    from lightning_mtr.serving.export import _split
+
+    run = SimpleNamespace(model=build_model("nfwfm", SCHEMA, **SMALL["nfwfm"]), schema=SCHEMA, dense_stats=STATS)
+    programs, entry = _split(run, "none", None, ())
+    assert programs == {} and entry["refused"].startswith("NFwFM: its field-weighted FM")
+    assert capsys.readouterr().out == f"no user/item split: {entry['refused']}; writing the monolithic program only\n"

@@ -26,6 +26,9 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.serving.artifact import AOT_PROGRAM, PROGRAM, write_manifest
 from lightning_mtr.serving.checkpoint import TrainedRun, load_run
 from lightning_mtr.serving.program import MAX_BATCH, ServingModel, export_program, output_names, probabilities
+from lightning_mtr.serving.split import (
+    ITEM_PROGRAM, USER_PROGRAM, SplitRefused, export_split, split_difference, split_manifest, split_model,
+)
 from lightning_mtr.serving.tables import QUANTIZE, Quantize
 
 FP32_TOLERANCE = 1e-5
@@ -53,16 +56,19 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     check["table_bytes"] = {k: m.table_bytes for k, m in models.items()}
     print(report(check, quantize))
     _check_aucs(check, quantize)
+    split_programs, split = _split(run, quantize, programs[quantize], sample)
     out = Path(out)
     staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         torch.export.save(programs[quantize], staging / PROGRAM)
+        for name, program in split_programs.items():
+            torch.export.save(program, staging / name)
         if aot:
             check["aot_max_abs_diff"] = _compile_checked(programs[quantize], staging / AOT_PROGRAM, sample)
             print(f"AOTInductor package vs program: max |score difference| {check['aot_max_abs_diff']:.2e}")
-        manifest = build_manifest(run, quantize, check)
+        manifest = build_manifest(run, quantize, check) | {"split": split}
         write_manifest(staging, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -71,6 +77,24 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
         shutil.rmtree(out)
     staging.rename(out)
     return manifest
+
+
+def _split(run: TrainedRun, quantize: Quantize, program: torch.export.ExportedProgram, sample: tuple
+           ) -> tuple[dict[str, torch.export.ExportedProgram], dict]:
+    """``({file: program}, manifest entry)`` of the user/item split, refused unless it scores
+    ``sample`` as ``program`` does; no programs, and the reason, for a model that does not split."""
+    try:
+        user, item = split_model(run.model, run.schema, run.dense_stats, quantize)
+    except SplitRefused as refusal:
+        print(f"no user/item split: {refusal}; writing the monolithic program only")
+        return {}, {"refused": str(refusal)}
+    programs = export_split(user, item)
+    difference = split_difference(run.schema, program.module(), *(p.module() for p in programs), sample)
+    if not difference <= FP32_TOLERANCE:
+        raise ExportError(f"the user/item split's scores differ from the program's by {difference:.3g} "
+                          f"(limit {FP32_TOLERANCE:g}); nothing written")
+    print(f"user/item split vs program: max |score difference| {difference:.2e}")
+    return dict(zip((USER_PROGRAM, ITEM_PROGRAM), programs)), split_manifest(run.schema, user.width, difference)
 
 
 def _compile_checked(program: torch.export.ExportedProgram, path: Path, sample: tuple) -> float:

@@ -33,6 +33,7 @@ from lightning_mtr.serving.program import (
 from lightning_mtr.serving.tables import Quantize
 
 USER, ITEM = "user", "item"
+USER_PROGRAM, ITEM_PROGRAM = "user.pt2", "item.pt2"
 _NOT_WRITTEN = ("its towers' first layers read the feature vector and could be split as MMoE's are, but this split "
                 "is not written yet")
 REFUSED = {
@@ -74,6 +75,11 @@ class UserProgram(nn.Module):
         self.side = side
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
+
+    @property
+    def width(self) -> int:
+        """H, the size of the output."""
+        return self.side.model.representation_dim if self.weight is None else self.weight.shape[0]
 
     def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         dense, sparse = self.side.transform_dense(dense), (values, lengths)
@@ -254,3 +260,41 @@ def broadcast_user(schema: Schema, user: tuple, item: tuple) -> tuple[torch.Tens
     for side, columns in ((USER, user_dense.expand(batch, -1)), (ITEM, item_dense)):
         dense[:, [i for i, f in enumerate(schema.dense) if f.side == side]] = columns
     return dense, torch.cat([item_values[:0]] + values), torch.stack(lengths) if lengths else item_lengths
+
+
+def split_difference(schema: Schema, monolithic: nn.Module, user: nn.Module, item: nn.Module,
+                     inputs: tuple, users: int = 4, candidates: int = 1024) -> float:
+    """Max |split score - monolithic score| with each of the first ``users`` rows of ``inputs``
+    (monolithic layout) as the user and the first ``candidates`` rows as the candidates."""
+    batch = inputs[2].shape[1]
+    items = side_inputs(schema, ITEM, *_rows(inputs, range(min(batch, candidates))))
+    worst = 0.0
+    with torch.no_grad():
+        for row in range(min(batch, users)):
+            request = side_inputs(schema, USER, *_rows(inputs, [row]))
+            expected = monolithic(*broadcast_user(schema, request, items))
+            scores = item(user(*request), *items)
+            worst = max([worst] + [float((scores[name] - value).abs().max()) for name, value in expected.items()])
+    return worst
+
+
+def _rows(inputs: tuple, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given rows of ``(dense, values, lengths)``."""
+    dense, values, lengths = inputs
+    rows = list(rows)
+    bags = values.split(lengths.reshape(-1).tolist())  # feature-major: bag f * B + row
+    kept = [bags[f * lengths.shape[1] + r] for f in range(lengths.shape[0]) for r in rows]
+    return dense[rows], torch.cat([values[:0]] + kept), lengths[:, rows]
+
+
+def split_manifest(schema: Schema, width: int, difference: float) -> dict:
+    """The manifest's ``split`` entry: which program reads what, and the parity it was checked at."""
+    return {
+        "user": {"file": USER_PROGRAM, "inputs": side_layout(schema, USER), "output": ["B", width]},
+        "item": {"file": ITEM_PROGRAM, "inputs": {"user": [1, width], **side_layout(schema, ITEM)},
+                 "outputs": "as model.pt2's"},
+        "note": "run user.pt2 once per request on the request's features (the `user` side), then item.pt2 on the "
+                "candidates' (the `item` side) with that output; each takes (dense, values, lengths) as model.pt2 "
+                "does, restricted to its side's dense columns and sparse features, in the listed order",
+        "max_abs_diff": difference,
+    }
