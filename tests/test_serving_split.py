@@ -94,7 +94,7 @@ def test_the_programs_read_their_sides_in_schema_order():
 
 
 @pytest.mark.parametrize("name, message", [
-    ("nfwfm", "NFwFM: its field-weighted FM multiplies the user's and the candidate's embeddings"),
+    ("nfwfm", "NFwFM: its field-weighted FM multiplies user and candidate embeddings pair by pair"),
     ("ple", "PLE: .* not written yet"),
     ("aitm", "AITM: .* not written yet"),
 ])
@@ -129,5 +129,5 @@ def test_export_writes_the_monolithic_program_only_and_says_why(capsys):
 
     run = SimpleNamespace(model=build_model("nfwfm", SCHEMA, **SMALL["nfwfm"]), schema=SCHEMA, dense_stats=STATS)
     programs, entry = _split(run, "none", None, ())
-    assert programs == {} and entry["refused"].startswith("NFwFM: its field-weighted FM")
+    assert programs == {} and entry["refused"].startswith("NFwFM: its field-weighted FM multiplies")
     assert capsys.readouterr().out == f"no user/item split: {entry['refused']}; writing the monolithic program only\n"

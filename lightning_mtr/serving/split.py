@@ -11,7 +11,12 @@ features in schema order (:func:`side_layout`).
   linear, ``W [u; i] + b = (W_u u + b) + W_i i``; the user program computes ``W_u u + b`` of
   each (one matrix over the user vector), the item program adds ``W_i i`` and runs the rest.
   (The YouTube ranker's shallow tower reads the constant "missing position", so that part of its
-  first layer goes with the user half.)
+  first layer goes with the user half.) Shared-Bottom splits too: its bottom MLP starts with a
+  linear layer, so nothing mixes the two sides before it.
+
+Refused, with the reason (:data:`REFUSED`): a schema without ``side: item`` features (every
+candidate would score the same), and the models whose split is not written (PLE, ESMM, ESM2, AITM:
+linear first layers, split like MMoE's would work) or not linear (NFwFM's FM term).
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ REFUSED = {
     PLE: "PLE: the first level's task and shared expert banks and gates are linear in the features and could be "
          "split as MMoE's are, but this split is not written yet",
     ESMM: f"ESMM: {_NOT_WRITTEN}", ESM2: f"ESM2: {_NOT_WRITTEN}", AITM: f"AITM: {_NOT_WRITTEN}",
-    NFwFM: "NFwFM: its field-weighted FM multiplies the user's and the candidate's embeddings pair by pair before "
-           "any linear layer, so no user half can be computed once",
+    NFwFM: "NFwFM: its field-weighted FM multiplies user and candidate embeddings pair by pair before any linear "
+           "layer; W [u; i] = W_u u + W_i i does not cover that (a split would keep sum_i r_ij v_i per candidate field "
+           "from the user side), and it is not written yet",
 }
 
 
