@@ -109,9 +109,10 @@ def test_files_in_list_order_rows_in_file_order_across_row_groups_and_batches(se
 
 
 def _with_manifest(served, directory: Path, **data) -> Path:
-    """The artifact with ``data`` (extras, text_format) changed in its manifest (the program linked, not copied)."""
+    """The artifact with ``data`` (extras, text_format) changed in its manifest (the programs linked, not copied)."""
     directory.mkdir()
-    os.link(served["artifact"] / PROGRAM, directory / PROGRAM)
+    for program in served["artifact"].glob("*.pt2"):  # model.pt2, and user.pt2 and item.pt2 of the split
+        os.link(program, directory / program.name)
     manifest = json.loads((served["artifact"] / MANIFEST).read_text())
     manifest["data"].update(data)
     (directory / MANIFEST).write_text(json.dumps(manifest))
@@ -186,8 +187,12 @@ def test_bad_log_gives_one_line_naming_file_and_column(served, tmp_path, capfd, 
 
 
 def _manifest_only(directory: Path, source: Path) -> None:
+    """The artifact without its program (the split's programs kept, so the program is what is missing)."""
     directory.mkdir()
     (directory / MANIFEST).write_text((source / MANIFEST).read_text())
+    for program in source.glob("*.pt2"):
+        if program.name != PROGRAM:
+            os.link(program, directory / program.name)
 
 
 def test_command_line_prints_nothing_but_the_error(served, tmp_path):
