@@ -131,3 +131,9 @@ def test_export_writes_the_monolithic_program_only_and_says_why(capsys):
     programs, entry = _split(run, "none", None, ())
     assert programs == {} and entry["refused"].startswith("NFwFM: its field-weighted FM multiplies")
     assert capsys.readouterr().out == f"no user/item split: {entry['refused']}; writing the monolithic program only\n"
+
+
+def test_dupn_whose_heads_read_no_candidate_feature_is_refused():
+    model = build_model("dupn", SCHEMA, **SMALL["dupn"])  # every head on rep alone
+    with pytest.raises(SplitRefused, match=r"DUPN reads none of the schema's `side: item` features \['item', "):
+        split_model(model, SCHEMA, STATS)

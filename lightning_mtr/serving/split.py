@@ -125,6 +125,8 @@ def split_model(model: nn.Module, schema: Schema, dense_stats: DenseStats | None
     if not schema.features_on_side(ITEM):
         raise SplitRefused("the schema tags no feature `side: item`, so every candidate of a request would get the "
                            "same score; tag the candidate's features in the schema")
+    if isinstance(model, DUPN) and not any(model.head_features.values()) and not model.ranking_features:
+        raise SplitRefused(_reads_no_item(model, schema))
     sides = {s: ServingModel(model, side_schema(schema, s), _side_stats(schema, dense_stats, s), quantize)
              for s in (USER, ITEM)}
     if isinstance(model, DUPN):
@@ -136,11 +138,15 @@ def split_model(model: nn.Module, schema: Schema, dense_stats: DenseStats | None
     layers, rest = family(sides[ITEM].model, full)
     weights = {s: _side_weights(layers, full, sides[s].model.features) for s in (USER, ITEM)}
     if not weights[ITEM].any():
-        raise SplitRefused(f"{type(model).__name__} reads none of the schema's `side: item` features "
-                           f"{schema.features_on_side(ITEM)}, so every candidate would get the same score")
+        raise SplitRefused(_reads_no_item(model, schema))
     bias = torch.cat([_constant_part(layer, prefix) for layer, _, prefix in layers])
     user = UserProgram(sides[USER], weights[USER], bias)
     return user, ItemProgram(sides[ITEM], weights[ITEM], [layer.out_features for layer, _, _ in layers], rest)
+
+
+def _reads_no_item(model: nn.Module, schema: Schema) -> str:
+    return (f"{type(model).__name__} reads none of the schema's `side: item` features {schema.features_on_side(ITEM)}, "
+            "so every candidate would get the same score")
 
 
 Layer = tuple[nn.Linear, list[str], torch.Tensor | None]
