@@ -20,7 +20,8 @@ SparseInput = tuple[torch.Tensor, torch.Tensor]  # (values [N] int64, lengths [F
 
 class StackedTables(nn.Module):
     """Tables of one embedding dim in one :class:`RowStore`; ``slot[f]`` is input feature f's block
-    in the output (-1: another stack's) and ``row_offset[f]`` its table's first row."""
+    in the output (-1: another stack's), ``row_offset[f]`` its table's first row, and
+    ``block_inputs[k]`` the input feature of block k."""
 
     def __init__(self, schema: Schema, tables: list[EmbeddingTable], weights: dict[str, torch.Tensor],
                  quantize: Quantize):
@@ -35,6 +36,7 @@ class StackedTables(nn.Module):
         self.register_buffer("table_rows", torch.tensor([table_of[n].num_embeddings if n in table_of else 0
                                                          for n in inputs]))
         self.register_buffer("mean", torch.tensor([table_of[n].pooling == "mean" for n in self.names]))
+        self.register_buffer("block_inputs", torch.tensor([inputs.index(n) for n in self.names], dtype=torch.long))
         self.rows = RowStore(torch.cat([weights[t.name] for t in tables]), quantize)
 
     def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
@@ -44,7 +46,7 @@ class StackedTables(nn.Module):
         target = torch.where(slot >= 0, slot * batch + bag % batch, blocks * batch)  # the rest: one spare row
         summed = rows.new_zeros(blocks * batch + 1, rows.shape[1]).index_add(0, target, rows)[:-1]
         summed = summed.view(blocks, batch, -1)
-        counts = lengths[self.slot >= 0][self._block_order()].clamp_min(1).to(summed.dtype)  # [blocks, B]
+        counts = lengths[self.block_inputs].clamp_min(1).to(summed.dtype)  # [blocks, B]
         return torch.where(self.mean[:, None, None], summed / counts[:, :, None], summed)
 
     def padded(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, position: torch.Tensor,
@@ -69,10 +71,6 @@ class StackedTables(nn.Module):
         torch._assert_async(valid.all(), "an id is negative or >= its feature's num_embeddings (see manifest.json)")
         rows = self.rows.lookup(torch.where(slot >= 0, values + self.row_offset[feature], 0))
         return rows, slot
-
-    def _block_order(self) -> torch.Tensor:
-        """Input features of this stack (in input order) sorted into block order."""
-        return torch.argsort(self.slot[self.slot >= 0])
 
 
 class ServingFeatureInput(FeatureLayout):
