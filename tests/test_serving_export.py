@@ -121,14 +121,18 @@ def test_dense_transforms_run_inside_the_program():
     torch.testing.assert_close(serving.transform_dense(raw), expected, atol=1e-6, rtol=1e-7)
 
 
-def test_stacked_tables_equal_torchrec_lookups_for_mixed_dims_mean_pooling_and_empty_bags():
+def test_stacked_tables_equal_torchrec_lookups_for_mixed_dims_mean_pooling_empty_bags_and_max_length():
+    """Raw lists in: ids past a feature's max_length are dropped by the program as the training
+    reader drops them (`b` keeps 1 of up to 2 ids, `t` 1), so the expectation is TorchRec's
+    lookup of the lists cut by hand."""
     schema = Schema.from_dict({
         "sparse": [{"name": "a", "num_embeddings": 7, "embedding_dim": 4, "multi_valued": True},
-                   {"name": "b", "num_embeddings": 9, "embedding_dim": 8, "pooling": "mean", "multi_valued": True},
+                   {"name": "b", "num_embeddings": 9, "embedding_dim": 8, "pooling": "mean", "multi_valued": True,
+                    "max_length": 1},
                    {"name": "c", "num_embeddings": 7, "embedding_dim": 4, "table": "a", "multi_valued": True},
                    {"name": "s", "num_embeddings": 6, "embedding_dim": 4, "sequence": True},
                    {"name": "t", "num_embeddings": 6, "embedding_dim": 4, "sequence": True, "table": "s",
-                    "max_length": 4}],
+                    "max_length": 1}],
         "dense": [{"name": "d"}], "tasks": [{"name": "ctr", "label": "click"}]})
     from lightning_mtr.nn.features import FeatureInput
     from lightning_mtr.serving.program import table_weights
@@ -137,14 +141,25 @@ def test_stacked_tables_equal_torchrec_lookups_for_mixed_dims_mean_pooling_and_e
     serving = ServingFeatureInput(schema, table_weights(trained))
     dense, sparse = random_inputs(schema, 6, seed=3)
     values, lengths = sparse.values(), sparse.lengths().view(len(schema.sparse), -1).long()
-    assert (lengths == 0).any(), "some bags are empty"
-    torch.testing.assert_close(serving(dense, (values, lengths)), trained(dense, sparse), atol=1e-6, rtol=0)
-    for name, (padded, own) in trained.sequences(sparse).items():
+    assert (lengths == 0).any() and (lengths[[1, 4]] == 2).any(), "empty bags, and lists longer than max_length"
+    cut = _cut_to_max_length(schema, values, lengths)
+    torch.testing.assert_close(serving(dense, (values, lengths)), trained(dense, cut), atol=1e-6, rtol=0)
+    for name, (padded, own) in trained.sequences(cut).items():
         got, got_lengths = serving.sequences((values, lengths))[name]
         assert torch.equal(got_lengths, own)
         steps = padded.shape[1]
         torch.testing.assert_close(got[:, :steps], padded, atol=1e-6, rtol=0)  # t is padded to its max_length
         assert not got[:, steps:].any()
+
+
+def _cut_to_max_length(schema: Schema, values: torch.Tensor, lengths: torch.Tensor):
+    """The KeyedJaggedTensor of the bags' first max_length ids, bag by bag."""
+    from torchrec import KeyedJaggedTensor
+    bags = values.split(lengths.reshape(-1).tolist())
+    limits = [f.max_length or 10**9 for f in schema.sparse for _ in range(lengths.shape[1])]
+    kept = [bag[:limit] for bag, limit in zip(bags, limits)]
+    return KeyedJaggedTensor(keys=[f.name for f in schema.sparse], values=torch.cat(kept),
+                             lengths=torch.tensor([len(bag) for bag in kept]))
 
 
 def test_int8_and_int4_rows_by_hand():

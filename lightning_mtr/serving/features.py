@@ -16,6 +16,7 @@ from lightning_mtr.schema import EmbeddingTable, Schema
 from lightning_mtr.serving.tables import Quantize, RowStore
 
 SparseInput = tuple[torch.Tensor, torch.Tensor]  # (values [N] int64, lengths [F, B] int64)
+_NO_LIMIT = 1 << 62  # a feature without max_length keeps every id
 
 
 class StackedTables(nn.Module):
@@ -39,11 +40,12 @@ class StackedTables(nn.Module):
         self.register_buffer("block_inputs", torch.tensor([inputs.index(n) for n in self.names], dtype=torch.long))
         self.rows = RowStore(torch.cat([weights[t.name] for t in tables]), quantize)
 
-    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor) -> torch.Tensor:
-        """``[len(names), B, D]``: each feature's ids summed (or averaged) per row."""
+    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, kept: torch.Tensor
+               ) -> torch.Tensor:
+        """``[len(names), B, D]``: each feature's ``kept`` ids summed (or averaged) per row."""
         batch, blocks = lengths.shape[1], len(self.names)
         rows, slot = self._rows(values, bag, batch)
-        target = torch.where(slot >= 0, slot * batch + bag % batch, blocks * batch)  # the rest: one spare row
+        target = torch.where((slot >= 0) & kept, slot * batch + bag % batch, blocks * batch)  # the rest: a spare row
         summed = rows.new_zeros(blocks * batch + 1, rows.shape[1]).index_add(0, target, rows)[:-1]
         summed = summed.view(blocks, batch, -1)
         counts = lengths[self.block_inputs].clamp_min(1).to(summed.dtype)  # [blocks, B]
@@ -87,13 +89,14 @@ class ServingFeatureInput(FeatureLayout):
         self.sequence_stack = StackedTables(schema, schema.sequence_tables, weights, quantize) \
             if schema.sequence_tables else None
         self.max_length = {f.name: f.max_length for f in schema.sparse if f.sequence}
+        self.register_buffer("limit", torch.tensor([f.max_length or _NO_LIMIT for f in schema.sparse], dtype=torch.long))
 
     def forward(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
         if not self.feature_names:
             return dense
-        values, lengths = sparse
-        bag = _bags(values, lengths)
-        pooled = [stack.pooled(values, lengths, bag) for stack in self.stacks]
+        values, lengths, bag, position = self._locate(sparse)
+        kept = position < self.limit[bag // lengths.shape[1]]
+        pooled = [stack.pooled(values, lengths, bag, kept) for stack in self.stacks]
         return torch.cat([dense] + [pooled[s][b] for s, b in (self.block[n] for n in self.feature_names)], dim=1)
 
     def sequences(self, sparse: SparseInput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -103,25 +106,27 @@ class ServingFeatureInput(FeatureLayout):
         to its longest sequence in the batch."""
         if self.sequence_stack is None:
             return {}
-        values, lengths = sparse
-        bag = _bags(values, lengths)
-        starts = torch.cumsum(lengths.reshape(-1), 0) - lengths.reshape(-1)
-        position = torch.arange(values.shape[0], device=values.device) - starts[bag]
+        values, lengths, bag, position = self._locate(sparse)
         names = self.sequence_stack.names
-        own = lengths[[self.input_names.index(n) for n in names]]
+        own = lengths[self.sequence_stack.block_inputs]
         steps = [self.max_length[name] or _longest(own[k]) for k, name in enumerate(names)]
         padded = self.sequence_stack.padded(values, lengths, bag, position, steps)
         return {name: (padded[k], own[k]) for k, name in enumerate(names)}
 
+    def _locate(self, sparse: SparseInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(values, lengths cut to max_length, each id's bag feature * B + row, its place in
+        the bag)``: ids past a feature's ``max_length`` are dropped, as the training reader
+        drops them, so a client may send whole lists."""
+        values, lengths = sparse
+        flat = lengths.reshape(-1)
+        bag = torch.repeat_interleave(torch.arange(flat.shape[0], device=values.device), flat,
+                                      output_size=values.shape[0])
+        position = torch.arange(values.shape[0], device=values.device) - (torch.cumsum(flat, 0) - flat)[bag]
+        return values, lengths.clamp_max(self.limit[:, None]), bag, position
 
-def _longest(lengths: torch.Tensor):
+
+def _longest(lengths: torch.Tensor) -> int:
     """The longest sequence in the batch, at least 1: a size known only when the program runs."""
     steps = lengths.max().clamp_min(1).item()
     torch._check(steps > 0)
     return steps
-
-
-def _bags(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Each id's bag ``feature * B + row``."""
-    flat = lengths.reshape(-1)
-    return torch.repeat_interleave(torch.arange(flat.shape[0], device=values.device), flat, output_size=values.shape[0])
