@@ -3,10 +3,12 @@ program score as the monolithic program does on the user's features repeated per
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from helpers import random_inputs
+from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs
 from test_models import SMALL
 from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.models import build_model
@@ -97,11 +99,41 @@ def test_the_programs_read_their_sides_in_schema_order():
     ("nfwfm", "NFwFM: its field-weighted FM multiplies user and candidate embeddings pair by pair"),
     ("ple", "PLE: .* not written yet"),
     ("aitm", "AITM: .* not written yet"),
+    ("esmm", "ESMM: .* not written yet"),
+    ("esm2", "ESM2: .* not written yet"),
 ])
 def test_a_model_that_does_not_split_says_why(name, message):
-    model = build_model(name, SCHEMA, **SMALL[name])
+    tasks = {"esmm": ESMM_TASKS, "esm2": ESM2_TASKS}.get(name)
+    schema = SCHEMA if tasks is None else dataclasses.replace(SCHEMA, tasks=Schema.from_dict(
+        {"tasks": list(tasks)}).tasks)
+    model = build_model(name, schema, **SMALL[name])
     with pytest.raises(SplitRefused, match=message):
-        split_model(model, SCHEMA, STATS)
+        split_model(model, schema, STATS)
+
+
+def test_an_item_side_of_dense_features_only_splits():
+    """No sparse feature on the item side: its program takes an empty values tensor."""
+    schema = Schema.from_dict({
+        "sparse": [{"name": "user", "num_embeddings": 50, "embedding_dim": 4},
+                   {"name": "context", "num_embeddings": 30, "embedding_dim": 4}],
+        "dense": [{"name": "d0"}, {"name": "price", "side": "item", "transform": "log1p"}],
+        "tasks": [{"name": "ctr", "label": "click"}]})
+    torch.manual_seed(0)
+    model = build_model("mmoe", schema, **SMALL["mmoe"]).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    user, item = export_split(*split_model(model, schema, None))
+
+    def raw(batch, seed):
+        dense, sparse = random_inputs(schema, batch, seed)
+        return dense.double().abs(), sparse.values(), sparse.lengths().view(2, -1).long()
+    request = side_inputs(schema, "user", *raw(1, 1)), side_inputs(schema, "item", *raw(9, 2))
+    assert request[1][1].numel() == 0 and request[1][2].shape == (0, 9)
+    with torch.no_grad():
+        expected = ServingModel(model, schema, None)(*broadcast_user(schema, *request))
+        scores = item.module()(user.module()(*request[0]), *request[1])
+    assert float(expected["ctr"].std()) > 1e-3 and _max_diff(scores, expected) <= 1e-5
 
 
 def test_a_schema_without_item_features_is_refused():

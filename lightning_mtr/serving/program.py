@@ -107,13 +107,14 @@ def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.
 def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
     """A ``torch.export`` program with a dynamic batch (1 to ``MAX_BATCH``) and id count; refuses
     one that calls anything but core ATen operators."""
-    return export_module(serving, example_inputs(serving.schema), input_dims())
+    return export_module(serving, example_inputs(serving.schema), input_dims(serving.schema))
 
 
-def input_dims() -> dict[str, dict[int, torch.export.Dim]]:
-    """The dynamic sizes of the ``(dense, values, lengths)`` inputs: the batch and the id count."""
+def input_dims(schema: Schema) -> dict[str, dict[int, torch.export.Dim] | None]:
+    """The dynamic sizes of the ``(dense, values, lengths)`` inputs: the batch and the id count
+    (none without sparse features: ``values`` is then always empty)."""
     batch, ids = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("ids", max=1 << 40)
-    return {"dense": {0: batch}, "values": {0: ids}, "lengths": {1: batch}}
+    return {"dense": {0: batch}, "values": {0: ids} if schema.sparse else None, "lengths": {1: batch}}
 
 
 def export_module(module: nn.Module, inputs: tuple, dynamic: dict) -> torch.export.ExportedProgram:

@@ -234,10 +234,10 @@ _FAMILIES = {MMoE: _mixture, SharedBottom: _shared_bottom, YouTubeRanker: _youtu
 def export_split(user: UserProgram, item: ItemProgram) -> tuple[torch.export.ExportedProgram, ...]:
     """Both programs as ``torch.export`` programs; the user one takes a dynamic batch (several
     requests at once), the item one a dynamic number of candidates for one user ``[1, H]``."""
-    user_program = export_module(user, example_inputs(user.side.schema), input_dims())
+    user_program = export_module(user, example_inputs(user.side.schema), input_dims(user.side.schema))
     with torch.no_grad():
         encoded = user(*example_inputs(user.side.schema, batch=1))
-    item_program = export_module(item, (encoded, *example_inputs(item.side.schema)), {"user": None, **input_dims()})
+    item_program = export_module(item, (encoded, *example_inputs(item.side.schema)), {"user": None, **input_dims(item.side.schema)})
     return user_program, item_program
 
 
