@@ -123,6 +123,14 @@ def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
         for name, value in artifact.score(*batch).items():
             assert got[name].shape == (rows,)
             torch.testing.assert_close(got[name], value, atol=1e-5, rtol=0)
+    package = exported["artifact"] / "model.aoti.pt2"
+    dense, values, lengths = inputs
+    with pytest.raises(RuntimeError, match="dtype"):  # float32 raw values would lose precision: refused
+        score_with_client(client, package, (dense.float(), values, lengths), artifact.output_names)
+    bad = values.clone()
+    bad[0] = load_run(exported["checkpoint"]).schema.sparse[0].num_embeddings  # one past the first table
+    with pytest.raises(RuntimeError, match="negative or >= its feature's num_embeddings"):
+        score_with_client(client, package, (dense, bad, lengths), artifact.output_names)
 
 
 def _first_rows(values: torch.Tensor, lengths: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:

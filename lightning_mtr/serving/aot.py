@@ -29,7 +29,10 @@ def compile_aot(program: torch.export.ExportedProgram, path: Path) -> Path:
     if path.suffix != ".pt2":
         raise ValueError(f"AOTInductor package path {path} must end in .pt2 (e.g. DIR/model.aoti.pt2)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path)))
+    # the client checks inputs at run time (AOTI_RUNTIME_CHECK_INPUTS); the batch may be 1, below
+    # the lower bound of 2 that check would otherwise apply to a dynamic size
+    options = {"aot_inductor.check_lowerbound": False}
+    return Path(torch._inductor.aoti_compile_and_package(program, package_path=str(path), inductor_configs=options))
 
 
 def find_compiler() -> str:

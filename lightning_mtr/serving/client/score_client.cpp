@@ -11,13 +11,15 @@
 // INPUTS.pt: a tuple (or list) of tensors in the program's input order, written by Python
 //   torch.save((dense, values, lengths), "INPUTS.pt") (zip format, the default), or by
 //   torch::pickle_save in C++. For the exported ranking program:
-//     dense   float32 [B, n_dense]  raw dense features (the program applies the schema transforms)
+//     dense   float64 [B, n_dense]  raw dense features (the program applies the schema transforms)
 //     values  int64   [N]           ids of every sparse feature, feature-major (KeyedJaggedTensor)
 //     lengths int64   [F, B]        ids per feature per row, features in manifest.json order
 // OUTPUTS.pt: a tuple of the program's output tensors (float32 [B] each) in the order of
 //   manifest.json's outputs; Python reads it with torch.load("OUTPUTS.pt").
 // REPEATS (default 0): extra timed runs; prints the median, so that load and warm-up are apart.
-// OMP_NUM_THREADS sets the threads the compiled kernels use.
+// OMP_NUM_THREADS sets the threads the compiled kernels use. The package checks every input's
+// dtype and shape against the exported program (AOTI_RUNTIME_CHECK_INPUTS, set here unless the
+// environment sets it): a float32 `dense` is refused, not silently misread.
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
@@ -65,6 +67,7 @@ int main(int argc, char** argv) {
     std::cerr << "usage: " << argv[0] << " MODEL.aoti.pt2 INPUTS.pt OUTPUTS.pt [REPEATS]\n";
     return 2;
   }
+  setenv("AOTI_RUNTIME_CHECK_INPUTS", "1", /*overwrite=*/0);
   try {
     std::vector<at::Tensor> inputs = read_inputs(argv[2]);
     int repeats = argc == 5 ? std::atoi(argv[4]) : 0;
