@@ -189,3 +189,24 @@ def test_readme_python_snippet_runs_with_only_torch(exported, tmp_path):
     expected = load_artifact(exported["artifact"]).score(*inputs)
     for name, value in expected.items():
         assert scores[name] == pytest.approx(value.tolist(), abs=1e-6)
+
+
+def test_a_refused_export_leaves_an_earlier_artifact_as_it_was(exported, tmp_path, monkeypatch, capsys):
+    earlier = tmp_path / "artifact"
+    earlier.mkdir()
+    for name in ("manifest.json", "model.pt2"):
+        (earlier / name).write_bytes((exported["artifact"] / name).read_bytes())
+    monkeypatch.setattr(export_module, "FP32_TOLERANCE", -1.0)
+    assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(earlier), "--check-rows", "300"]) == 2
+    for name in ("manifest.json", "model.pt2"):
+        assert (earlier / name).read_bytes() == (exported["artifact"] / name).read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact"]  # no staging left
+
+
+def test_export_never_replaces_a_directory_of_other_files(exported, tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.parquet").write_bytes(b"the user's data")
+    assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(data)]) == 2
+    assert "holds files but no manifest.json" in capsys.readouterr().err
+    assert (data / "train.parquet").read_bytes() == b"the user's data"

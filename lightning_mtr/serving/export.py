@@ -23,7 +23,7 @@ import lightning_mtr
 from lightning_mtr.data.encode import BatchEncoder, DataError, fnv1a_64
 from lightning_mtr.data.reader import list_files, plan_units, read_tagged, sources_of
 from lightning_mtr.schema import Schema
-from lightning_mtr.serving.artifact import AOT_PROGRAM, PROGRAM, write_manifest
+from lightning_mtr.serving.artifact import AOT_PROGRAM, MANIFEST, PROGRAM, write_manifest
 from lightning_mtr.serving.checkpoint import TrainedRun, load_run
 from lightning_mtr.serving.program import MAX_BATCH, ServingModel, export_program, output_names, probabilities
 from lightning_mtr.serving.split import (
@@ -47,6 +47,8 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     """Export, check, and write ``out`` (replaced only once every check passed); ``-> manifest``."""
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {list(QUANTIZE)}, got {quantize!r}")
+    out = Path(out).resolve()  # `--out .` has a name to stage beside
+    _check_replaceable(out)
     run = load_run(checkpoint, config)
     models = {"none": ServingModel(run.model, run.schema, run.dense_stats)}
     if quantize != "none":
@@ -57,7 +59,6 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     print(report(check, quantize))
     _check_aucs(check, quantize)
     split_programs, split = _split(run, quantize, programs[quantize], sample)
-    out = Path(out)
     staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -95,6 +96,16 @@ def _split(run: TrainedRun, quantize: Quantize, program: torch.export.ExportedPr
                           f"(limit {FP32_TOLERANCE:g}); nothing written")
     print(f"user/item split vs program: max |score difference| {difference:.2e}")
     return dict(zip((USER_PROGRAM, ITEM_PROGRAM), programs)), split_manifest(run.schema, user.width, difference)
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` is new, empty, or an earlier artifact: export replaces it whole, so it must never
+    be a directory of the user's other files."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a directory for the artifact")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ValueError(f"--out {out} holds files but no {MANIFEST}: export replaces its directory whole, so it "
+                         "writes only into a new or empty directory, or over an earlier artifact")
 
 
 def _compile_checked(program: torch.export.ExportedProgram, path: Path, sample: tuple) -> float:

@@ -38,7 +38,8 @@ class ServingModel(nn.Module):
     def __init__(self, model: nn.Module, schema: Schema, dense_stats: DenseStats | None, quantize: Quantize = "none"):
         super().__init__()
         self.schema = schema
-        self.model = copy.deepcopy(model).eval()
+        # the trained tables are read once, below: copying them too would hold them twice more
+        self.model = copy.deepcopy(model, memo={id(model.features): nn.Identity()}).eval()
         for module in self.model.modules():  # the registered kernels are lightning_mtr:: ops
             for attribute in ("gate_backend", "chain_backend"):
                 if hasattr(module, attribute):
