@@ -79,9 +79,9 @@ def test_manifest_describes_inputs_hashing_outputs_and_checks(exported):
     assert vectors["a"]["rows"] == {name: a % size for name, size in sizes.items()}
     check = manifest["check"]
     assert check["rows"] == 1500 and check["fp32_max_abs_diff"] <= 1e-5 and check["aot_max_abs_diff"] <= 1e-5
-    assert set(check["auc"]["int8"]) == {"ctr", "cvr", "ctcvr"}
-    for task, auc in check["auc"]["none"].items():
-        assert abs(check["auc"]["int8"][task] - auc) <= 0.002
+    assert set(check["quality"]["int8"]) == {"ctr", "cvr", "ctcvr"} and set(check["metric"].values()) == {"AUC"}
+    for task, auc in check["quality"]["none"].items():
+        assert abs(check["quality"]["int8"][task] - auc) <= 0.002
     assert check["table_bytes"]["int8"] * 3 < check["table_bytes"]["none"]  # 16-d rows: 20 bytes, not 64
 
 
@@ -143,7 +143,7 @@ def _first_rows(values: torch.Tensor, lengths: torch.Tensor, rows: int) -> tuple
 
 
 def test_an_auc_beyond_the_limit_is_refused_and_nothing_written(exported, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(export_module.AUC_TOLERANCE, "int4", -1.0)  # any change is too much
+    monkeypatch.setitem(export_module.TOLERANCE, "int4", -1.0)  # any change is too much
     out = tmp_path / "refused"
     assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(out), "--quantize", "int4",
                  "--check-rows", "500"]) == 2

@@ -1,4 +1,4 @@
-"""``lightning-mtr export``: every registered model as a torch.export program of core ATen ops that
+"""``lightning-mtr export``: every registered model as a torch.export program of ATen ops only that
 scores as the model does, with quantised tables, dense transforms inside, a checked artifact, and
 a torch-only process that loads and runs it."""
 
@@ -23,7 +23,10 @@ from lightning_mtr.models import MODELS, build_model
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.artifact import ArtifactError, load_artifact, write_manifest
 from lightning_mtr.serving.features import ServingFeatureInput
-from lightning_mtr.serving.program import ServingModel, export_program, foreign_operators, probabilities
+from lightning_mtr.serving.program import (
+    ExportError, ServingModel, export_program, foreign_operators,
+)
+from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.serving.tables import RowStore, pack_int4, quantize_rows, unpack_int4
 
 BLOCKED = ("torchrec", "fbgemm_gpu", "lightning", "lightning_mtr")
@@ -254,7 +257,7 @@ def test_a_recurrent_sequence_without_max_length_is_refused_with_the_fix():
     schema = Schema(tasks=schema.tasks, dense=schema.dense,
                     sparse=tuple(replace(f, max_length=None) if f.sequence else f for f in schema.sparse))
     model = build_model("dupn", schema, **SMALL["dupn"]).eval()
-    with pytest.raises(ValueError, match="needs max_length on those sequence features"):
+    with pytest.raises(ExportError, match="needs max_length on those sequence features"):
         export_program(ServingModel(model, schema, None))
 
 
@@ -268,3 +271,30 @@ def test_an_id_outside_its_table_stops_the_program(exported, bad):
     values[int(lengths[:item].sum())] = bad  # the first id of `item`
     with pytest.raises(RuntimeError, match="negative or >= its feature's num_embeddings"):
         loaded(dense, values, lengths)
+
+
+def test_quality_of_every_task_kind_by_hand():
+    """What a quantised program is held to: AUC (binary), macro AUC (multiclass), the AUC of
+    relevance > 0 (ranking), R^2 (regression), each on its sample space."""
+    from lightning_mtr.serving.export import _quality
+    schema = Schema.from_dict({"tasks": [
+        {"name": "click", "label": "click", "sample_space": "shown == 1"},
+        {"name": "rank", "label": "rel", "kind": "ranking", "group": "q"},
+        {"name": "watch", "label": "watch", "kind": "regression"},
+        {"name": "genre", "label": "genre", "kind": "multiclass", "num_classes": 2}]})
+    scores = {"click": torch.tensor([0.9, 0.2, 0.6, 0.1]), "rank": torch.tensor([3.0, 1.0, 2.0, 0.5]),
+              "watch": torch.tensor([1.0, 2.0, 3.0, 5.0]), "genre_0": torch.tensor([0.8, 0.3, 0.6, 0.1]),
+              "genre_1": torch.tensor([0.2, 0.7, 0.4, 0.9])}
+    labels = {"click": torch.tensor([1.0, 0.0, 0.0, 1.0]), "rank": torch.tensor([2.0, 0.0, 1.0, 0.0]),
+              "watch": torch.tensor([1.0, 2.0, 3.0, 4.0]), "genre": torch.tensor([0.0, 1.0, 1.0, 1.0])}
+    masks = {"click": torch.tensor([True, True, True, False]), **{t: torch.ones(4, dtype=torch.bool)
+                                                                   for t in ("rank", "watch", "genre")}}
+    quality = _quality(schema, scores, labels, masks)
+    assert quality["click"] == pytest.approx(1.0)  # rows 0-2: the one positive (0.9) above both negatives
+    assert quality["rank"] == pytest.approx(1.0)  # relevant rows 0, 2 (3.0, 2.0) above 1.0 and 0.5
+    # R^2 = 1 - mean((s - y)^2) / var(y) = 1 - (1 / 4) / 1.25
+    assert quality["watch"] == pytest.approx(1 - 0.25 / 1.25)
+    # class 0 (row 0 vs rows 1-3 on p0: 0.8 > 0.3, 0.6, 0.1) and class 1 (rows 1-3 vs row 0 on p1) both 1
+    assert quality["genre"] == pytest.approx(1.0)
+    scores["click"] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # the positive now below both negatives
+    assert _quality(schema, scores, labels, masks)["click"] == pytest.approx(0.0)

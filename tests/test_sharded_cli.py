@@ -101,4 +101,4 @@ def test_sharded_checkpoint_exports_without_consolidating_first(two_process_run,
                  "--check-rows", "2000"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["check"]["rows"] == 2000 and manifest["check"]["fp32_max_abs_diff"] <= 1e-5
-    assert manifest["check"]["auc"]["none"]["ctr"] > 0.75
+    assert manifest["check"]["quality"]["none"]["ctr"] > 0.75

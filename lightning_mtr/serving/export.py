@@ -1,8 +1,9 @@
 """``lightning-mtr export``: checkpoint -> checked, torch-only artifact.
 
 The export is refused, and nothing written, unless the fp32 program scores a held-out batch as
-the trained model does (within ``FP32_TOLERANCE``) and a quantised one keeps every task's AUC on
-the test data within ``AUC_TOLERANCE`` of the fp32 program's.
+the trained model does (within ``FP32_TOLERANCE``) and a quantised one keeps every task's quality
+(:data:`METRICS`: AUC, or R^2 for regression) on the test data within ``TOLERANCE`` of the fp32
+program's.
 """
 
 from __future__ import annotations
@@ -25,20 +26,19 @@ from lightning_mtr.data.reader import list_files, plan_units, read_tagged, sourc
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.artifact import AOT_PROGRAM, MANIFEST, PROGRAM, write_manifest
 from lightning_mtr.serving.checkpoint import TrainedRun, load_run
-from lightning_mtr.serving.program import MAX_BATCH, ServingModel, export_program, output_names, probabilities
+from lightning_mtr.serving.program import (
+    MAX_BATCH, ExportError, ServingModel, export_program,
+)
 from lightning_mtr.serving.split import (
     ITEM_PROGRAM, USER_PROGRAM, SplitRefused, export_split, split_difference, split_manifest, split_model,
 )
 from lightning_mtr.serving.tables import QUANTIZE, Quantize
+from lightning_mtr.tasks.scores import output_names, probabilities
 
 FP32_TOLERANCE = 1e-5
-AUC_TOLERANCE = {"int8": 0.002, "int4": 0.01}
+TOLERANCE = {"int8": 0.002, "int4": 0.01}  # largest change of a task's quality (METRICS) from fp32
 _CHUNK_ROWS = 8192
 HASH_EXAMPLES = ("", "a", "user_42", "商品-9")
-
-
-class ExportError(RuntimeError):
-    """The exported program does not score as the trained model does."""
 
 
 def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none", aot: bool = False,
@@ -57,7 +57,7 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     check, sample = verify(run, {k: p.module() for k, p in programs.items()}, data or run.test_files(), check_rows)
     check["table_bytes"] = {k: m.table_bytes for k, m in models.items()}
     print(report(check, quantize))
-    _check_aucs(check, quantize)
+    _check_quality(check, quantize)
     split_programs, split = _split(run, quantize, programs[quantize], sample)
     staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
     shutil.rmtree(staging, ignore_errors=True)
@@ -122,32 +122,33 @@ def _compile_checked(program: torch.export.ExportedProgram, path: Path, sample: 
     return difference
 
 
-def _check_aucs(check: dict, quantize: Quantize) -> None:
+def _check_quality(check: dict, quantize: Quantize) -> None:
     if quantize == "none":
         return
-    limit = AUC_TOLERANCE[quantize]
-    changed = {task: check["auc"][quantize][task] - auc for task, auc in check["auc"]["none"].items()}
+    limit = TOLERANCE[quantize]
+    quality = check["quality"]
+    changed = {task: quality[quantize][task] - value for task, value in quality["none"].items()}
     over = {task: delta for task, delta in changed.items() if not abs(delta) <= limit}
     if over:
-        raise ExportError(f"{quantize} tables change the AUC of {', '.join(f'{t} by {d:+.4f}' for t, d in over.items())}"
-                          f" (limit {limit}); nothing written: export with a wider --quantize")
+        what = ", ".join(f"the {check['metric'][t]} of {t} by {d:+.4f}" for t, d in over.items())
+        raise ExportError(f"{quantize} tables change {what} (limit {limit}); nothing written: use --quantize int8 "
+                          "or none")
 
 
 def report(check: dict, quantize: Quantize) -> str:
-    """The numbers the export was accepted on: parity, AUC per task, table bytes."""
+    """The numbers the export was accepted on: parity, each task's quality, table bytes."""
     kinds = ["none"] + ([quantize] if quantize != "none" else [])
-    label = {"none": "fp32"}
+    quality = check["quality"]
     lines = [f"checked on {check['rows']:,} rows of {check['data']}",
              f"fp32 program vs trained model: max |score difference| {check['fp32_max_abs_diff']:.2e} "
-             f"(limit {FP32_TOLERANCE:g})"]
-    if check["auc"]["none"]:
-        lines.append(f"{'task':<16}" + "".join(f"{label.get(k, k) + ' AUC':>12}" for k in kinds)
-                     + ("" if quantize == "none" else f"{'change':>10}{'limit':>8}"))
-        for task, auc in check["auc"]["none"].items():
-            line = f"{task:<16}" + "".join(f"{check['auc'][k][task]:>12.4f}" for k in kinds)
-            if quantize != "none":
-                line += f"{check['auc'][quantize][task] - auc:>+10.4f}{AUC_TOLERANCE[quantize]:>8}"
-            lines.append(line)
+             f"(limit {FP32_TOLERANCE:g})",
+             f"{'task':<16}{'metric':<22}" + "".join(f"{'fp32' if k == 'none' else k:>10}" for k in kinds)
+             + ("" if quantize == "none" else f"{'change':>10}{'limit':>8}")]
+    for task, value in quality["none"].items():
+        line = f"{task:<16}{check['metric'][task]:<22}" + "".join(f"{quality[k][task]:>10.4f}" for k in kinds)
+        if quantize != "none":
+            line += f"{quality[quantize][task] - value:>+10.4f}{TOLERANCE[quantize]:>8}"
+        lines.append(line)
     sizes = check["table_bytes"]
     tables = f"embedding tables: {sizes['none']:,} bytes fp32"
     if quantize != "none":
@@ -237,10 +238,11 @@ def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | li
     if not parity <= FP32_TOLERANCE:
         raise ExportError(f"the exported fp32 program's scores differ from the trained model's by {parity:.3g} "
                           f"(limit {FP32_TOLERANCE:g}); nothing written")
-    aucs = {k: _aucs(schema, {n: torch.cat(v) for n, v in s.items()},
+    quality = {k: _quality(schema, {n: torch.cat(v) for n, v in s.items()},
                      {t: torch.cat(v) for t, v in labels.items()}, {t: torch.cat(v) for t, v in masks.items()})
             for k, s in scores.items()}
-    return {"rows": rows, "data": data, "fp32_max_abs_diff": parity, "auc": aucs}, sample
+    return {"rows": rows, "data": data, "fp32_max_abs_diff": parity, "quality": quality,
+            "metric": {task.name: METRICS[task.kind] for task in schema.tasks}}, sample
 
 
 def _batches(schema: Schema, run: TrainedRun, data: str | list[str], check_rows: int) -> Iterator:
@@ -257,17 +259,25 @@ def _batches(schema: Schema, run: TrainedRun, data: str | list[str], check_rows:
             return
 
 
-def _aucs(schema: Schema, scores: dict, labels: dict, masks: dict) -> dict[str, float]:
-    """AUC of each binary task (macro AUC of a multiclass one) on its sample space."""
-    aucs = {}
+METRICS = {"binary": "AUC", "multiclass": "macro AUC", "ranking": "AUC of relevance > 0", "regression": "R^2"}
+
+
+def _quality(schema: Schema, scores: dict, labels: dict, masks: dict) -> dict[str, float]:
+    """Each task's quality on its sample space, as :data:`METRICS` names it (unitless and near
+    [0, 1] for every kind, so one tolerance fits all): a quantised program is held to it."""
+    quality = {}
     for task in schema.tasks:
         mask = masks[task.name]
-        if task.kind == "binary":
-            aucs[task.name] = float(binary_auroc(scores[task.name][mask], labels[task.name][mask].long()))
-        elif task.kind == "multiclass":
+        label = labels[task.name][mask]
+        if task.kind == "multiclass":
             probs = torch.stack([scores[f"{task.name}_{c}"] for c in range(task.num_classes)], dim=1)[mask]
-            aucs[task.name] = float(multiclass_auroc(probs, labels[task.name][mask].long(), task.num_classes))
-    return aucs
+            quality[task.name] = float(multiclass_auroc(probs, label.long(), task.num_classes))
+        elif task.kind == "regression":
+            score = scores[task.name][mask].double()
+            quality[task.name] = float(1 - (score - label).square().mean() / label.double().var(unbiased=False))
+        else:
+            quality[task.name] = float(binary_auroc(scores[task.name][mask], (label > 0).long()))
+    return quality
 
 
 def main(argv: list[str]) -> int:

@@ -1,4 +1,4 @@
-"""The feature input of an exported program: plain tensors in, core PyTorch operators only.
+"""The feature input of an exported program: plain tensors in, PyTorch's own (ATen) operators only.
 
 Sparse features arrive as one flat ``values`` tensor of row ids and a ``lengths [F, B]`` tensor
 (ids per schema sparse feature per row, feature-major, the layout of a KeyedJaggedTensor). The

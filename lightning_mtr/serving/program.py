@@ -4,7 +4,7 @@
 ranker's position replaced by its learned "missing" value), with the plain-tensor feature input
 of :mod:`lightning_mtr.serving.features`, the fused kernels on their PyTorch reference path, and
 the schema's dense transforms inside, so a serving system sends raw feature values.
-:func:`export_program` turns it into a ``torch.export`` program of core ATen operators.
+:func:`export_program` turns it into a ``torch.export`` program of ATen operators (PyTorch's own).
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 
 from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.schema import Schema
+from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.serving.features import ServingFeatureInput
 from lightning_mtr.serving.tables import Quantize, RowStore
 
 MAX_BATCH = 16384
 
 
-def output_names(schema: Schema) -> list[str]:
-    """The program's outputs in order: a binary task's probability, a multiclass task's one per
-    class (``{task}_{class}``), a regression or ranking task's value."""
-    return [name for t in schema.tasks
-            for name in ([f"{t.name}_{c}" for c in range(t.num_classes)] if t.kind == "multiclass" else [t.name])]
+class ExportError(RuntimeError):
+    """A model that cannot be written as a program that scores as it does."""
 
 
 class ServingModel(nn.Module):
@@ -75,18 +73,6 @@ class ServingModel(nn.Module):
         return probabilities(self.schema, logits)
 
 
-def probabilities(schema: Schema, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{output: [B]}`` in :func:`output_names` order, as ``predict`` scores them."""
-    scores = {}
-    for task in schema.tasks:
-        logit = logits[task.name].float()
-        if task.kind == "multiclass":
-            scores.update({f"{task.name}_{c}": p for c, p in enumerate(torch.softmax(logit, -1).unbind(-1))})
-        else:
-            scores[task.name] = torch.sigmoid(logit) if task.kind == "binary" else logit
-    return scores
-
-
 def table_weights(features: nn.Module) -> dict[str, torch.Tensor]:
     """``{table: weight}`` of a FeatureInput's tables (plain or fused collections name their
     weights ``...<table>.weight``)."""
@@ -107,7 +93,7 @@ def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.
 
 def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
     """A ``torch.export`` program with a dynamic batch (1 to ``MAX_BATCH``) and id count; refuses
-    one that calls anything but core ATen operators."""
+    one that calls anything but ATen operators."""
     return export_module(serving, example_inputs(serving.schema), input_dims(serving.schema))
 
 
@@ -120,19 +106,18 @@ def input_dims(schema: Schema) -> dict[str, dict[int, torch.export.Dim] | None]:
 
 def export_module(module: nn.Module, inputs: tuple, dynamic: dict) -> torch.export.ExportedProgram:
     """``torch.export`` of ``module`` (non-strict, no autograd), refused if it calls anything but
-    core ATen operators."""
+    ATen operators (no fbgemm, torchrec or lightning_mtr ops)."""
     try:
         with torch.no_grad():
             program = torch.export.export(module, inputs, dynamic_shapes=dynamic, strict=False)
     except GuardOnDataDependentSymNode as error:
-        model = module.model if isinstance(module, ServingModel) else module.side.model  # or a split program
-        raise ValueError(f"torch.export cannot trace {type(model).__name__} where a size is known only when "
-                         f"it runs ({str(error).splitlines()[0]}); a layer that reads a sequence step by step (DUPN's "
-                         "item_part and property_part) needs max_length on those sequence features, so the program "
-                         "pads them to a fixed length") from None
+        raise ExportError(f"torch.export cannot trace {type(module).__name__} where a size is known only when it runs "
+                          f"({str(error).splitlines()[0]}); a layer that reads a sequence step by step (e.g. DUPN's "
+                          "LSTM) needs max_length on those sequence features, so the program pads them to a fixed "
+                          "length") from None
     foreign = sorted(foreign_operators(program))
     if foreign:
-        raise RuntimeError(f"the exported program calls operators outside core PyTorch: {foreign}")
+        raise ExportError(f"the exported program calls operators outside PyTorch's own (ATen): {foreign}")
     return program
 
 

@@ -33,8 +33,9 @@ from lightning_mtr.nn.features import FeatureLayout
 from lightning_mtr.models import AITM, DUPN, ESM2, ESMM, NFwFM, PLE, MMoE, SharedBottom, YouTubeRanker
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.program import (
-    ServingModel, example_inputs, export_module, input_dims, probabilities,
+    ServingModel, example_inputs, export_module, input_dims,
 )
+from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.serving.tables import Quantize
 
 USER, ITEM = "user", "item"

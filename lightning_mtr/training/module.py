@@ -15,6 +15,7 @@ from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
+from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
 from lightning_mtr.training.sparse import (
     SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
@@ -180,15 +181,8 @@ class MultiTaskModule(L.LightningModule):
     def predict_step(self, batch: Batch, batch_idx: int) -> dict[str, torch.Tensor]:
         """Per-task scores: probabilities for binary tasks, one probability per class for
         multiclass (``score_{task}_{class}``), raw predictions for regression and ranking."""
-        logits = self(batch)
-        scores = {}
-        for task in self.schema.tasks:
-            logit = logits[task.name]
-            if task.kind == "multiclass":
-                scores.update({f"score_{task.name}_{c}": p for c, p in enumerate(torch.softmax(logit, -1).unbind(-1))})
-            else:
-                scores[f"score_{task.name}"] = torch.sigmoid(logit) if task.kind == "binary" else logit
-        return {**scores, **batch.extras}
+        scores = probabilities(self.schema, self(batch))  # as an exported program scores them
+        return {**{f"score_{name}": value for name, value in scores.items()}, **batch.extras}
 
     def configure_optimizers(self) -> Any:
         optimizer = self.dense_optimizer(dense_parameters(self.model) + list(self.task_weighting.parameters()))
