@@ -11,7 +11,7 @@ import statistics
 import pytest
 import torch
 
-from tools.bench_correlation import (BATCH, CORRELATIONS, FULL, MODELS, QUICK, best_validation, early_stopping_table,
+from tools.bench_correlation import (BATCH, CORRELATIONS, FULL, QUICK, SIZES, best_validation, early_stopping_table,
                                      gap_curve, main, parameter_counts, run, table, task_pair, task_table, train)
 
 
@@ -53,14 +53,14 @@ def test_tiny_run_reports_every_model_and_correlation(tmp_path, capsys):
             "--workers", "2", "--alpha-std", "2", "--scale", "3", "--lr", "0.02", "--bottom", "8"]
     assert main([*argv, "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
-    for name in MODELS:
+    for name in SIZES:
         assert name in printed
     assert "held-out loss along the run" in printed and "final held-out MSE per task" in printed
     results = json.loads((tmp_path / "results.json").read_text())
     assert [results["settings"][key] for key in ("alpha_std", "scale", "lr", "eval_every", "bottom")] == [
         2.0, 3.0, 0.02, 1, 8]
     assert results["parameters"]["shared_bottom"] == 970
-    for name in MODELS:
+    for name in SIZES:
         for correlation in CORRELATIONS:
             curves = results["curves"][name][str(correlation)]
             assert len(curves) == 2 and all(curve["steps"] == [1, 2] for curve in curves)

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tools.bench_train import quality_metrics
+from lightning_mtr.models import MODELS
+from tools.bench_train import SETUPS, Setup, quality_metrics
 
 # Six test impressions; a conversion is only logged after a click, while gt_conv_if_clicked says
 # whether each row would have converted had it been clicked (rows 3 and 5 would have).
@@ -44,3 +45,10 @@ def test_quality_metrics_scores_each_task_on_its_rows_and_reports_the_truth_besi
         "truth_auc_cvr_all": 7 / 9,  # .9 .8 .2 over .1 .35 .3
     }
     assert {key: metrics[key] for key in expected} == pytest.approx(expected, abs=1e-5)
+
+
+def test_every_setup_is_a_registered_model():
+    """The benchmark's setups build models from the registry: a name it lacks is refused when defined."""
+    assert {setup.registry_name for setup in SETUPS.values()} <= set(MODELS)
+    with pytest.raises(ValueError, match="unknown model 'mmo'; registered: .*'mmoe'"):
+        Setup("mmo", {}, ())

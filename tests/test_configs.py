@@ -146,6 +146,22 @@ def test_unknown_keys_fail(tmp_path, capsys, typo):
     assert typo[1].rstrip(":") in capsys.readouterr().err, "the error names the unknown key"
 
 
+@pytest.mark.parametrize(("config", "key", "allowed"), [
+    ("conf/debug.yaml", "gate_backend", "Literal['auto', 'torch', 'triton']"),  # MMoE
+    ("conf/models/esmm.yaml", "chain_backend", "Literal['auto', 'torch', 'triton']"),
+    ("conf/models/nfwfm.yaml", "multi_hot", "Literal['sum', 'mean']"),
+])
+def test_a_choice_typo_fails_when_parsed(tmp_path, capsys, config, key, allowed):
+    """Choice arguments are Literals: a misspelt value stops the parse (before any model is built)
+    and the error lists the values that would work."""
+    overlay = tmp_path / "typo.yaml"
+    overlay.write_text(f"model:\n  model:\n    init_args:\n      {key}: trion\n")
+    with pytest.raises(SystemExit):
+        _parse(config, overlay)
+    err = capsys.readouterr().err
+    assert key in err and "trion" in err and allowed in err
+
+
 needs_shared_data = pytest.mark.skipif(
     not (ALI_CCP.is_dir() and CENSUS.is_dir()),
     reason=f"sample datasets not found at {SHARED} (the sibling shared/ checkout; a plain clone has none)",

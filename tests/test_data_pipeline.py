@@ -6,6 +6,7 @@ and the dense statistics against numpy.
 """
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -51,7 +52,8 @@ def assert_batches_equal(a: Batch, b: Batch) -> None:
     assert torch.equal(a.sparse.values(), b.sparse.values())
     assert torch.equal(a.sparse.lengths(), b.sparse.lengths())
     assert a.sparse.stride() == b.sparse.stride()
-    for mine, theirs in ((a.labels, b.labels), (a.masks, b.masks), (a.extras, b.extras)):
+    for mine, theirs in ((a.labels, b.labels), (a.masks, b.masks), (a.extras, b.extras), (a.groups, b.groups),
+                         (a.row_weights, b.row_weights)):
         assert mine.keys() == theirs.keys()
         for key in mine:
             assert mine[key].dtype == theirs[key].dtype and torch.equal(mine[key], theirs[key]), key
@@ -498,28 +500,50 @@ def test_csv_errors_name_file_and_column(tmp_path):
 
 # --------------------------------------------------------------------------- 4. moving batches
 
-@pytest.fixture
-def exact_batch(tmp_path) -> Batch:
-    rows = exact_rows()
-    rows["row_id"] = pa.array([10, 11, 12, 13], pa.int64())
-    [batch] = read_batches(EXACT_SCHEMA, write_parquet(tmp_path / "rows.parquet", rows), EXACT_STATS,
-                           extras=["row_id"])
+def read_exact_batch(path) -> Batch:
+    rows = {**exact_rows(), "row_id": pa.array([10, 11, 12, 13], pa.int64())}
+    [batch] = read_batches(EXACT_SCHEMA, write_parquet(path, rows), EXACT_STATS, extras=["row_id"])
     return batch
 
 
-def test_batch_to_cpu_keeps_contents(exact_batch):
+@pytest.fixture
+def exact_batch(tmp_path) -> Batch:
+    return read_exact_batch(tmp_path / "rows.parquet")
+
+
+def test_batch_to_its_own_device_is_the_batch_itself(exact_batch):
+    """No copy where it is already: work started on its features before the move (the sharded
+    input distribution) must still find them."""
     for device in ("cpu", torch.device("cpu")):
-        assert_batches_equal(exact_batch.to(device), exact_batch)
+        assert exact_batch.to(device) is exact_batch
+
+
+def test_batch_to_another_device_moves_every_field(exact_batch):
+    """The meta device stands in for a GPU on this machine: every field moves, with its keys,
+    shapes and dtypes (the contents are checked on CUDA below)."""
+    batch = replace(exact_batch, groups={"request_id": torch.tensor([7, 7, 8, 8])},
+                    row_weights={"ctr": torch.tensor([1.0, 5.0, 1.0, 1.0])})
+    moved = batch.to("meta")
+    assert moved.sparse.values().device.type == moved.sparse.lengths().device.type == "meta"
+    assert moved.sparse.keys() == batch.sparse.keys() and moved.sparse.lengths().shape == batch.sparse.lengths().shape
+    for name in ("dense", "labels", "masks", "extras", "groups", "row_weights"):
+        mine, theirs = getattr(moved, name), getattr(batch, name)
+        mine, theirs = (mine, theirs) if isinstance(theirs, dict) else ({name: mine}, {name: theirs})
+        assert mine.keys() == theirs.keys() and theirs, name
+        for key, tensor in mine.items():
+            assert tensor.device.type == "meta", (name, key)
+            assert (tensor.shape, tensor.dtype) == (theirs[key].shape, theirs[key].dtype), (name, key)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="pin_memory needs a CUDA device")
-def test_pin_memory_and_cuda_keep_contents(exact_batch):
+def test_pin_memory_and_cuda_keep_contents(exact_batch, tmp_path):
     pinned = exact_batch.pin_memory()
     assert pinned.dense.is_pinned() and pinned.sparse.values().is_pinned()
     assert_batches_equal(pinned, exact_batch)
     on_gpu = pinned.to("cuda", non_blocking=True)
     assert on_gpu.dense.is_cuda and on_gpu.sparse.values().is_cuda
-    assert_batches_equal(on_gpu.to("cpu"), exact_batch)
+    # read again: an object the moves never touched
+    assert_batches_equal(on_gpu.to("cpu"), read_exact_batch(tmp_path / "again.parquet"))
 
 
 # --------------------------------------------------------------------------- 5. dense statistics

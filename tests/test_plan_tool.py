@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from lightning_mtr.cli import main
-from lightning_mtr.models import MMoE
+from lightning_mtr.models import DUPN, MMoE
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.planning import GIB, load_plan, plan_from_json
 
@@ -127,3 +127,48 @@ def test_tools_entry_point():
     result = subprocess.run([sys.executable, "tools/plan.py", "--config", "conf/missing.yaml", "--world-size", "8"],
                             cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2 and "config conf/missing.yaml not found" in result.stderr
+
+
+def test_a_dupn_plan_pins_its_sequence_tables(tmp_path, capsys):
+    """DUPN's behaviour sequence lives in unpooled tables (features.sequence_embeddings): the
+    plan covers them, and training can pin it."""
+    config = "conf/models/dupn.yaml"
+    assert main(["plan", "--config", config, "--world-size", "2", "--out", str(tmp_path)]) == 0
+    schema = Schema.from_yaml(REPO / "conf" / "schemas" / "dupn_synthetic.yaml")
+    assert f"{len(schema.tables)} tables" in capsys.readouterr().out  # pooled and sequence tables counted
+    with torch.device("meta"):
+        model = DUPN(schema, **yaml.safe_load((REPO / config).read_text())["model"]["model"]["init_args"])
+    pinned = _tables(load_plan(tmp_path / "plan.json", model, 2, "cuda", 2))
+    assert {table for _, table in pinned} == {t.name for t in schema.tables}
+    assert ("features.sequence_embeddings", "item") in pinned and ("features.embeddings", "user_age") in pinned
+
+
+def test_sequence_tables_count_in_the_estimate_and_the_advice(tmp_path, capsys):
+    """A 2e8-row sequence table is most of the bytes: the shortfall counts it, and the advice
+    halves the dim the sequence tables share (the schema requires one)."""
+    schema = {"sparse": [{"name": "user", "num_embeddings": 1_000_000, "embedding_dim": 16},
+                         {"name": "hist_item", "num_embeddings": 200_000_000, "embedding_dim": 64, "sequence": True,
+                          "max_length": 5},
+                         {"name": "hist_type", "num_embeddings": 10, "embedding_dim": 64, "sequence": True,
+                          "max_length": 5}],
+              "tasks": [{"name": "ctr", "label": "ctr"}]}
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump(schema))
+    config = {"model": {"model": {"class_path": "lightning_mtr.models.DUPN", "init_args": {
+                  "item_part": ["hist_item"], "property_part": ["hist_type"], "user_features": ["user"]}},
+                        "sparse_optimizer": {"name": "rowwise_adagrad"}},
+              "data": {"schema": str(tmp_path / "schema.yaml"), "batch_size": 512},
+              # in HBM: the planner would otherwise move it to host memory itself
+              "trainer": {"strategy": {"init_args": {"constraints": {"hist_item": {"compute_kernels": ["fused"]}}}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    args = ["plan", "--config", str(tmp_path / "config.yaml"), "--world-size", "2", "--hbm-gb", "16",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    # fp32 weights (dim x 4 bytes a row) and row-wise Adagrad's one fp32 accumulator a row:
+    # user 1e6 x (16 x 4 + 4), hist_item 2e8 x (64 x 4 + 4), hist_type 10 x (64 x 4 + 4)
+    total = 1_000_000 * 68 + 200_000_000 * 260 + 10 * 260
+    assert f"3 tables, {total / GIB:.1f} GiB with rowwise_adagrad state, 1 constrained" in captured.out
+    assert f"the tables do not fit: {total / GIB:.1f} GiB" in captured.err  # 48.5 GiB vs 2 x 16 GiB
+    # at dim 32: 1e6 x 68 + 2e8 x 132 + 10 x 132 bytes = 24.7 GiB, under 2 x 16 GiB less 15% = 27.2 GiB
+    assert "smaller embedding_dim in the schema (fits in total): hist_item 64 -> 32, hist_type 64 -> 32" \
+        in captured.err

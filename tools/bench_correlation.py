@@ -51,16 +51,16 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_mtr.data.synthetic.mmoe_regression import mmoe_regression_arrays
-from lightning_mtr.models import MMoE, OMoE, SharedBottom
+from lightning_mtr.models import build_model
 from lightning_mtr.schema import Schema
 from torchrec import KeyedJaggedTensor
 
 DIM = 100
 BOTTOM = 113  # the paper's Shared-Bottom width: 13056 / (100 + 8 x 2), its count of expert and tower weights
-MODELS = {
-    "shared_bottom": partial(SharedBottom, bottom=[BOTTOM], tower=[8]),
-    "omoe": partial(OMoE, num_experts=8, expert=[16], tower=[8]),
-    "mmoe": partial(MMoE, num_experts=8, expert=[16], tower=[8]),
+SIZES = {  # the paper's three models, by registry name (lightning_mtr.models.MODELS), at its sizes
+    "shared_bottom": {"bottom": [BOTTOM], "tower": [8]},
+    "omoe": {"num_experts": 8, "expert": [16], "tower": [8]},
+    "mmoe": {"num_experts": 8, "expert": [16], "tower": [8]},
 }
 CORRELATIONS = (1.0, 0.9, 0.5)
 # fresh rows, each seen once, as the paper generates data "until enough": 40k rows seen 15 times
@@ -79,11 +79,12 @@ def schema() -> Schema:
 
 
 def build(model_name: str, bottom: int = BOTTOM) -> torch.nn.Module:
-    """One of ``MODELS``; ``bottom`` sets Shared-Bottom's width (the paper's 113 matches the
+    """One of ``SIZES``' models; ``bottom`` sets Shared-Bottom's width (the paper's 113 matches the
     others' parameters; narrower ones show what the width does, nothing else changes)."""
     if bottom < 1:
         raise ValueError(f"Shared-Bottom's bottom width must be positive, got {bottom}")
-    return MODELS[model_name](schema(), **({"bottom": [bottom]} if model_name == "shared_bottom" else {}))
+    return build_model(model_name, schema(), **{**SIZES[model_name],
+                                                **({"bottom": [bottom]} if model_name == "shared_bottom" else {})})
 
 
 @lru_cache(maxsize=1)
@@ -146,7 +147,7 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
 
 
 def parameter_counts(bottom: int = BOTTOM) -> dict[str, int]:
-    return {name: sum(p.numel() for p in build(name, bottom).parameters()) for name in MODELS}
+    return {name: sum(p.numel() for p in build(name, bottom).parameters()) for name in SIZES}
 
 
 def _train_job(job: tuple[str, float, int, dict[str, int | float]]) -> dict[str, list]:
@@ -162,15 +163,15 @@ def run(settings: dict[str, int | float], workers: int = 1, threads: int = 1) ->
     if not 0 < settings["eval_every"] <= steps:
         raise ValueError(f"--eval-every must be in 1..{steps} (the run's steps: epochs x rows / {BATCH}), "
                          f"got {settings['eval_every']}")
-    jobs = [(name, c, seed, settings) for c in CORRELATIONS for seed in range(settings["seeds"]) for name in MODELS]
+    jobs = [(name, c, seed, settings) for c in CORRELATIONS for seed in range(settings["seeds"]) for name in SIZES]
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=torch.set_num_threads, initargs=(threads,)) as pool:
             # a seed's models are consecutive jobs: one chunk, one process, one draw of rows (task_pair)
-            curves = list(pool.map(_train_job, jobs, chunksize=len(MODELS)))
+            curves = list(pool.map(_train_job, jobs, chunksize=len(SIZES)))
     else:
         curves = [_train_job(job) for job in jobs]
-    results: dict[str, dict[float, list[dict]]] = {name: {c: [] for c in CORRELATIONS} for name in MODELS}
+    results: dict[str, dict[float, list[dict]]] = {name: {c: [] for c in CORRELATIONS} for name in SIZES}
     for (name, correlation, _, _), curve in zip(jobs, curves):
         results[name][correlation].append(curve)
     return results

@@ -49,6 +49,11 @@ class Setup:
     kwargs: dict
     tasks: tuple[dict, ...]
 
+    def __post_init__(self) -> None:
+        if self.registry_name not in MODELS:
+            raise ValueError(f"benchmark setup names unknown model {self.registry_name!r}; "
+                             f"registered: {sorted(MODELS)}")
+
 
 SETUPS = {
     "mmoe": Setup("mmoe", {"num_experts": 8, "expert": [256, 128], "tower": [64]}, (CTR, CTCVR)),

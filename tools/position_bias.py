@@ -51,17 +51,17 @@ import torch
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticLog
 from lightning_mtr.data.synthetic import SPEC
-from lightning_mtr.models import MMoE
-from lightning_mtr.models.youtube import YouTubeRanker
+from lightning_mtr.models import build_model
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 
 SCHEMA = "conf/schemas/synthetic_impressions.yaml"
 SIZES = {"num_experts": 4, "expert": [64], "tower": [32]}
-RANKER = partial(YouTubeRanker, engagement=["ctr"], shared=[], gate_dropout=0.0, **SIZES)  # MMoE's main network
-MODELS = {
-    "no_position": partial(RANKER, shallow_tower=None),
-    "position_feature": partial(MMoE, **SIZES),
-    "shallow_tower": partial(RANKER, shallow_tower=[16], shallow_features=[SPEC.device_column]),
+RANKER = {"engagement": ["ctr"], "shared": [], "gate_dropout": 0.0, **SIZES}  # MMoE's main network
+# the compared models: each a registry name (lightning_mtr.models.MODELS) and its arguments
+ARMS = {
+    "no_position": ("youtube", {**RANKER, "shallow_tower": None}),
+    "position_feature": ("mmoe", SIZES),
+    "shallow_tower": ("youtube", {**RANKER, "shallow_tower": [16], "shallow_features": [SPEC.device_column]}),
 }
 
 
@@ -88,7 +88,8 @@ def click_scores(name: str, files: dict[str, str], seed: int, batch_size: int) -
         test = at_position_one(files["test"], Path(scratch)) if name == "position_feature" else files["test"]
         data = MultiTaskDataModule(SCHEMA, train=files["train"], predict=test, batch_size=batch_size,
                                    eval_batch_size=8192, extras=["gt_ctr_no_position"], seed=seed)
-        module = MultiTaskModule(model=MODELS[name], schema=data.schema,
+        registry_name, kwargs = ARMS[name]
+        module = MultiTaskModule(model=partial(build_model, registry_name, **kwargs), schema=data.schema,
                                  dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
                                  sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05))
         trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
@@ -110,7 +111,7 @@ def compare(rows: int, seed: int, placement_weight: float = 2.0, device_spread: 
     """``{model: Spearman(click score, gt_ctr_no_position)}`` on the test rows."""
     files = SyntheticLog(cache_dir=cache, train_rows=rows, val_rows=1000, test_rows=max(rows // 4, 1000), seed=seed,
                                  placement_weight=placement_weight, device_bias_spread=device_spread).ensure()
-    return {name: spearman(*click_scores(name, files, seed, batch_size)) for name in MODELS}
+    return {name: spearman(*click_scores(name, files, seed, batch_size)) for name in ARMS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device-spread", type=float, default=1.0, help="0: one position bias for every device")
     parser.add_argument("--batch-size", type=int, default=1024)
     args = parser.parse_args(argv)
-    print(f"{'seed':<6}" + "".join(f"{name:>18}" for name in MODELS))
+    print(f"{'seed':<6}" + "".join(f"{name:>18}" for name in ARMS))
     for seed in args.seeds:
         result = compare(args.rows, seed, args.placement_weight, args.device_spread, args.batch_size)
-        print(f"{seed:<6}" + "".join(f"{result[name]:>18.4f}" for name in MODELS))
+        print(f"{seed:<6}" + "".join(f"{result[name]:>18.4f}" for name in ARMS))
     return 0
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lightning_mtr.kernels.triton_support import TRITON_DTYPES, check_backend, tl, triton
+from lightning_mtr.kernels.triton_support import TRITON_DTYPES, Backend, check_backend, tl, triton
 
 
 def gate_mix_reference(experts: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
@@ -261,7 +261,7 @@ def _check_inputs(experts: torch.Tensor, gate_logits: torch.Tensor) -> None:
                          f"and {gate_logits.device}")
 
 
-def gate_mix(experts: torch.Tensor, gate_logits: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def gate_mix(experts: torch.Tensor, gate_logits: torch.Tensor, backend: Backend = "auto") -> torch.Tensor:
     """Mix E expert outputs with T softmax gates: ``out[b, t] = sum_e softmax(gate_logits[b, t])[e] * experts[b, e]``.
 
     Args:

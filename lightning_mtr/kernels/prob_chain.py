@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_mtr.kernels.triton_support import check_backend, tl, triton
+from lightning_mtr.kernels.triton_support import Backend, check_backend, tl, triton
 
 CHAINS = {"esmm": (2, 3, 2), "esm2": (4, 4, 3)}  # chain -> (H, C, K)
 _CHAIN_ID = {"esmm": 0, "esm2": 1}
@@ -345,7 +345,8 @@ def _validate(head_logits: Tensor, targets: Tensor, chain: str, backend: str) ->
         raise ValueError(f"targets on {targets.device} but head_logits on {head_logits.device}")
 
 
-def probability_chain(head_logits: Tensor, targets: Tensor, chain: str, backend: str = "auto") -> tuple[Tensor, Tensor]:
+def probability_chain(head_logits: Tensor, targets: Tensor, chain: str,
+                      backend: Backend = "auto") -> tuple[Tensor, Tensor]:
     """ESMM / ESM2 probability chain in log space: chain logits and per-row BCE losses.
 
     Args:

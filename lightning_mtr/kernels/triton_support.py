@@ -8,6 +8,7 @@ before triton is imported), which is how the tier-2 tests run the kernels themse
 from __future__ import annotations
 
 import os
+from typing import Literal, get_args
 
 import torch
 
@@ -18,7 +19,9 @@ except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
     tl = None
 
-BACKENDS = ("auto", "torch", "triton")
+# a Literal, so a config naming another backend fails when it is parsed
+Backend = Literal["auto", "torch", "triton"]
+BACKENDS = get_args(Backend)
 # The kernels accumulate in fp32; fp64 stays on the PyTorch paths.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

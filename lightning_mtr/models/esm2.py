@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.nn import BottomFactory, SharedInput
 from lightning_mtr.nn.chain_model import ProbabilityChainModel
 from lightning_mtr.schema import Schema
@@ -41,5 +42,5 @@ class ESM2(ProbabilityChainModel):
 
     def __init__(self, schema: Schema, tower: Sequence[int] = (256, 128), bottom: BottomFactory = SharedInput,
                  dropout: float = 0.0, task_names: tuple[str, str, str, str] = ("ctr", "ctavr", "ctcvr", "cvr"),
-                 chain_backend: str = "auto"):
+                 chain_backend: Backend = "auto"):
         super().__init__(schema, tower, bottom, dropout, task_names, chain_backend)

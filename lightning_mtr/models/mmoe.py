@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.nn import FeatureInput, MixtureBottom, TaskTowers
 from lightning_mtr.schema import Schema
 
@@ -34,7 +35,7 @@ class MMoE(nn.Module):
     one_gate = False  # OMoE sets True: one gate shared by every task
 
     def __init__(self, schema: Schema, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 tower: Sequence[int] = (64,), dropout: float = 0.0, gate_backend: str = "auto",
+                 tower: Sequence[int] = (64,), dropout: float = 0.0, gate_backend: Backend = "auto",
                  gate_bias: bool = False):
         super().__init__()
         self.tasks = schema.task_names

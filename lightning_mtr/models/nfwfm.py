@@ -13,14 +13,13 @@ features and every field's vector. Each task's head sees ``[MLP output, FwFM sco
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.nn import MLP, FeatureInput, TaskTowers
-from lightning_mtr.nn.fwfm import FieldVectors, FwFM, bag_vector
+from lightning_mtr.nn.fwfm import FieldVectors, FwFM, MultiHot, bag_vector
 from lightning_mtr.schema import Schema
 
 
@@ -54,7 +53,7 @@ class NFwFM(nn.Module):
 
     def __init__(self, schema: Schema, hidden: Sequence[int] = (256, 128), tower: Sequence[int] = (64,),
                  dropout: float = 0.0, field_dim: int | None = None, linear: bool = True,
-                 multi_hot: Literal["sum", "mean"] = "sum"):
+                 multi_hot: MultiHot = "sum"):
         super().__init__()
         _check_multi_hot(schema, multi_hot)
         self.tasks = schema.task_names
@@ -79,7 +78,7 @@ class NFwFM(nn.Module):
         return self.towers({task: shared for task in self.tasks})
 
 
-def _check_multi_hot(schema: Schema, multi_hot: str) -> None:
+def _check_multi_hot(schema: Schema, multi_hot: MultiHot) -> None:
     """A pooled multi-valued feature has lost its elements: refuse what would need them."""
     pooled = [f for f in schema.sparse if f.multi_valued and not f.sequence]
     if multi_hot == "sum" and pooled:

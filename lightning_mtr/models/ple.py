@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.nn import FeatureInput, TaskTowers
 from lightning_mtr.nn.cgc import CGC
 from lightning_mtr.schema import Schema
@@ -43,7 +44,7 @@ class PLE(nn.Module):
 
     def __init__(self, schema: Schema, num_levels: int = 2, task_experts: int = 1, shared_experts: int = 1,
                  expert: Sequence[int] | Sequence[Sequence[int]] = (256, 128), tower: Sequence[int] = (64,),
-                 dropout: float = 0.0, gate_backend: str = "auto", gate_bias: bool = False):
+                 dropout: float = 0.0, gate_backend: Backend = "auto", gate_bias: bool = False):
         super().__init__()
         self.tasks = schema.task_names
         self.features = FeatureInput(schema)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.nn import MLP, FeatureInput, MixtureBottom, TaskTowers
 from lightning_mtr.schema import Schema
 
@@ -54,7 +55,7 @@ class YouTubeRanker(nn.Module):
                  shared: Sequence[int] = (256,), num_experts: int = 8, expert: Sequence[int] = (128,),
                  tower: Sequence[int] = (64,), shallow_tower: Sequence[int] | None = (16,),
                  position_dropout: float = 0.1,
-                 gate_dropout: float = 0.1, dropout: float = 0.0, gate_backend: str = "auto"):
+                 gate_dropout: float = 0.1, dropout: float = 0.0, gate_backend: Backend = "auto"):
         super().__init__()
         self.tasks = schema.task_names
         unknown = sorted(set(engagement) - set(self.tasks))

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.kernels.gate_mix import gate_mix
 from lightning_mtr.nn.experts import ExpertBank
 from lightning_mtr.nn.mlp import MLP, last_layer_weights
@@ -67,7 +68,7 @@ class MixtureBottom(nn.Module):
     """
 
     def __init__(self, in_dim: int, branches: int, num_experts: int = 8, expert: Sequence[int] = (256, 128),
-                 one_gate: bool = False, gate_backend: str = "auto", gate_names: Sequence[str] | None = None,
+                 one_gate: bool = False, gate_backend: Backend = "auto", gate_names: Sequence[str] | None = None,
                  gate_dropout: float = 0.0, gate_bias: bool = False):
         super().__init__()
         if not 0.0 <= gate_dropout < 1.0:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.kernels.gate_mix import gate_mix
 from lightning_mtr.nn.experts import ExpertBank
 
@@ -82,7 +83,7 @@ class CGC(nn.Module):
     """
 
     def __init__(self, in_dim: int, tasks: int, task_experts: int = 1, shared_experts: int = 1,
-                 expert: Sequence[int] = (256, 128), shared_gate: bool = True, gate_backend: str = "auto",
+                 expert: Sequence[int] = (256, 128), shared_gate: bool = True, gate_backend: Backend = "auto",
                  gate_names: Sequence[str] | None = None, gate_bias: bool = False):
         super().__init__()
         if tasks < 1 or task_experts < 1 or shared_experts < 1:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
+from lightning_mtr.kernels import Backend
 from lightning_mtr.kernels.prob_chain import probability_chain
 from lightning_mtr.nn.bottoms import BottomFactory
 from lightning_mtr.nn.features import FeatureInput
@@ -36,7 +37,7 @@ class ProbabilityChainModel(nn.Module):
     FUNNEL: tuple[tuple[str, str], ...]
 
     def __init__(self, schema: Schema, tower: Sequence[int], bottom: BottomFactory, dropout: float,
-                 task_names: Sequence[str], chain_backend: str):
+                 task_names: Sequence[str], chain_backend: Backend):
         super().__init__()
         if len(task_names) != len(self.OUTPUTS):
             raise ValueError(f"{type(self).__name__}: task_names names the outputs {self.OUTPUTS}, "

@@ -17,9 +17,12 @@ share, P = F(F-1)/2 field pairs.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 from torch import nn
+
+MultiHot = Literal["sum", "mean"]  # a multi-hot field's vector: the sum of its elements (the paper) or their mean
 
 
 class FieldVectors(nn.Module):
@@ -42,7 +45,7 @@ class FieldVectors(nn.Module):
     """
 
     def __init__(self, pooled: Mapping[str, int], bags: Mapping[str, int] | None = None, dim: int | None = None,
-                 multi_hot: str = "sum"):
+                 multi_hot: MultiHot = "sum"):
         super().__init__()
         if multi_hot not in ("sum", "mean"):
             raise ValueError(f"multi_hot must be 'sum' (the paper's FwFM) or 'mean', got {multi_hot!r}")
@@ -83,7 +86,7 @@ class FieldVectors(nn.Module):
         return inputs if self.projections is None else self.projections[field](inputs)
 
 
-def bag_vector(elements: torch.Tensor, lengths: torch.Tensor, multi_hot: str) -> torch.Tensor:
+def bag_vector(elements: torch.Tensor, lengths: torch.Tensor, multi_hot: MultiHot) -> torch.Tensor:
     """``[B, L, D]`` elements (zero past each row's length) -> their sum or mean ``[B, D]``
     (an empty bag: zero)."""
     total = elements.sum(dim=1)

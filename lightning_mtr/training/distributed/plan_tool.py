@@ -29,7 +29,7 @@ import torch
 import yaml
 from matplotlib.figure import Figure
 from torch import nn
-from torchrec import EmbeddingBagCollection
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 
@@ -57,16 +57,24 @@ class _Job:
     optimizer: SparseOptimizer
     constraints: dict[str, TableConstraints]
 
+    def tables(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """Every table the planner shards: its weight, and whether it is a sequence (unpooled) table."""
+        tables = {}
+        for module in self.model.modules():
+            if isinstance(module, EmbeddingBagCollection):
+                tables.update({name: (bag.weight, False) for name, bag in module.embedding_bags.items()})
+            if isinstance(module, EmbeddingCollection):
+                tables.update({name: (table.weight, True) for name, table in module.embeddings.items()})
+        return tables
+
     def table_bytes(self, dims: dict[str, int] | None = None) -> dict[str, int]:
         """Weights plus fused-optimizer state per table (optionally at other dims)."""
         per_row, per_element = STATE[self.optimizer.name]
         sizes = {}
-        for module in self.model.modules():
-            if isinstance(module, EmbeddingBagCollection):
-                for name, bag in module.embedding_bags.items():
-                    rows, dim = bag.weight.shape
-                    dim = (dims or {}).get(name, dim)
-                    sizes[name] = rows * (dim * bag.weight.element_size() + 4 * (per_row + per_element * dim))
+        for name, (weight, _) in self.tables().items():
+            rows, dim = weight.shape
+            dim = (dims or {}).get(name, dim)
+            sizes[name] = rows * (dim * weight.element_size() + 4 * (per_row + per_element * dim))
         return sizes
 
     def memory(self) -> tuple[str, int, int]:
@@ -313,17 +321,20 @@ def _uvm_advice(job: _Job, sizes: dict[str, int], hbm: float, ddr: float) -> str
 
 
 def _shrink_advice(job: _Job, hbm: float) -> str:
-    """Halve the dim of whichever table is largest until all fit (a lower bound)."""
-    dims = {name: bag.weight.shape[1] for m in job.model.modules() if isinstance(m, EmbeddingBagCollection)
-            for name, bag in m.embedding_bags.items()}
+    """Halve the dim of whichever table is largest until all fit (a lower bound). The sequence
+    tables share one embedding_dim (the schema requires it), so they are halved together."""
+    tables = job.tables()
+    dims = {name: weight.shape[1] for name, (weight, _) in tables.items()}
+    sequences = tuple(name for name, (_, sequence) in tables.items() if sequence)
+    groups = [(name,) for name, (_, sequence) in tables.items() if not sequence] + ([sequences] if sequences else [])
     shrunk, sizes = dict(dims), job.table_bytes()
     while sum(sizes.values()) > hbm:
-        candidates = [n for n in shrunk if shrunk[n] > MIN_DIM]
+        candidates = [group for group in groups if shrunk[group[0]] > MIN_DIM]
         if not candidates:
             return (f"smaller dims do not suffice: at embedding_dim {MIN_DIM} the tables still take "
                     f"{sum(sizes.values()) / GIB:.1f} GiB; hash ids into fewer rows (num_embeddings)")
-        largest = max(candidates, key=sizes.get)
-        shrunk[largest] = max(MIN_DIM, shrunk[largest] // 8 * 4)  # fbgemm wants dims divisible by 4
+        for name in max(candidates, key=lambda group: sum(sizes[n] for n in group)):
+            shrunk[name] = max(MIN_DIM, shrunk[name] // 8 * 4)  # fbgemm wants dims divisible by 4
         sizes = job.table_bytes(shrunk)
     changes = ", ".join(f"{n} {dims[n]} -> {shrunk[n]}" for n in dims if shrunk[n] != dims[n])
     return f"smaller embedding_dim in the schema (fits in total): {changes}"

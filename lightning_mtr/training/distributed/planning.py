@@ -228,9 +228,11 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
     return plan, report
 
 
-def _table_names(model: nn.Module, pooled: bool = True, unpooled: bool = True) -> list[str]:
+def _table_names(model: nn.Module, pooled: bool = True, unpooled: bool = True, recurse: bool = True) -> list[str]:
+    """The tables the planner shards: pooled (``EmbeddingBagCollection``) and unpooled
+    (``EmbeddingCollection``, sequence features), in ``model`` and, with ``recurse``, below it."""
     names = []
-    for module in model.modules():
+    for module in model.modules() if recurse else [model]:
         if pooled and isinstance(module, EmbeddingBagCollection):
             names += [c.name for c in module.embedding_bag_configs()]
         if unpooled and isinstance(module, EmbeddingCollection):
@@ -306,8 +308,7 @@ def load_plan(path: str | Path, model: nn.Module, world_size: int, device: torch
     data = json.loads(Path(path).read_text())
     plan = plan_from_json(data, device, local_world_size)
     planned = {(p, t) for p, tables in plan.plan.items() for t in tables}
-    present = {(p, name) for p, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)
-               for name in (c.name for c in m.embedding_bag_configs())}
+    present = {(p, name) for p, m in model.named_modules() for name in _table_names(m, recurse=False)}
     if planned != present:
         raise ValueError(f"plan {path} does not match the model's tables: missing {sorted(present - planned)}, "
                          f"unknown {sorted(planned - present)}")
