@@ -52,3 +52,18 @@ def test_every_setup_is_a_registered_model():
     assert {setup.registry_name for setup in SETUPS.values()} <= set(MODELS)
     with pytest.raises(ValueError, match="unknown model 'mmo'; registered: .*'mmoe'"):
         Setup("mmo", {}, ())
+
+
+@pytest.mark.parametrize("path", ["single", "torchrec"])
+def test_both_training_paths_train_one_epoch(path, tmp_path, monkeypatch):
+    """``--path torchrec`` trains through TorchRecStrategy on one process (the comparison issue 12
+    asks for), ``single`` through the module's own fused tables."""
+    from lightning_mtr.data.synthetic import main as synth
+    from lightning_mtr.training.distributed import TorchRecStrategy
+    from tools.bench_train import train_one_epoch
+    assert synth(["impressions", "--out", str(tmp_path), "--train-rows", "3000", "--val-rows", "10",
+                  "--test-rows", "10"]) == 0
+    monkeypatch.chdir(tmp_path)
+    trainer, module, _, seconds = train_one_epoch("esmm", tmp_path, batch_size=1024, path=path)
+    assert isinstance(trainer.strategy, TorchRecStrategy) == (path == "torchrec")
+    assert trainer.global_step == 3 and seconds > 0

@@ -33,6 +33,7 @@ from torchmetrics.functional.classification import binary_auroc
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training.distributed import TorchRecStrategy
 
 SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]
 DENSE = [f"I{k}" for k in range(1, 14)]
@@ -79,8 +80,10 @@ def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
 
 
 def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
-                    profile: bool = False):
-    """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds)."""
+                    profile: bool = False, path: str = "single"):
+    """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds).
+    ``path``: ``single`` (Lightning's default strategy, tables fused by the module) or ``torchrec``
+    (``TorchRecStrategy`` on one process: DMP, TorchRec's fused optimizer, sharded checkpoints)."""
     L.seed_everything(seed, verbose=False)
     setup = SETUPS[model]
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -98,7 +101,9 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
         dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
         sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
     )
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+    strategy = TorchRecStrategy() if path == "torchrec" else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     data.setup("fit")
@@ -172,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
+    parser.add_argument("--path", choices=["single", "torchrec"], default="single",
+                        help="training path: the module's own fusing, or TorchRecStrategy on one process")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size, args.seed,
-                                                     args.profile)
+                                                     args.profile, args.path)
     rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
     print(json.dumps({
-        "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "rows": rows,
+        "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path, "rows": rows,
         "batch_size": args.batch_size, "train_seconds": round(seconds, 3),
         "samples_per_sec": round(rows / seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
