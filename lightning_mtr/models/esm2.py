@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from lightning_mtr.kernels import Backend
 from lightning_mtr.nn import BottomFactory, SharedInput
-from lightning_mtr.nn.chain_model import ProbabilityChainModel
+from lightning_mtr.models.chain import ProbabilityChainModel
 from lightning_mtr.schema import Schema
 
 
