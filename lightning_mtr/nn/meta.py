@@ -7,6 +7,8 @@ import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
+from lightning_mtr.interfaces import Resettable
+
 
 def _own_meta(module: nn.Module) -> bool:
     tensors = [*module._parameters.values(), *module._buffers.values()]
@@ -14,7 +16,8 @@ def _own_meta(module: nn.Module) -> bool:
 
 
 def materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Allocate every meta tensor on ``device`` and initialise it with ``reset_parameters``.
+    """Allocate every meta tensor on ``device`` and initialise it with ``reset_parameters``
+    (:class:`~lightning_mtr.interfaces.Resettable`).
 
     Pooled embedding tables stay on meta: the fused or sharded collection that replaces them
     builds and initialises its own (TorchRec's reset of a collection built on meta is a no-op, so
@@ -31,7 +34,7 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
     named = dict(module.named_modules())
     owners = {name: m for name, m in named.items() if id(m) not in skipped and _own_meta(m)}
     buffers = [name for name, m in owners.items()
-               if any(b is not None and b.is_meta for b in m._buffers.values()) and not hasattr(m, "reset_parameters")]
+               if any(b is not None and b.is_meta for b in m._buffers.values()) and not isinstance(m, Resettable)]
     if buffers:
         raise TypeError(f"cannot refill the buffers of {buffers} after building on the meta device: give the module "
                         "a reset_parameters() method")
@@ -57,6 +60,6 @@ def _nearest_resetter(name: str, named: dict[str, nn.Module]) -> str | None:
     parts = name.split(".") if name else []
     for depth in range(len(parts), -1, -1):
         candidate = ".".join(parts[:depth])
-        if hasattr(named[candidate], "reset_parameters"):
+        if isinstance(named[candidate], Resettable):
             return candidate
     return None

@@ -75,7 +75,8 @@ def _side_stats(schema: Schema, stats: DenseStats | None, side: str) -> DenseSta
 
 class UserProgram(nn.Module):
     """``forward(dense [B, user dense] raw float64, values [N], lengths [user sparse, B]) -> [B, H]``:
-    DUPN's ``rep``, or ``W_u u + b`` of every split linear layer side by side."""
+    DUPN's ``rep`` (:class:`~lightning_mtr.interfaces.UserItemSplit`), or ``W_u u + b`` of every
+    split linear layer side by side."""
 
     def __init__(self, side: ServingModel, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
         super().__init__()

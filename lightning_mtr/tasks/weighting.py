@@ -23,8 +23,10 @@ from lightning_mtr.tasks.losses import weighted_total
 
 
 class TaskWeighting(nn.Module):
-    """``forward(losses) -> total``; ``weights()`` for logging; ``end_epoch`` for schemes that
-    change between epochs (given each task's mean training loss that epoch)."""
+    """``forward(losses) -> total``; ``weights()`` for logging; the hooks of
+    :class:`~lightning_mtr.interfaces.WeightingHooks` as no-ops: ``end_epoch`` for schemes that
+    change between epochs (given each task's mean training loss that epoch), ``attach`` for those
+    that read the model's parameters."""
 
     def __init__(self, schema: Schema):
         super().__init__()

@@ -1,6 +1,7 @@
 """Gate diagnostics for mixture-of-experts models: what each gate does with its experts.
 
-A gated block (e.g. :class:`~lightning_mtr.nn.bottoms.MixtureBottom`) exposes
+A gated block (e.g. :class:`~lightning_mtr.nn.bottoms.MixtureBottom`) implements
+:class:`~lightning_mtr.interfaces.GatedBlock`:
 ``gate_weights(inputs) -> ({gate: softmax [B, E]}, expert outputs [B, E, D])``. On validation
 batches this callback records, per gate, the mean weight of each expert and the mean entropy,
 logs them as ``gates/{gate}/expert{e}`` and ``gates/{gate}/entropy``, warns when a gate
@@ -18,6 +19,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from matplotlib.figure import Figure
+
+from lightning_mtr.interfaces import GatedBlock
 
 
 class GateDiagnostics(L.Callback):
@@ -48,7 +51,7 @@ class GateDiagnostics(L.Callback):
             return
         self._batches, self._weights, self._cosine = 0, {}, {}
         for name, module in pl_module.named_modules():
-            if callable(getattr(module, "gate_weights", None)):
+            if isinstance(module, GatedBlock):
                 self._handles.append(module.register_forward_pre_hook(partial(self._record, name)))
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:

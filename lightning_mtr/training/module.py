@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_mtr.data.batch import Batch
+from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
@@ -81,10 +82,9 @@ class MultiTaskModule(L.LightningModule):
             loop.inference_mode = False
         # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row our data module
         # reads; a data module of the user's own (or plain dataloaders) checks its labels itself
-        label_order = getattr(self.model, "label_order", None)
         require = getattr(trainer.datamodule, "require_label_order", None)
-        if label_order is not None and require is not None:
-            require(label_order())
+        if isinstance(self.model, LabelOrder) and require is not None:
+            require(self.model.label_order())
 
     def configure_model(self) -> None:
         """One process: allocate the model on the device and fuse the sparse optimizer into the
@@ -111,15 +111,13 @@ class MultiTaskModule(L.LightningModule):
     def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                           dict[str, torch.Tensor]]:
         """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
-        model define ``forward_with_losses(dense, sparse, labels) -> (logits, per-row task losses,
-        {name: scalar extra loss})``: ESMM's probability chain gives per-row losses and no extra
+        model implement :class:`~lightning_mtr.interfaces.ForwardWithLosses`: ESMM's probability chain gives per-row losses and no extra
         term, AITM no per-row losses and its calibrator as an extra term; extra terms are added
         to the loss as they are, outside any task weighting, and logged as ``train/extra/{name}``."""
-        forward_with_losses = getattr(self.model, "forward_with_losses", None)
-        if forward_with_losses is None:
-            logits, given, extra = self(batch), {}, {}
+        if isinstance(self.model, ForwardWithLosses):
+            logits, given, extra = self.model.forward_with_losses(batch.dense, batch.sparse, batch.labels)
         else:
-            logits, given, extra = forward_with_losses(batch.dense, batch.sparse, batch.labels)
+            logits, given, extra = self(batch), {}, {}
         losses = masked_task_losses(logits, batch.labels, batch.masks, self.schema.tasks, given, batch.groups,
                                     batch.row_weights)
         return logits, losses, extra
