@@ -1,6 +1,7 @@
-"""tools/bench_correlation.py runs end to end on tiny settings (its numbers are the benchmark's
-job, not a test's): every model, correlation and seed is trained, its loss curve recorded as the
-MMoE paper's Figure 4 plots it (loss against training step), and reported."""
+"""lightning_mtr.benchmarks.correlation (tools/bench_correlation.py) runs end to end on tiny
+settings (its numbers are the benchmark's job, not a test's): every model, correlation and seed
+is trained, its loss curve recorded as the MMoE paper's Figure 4 plots it (loss against training
+step), and reported."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import statistics
 import pytest
 import torch
 
-from tools.bench_correlation import (BATCH, CORRELATIONS, FULL, QUICK, SIZES, best_validation, early_stopping_table,
+from lightning_mtr.benchmarks.correlation import (BATCH, CORRELATIONS, FULL, QUICK, SIZES, best_validation, early_stopping_table,
                                      gap_curve, main, parameter_counts, run, table, task_pair, task_table, train)
 
 

@@ -1,9 +1,9 @@
-"""tools/bench_serving.py on tiny sizes: every path runs, the split scores as the monolithic
-program, and the table has a line per model, tables, threads and path."""
+"""lightning_mtr.benchmarks.serving (tools/bench_serving.py) on tiny sizes: every path runs, the
+split scores as the monolithic program, and the table has a line per model, tables, threads and path."""
 
 from __future__ import annotations
 
-from tools.bench_serving import main
+from lightning_mtr.benchmarks.serving import main
 
 
 def test_bench_serving_runs_every_path_and_the_split_matches(capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_mtr.models import MODELS
-from tools.bench_train import SETUPS, Setup, quality_metrics
+from lightning_mtr.benchmarks.train import SETUPS, Setup, quality_metrics
 
 # Six test impressions; a conversion is only logged after a click, while gt_conv_if_clicked says
 # whether each row would have converted had it been clicked (rows 3 and 5 would have).
@@ -60,7 +60,7 @@ def test_both_training_paths_train_one_epoch(path, tmp_path, monkeypatch):
     asks for), ``single`` through the module's own fused tables."""
     from lightning_mtr.data.synthetic import main as synth
     from lightning_mtr.training.distributed import TorchRecStrategy
-    from tools.bench_train import train_one_epoch
+    from lightning_mtr.benchmarks.train import train_one_epoch
     assert synth(["impressions", "--out", str(tmp_path), "--train-rows", "3000", "--val-rows", "10",
                   "--test-rows", "10"]) == 0
     monkeypatch.chdir(tmp_path)

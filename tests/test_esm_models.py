@@ -194,7 +194,7 @@ def test_esmm_pcvr_over_all_impressions_is_not_worse_than_base(tmp_path):
     impressions at least as well as BASE, a CVR tower trained on clicked rows only (measured margin
     on these 40k rows: +0.024 to +0.030 AUC over training seeds 0-3)."""
     from lightning_mtr.data.synthetic import write_impressions
-    from tools.esmm_vs_base import compare
+    from lightning_mtr.benchmarks.esmm_vs_base import compare
 
     write_impressions(tmp_path, train_rows=40_000, val_rows=1_000, test_rows=10_000, seed=5)
     result = compare(tmp_path, seed=0, batch_size=512)

@@ -1,8 +1,12 @@
-"""Architecture kept true by tests: distribution lives in the training strategy only."""
+"""Architecture kept true by tests: distribution lives in the training strategy only; tests and
+tools import the package, never the unpackaged tools/ folder."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +39,33 @@ def test_no_distributed_imports_outside_training(path):
 def test_policy_checks_the_training_package_but_not_the_strategy():
     checked = {str(p.relative_to(PACKAGE)) for p in CHECKED}
     assert "training/module.py" in checked and "training/distributed/strategy.py" not in checked
+
+
+TESTS = Path(__file__).resolve().parent
+TOOLS = PACKAGE.parent / "tools"
+
+
+@pytest.mark.parametrize("path", sorted(TESTS.glob("*.py")), ids=lambda p: p.name)
+def test_tests_import_the_package_not_the_tools_folder(path):
+    """``tools/`` is not installed; what a test needs lives in the package (lightning_mtr.benchmarks)."""
+    tools = sorted(name for name in _imports(path) if name == "tools" or name.startswith("tools."))
+    assert not tools, f"tests/{path.name} imports {tools}; import it from lightning_mtr.benchmarks"
+
+
+def test_every_tool_script_still_answers_its_command_line():
+    """README's ``python tools/X.py`` and ``python -m tools.X`` commands: each script parses ``--help``
+    (one process for all of them: importing torch once)."""
+    scripts = sorted(p.stem for p in TOOLS.glob("*.py") if p.stem != "__init__")
+    code = ("import runpy, sys\n"
+            "for name in sys.argv[1:]:\n"
+            "    sys.argv = [f'tools/{name}.py', '--help']\n"
+            "    try:\n"
+            "        runpy.run_module(f'tools.{name}', run_name='__main__')\n"
+            "    except SystemExit as stop:\n"
+            "        assert stop.code in (0, None), (name, stop.code)\n"
+            "    else:\n"
+            "        raise AssertionError(f'{name} --help did not exit')\n")
+    result = subprocess.run([sys.executable, "-c", code, *scripts], cwd=PACKAGE.parent, capture_output=True,
+                            text=True, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("usage:") == len(scripts) >= 7

@@ -199,14 +199,14 @@ def test_builds_on_meta_and_materialises():
 
 def test_shallow_tower_ranks_the_position_free_truth_best(tmp_path):
     """The paper's claim, on the synthetic log where position is also set by an ad slot and its
-    bias differs per device (``tools/position_bias.py``): the main tower alone ranks the
+    bias differs per device (``lightning_mtr/benchmarks/position_bias.py``): the main tower alone ranks the
     position-free click probability better than a model without position (which credits the slot
     and the device with the position's effect) and than MMoE with position as a feature scored at
     position 1 (whose scores still move with the device). Measured on these 50k rows, seed 0: 0.841
     vs 0.796 (no position) and 0.750 (position feature); 0.800 with the device in the main tower
     too. (Margins over the better baseline were +0.030 to +0.099 across seeds 0-5 when the device
     was dropped at serving with the position.)"""
-    from tools.position_bias import compare
+    from lightning_mtr.benchmarks.position_bias import compare
 
     result = compare(rows=50_000, seed=0, batch_size=256, cache=str(tmp_path))
     assert result["shallow_tower"] > result["no_position"] + 0.02, result

@@ -1,0 +1,196 @@
+"""Throughput and quality benchmark: one training epoch, then test metrics, as one JSON line.
+
+    python tools/bench_train.py --data DIR --model mmoe|esmm|... [--rows N] [--profile]
+
+``DIR/train.parquet`` and ``DIR/test.parquet`` use the synthetic impression layout
+(``lightning-mtr synth impressions --out DIR ...``; extra columns are ignored). Table
+sizes come from the data (max id + 1 per column, in an untimed pre-pass). The timed part
+is ``Trainer.fit`` for one epoch: input pipeline, forward, backward, fused sparse update
+and dense Adam step. Test metrics come from ``predict`` scores against the test file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+import yaml
+from torchmetrics.functional.classification import binary_auroc
+
+from lightning_mtr.data.datamodule import MultiTaskDataModule
+from lightning_mtr.models import MODELS
+from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training.distributed import TorchRecStrategy
+
+SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]
+DENSE = [f"I{k}" for k in range(1, 14)]
+CTR = {"name": "ctr", "label": "click"}
+CTCVR = {"name": "ctcvr", "label": "click * conversion"}
+CVR_CLICKED = {"name": "cvr", "label": "conversion", "sample_space": "click == 1"}
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A benchmarked model: registry name, its arguments and the tasks it trains."""
+
+    registry_name: str
+    kwargs: dict
+    tasks: tuple[dict, ...]
+
+    def __post_init__(self) -> None:
+        if self.registry_name not in MODELS:
+            raise ValueError(f"benchmark setup names unknown model {self.registry_name!r}; "
+                             f"registered: {sorted(MODELS)}")
+
+
+SETUPS = {
+    "mmoe": Setup("mmoe", {"num_experts": 8, "expert": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "omoe": Setup("omoe", {"num_experts": 8, "expert": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "shared_bottom": Setup("shared_bottom", {"bottom": [256, 128], "tower": [64]}, (CTR, CTCVR)),
+    "esmm": Setup("esmm", {"tower": [256, 128]}, (CTR, {**CVR_CLICKED, "weight": 0}, CTCVR)),
+    # the ESMM paper's BASE: ESMM's CVR tower alone, trained on clicked rows only
+    "esmm_base": Setup("shared_bottom", {"bottom": [], "tower": [256, 128]}, (CVR_CLICKED,)),
+}
+
+
+def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
+    """The benchmark schema, with each table sized max id + 1 from the training file."""
+    table = pq.read_table(train, columns=SPARSE)
+    sizes = {column: int(pc.max(table.column(column)).as_py()) + 1 for column in SPARSE}
+    return {
+        "sparse": [{"name": c, "num_embeddings": sizes[c], "embedding_dim": 16, "out_of_range": "modulo"}
+                   for c in SPARSE],
+        "dense": [{"name": c, "transform": "log1p_standardize"} for c in DENSE],
+        "tasks": list(tasks),
+        "ground_truth": ["gt_*"],
+    }
+
+
+def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
+                    profile: bool = False, path: str = "single"):
+    """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds).
+    ``path``: ``single`` (Lightning's default strategy, tables fused by the module) or ``torchrec``
+    (``TorchRecStrategy`` on one process: DMP, TorchRec's fused optimizer, sharded checkpoints)."""
+    L.seed_everything(seed, verbose=False)
+    setup = SETUPS[model]
+    workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
+    atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # the schema and any --rows copy
+    schema_path = workdir / "schema.yaml"
+    schema_path.write_text(yaml.safe_dump(schema_from_data(data_dir / "train.parquet", setup.tasks)))
+    train = data_dir / "train.parquet"
+    if rows:
+        train = workdir / "train.parquet"
+        pq.write_table(pq.read_table(data_dir / "train.parquet").slice(0, rows), train, row_group_size=65536)
+    data = MultiTaskDataModule(str(schema_path), train=str(train), batch_size=batch_size, eval_batch_size=16384,
+                               shuffle_buffer=65536, seed=seed)
+    module = MultiTaskModule(
+        model=lambda schema: MODELS[setup.registry_name](schema, **setup.kwargs), schema=data.schema,
+        dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
+        sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
+    )
+    strategy = TorchRecStrategy() if path == "torchrec" else "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                        enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    data.setup("fit")
+    data.encoder  # untimed: the dense-statistics pre-pass happens when the encoder is built
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
+    if profiler:
+        profiler.start()
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - start
+    if profiler:
+        profiler.stop()
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), file=sys.stderr)
+    return trainer, module, data, seconds
+
+
+def quality_metrics(trainer: L.Trainer, module: MultiTaskModule, data: MultiTaskDataModule, test: Path) -> dict:
+    """``mtl-bench/1`` quality keys from predicted scores on ``test`` (in file order), and the same
+    AUCs of the log's true probabilities (``truth_auc_*``), the Bayes-optimal ceiling of each."""
+    data.paths["predict"] = str(test)
+    batches = trainer.predict(module, datamodule=data)
+    scores = {key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}
+    truth = {"score_ctr": "gt_ctr", "score_cvr": "gt_cvr", "score_ctcvr": "gt_ctcvr"}
+    table = pq.read_table(test, columns=["click", "conversion", "gt_conv_if_clicked", *truth.values()])
+    labels = {c: table.column(c).to_numpy().astype(np.float64) for c in ("click", "conversion", "gt_conv_if_clicked")}
+    labels["ctcvr"] = labels["click"] * labels["conversion"]
+    metrics = _aucs(scores, labels)
+    metrics.update({f"truth_{key}": value for key, value in _aucs(
+        {key: table.column(truth[key]).to_numpy() for key in scores if key in truth}, labels).items()})
+    clicked = labels["click"] == 1
+    if "score_ctr" in scores:
+        metrics.update(logloss_ctr=_logloss(scores["score_ctr"], labels["click"]),
+                       mean_pred_ctr=float(scores["score_ctr"].mean()))
+    if "score_ctcvr" in scores:
+        metrics.update(logloss_ctcvr=_logloss(scores["score_ctcvr"], labels["ctcvr"]))
+    if "score_cvr" in scores:
+        metrics.update(logloss_cvr_clicked=_logloss(scores["score_cvr"][clicked], labels["conversion"][clicked]))
+    return {key: round(value, 5) for key, value in metrics.items()}
+
+
+def _aucs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
+    """AUCs of the scores present: CTR, CTCVR, and pCVR on clicked rows and over all impressions,
+    there against ``gt_conv_if_clicked`` (would this row have converted had it been clicked)."""
+    metrics = {}
+    if "score_ctr" in scores:
+        metrics["auc_ctr"] = _auc(scores["score_ctr"], labels["click"])
+    if "score_ctcvr" in scores:
+        metrics["auc_ctcvr"] = _auc(scores["score_ctcvr"], labels["ctcvr"])
+    if "score_cvr" in scores:
+        clicked = labels["click"] == 1
+        metrics["auc_cvr_clicked"] = _auc(scores["score_cvr"][clicked], labels["conversion"][clicked])
+        metrics["auc_cvr_all"] = _auc(scores["score_cvr"], labels["gt_conv_if_clicked"])
+    return metrics
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    return float(binary_auroc(torch.from_numpy(scores.astype(np.float64)), torch.from_numpy(labels).long()))
+
+
+def _logloss(probabilities: np.ndarray, labels: np.ndarray) -> float:
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--model", choices=sorted(SETUPS), default="mmoe")
+    parser.add_argument("--rows", type=int, default=None, help="train on the first N rows (default: all)")
+    parser.add_argument("--batch-size", type=int, default=4096)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
+    parser.add_argument("--path", choices=["single", "torchrec"], default="single",
+                        help="training path: the module's own fusing, or TorchRecStrategy on one process")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size, args.seed,
+                                                     args.profile, args.path)
+    rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
+    print(json.dumps({
+        "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path, "rows": rows,
+        "batch_size": args.batch_size, "train_seconds": round(seconds, 3),
+        "samples_per_sec": round(rows / seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        **quality_metrics(trainer, module, data, args.data / "test.parquet"),
+        "n_params": sum(p.numel() for p in module.model.parameters()), "threads": torch.get_num_threads(),
+    }))
+    return 0
