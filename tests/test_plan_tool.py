@@ -29,10 +29,16 @@ def _at_repo_root(monkeypatch):
     monkeypatch.chdir(REPO)  # config paths (and the schema paths inside them) are relative to the root
 
 
+def _strategy(constraints: dict) -> dict:
+    """TorchRecStrategy with these constraints (named: `fit` takes no init_args without a class)."""
+    return {"class_path": "lightning_mtr.training.distributed.TorchRecStrategy",
+            "init_args": {"constraints": constraints}}
+
+
 def _overlay(tmp_path: Path, constraints: dict) -> str:
     """A second --config that adds strategy constraints, merged over the first as `fit` would."""
     path = tmp_path / "constraints.yaml"
-    path.write_text(yaml.safe_dump({"trainer": {"strategy": {"init_args": {"constraints": constraints}}}}))
+    path.write_text(yaml.safe_dump({"trainer": {"strategy": _strategy(constraints)}}))
     return str(path)
 
 
@@ -98,7 +104,8 @@ def test_uvm_caching_advice_is_checked_by_the_planner(tmp_path, capsys):
      "constraints name unknown tables ['no_such_table']"),
     (["--config", LARGE, "--world-size", "8"], {"gender": {"sharding_types": ["diagonal"]}},
      "unknown sharding type ['diagonal']"),
-    (["--config", "conf/schemas/large_ads.yaml", "--world-size", "8"], None, "the config sets no data.schema"),
+    (["--config", "conf/schemas/large_ads.yaml", "--world-size", "8"], None,  # a schema, not a training config
+     "conf/schemas/large_ads.yaml, read as `lightning-mtr fit` reads them: Option 'sparse' is not accepted"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, constraints, message):
     if constraints is not None:
@@ -158,7 +165,7 @@ def test_sequence_tables_count_in_the_estimate_and_the_advice(tmp_path, capsys):
                         "sparse_optimizer": {"name": "rowwise_adagrad"}},
               "data": {"schema": str(tmp_path / "schema.yaml"), "batch_size": 512},
               # in HBM: the planner would otherwise move it to host memory itself
-              "trainer": {"strategy": {"init_args": {"constraints": {"hist_item": {"compute_kernels": ["fused"]}}}}}}
+              "trainer": {"strategy": _strategy({"hist_item": {"compute_kernels": ["fused"]}})}}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     args = ["plan", "--config", str(tmp_path / "config.yaml"), "--world-size", "2", "--hbm-gb", "16",
             "--out", str(tmp_path / "out")]
@@ -172,3 +179,39 @@ def test_sequence_tables_count_in_the_estimate_and_the_advice(tmp_path, capsys):
     # at dim 32: 1e6 x 68 + 2e8 x 132 + 10 x 132 bytes = 24.7 GiB, under 2 x 16 GiB less 15% = 27.2 GiB
     assert "smaller embedding_dim in the schema (fits in total): hist_item 64 -> 32, hist_type 64 -> 32" \
         in captured.err
+
+
+def test_fit_overrides_apply_after_the_configs(tmp_path, capsys):
+    """`plan` takes `fit`'s overrides, as `fit` reads them (the hand-written parser refused them)."""
+    args = ["plan", "--config", "conf/debug.yaml", "--world-size", "2", "--out", str(tmp_path),
+            "--data.batch_size", "64", "--model.sparse_optimizer.name", "adam"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "with adam state" in out and "batch 64 per rank" in out
+
+
+def test_configs_merge_as_fit_merges_them(tmp_path, capsys):
+    """A model named by its class path alone, its init_args in a second config: `fit` merges them;
+    the hand-written merge replaced the name by the init_args and found no model."""
+    base = yaml.safe_load((REPO / "conf" / "debug.yaml").read_text())
+    base["model"]["model"] = "lightning_mtr.models.MMoE"
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "sizes.yaml").write_text(yaml.safe_dump({"model": {"model": {"init_args": {"num_experts": 3}}}}))
+    configs = ["--config", str(tmp_path / "base.yaml"), "--config", str(tmp_path / "sizes.yaml")]
+    assert main(["plan", *configs, "--world-size", "2", "--out", str(tmp_path / "out")]) == 0
+    assert "planning lightning_mtr.models.MMoE" in capsys.readouterr().out
+
+    from lightning_mtr.training.distributed.plan_tool import _fit_config
+    assert _fit_config(configs).model.model.init_args.num_experts == 3
+
+
+def test_a_config_fit_refuses_is_refused(tmp_path, capsys):
+    """Strategy init_args over a config without that strategy: `fit` cannot tell which class they
+    belong to; the hand-written merge planned with them anyway."""
+    (tmp_path / "caps.yaml").write_text(yaml.safe_dump({"trainer": {"strategy": {"init_args": {"hbm_gb": 40}}}}))
+    args = ["plan", "--config", "conf/debug.yaml", "--config", str(tmp_path / "caps.yaml"), "--world-size", "2",
+            "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "read as `lightning-mtr fit` reads them: Parser key \"trainer.strategy\"" in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out").exists()

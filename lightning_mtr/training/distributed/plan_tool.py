@@ -8,14 +8,17 @@ estimate. Written to ``--out``: ``plan.json`` (training pins it with the strateg
 ``plan:``), ``report.json`` and ``memory.png``. When the tables cannot fit, it says by how
 much and what would, and exits 2 (as it does on bad input).
 
+The configs are read by the training CLI's own parser, exactly as ``fit`` reads them: repeated
+``--config`` merge, defaults fill what they leave out, and any ``fit`` override
+(``--data.batch_size 8192``, ``--model.model.init_args.num_experts 16``) applies after them.
+
     lightning-mtr plan --config conf/plan/large_ads.yaml --world-size 64 --devices-per-node 8 \\
-        --hbm-gb 80 --ddr-gb 512 [--batch-size 8192] [--device cuda] [--out runs/plan]
+        --hbm-gb 80 --ddr-gb 512 [--batch-size 8192] [--device cuda] [--out runs/plan] [fit overrides]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
+from jsonargparse import ArgumentParser, Namespace
 from matplotlib.figure import Figure
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
@@ -36,6 +39,7 @@ from torchrec.distributed.types import ShardingPlan
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.planning import (GIB, Cluster, PlanReport, TableConstraints, plan_model,
                                                          plan_to_json, prepare_for_sharding)
+from lightning_mtr.training.module import ModelFactory
 from lightning_mtr.training.sparse import SparseOptimizer
 
 RESERVED = 0.15  # HBM that EmbeddingShardingPlanner's default storage reservation keeps for dense parts
@@ -94,10 +98,10 @@ class _Job:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, overrides = _parser().parse_known_args(argv)
     try:
-        job = _job(args)
-    except (OSError, ValueError, TypeError, ImportError, AttributeError, yaml.YAMLError) as err:
+        job = _job(args, overrides)
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
         print(f"lightning-mtr plan: error: {err}", file=sys.stderr)
         return 2
     print(job.describe())
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lightning-mtr plan", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-mtr plan", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments are `fit`'s overrides, applied after the configs.")
     parser.add_argument("--config", action="append", required=True,
                         help="training config; repeat to merge (later ones win, as in `fit`)")
     parser.add_argument("--world-size", type=int, required=True, help="GPUs in all")
@@ -133,56 +138,51 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _job(args: argparse.Namespace) -> _Job:
-    config: dict[str, Any] = {}
+def _job(args: argparse.Namespace, overrides: list[str]) -> _Job:
     for path in args.config:
         if not Path(path).is_file():
             raise ValueError(f"config {path} not found")
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"config {path} is not a mapping")
-        config = _merge(config, loaded)
-    if not _get(config, "data.schema"):
-        raise ValueError("the config sets no data.schema")
+    try:
+        parsed = _fit_config([arg for path in args.config for arg in ("--config", path)] + overrides)
+    except argparse.ArgumentError as err:  # jsonargparse's own, a subclass
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        raise ValueError(f"{' + '.join(args.config)} {' '.join(overrides)}".strip()
+                         + f", read as `lightning-mtr fit` reads them: {message}") from None
+    config = parsed.as_dict()
     schema = Schema.from_yaml(_get(config, "data.schema"))
     optimizer = SparseOptimizer(**(_get(config, "model.sparse_optimizer") or {}))
     if optimizer.name not in STATE:
         raise ValueError(f"model.sparse_optimizer: unknown name {optimizer.name!r}; choose from {list(STATE)}")
     optimizer.check_device(torch.device(args.device))
     batch_size = args.batch_size or _get(config, "data.batch_size")
-    if not batch_size:
-        raise ValueError("no batch size: pass --batch-size or set data.batch_size")
     # the strategy plans with its own hbm_gb/ddr_gb when training: the same caps by default
     strategy = _get(config, "trainer.strategy.init_args") or {}
     hbm = args.hbm_gb if args.hbm_gb is not None else strategy.get("hbm_gb")
     ddr = args.ddr_gb if args.ddr_gb is not None else strategy.get("ddr_gb")
     cluster = Cluster(args.world_size, args.devices_per_node or min(8, args.world_size), args.device, hbm, ddr)
-    model_name, model = _model(config, schema)
+    model = _model(parsed.model.model, schema)
     prepare_for_sharding(model, optimizer)
-    return _Job(model_name, model, cluster, batch_size, optimizer, _constraints(config, schema))
+    return _Job(parsed.model.model.class_path, model, cluster, batch_size, optimizer, _constraints(config, schema))
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Key by key, later wins; a block naming another class_path replaces the old one whole
-    (its init_args belong to the old class), as in LightningCLI."""
-    if "class_path" in override and _resolved(override["class_path"]) != _resolved(base.get("class_path")):
-        return dict(override)
-    merged = dict(base)
-    for key, value in override.items():
-        both = isinstance(value, dict) and isinstance(merged.get(key), dict)
-        merged[key] = _merge(merged[key], value) if both else value
-    return merged
+class _Parsed(Exception):
+    """Carries the parsed config out of the CLI before it seeds or builds anything."""
 
 
-def _resolved(class_path: Any) -> Any:
-    """The class a class_path names, so two spellings of one class (a package re-export) merge."""
-    if not isinstance(class_path, str) or "." not in class_path:
-        return class_path
-    module, _, name = class_path.rpartition(".")
+def _fit_config(args: list[str]) -> Namespace:
+    """The config ``lightning-mtr fit`` would run with these arguments, parsed by its own parser
+    (merging, defaults, overrides and type checks as in ``fit``), nothing instantiated."""
+    from lightning_mtr.cli import MultiTaskCLI  # here: the CLI imports this module for `plan`
+
+    class ParseOnly(MultiTaskCLI):
+        def parse_arguments(self, parser, args) -> None:
+            raise _Parsed(parser.parse_args(args))
+
     try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return class_path
+        ParseOnly(args=args, run=False, parser_kwargs={"exit_on_error": False})
+    except _Parsed as parsed:
+        return parsed.args[0]
+    raise AssertionError("MultiTaskCLI did not parse its arguments")
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -193,14 +193,13 @@ def _get(config: Any, dotted: str) -> Any:
     return config
 
 
-def _model(config: dict[str, Any], schema: Schema) -> tuple[str, nn.Module]:
-    spec = _get(config, "model.model")
-    spec = {"class_path": spec} if isinstance(spec, str) else spec
-    if not isinstance(spec, dict) or "." not in str(spec.get("class_path")):
-        raise ValueError("the config names no model: model.model.class_path (e.g. lightning_mtr.models.MMoE)")
-    module, _, name = spec["class_path"].rpartition(".")
+def _model(spec: Namespace, schema: Schema) -> nn.Module:
+    """The configured model on the meta device, built from its ``class_path`` as ``fit`` builds it."""
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_argument("--model", type=ModelFactory)
+    factory = parser.instantiate(Namespace(model=spec)).model
     with torch.device("meta"):
-        return spec["class_path"], getattr(importlib.import_module(module), name)(schema, **spec.get("init_args", {}))
+        return factory(schema)
 
 
 def _constraints(config: dict[str, Any], schema: Schema) -> dict[str, TableConstraints]:
