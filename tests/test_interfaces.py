@@ -99,6 +99,8 @@ class _HalfSplit(nn.Module):
 
 
 def test_a_hook_with_the_wrong_arguments_is_found():
-    assert mismatches(_LostLabels()) == ["_LostLabels.forward_with_losses(dense, sparse) should take (dense, sparse, labels)"]
-    assert mismatches(_RenamedEpochLosses()) == ["_RenamedEpochLosses.end_epoch(losses, epoch) should take (epoch_losses)"]
+    assert mismatches(_LostLabels()) == [
+        "_LostLabels.forward_with_losses(dense, sparse) should take (dense, sparse, labels)"]
+    assert mismatches(_RenamedEpochLosses()) == [
+        "_RenamedEpochLosses.end_epoch(losses, epoch) should take (epoch_losses)"]
     assert mismatches(_HalfSplit()) == ["_HalfSplit defines score but not all of UserItemSplit"]
