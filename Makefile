@@ -13,6 +13,7 @@ train: $(VENV)/.installed
 	$(VENV)/bin/lightning-mtr fit --config conf/debug.yaml
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
 
 clean-venv:

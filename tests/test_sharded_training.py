@@ -312,8 +312,9 @@ def _train_and_save(rank: int, world: int, accelerator: str, start: dict, steps:
     checkpoint and each step's loss, averaged over ranks (equal rows per rank: the global loss)."""
     module = _module(None if resume else start)
     losses = _LossRecorder()
-    trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False,
                         default_root_dir=out, callbacks=[losses],
                         strategy=TorchRecStrategy(constraints=PLANS["table_wise"]))
     trainer.fit(module, datamodule=_FromStep(_global_batches(steps_total=steps), rank, world),

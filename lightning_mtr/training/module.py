@@ -77,7 +77,8 @@ class MultiTaskModule(L.LightningModule):
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
         # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
         trainer = self.trainer
-        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop, trainer.fit_loop.epoch_loop.val_loop):
+        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
+                     trainer.fit_loop.epoch_loop.val_loop):
             loop.inference_mode = False
         # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row our data module
         # reads; a data module of the user's own (or plain dataloaders) checks its labels itself
