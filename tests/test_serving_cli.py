@@ -109,7 +109,6 @@ def test_artifact_scores_the_test_rows_as_the_trained_model(exported):
     assert any(not torch.equal(scores[n], expected[n]) for n in expected), "int8 tables are in use"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler ($CXX, c++, g++ or clang++) to build the client")
 def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
     inputs, _ = _test_batch(exported)
