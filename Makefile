@@ -1,8 +1,9 @@
-# Two commands: `make train` and `make test`. Both create .venv on first use.
+# Two commands: `make train` and `make test` (lint + every test tier; CI runs it). Both create .venv on first use.
+# `make test-fast`: the inner loop, without the slow, multiprocess and gpu tiers (tests/conftest.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: train test venv clean-venv
+.PHONY: train test test-fast venv clean-venv
 
 $(VENV)/.installed: pyproject.toml tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV)
@@ -13,7 +14,12 @@ train: $(VENV)/.installed
 	$(VENV)/bin/lightning-mtr fit --config conf/debug.yaml
 
 test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q tests
+
+test-fast: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests -m "not slow and not multiprocess and not gpu"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -414,7 +414,8 @@ def _build(cls: type, config: Any, what: str) -> Any:
     allowed = {f.name for f in fields(cls)}
     unknown = set(config) - allowed
     if unknown:
-        raise ValueError(f"{what} {config.get('name', '?')!r}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"{what} {config.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
+                         f"allowed: {sorted(allowed)}")
     # YAML reads `name: 101` as an int; Arrow column names are strings.
     names = {k: str(v) if k in _NAME_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) else v
              for k, v in config.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -96,3 +97,13 @@ def run_under_triton_interpreter(script: str, *args: str) -> str:
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr[-4000:]}"
     return done.stdout
+
+
+class LossRecorder(L.Callback):
+    """Each training step's returned loss, by global step (1 after the first optimizer step)."""
+
+    def __init__(self):
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])

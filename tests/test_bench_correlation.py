@@ -12,8 +12,10 @@ import statistics
 import pytest
 import torch
 
-from lightning_mtr.benchmarks.correlation import (BATCH, CORRELATIONS, FULL, QUICK, SIZES, best_validation, early_stopping_table,
-                                     gap_curve, main, parameter_counts, run, table, task_pair, task_table, train)
+from lightning_mtr.benchmarks.correlation import (
+    BATCH, CORRELATIONS, FULL, QUICK, SIZES, best_validation, early_stopping_table, gap_curve, main, parameter_counts,
+    run, table, task_pair, task_table, train,
+)
 
 
 def test_parameter_counts_match_as_in_the_paper():

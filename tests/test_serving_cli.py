@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
@@ -110,7 +109,6 @@ def test_artifact_scores_the_test_rows_as_the_trained_model(exported):
     assert any(not torch.equal(scores[n], expected[n]) for n in expected), "int8 tables are in use"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler ($CXX, c++, g++ or clang++) to build the client")
 def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
     inputs, _ = _test_batch(exported)
@@ -180,7 +178,8 @@ def test_readme_python_snippet_runs_with_only_torch(exported, tmp_path):
     blocker = ("import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
                "        if name.split('.')[0] in ('torchrec', 'fbgemm_gpu', 'lightning', 'lightning_mtr'):\n"
                "            raise ImportError('blocked: ' + name)\nsys.meta_path.insert(0, Block())\n")
-    done = subprocess.run([sys.executable, "-c", blocker + snippet + "\nimport json\nprint(json.dumps({k: v.tolist() for k, v in scores.items()}))"],
+    printer = "\nimport json\nprint(json.dumps({k: v.tolist() for k, v in scores.items()}))"
+    done = subprocess.run([sys.executable, "-c", blocker + snippet + printer],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])

@@ -10,15 +10,14 @@ import subprocess
 import sys
 import textwrap
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ESMM_TASKS, random_inputs, tiny_schema
+from helpers import random_inputs, tiny_schema
 from test_models import SMALL, TASKS, _schema
-from lightning_mtr.data.encode import BatchEncoder, DenseStats
+from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.models import MODELS, build_model
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.artifact import ArtifactError, load_artifact, write_manifest

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from helpers import random_inputs, run_ranks
+from helpers import LossRecorder, random_inputs, run_ranks
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_mtr.data.batch import Batch
@@ -298,22 +298,15 @@ class _FromStep(_Batches):
         return DataLoader([_slice(b, self.rank, self.world) for b in self.batches[start:]], batch_size=None)
 
 
-class _LossRecorder(L.Callback):
-    def __init__(self):
-        self.losses: dict[int, float] = {}
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.losses[trainer.global_step] = float(outputs["loss"])
-
-
 def _train_and_save(rank: int, world: int, accelerator: str, start: dict, steps: int, out: Path,
                     resume: Path | None) -> None:
     """``steps`` steps with TorchRecStrategy on ``world`` processes, optionally resumed; saves the
     checkpoint and each step's loss, averaged over ranks (equal rows per rank: the global loss)."""
     module = _module(None if resume else start)
-    losses = _LossRecorder()
-    trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+    losses = LossRecorder()
+    trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False,
                         default_root_dir=out, callbacks=[losses],
                         strategy=TorchRecStrategy(constraints=PLANS["table_wise"]))
     trainer.fit(module, datamodule=_FromStep(_global_batches(steps_total=steps), rank, world),

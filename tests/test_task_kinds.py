@@ -268,7 +268,8 @@ def test_encoder_checks_labels_inside_their_sample_space_and_groups(tmp_path):
         table.column("log").to_numpy() == 1, 4, 9)))  # 9 outside the space is ignored; 4 inside is not
     with pytest.raises(DataError, match="outside the classes 0..3"):
         BatchEncoder(schema).encode(bad_level, ["log.parquet"])
-    negative = table.set_column(table.column_names.index("relevance"), "relevance", pa.array(-table.column("click").to_numpy()))
+    negative = table.set_column(table.column_names.index("relevance"), "relevance",
+                                pa.array(-table.column("click").to_numpy()))
     with pytest.raises(DataError, match="negative ranking relevance"):
         BatchEncoder(schema).encode(negative, ["log.parquet"])
     requests = table.column("request").to_pylist()

@@ -124,7 +124,8 @@ def train(model_name: str, correlation: float, seed: int, rows: int, test_rows: 
         out = model(inputs, no_ids)
         return torch.stack([((out[task] - targets[:, t]) ** 2).mean() for t, task in enumerate(("y1", "y2"))])
 
-    curve: dict[str, list] = {"steps": [], "train": [], "test": [], "test_tasks": []} | ({"val": []} if val_rows else {})
+    curve: dict[str, list] = {"steps": [], "train": [], "test": [], "test_tasks": []}
+    curve |= {"val": []} if val_rows else {}
     step, window = 0, 0.0  # window: the training loss summed since the last checkpoint
     for _ in range(epochs):
         for batch in torch.randperm(rows, generator=generator).split(BATCH):

@@ -134,7 +134,8 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict]:
                 bound, matmul_gflop = gemm_bound_ms(run)
                 rows.append({"model": name, "path": path, "tables": "fp32" if quantize == "none" else quantize,
                              "threads": threads, "candidates": args.candidates, "requests": count,
-                             "p50_ms": times[len(times) // 2], "p99_ms": times[min(len(times) - 1, int(len(times) * .99))],
+                             "p50_ms": times[len(times) // 2],
+                             "p99_ms": times[min(len(times) - 1, int(len(times) * .99))],
                              "gflop": gflops(run), "matmul_gflop": matmul_gflop, "gemm_bound_ms": bound,
                              "max_abs_diff": difference})
     return rows
@@ -149,7 +150,8 @@ def table(rows: list[dict]) -> str:
         key = (r["model"], r["tables"], r["threads"])
         speedup = p50.get(key + ("monolithic",), float("nan")) / r["p50_ms"] if r["path"] == "split" else None
         rate = r["matmul_gflop"] / (r["gemm_bound_ms"] / 1e3) if r["gemm_bound_ms"] else float("nan")
-        lines.append(f"| {r['model']} | {r['tables']} | {r['threads']} | {r['path']} | {r['requests']} | {r['p50_ms']:.1f} "
+        lines.append(f"| {r['model']} | {r['tables']} | {r['threads']} | {r['path']} | {r['requests']} "
+                     f"| {r['p50_ms']:.1f} "
                      f"| {r['p99_ms']:.1f} | {r['gflop']:.2f} | {r['gemm_bound_ms']:.1f} ({rate:.0f}) "
                      f"| {r['p50_ms'] / r['gemm_bound_ms']:.2f} | {'' if speedup is None else f'{speedup:.1f}x'} |")
     return "\n".join(lines)

@@ -107,7 +107,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
     data.setup("fit")
-    data.encoder  # untimed: the dense-statistics pre-pass happens when the encoder is built
+    _ = data.encoder  # untimed: the dense-statistics pre-pass happens when the encoder is built
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None
     if profiler:
         profiler.start()

@@ -42,16 +42,16 @@ def _heads(x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
 
 def _chain_terms(x: Tensor, chain: str) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     """Chain logits, then (log p, log(1 - p)) of each supervised output, from head logits x [B, H]."""
-    l, m = _heads(x)
+    lp, lq = _heads(x)
     lae = torch.logaddexp
     if chain == "esmm":
-        lp_ctcvr, lq_ctcvr = l[0] + l[1], lae(m[0], l[0] + m[1])  # 1 - s(a)s(b) = (1 - s(a)) + s(a)(1 - s(b))
-        return [x[:, 0], x[:, 1], lp_ctcvr - lq_ctcvr], [l[0], lp_ctcvr], [m[0], lq_ctcvr]
-    lp_ctavr, lq_ctavr = l[0] + l[1], lae(m[0], l[0] + m[1])
-    lp_cvr, lq_cvr = lae(m[1] + l[3], l[1] + l[2]), lae(m[1] + m[3], l[1] + m[2])
-    lp_ctcvr, lq_ctcvr = l[0] + lp_cvr, lae(m[0], l[0] + lq_cvr)
+        lp_ctcvr, lq_ctcvr = lp[0] + lp[1], lae(lq[0], lp[0] + lq[1])  # 1 - s(a)s(b) = (1 - s(a)) + s(a)(1 - s(b))
+        return [x[:, 0], x[:, 1], lp_ctcvr - lq_ctcvr], [lp[0], lp_ctcvr], [lq[0], lq_ctcvr]
+    lp_ctavr, lq_ctavr = lp[0] + lp[1], lae(lq[0], lp[0] + lq[1])
+    lp_cvr, lq_cvr = lae(lq[1] + lp[3], lp[1] + lp[2]), lae(lq[1] + lq[3], lp[1] + lq[2])
+    lp_ctcvr, lq_ctcvr = lp[0] + lp_cvr, lae(lq[0], lp[0] + lq_cvr)
     logits = [x[:, 0], lp_ctavr - lq_ctavr, lp_ctcvr - lq_ctcvr, lp_cvr - lq_cvr]
-    return logits, [l[0], lp_ctavr, lp_ctcvr], [m[0], lq_ctavr, lq_ctcvr]
+    return logits, [lp[0], lp_ctavr, lp_ctcvr], [lq[0], lq_ctavr, lq_ctcvr]
 
 
 def _compute_dtype(head_logits: Tensor) -> torch.dtype:

@@ -44,4 +44,5 @@ def build_model(name: str, schema: Schema, **kwargs: Any) -> nn.Module:
     return MODELS[name](schema, **kwargs)
 
 
-__all__ = ["AITM", "DUPN", "ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker", "build_model"]
+__all__ = ["AITM", "DUPN", "ESM2", "ESMM", "MODELS", "MMoE", "NFwFM", "OMoE", "PLE", "SharedBottom", "YouTubeRanker",
+           "build_model"]

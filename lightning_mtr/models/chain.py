@@ -1,5 +1,6 @@
-"""ProbabilityChainModel, the base class of the entire-space models (ESMM, ESM2):
-embeddings -> bottom -> heads -> one fused probability-chain op that returns the chain's logits and its per-row losses."""
+"""ProbabilityChainModel, the base class of the entire-space models (ESMM, ESM2): embeddings ->
+bottom -> heads -> one fused probability-chain op that returns the chain's logits and its per-row
+losses."""
 
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ class ServingFeatureInput(FeatureLayout):
         self.sequence_stack = StackedTables(schema, schema.sequence_tables, weights, quantize) \
             if schema.sequence_tables else None
         self.max_length = {f.name: f.max_length for f in schema.sparse if f.sequence}
-        self.register_buffer("limit", torch.tensor([f.max_length or _NO_LIMIT for f in schema.sparse], dtype=torch.long))
+        self.register_buffer("limit", torch.tensor([f.max_length or _NO_LIMIT for f in schema.sparse],
+                                                   dtype=torch.long))
 
     def forward(self, dense: torch.Tensor, sparse: SparseInput) -> torch.Tensor:
         if not self.feature_names:

@@ -239,7 +239,8 @@ def export_split(user: UserProgram, item: ItemProgram) -> tuple[torch.export.Exp
     user_program = export_module(user, example_inputs(user.side.schema), input_dims(user.side.schema))
     with torch.no_grad():
         encoded = user(*example_inputs(user.side.schema, batch=1))
-    item_program = export_module(item, (encoded, *example_inputs(item.side.schema)), {"user": None, **input_dims(item.side.schema)})
+    item_program = export_module(item, (encoded, *example_inputs(item.side.schema)),
+                                 {"user": None, **input_dims(item.side.schema)})
     return user_program, item_program
 
 

@@ -78,7 +78,8 @@ class MultiTaskModule(L.LightningModule):
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
         # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
         trainer = self.trainer
-        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop, trainer.fit_loop.epoch_loop.val_loop):
+        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
+                     trainer.fit_loop.epoch_loop.val_loop):
             loop.inference_mode = False
         # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row our data module
         # reads; a data module of the user's own (or plain dataloaders) checks its labels itself
@@ -111,8 +112,9 @@ class MultiTaskModule(L.LightningModule):
     def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                           dict[str, torch.Tensor]]:
         """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
-        model implement :class:`~lightning_mtr.interfaces.ForwardWithLosses`: ESMM's probability chain gives per-row losses and no extra
-        term, AITM no per-row losses and its calibrator as an extra term; extra terms are added
+        model implement :class:`~lightning_mtr.interfaces.ForwardWithLosses`: ESMM's probability
+        chain gives per-row losses and no extra term, AITM no per-row losses and its calibrator as
+        an extra term; extra terms are added
         to the loss as they are, outside any task weighting, and logged as ``train/extra/{name}``."""
         if isinstance(self.model, ForwardWithLosses):
             logits, given, extra = self.model.forward_with_losses(batch.dense, batch.sparse, batch.labels)

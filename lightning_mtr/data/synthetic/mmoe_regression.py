@@ -79,7 +79,8 @@ def mmoe_regression_arrays(rows: int, correlation: float, dim: int = 100, num_si
     _check_mmoe_arguments(rows, correlation, dim, num_sin, noise_std)
     chunk = mmoe_regression_chunks(correlation, dim, num_sin, noise_std, seed=seed, split=split, shape_seed=shape_seed,
                                    alpha_std=alpha_std, scale=scale)
-    parts = [chunk(index, min(row_group_rows, rows - start)) for index, start in enumerate(range(0, rows, row_group_rows))]
+    parts = [chunk(index, min(row_group_rows, rows - start))
+             for index, start in enumerate(range(0, rows, row_group_rows))]
     return (np.concatenate([x for x, _ in parts]).astype(np.float32),
             np.concatenate([y for _, y in parts]).astype(np.float32))
 

@@ -1,0 +1,94 @@
+"""Test tiers and the golden-curve flag, in one place.
+
+`make test` runs every tier that can run on the machine (CI); `make test-fast` deselects
+``-m "not slow and not multiprocess and not gpu"`` for the inner loop (under 2 minutes on 2 cores).
+A test joins a tier here, by file, by name or by the fixture it uses, never by a decorator in its
+file, so the tiers can be read and rebalanced in one table (durations: ``pytest --durations=60``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# slow: trainings long enough to check a paper's claim, a whole model set exported or compiled
+# (AOTInductor, the C++ client), benchmark tools run end to end: seconds to tens of seconds each.
+SLOW = {
+    "test_serving_cli.py",  # every test shares one fit exported with --aot (C++ compile), one builds the client
+    "test_bench_serving.py",
+    "test_bench_correlation.py::test_tiny_run_reports_every_model_and_correlation",
+    "test_dupn.py::test_learns_purchasing_power_from_the_behaviour_sequence",
+    "test_youtube.py::test_shallow_tower_ranks_the_position_free_truth_best",
+    "test_esm_models.py::test_esmm_pcvr_over_all_impressions_is_not_worse_than_base",
+    "test_esm_models.py::test_switching_kernel_backend_keeps_parameters_and_predictions",  # trains, then Triton
+    "test_plan_tool.py::test_large_config_on_64_gpus",  # the planner over 30 tables and 64 GPUs
+    "test_plan_tool.py::test_tools_entry_point",  # a subprocess
+    "test_training.py::test_resumed_training_equals_uninterrupted_training",
+    "test_training.py::test_resumed_mid_epoch_continues_with_the_next_batch",
+    "test_serving_split.py::test_split_scores_equal_the_monolithic_program",
+    "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
+}
+# multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
+MULTIPROCESS = {
+    "test_sharded_cli.py",
+    "test_sharded_training.py::test_sharded_training_equals_one_process",
+    "test_sharded_training.py::test_sharded_checkpoint_resumes_on_another_world_size",
+    "test_metrics_distributed.py::test_two_processes_match_one",
+    "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
+}
+# gpu: CUDA only (they also skip themselves where CUDA is missing)
+GPU = {
+    "test_kernel_gate_mix.py::test_cuda_matches_reference",
+    "test_kernel_gate_mix.py::test_cuda_backends_agree",
+    "test_kernel_prob_chain.py::test_cuda_matches_float64_reference",
+    "test_ple.py::test_cuda_backends_agree_on_masked_gates",
+    "test_data_pipeline.py::test_pin_memory_and_cuda_keep_contents",
+}
+# by fixture: every test of a module-scoped fixture pays for it
+SLOW_FIXTURES = {"test_serving_export.py": "exported"}  # torch.export of every registered model
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from this run instead of only comparing with them")
+
+
+@pytest.fixture
+def update_golden(request: pytest.FixtureRequest) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+def _tiers(item: pytest.Item) -> set[str]:
+    file, name = item.path.name, getattr(item, "originalname", item.name)
+    keys = {file, f"{file}::{name}"}
+    tiers = {tier for tier, table in (("slow", SLOW), ("multiprocess", MULTIPROCESS), ("gpu", GPU)) if keys & table}
+    if SLOW_FIXTURES.get(file) in getattr(item, "fixturenames", ()):
+        tiers.add("slow")
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    if params.get("accelerator") == "gpu":  # the NCCL variants of the gloo tests
+        tiers.add("gpu")
+    return tiers
+
+
+def _stale(items: list[pytest.Item]) -> list[str]:
+    """Table entries that name no file here, or no test in a collected module (a rename would
+    otherwise move a slow test into the fast tier without a word)."""
+    modules = {item.path.name: item.module for item in items if getattr(item, "module", None) is not None}
+    stale = []
+    for entry in SLOW | MULTIPROCESS | GPU | set(SLOW_FIXTURES):
+        file, _, name = entry.partition("::")
+        if not (Path(__file__).parent / file).is_file() or (name and file in modules
+                                                              and not hasattr(modules[file], name)):
+            stale.append(entry)
+    return sorted(stale)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    stale = _stale(items)
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py's tiers name tests that do not exist: {stale}")
+    for item in items:
+        for tier in sorted(_tiers(item)):
+            item.add_marker(getattr(pytest.mark, tier))
