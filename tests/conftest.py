@@ -28,6 +28,7 @@ SLOW = {
     "test_training.py::test_resumed_mid_epoch_continues_with_the_next_batch",
     "test_serving_split.py::test_split_scores_equal_the_monolithic_program",
     "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
+    "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess
 }
 # multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
 MULTIPROCESS = {

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -11,6 +15,8 @@ import torch
 
 from lightning_mtr.models import MODELS
 from lightning_mtr.benchmarks.train import SETUPS, Setup, quality_metrics
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Six test impressions; a conversion is only logged after a click, while gt_conv_if_clicked says
 # whether each row would have converted had it been clicked (rows 3 and 5 would have).
@@ -55,15 +61,17 @@ def test_every_setup_is_a_registered_model():
 
 
 @pytest.mark.parametrize("path", ["single", "torchrec"])
-def test_both_training_paths_train_one_epoch(path, tmp_path, monkeypatch):
+def test_both_training_paths_train_one_epoch(path, tmp_path):
     """``--path torchrec`` trains through TorchRecStrategy on one process (the comparison issue 12
-    asks for), ``single`` through the module's own fused tables."""
+    asks for), ``single`` through the module's own fused tables. In a process of its own: the
+    strategy starts a process group whose port a later multi-process test must not find taken."""
     from lightning_mtr.data.synthetic import main as synth
-    from lightning_mtr.training.distributed import TorchRecStrategy
-    from lightning_mtr.benchmarks.train import train_one_epoch
     assert synth(["impressions", "--out", str(tmp_path), "--train-rows", "3000", "--val-rows", "10",
-                  "--test-rows", "10"]) == 0
-    monkeypatch.chdir(tmp_path)
-    trainer, module, _, seconds = train_one_epoch("esmm", tmp_path, batch_size=1024, path=path)
-    assert isinstance(trainer.strategy, TorchRecStrategy) == (path == "torchrec")
-    assert trainer.global_step == 3 and seconds > 0
+                  "--test-rows", "200"]) == 0
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "bench_train.py"), "--data", str(tmp_path),
+                           "--model", "esmm", "--batch-size", "1024", "--path", path],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["path"] == path and result["rows"] == 3000 and result["train_seconds"] > 0
+    assert "Sharding plan" in done.stderr + done.stdout if path == "torchrec" else True
