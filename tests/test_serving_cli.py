@@ -17,6 +17,7 @@ from lightning_mtr.serving import export as export_module
 from lightning_mtr.serving.aot import build_client, find_compiler, score_with_client
 from lightning_mtr.serving.artifact import load_artifact
 from lightning_mtr.serving.checkpoint import load_run
+from lightning_mtr.serving.split import select_rows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +116,7 @@ def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
     artifact = load_artifact(exported["artifact"])
     client = build_client(tmp_path / "client")
     for rows in (1, 700):
-        batch = (inputs[0][:rows], *_first_rows(inputs[1], inputs[2], rows))
+        batch = select_rows(inputs, range(rows))
         got, timing = score_with_client(client, exported["artifact"] / "model.aoti.pt2", batch, artifact.output_names)
         assert f"batch {rows}," in timing
         for name, value in artifact.score(*batch).items():
@@ -129,15 +130,6 @@ def test_cpp_client_scores_as_the_python_program(exported, tmp_path):
     bad[0] = load_run(exported["checkpoint"]).schema.sparse[0].num_embeddings  # one past the first table
     with pytest.raises(RuntimeError, match="negative or >= its feature's num_embeddings"):
         score_with_client(client, package, (dense, bad, lengths), artifact.output_names)
-
-
-def _first_rows(values: torch.Tensor, lengths: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ids and lengths of the first ``rows`` rows of every feature."""
-    ends = torch.cumsum(lengths.reshape(-1), 0).view(lengths.shape)
-    starts = ends - lengths
-    keep = torch.cat([values[int(starts[f, 0]):int(starts[f, 0]) + int(lengths[f, :rows].sum())]
-                      for f in range(lengths.shape[0])])
-    return keep, lengths[:, :rows].contiguous()
 
 
 def test_an_auc_beyond_the_limit_is_refused_and_nothing_written(exported, tmp_path, monkeypatch, capsys):

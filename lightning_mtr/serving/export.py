@@ -24,7 +24,7 @@ import lightning_mtr
 from lightning_mtr.data.encode import BatchEncoder, DataError, fnv1a_64
 from lightning_mtr.data.reader import list_files, plan_units, read_tagged, sources_of
 from lightning_mtr.schema import Schema
-from lightning_mtr.serving.artifact import AOT_PROGRAM, MANIFEST, PROGRAM, write_manifest
+from lightning_mtr.serving.artifact import AOT_PROGRAM, MANIFEST, PROGRAM, staged, write_manifest
 from lightning_mtr.serving.checkpoint import TrainedRun, load_run
 from lightning_mtr.serving.program import (
     MAX_BATCH, ExportError, ServingModel, export_program,
@@ -59,10 +59,7 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
     print(report(check, quantize))
     _check_quality(check, quantize)
     split_programs, split = _split(run, quantize, programs[quantize], sample)
-    staging = out.with_name(out.name + ".partial")  # a refused or failed export leaves `out` as it was
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         torch.export.save(programs[quantize], staging / PROGRAM)
         for name, program in split_programs.items():
             torch.export.save(program, staging / name)
@@ -71,12 +68,9 @@ def export(checkpoint: str | Path, out: str | Path, quantize: Quantize = "none",
             print(f"AOTInductor package vs program: max |score difference| {check['aot_max_abs_diff']:.2e}")
         manifest = build_manifest(run, quantize, check) | {"split": split}
         write_manifest(staging, manifest)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
     return manifest
 
 

@@ -13,7 +13,6 @@ Output: one Parquet part per input file, ``OUT/part-{i:05d}.parquet`` for the ``
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ import pyarrow.parquet as pq
 from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.data.reader import TextFormat, list_files, plan_units, read_tagged, sources_of
 from lightning_mtr.schema import Schema
-from lightning_mtr.serving.artifact import Artifact, load_artifact, quiet_loggers
+from lightning_mtr.serving.artifact import Artifact, load_artifact, quiet_loggers, staged
 from lightning_mtr.serving.program import MAX_BATCH
 
 PART = "part-{index:05d}.parquet"
@@ -51,10 +50,7 @@ def score(artifact_dir: str | Path, data: str | Sequence[str], out: str | Path, 
     text = _text_format(run.get("text_format"))
     plans = [plan_units([path], encoder, text) for path in list_files(data)]  # every file checked before scoring
     out = Path(out).resolve()  # `--out .` has a parent to stage in too
-    staging = out.with_name(out.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged(out) as staging:
         # the encoder's KeyedJaggedTensor asks torch.fx whether it is traced, which warns once a process
         with quiet_loggers("torch.fx._symbolic_trace"):
             rows = sum(_score_file(artifact, encoder, units, staging / PART.format(index=index), batch_size)
@@ -64,8 +60,6 @@ def score(artifact_dir: str | Path, data: str | Sequence[str], out: str | Path, 
             stale.unlink()
         for part in sorted(staging.iterdir()):
             part.rename(out / part.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {"rows": rows, "files": len(plans), "seconds": time.perf_counter() - loaded, "load_seconds": loaded - start}
 
 

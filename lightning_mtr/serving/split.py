@@ -282,19 +282,19 @@ def split_difference(schema: Schema, monolithic: nn.Module, user: nn.Module, ite
     """Max |split score - monolithic score| with each of the first ``users`` rows of ``inputs``
     (monolithic layout) as the user and the first ``candidates`` rows as the candidates."""
     batch = inputs[2].shape[1]
-    items = side_inputs(schema, ITEM, *_rows(inputs, range(min(batch, candidates))))
+    items = side_inputs(schema, ITEM, *select_rows(inputs, range(min(batch, candidates))))
     worst = 0.0
     with torch.no_grad():
         for row in range(min(batch, users)):
-            request = side_inputs(schema, USER, *_rows(inputs, [row]))
+            request = side_inputs(schema, USER, *select_rows(inputs, [row]))
             expected = monolithic(*broadcast_user(schema, request, items))
             scores = item(user(*request), *items)
             worst = max([worst] + [float((scores[name] - value).abs().max()) for name, value in expected.items()])
     return worst
 
 
-def _rows(inputs: tuple, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The given rows of ``(dense, values, lengths)``."""
+def select_rows(inputs: tuple, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The given rows of a program's ``(dense, values, lengths)``, in that order."""
     dense, values, lengths = inputs
     rows = list(rows)
     bags = values.split(lengths.reshape(-1).tolist())  # feature-major: bag f * B + row
