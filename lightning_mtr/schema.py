@@ -56,7 +56,7 @@ class SparseFeature:
     ``init_range``: the table's weights start uniform in ``[-init_range, init_range]``. Unset,
     TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
     vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
-    ids apart (DUPN's CTR AUC 0.755 instead of 0.812 with 1.0 on 200k rows; README: DUPN).
+    ids apart (DUPN's CTR AUC 0.755 instead of 0.812 with 1.0 on 200k rows; docs/models.md: DUPN).
     """
 
     name: str

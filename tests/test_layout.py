@@ -53,7 +53,7 @@ def test_tests_import_the_package_not_the_tools_folder(path):
 
 
 def test_every_tool_script_still_answers_its_command_line():
-    """README's ``python tools/X.py`` and ``python -m tools.X`` commands: each script parses ``--help``
+    """The docs' ``python tools/X.py`` and ``python -m tools.X`` commands: each script parses ``--help``
     (one process for all of them: importing torch once)."""
     scripts = sorted(p.stem for p in TOOLS.glob("*.py") if p.stem != "__init__")
     code = ("import runpy, sys\n"

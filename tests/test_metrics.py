@@ -223,7 +223,7 @@ def test_task_metrics_names_allowed_values():
 def test_an_undefined_monitored_auc_never_wins_a_checkpoint(tmp_path):
     """Lightning 2.6's ModelCheckpoint stores a NaN monitor value as the worst score (-inf in mode
     max) and never lets it displace a kept checkpoint: an epoch whose validation AUC is undefined
-    is kept only until one with a defined AUC comes (README, Metrics)."""
+    is kept only until one with a defined AUC comes (docs/schema-and-data.md, Metrics)."""
     rng = np.random.default_rng(0)
     for name, rate in (("train", 0.5), ("one_class", 0.0), ("both", 0.5)):
         pq.write_table(pa.table({"user": rng.integers(0, 20, 128), "buy": (rng.random(128) < rate).astype(np.int64)}),

@@ -23,15 +23,15 @@ Rows are fresh, each seen once, as the paper generates them until it has enough:
 ``--val-rows n`` draws n validation rows too and prints each model's test loss at its lowest
 validation checkpoint (early stopping's model), for few rows seen many times, where a run that
 memorises late is judged where it was best. With 2k-10k rows the gap does not grow either; below
-10k rows Shared-Bottom beats MMoE at every correlation (README).
+10k rows Shared-Bottom beats MMoE at every correlation (docs/benchmarks.md).
 
 The paper's finding, MMoE's advantage over Shared-Bottom growing as the correlation drops, is
-not reproduced (README): the paired gap in curve mean is 0.032 / 0.027 / 0.031 at 1.0 / 0.9 /
+not reproduced (docs/benchmarks.md): the paired gap in curve mean is 0.032 / 0.027 / 0.031 at 1.0 / 0.9 /
 0.5 (spread 0.02, 10 seeds), as Shared-Bottom's loss does not grow as the correlation drops:
 both tasks are functions of one 2-d projection of x, which its shared units (113, or even 8
 with ``--bottom 8``) fit at any correlation. OMoE's curve rises as the correlation drops, as in
 the paper. The paper does not give alpha, beta or c: ``--alpha-std`` (alpha ~ N(0, s^2)) and
-``--scale`` (c) change them for every model alike; none tried moved Shared-Bottom (README).
+``--scale`` (c) change them for every model alike; none tried moved Shared-Bottom (docs/benchmarks.md).
 
     python -m tools.bench_correlation [--quick] [--workers 2] [--out runs/bench_correlation]   (repo root)
 """
@@ -64,11 +64,11 @@ SIZES = {  # the paper's three models, by registry name (lightning_mtr.models.MO
 }
 CORRELATIONS = (1.0, 0.9, 0.5)
 # fresh rows, each seen once, as the paper generates data "until enough": 40k rows seen 15 times
-# were memorised (Shared-Bottom's held-out loss twice its training loss, README)
+# were memorised (Shared-Bottom's held-out loss twice its training loss, docs/benchmarks.md)
 FULL = {"rows": 400_000, "test_rows": 2_000, "val_rows": 0, "epochs": 1, "seeds": 10, "eval_every": 100}
 QUICK = {"rows": 100_000, "test_rows": 1_000, "val_rows": 0, "epochs": 1, "seeds": 3, "eval_every": 25}
 BATCH = 256
-LR = 1e-2  # the paper grid-searches Adam's rate in 1e-4, 1e-3, 1e-2; 1e-2 gave the lowest curve (README)
+LR = 1e-2  # the paper grid-searches Adam's rate in 1e-4, 1e-3, 1e-2; 1e-2 gave the lowest curve (docs/benchmarks.md)
 GAP = ("shared_bottom", "mmoe")  # the paper's comparison: Shared-Bottom's loss minus MMoE's
 
 

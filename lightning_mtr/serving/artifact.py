@@ -2,7 +2,7 @@
 sha256 of every file, so a tampered or truncated artifact is refused before anything runs.
 
 Loading needs only ``torch``: this module imports nothing else from the package, so a serving
-process may copy it, or read the manifest itself (its format is documented in README).
+process may copy it, or read the manifest itself (its format is documented in docs/serving.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The README's "Going multi-GPU" section is a map (STYLE.md section 13): the files it names
-exist, its YAML example builds the strategy, and its commands use flags that exist. Nothing
-here starts processes; tests/test_sharded_cli.py runs the commands themselves."""
+"""docs/multi-gpu.md is a map (STYLE.md section 13): the files it names exist, its YAML example
+builds the strategy, and its commands use flags that exist. Nothing here starts processes;
+tests/test_sharded_cli.py runs the commands themselves."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ from lightning_mtr.training.distributed import TableConstraints, TorchRecStrateg
 from lightning_mtr.training.distributed.plan_tool import _parser
 
 REPO = Path(__file__).resolve().parents[1]
-README = (REPO / "README.md").read_text()
-SECTION = README[README.index("## Going multi-GPU"):]
+SECTION = (REPO / "docs" / "multi-gpu.md").read_text()
 BLOCKS = re.findall(r"```(\w+)\n(.*?)```", SECTION, re.S)
 COMMANDS = [re.sub(r"\\\n\s*", "", body) for lang, body in BLOCKS if lang == "bash"]
 
@@ -24,15 +23,9 @@ COMMANDS = [re.sub(r"\\\n\s*", "", body) for lang, body in BLOCKS if lang == "ba
 def test_every_named_file_exists():
     named = set(re.findall(r"`((?:conf|lightning_mtr|tests)/[\w/.]+\.(?:py|yaml))`", SECTION))
     named |= {word for command in COMMANDS for word in command.split() if word.startswith("conf/")}
-    assert named, "the section names no files"
+    assert named, "the page names no files"
     missing = sorted(p for p in named if not (REPO / p).is_file())
-    assert not missing, f"README names files that do not exist: {missing}"
-
-
-def test_layout_lists_the_distributed_package():
-    listed = set(re.findall(r"^\s+(\w+\.py)\s", README[README.index("    distributed/"):], re.M)[:4])
-    present = {p.name for p in (REPO / "lightning_mtr/training/distributed").glob("*.py")} - {"__init__.py"}
-    assert listed == present
+    assert not missing, f"docs/multi-gpu.md names files that do not exist: {missing}"
 
 
 def test_yaml_example_builds_the_strategy():
