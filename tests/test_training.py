@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,11 +15,12 @@ import torch
 from lightning.pytorch.plugins import MixedPrecision
 
 from helpers import LossRecorder, random_inputs, tiny_schema
+from torch.utils.data import DataLoader
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
 from lightning_mtr.serving.checkpoint import load_run
-from lightning_mtr.training import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule, SparseOptimizer
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
 from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_full
 from lightning_mtr.training.distributed.single import fused_state
@@ -125,24 +127,25 @@ def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, m
 
 def test_one_device_trains_on_the_single_process_path_and_a_plain_trainer_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    cli = _cli(tmp_path)
-    assert isinstance(cli.trainer.strategy, SingleProcessStrategy)
+    assert isinstance(_cli(tmp_path).trainer.strategy, SingleProcessStrategy)
     assert isinstance(_cli(tmp_path, "--trainer.devices", "2").trainer.strategy, TorchRecStrategy)
-    plain = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(TypeError, match=r"not SingleDeviceStrategy: Trainer\(strategy=SingleProcessStrategy\(\)\)"):
-        plain.fit(cli.model, datamodule=cli.datamodule)
+        _fit_tiny(L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False))
 
 
-def test_precision_16_mixed_is_refused_on_one_process(tmp_path, monkeypatch):
+def test_precision_16_mixed_is_refused_on_one_process():
     """fp16 scales the loss; the fused and the sequence tables' optimizers would apply it unscaled."""
-    monkeypatch.chdir(REPO)
-    cli = _cli(tmp_path)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
                         strategy=SingleProcessStrategy(),
                         plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
     with pytest.raises(ValueError, match="precision 16-mixed scales the loss"):
-        trainer.fit(cli.model, datamodule=cli.datamodule)
+        _fit_tiny(trainer)
+
+
+def _fit_tiny(trainer: L.Trainer) -> None:
+    """Both refusals come before the first batch."""
+    module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=tiny_schema())
+    trainer.fit(module, train_dataloaders=DataLoader([]))
 
 
 def test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file_does_not_resume(

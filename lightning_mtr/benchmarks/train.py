@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
     parser.add_argument("--path", choices=["single", "torchrec"], default="single",
-                        help="training path: SingleProcessStrategy (fused in place), or TorchRecStrategy on one process")
+                        help="training path: SingleProcessStrategy (tables fused in place) or TorchRecStrategy")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

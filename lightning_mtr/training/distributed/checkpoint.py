@@ -130,8 +130,8 @@ def read_full(path: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
 def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
     """A sharded checkpoint as one single-process Lightning checkpoint file: whole tables and
     dense weights under ``state_dict``, plus the loop, callback and data-module state (dense
-    statistics), without optimizer state. It evaluates, predicts and exports on one process
-    with the default strategy; continuing *training* resumes from the sharded directory."""
+    statistics), without optimizer state. It evaluates, predicts and exports on one process;
+    continuing *training* resumes from the checkpoint directory."""
     single = read_consolidated(path)
     torch.save(single, output)
     return single
@@ -150,7 +150,7 @@ def read_consolidated(path: str | Path) -> dict[str, Any]:
 def consolidate_main(argv: list[str]) -> int:
     """``lightning-mtr consolidate CHECKPOINT_DIR OUTPUT.ckpt``"""
     parser = argparse.ArgumentParser(prog="lightning-mtr consolidate", description=consolidate.__doc__)
-    parser.add_argument("checkpoint", help="a sharded checkpoint directory written by TorchRecStrategy")
+    parser.add_argument("checkpoint", help="a checkpoint directory (SingleProcessStrategy's or TorchRecStrategy's)")
     parser.add_argument("output", help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
     try:
