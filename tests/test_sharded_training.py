@@ -18,7 +18,7 @@ from lightning_mtr.data.batch import Batch
 from lightning_mtr.models import DUPN, MMoE, NFwFM
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
-from lightning_mtr.training.distributed.checkpoint import read_full
+from lightning_mtr.training.distributed.checkpoint import read_consolidated, read_full
 from lightning_mtr.training.distributed import SingleProcessStrategy, TableConstraints, TorchRecStrategy
 from lightning_mtr.training.distributed.single import place_tables
 
@@ -407,3 +407,24 @@ def test_single_process_sequence_tables_do_not_resume_on_two_cpu_processes(tmp_p
     with pytest.raises(Exception, match=r"(?s)resuming .*after-2, whose tables keep their saved sharding types: "
                                         r"table 'hist_item'.*cannot be data_parallel on cpu"):
         _train(2, start, 3, tmp_path / "resumed", tmp_path / "after-2", "sequences")
+
+
+def _predict_from_file(rank: int, checkpoint: Path, out: Path) -> None:
+    trainer = _trainer(devices=WORLD, strategy=TorchRecStrategy(constraints=PLANS["table_wise"]), default_root_dir=out)
+    batch = _slice(_batch(99, ROWS * WORLD), rank, WORLD)
+    (scores,) = trainer.predict(_module(), DataLoader([batch], batch_size=None), ckpt_path=str(checkpoint))
+    torch.save(scores, out / f"scores-{rank}.pt")
+
+
+def test_two_processes_predict_from_a_single_file(tmp_path):
+    """A consolidated file (whole tables) loads into the shards of each process."""
+    _train("single", _start_weights(), STEPS, tmp_path, None)
+    single = tmp_path / "single.ckpt"
+    torch.save(read_consolidated(tmp_path / f"after-{STEPS}"), single)
+    trainer = _trainer(devices=1, strategy=SingleProcessStrategy(), default_root_dir=tmp_path)
+    (expected,) = trainer.predict(_module(), DataLoader([_batch(99, ROWS * WORLD)], batch_size=None),
+                                  ckpt_path=str(single))
+    run_ranks(WORLD, _predict_from_file, single, tmp_path)
+    parts = [torch.load(tmp_path / f"scores-{rank}.pt") for rank in range(WORLD)]
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.cat([part[key] for part in parts]), value, **TOLERANCE, msg=key)
