@@ -399,6 +399,21 @@ def test_checkpoint_moves_between_the_single_process_path_and_two_processes(save
     _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path)
 
 
+# TorchRecStrategy's directory as it was written before both paths shared one format (commit
+# cfddff0: 1 process, _train_one from _start_weights(), STEPS steps). The layout did not change, so
+# today's TorchRecStrategy writes the same files: regenerate with _train(1, ...) if the setup changes.
+BEFORE_ONE_FORMAT = Path(__file__).parent / "golden" / "checkpoint-before-one-format"
+
+
+def test_a_checkpoint_from_before_the_one_format_resumes_on_the_single_process_path(tmp_path):
+    start = _start_weights()
+    _train("single", start, STEPS + 1, tmp_path / "uninterrupted", None)
+    _train("single", start, STEPS + 1, tmp_path / "resumed", BEFORE_ONE_FORMAT)
+    expected, got = _world_losses(tmp_path / "uninterrupted", 1), _world_losses(tmp_path / "resumed", 1)
+    assert list(got) == [STEPS + 1] and got[STEPS + 1] == pytest.approx(expected[STEPS + 1], rel=1e-5)
+    _assert_same_checkpoints(*(tmp_path / run / f"after-{STEPS + 1}" for run in ("uninterrupted", "resumed")))
+
+
 def test_single_process_sequence_tables_do_not_resume_on_two_cpu_processes(tmp_path):
     """One CPU process steps sequence tables with a torch optimizer (``data_parallel`` in its
     plan); TorchRec cannot replicate them on CPU, so 2 processes refuse, naming the table."""

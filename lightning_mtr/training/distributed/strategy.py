@@ -6,7 +6,8 @@ materialises its dense layers on the device, plans the tables for the real topol
 ranks agree on one plan, or a pinned plan from ``lightning-mtr plan`` is used), and shards
 them in place with ``DistributedModelParallel``; Lightning's DDP then wraps the module for
 the dense layers and ignores the sharded tables, whose fused optimizer updates them inside
-backward. Checkpoints are sharded directories (:mod:`.checkpoint`).
+backward. Checkpoints, the fp16 guard and the replicated tables' optimizer are shared with the
+single-process fast path (:mod:`.base`).
 """
 
 from __future__ import annotations
