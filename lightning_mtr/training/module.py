@@ -81,7 +81,6 @@ class MultiTaskModule(L.LightningModule):
                             "lightning-mtr picks one itself)")
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
         # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
-        trainer = self.trainer
         for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
                      trainer.fit_loop.epoch_loop.val_loop):
             loop.inference_mode = False
