@@ -4,7 +4,9 @@ for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_mtr.data import synthetic
@@ -14,7 +16,7 @@ from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
-from lightning_mtr.training.distributed import checkpoint, plan_tool
+from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 
 
 class MultiTaskCLI(LightningCLI):
@@ -27,6 +29,14 @@ class MultiTaskCLI(LightningCLI):
         # embedding tables to the dense optimizer
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec."""
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
+            one = config.get("num_nodes", 1) == 1 and str(config.get("devices", "auto")) in ("1", "[0]", "auto")
+            kwargs["strategy"] = SingleProcessStrategy() if one else TorchRecStrategy()
+        return super().instantiate_trainer(**kwargs)
 
     def predict(self, **kwargs) -> None:
         """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer

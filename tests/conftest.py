@@ -35,6 +35,9 @@ MULTIPROCESS = {
     "test_sharded_cli.py",
     "test_sharded_training.py::test_sharded_training_equals_one_process",
     "test_sharded_training.py::test_sharded_checkpoint_resumes_on_another_world_size",
+    "test_sharded_training.py::test_checkpoint_moves_between_the_single_process_path_and_two_processes",
+    "test_sharded_training.py::test_single_process_sequence_tables_do_not_resume_on_two_cpu_processes",
+    "test_sharded_training.py::test_two_processes_predict_from_a_single_file",
     "test_metrics_distributed.py::test_two_processes_match_one",
     "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
 }

@@ -22,6 +22,7 @@ from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks.weighting import UncertaintyWeights
 from lightning_mtr.training import MultiTaskModule
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 FUNNEL = ("ctr", "ctcvr", "ctpay")  # three steps, so z_3 reads z_2, which itself read z_1
 
@@ -236,7 +237,8 @@ def test_training_loss_is_weighted_ce_plus_alpha_times_the_violation(weighting, 
                              task_weighting=weighting)
     step = _FirstStep()
     trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, callbacks=[step],
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     trainer.fit(module, datamodule=_Batches(batch))
     ce_ctr = math.log(2)  # -ln 0.5 on every row
     ce_ctcvr = (-3 * math.log(0.7) - math.log(0.3)) / 4  # rows: -ln 0.7, -ln(1 - 0.3), -ln(1 - 0.7), -ln(1 - 0.3)

@@ -140,7 +140,7 @@ def test_fit_writes_csv_and_tensorboard_logs_and_reports_every_task(fitted):
     aucs = [float(row["val/ctr/auc"]) for row in rows if row["val/ctr/auc"]]
     assert len(aucs) == 1 and 0.0 <= aucs[0] <= 1.0  # max_epochs 1: one validation (6 steps: AUC near chance)
     assert list(run.glob("tensorboard/version_*/events.out.tfevents.*")), "no TensorBoard event file"
-    assert _last_checkpoint(fitted).is_file()
+    assert (_last_checkpoint(fitted) / "trainer.pt").is_file(), "one format on every path: a checkpoint directory"
     assert _report(fitted["output"], "val") == _sample_space_rows(fitted["splits"]["val"])
 
 

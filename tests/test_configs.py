@@ -69,7 +69,7 @@ def _assert_trained(cli: MultiTaskCLI, root: Path, val_rows: int | None) -> None
             assert metrics[f"val/{task.name}/rows"] == val_rows
         for name in KIND_METRICS[task.kind] + (("gauc",) if task.gauc_by else ()):
             assert math.isfinite(metrics[f"val/{task.name}/{name}"]), f"val/{task.name}/{name}"
-    assert (root / "checkpoints" / "last.ckpt").is_file()
+    assert (root / "checkpoints" / "last.ckpt" / "trainer.pt").is_file()
 
 
 def test_conf_holds_the_expected_files():

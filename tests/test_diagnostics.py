@@ -15,6 +15,7 @@ from lightning_mtr.data.batch import Batch
 from lightning_mtr.models import MMoE, SharedBottom
 from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.diagnostics import GateDiagnostics
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 ROWS = 32
 
@@ -48,7 +49,7 @@ def _fit(model, tmp_path, callback: GateDiagnostics, prepare=None) -> MultiTaskM
 
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=L.pytorch.loggers.CSVLogger(tmp_path),
                         callbacks=[Prepared(), callback], enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0)
+                        strategy=SingleProcessStrategy(), num_sanity_val_steps=0)
     trainer.fit(module, datamodule=_Data())
     return module
 

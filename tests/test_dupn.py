@@ -16,6 +16,7 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.training.sparse import (
     SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
 )
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 SCHEMA_CONFIG = {
     "sparse": [
@@ -368,7 +369,7 @@ def _fit(model, schema_path, files, epochs: int = 3) -> dict[str, float]:
     module = MultiTaskModule(model=model, schema=data.schema, dense_optimizer=lambda p: torch.optim.Adam(p, lr=1e-2),
                              sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05))
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+                        strategy=SingleProcessStrategy(), enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, datamodule=data)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 

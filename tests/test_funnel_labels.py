@@ -22,6 +22,7 @@ from lightning_mtr.data.encode import BatchEncoder, DataError
 from lightning_mtr.models import AITM, ESM2, ESMM, MODELS, build_model
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 FEATURES = {"sparse": [{"name": "user", "num_embeddings": 20, "embedding_dim": 4}], "dense": [{"name": "d"}]}
 AITM_TASKS = ({"name": "ctr", "label": "click"}, {"name": "ctcvr", "label": "click * conversion"})
@@ -88,7 +89,8 @@ def _run(tmp_path, model: str, later_label: str, bad_split: str | None, stage: s
     data = MultiTaskDataModule(str(schema_path), **files, predict=files["test"], batch_size=ROWS, shuffle_buffer=0)
     module = MultiTaskModule(model=partial(build_model, model, **kwargs), schema=data.schema)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     getattr(trainer, stage)(module, datamodule=data)
     return files, trainer
 

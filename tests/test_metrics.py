@@ -18,6 +18,7 @@ from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Task
 from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.callbacks import format_report
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 BINARY = Task("ctr", "click")
 
@@ -243,7 +244,8 @@ def test_an_undefined_monitored_auc_never_wins_a_checkpoint(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/buy/auc", mode="max", save_last=True)
     trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, reload_dataloaders_every_n_epochs=1,
-                        callbacks=[checkpoint, SecondEpochSeesBothClasses()], default_root_dir=tmp_path)
+                        callbacks=[checkpoint, SecondEpochSeesBothClasses()], default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     trainer.fit(MultiTaskModule(model=lambda s: MMoE(s, num_experts=2, expert=[4], tower=[4]), schema=data.schema),
                 datamodule=data)
     assert math.isnan(seen[0]) and all(math.isfinite(auc) for auc in seen[1:]), seen

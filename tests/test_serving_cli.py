@@ -18,6 +18,7 @@ from lightning_mtr.serving.aot import build_client, find_compiler, score_with_cl
 from lightning_mtr.serving.artifact import load_artifact
 from lightning_mtr.serving.checkpoint import load_run
 from lightning_mtr.serving.split import select_rows
+from lightning_mtr.training.distributed.checkpoint import read_consolidated
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +152,7 @@ def test_fp32_scores_off_the_trained_model_are_refused(exported, tmp_path, monke
 
 
 def test_a_checkpoint_without_a_run_record_needs_the_config(exported, tmp_path, capsys):
-    state = torch.load(exported["checkpoint"], weights_only=True)
+    state = read_consolidated(exported["checkpoint"])  # the run's checkpoint directory as one file
     del state["lightning_mtr_run"]
     bare = tmp_path / "bare.ckpt"
     torch.save(state, bare)

@@ -34,7 +34,7 @@ def _plan(**tables: tuple[str, list[int]]) -> dict:
     (("column_wise", [0, 1]), ("column_wise", [0, 1])),
 ])
 def test_supported_moves_pass(before, after):
-    check_reshard(_plan(user=before), _plan(user=after))
+    check_reshard(_plan(user=before), _plan(user=after), "advice")
 
 
 @pytest.mark.parametrize(("before", "after", "reason"), [
@@ -45,8 +45,10 @@ def test_supported_moves_pass(before, after):
 ])
 def test_unsupported_moves_are_refused_by_table(before, after, reason):
     with pytest.raises(ValueError, match=reason) as error:
-        check_reshard(_plan(user=before, item=("table_wise", [0])), _plan(user=after, item=("table_wise", [1])))
+        check_reshard(_plan(user=before, item=("table_wise", [0])), _plan(user=after, item=("table_wise", [1])),
+                      "what the strategy offers")
     assert "user:" in str(error.value) and "item:" not in str(error.value)
+    assert str(error.value).endswith("\nwhat the strategy offers")
 
 
 def test_split_and_merge_round_trip_keeps_only_tensors_apart():

@@ -18,8 +18,9 @@ from lightning_mtr.data.batch import Batch
 from lightning_mtr.models import DUPN, MMoE, NFwFM
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
-from lightning_mtr.training.distributed.checkpoint import read_full
-from lightning_mtr.training.distributed import TableConstraints, TorchRecStrategy
+from lightning_mtr.training.distributed.checkpoint import read_consolidated, read_full
+from lightning_mtr.training.distributed import SingleProcessStrategy, TableConstraints, TorchRecStrategy
+from lightning_mtr.training.distributed.single import place_tables
 
 WORLD = 2
 ROWS = 16  # per rank and step; one process takes both ranks' rows at once
@@ -167,7 +168,7 @@ def _module(start: dict | None = None, sparse_optimizer: str = "rowwise_adagrad"
 def _start_weights(variant: str = "pooled") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = _module(variant=variant)
-    module.configure_model()
+    place_tables(module.model, module.sparse_optimizer, torch.device("cpu"))
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
@@ -211,7 +212,7 @@ def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, star
 
 def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant: str = "pooled") -> tuple[dict, dict]:
     module = _module(start, optimizer, variant)
-    _trainer(accelerator, devices=1, default_root_dir=out).fit(
+    _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy()).fit(
         module, datamodule=_Batches(_global_batches(STEPS, variant)))
     return {k: v.cpu() for k, v in module.state_dict().items()}, _predict(module, _batch(99, ROWS * WORLD, variant))
 
@@ -299,17 +300,17 @@ class _FromStep(_Batches):
 
 
 def _train_and_save(rank: int, world: int, accelerator: str, start: dict, steps: int, out: Path,
-                    resume: Path | None) -> None:
-    """``steps`` steps with TorchRecStrategy on ``world`` processes, optionally resumed; saves the
-    checkpoint and each step's loss, averaged over ranks (equal rows per rank: the global loss)."""
-    module = _module(None if resume else start)
+                    resume: Path | None, single: bool = False, variant: str = "pooled") -> None:
+    """``steps`` steps with TorchRecStrategy on ``world`` processes (or, ``single``, on the
+    single-process path), optionally resumed; saves the checkpoint and each step's loss,
+    averaged over ranks (equal rows per rank: the global loss)."""
+    module = _module(None if resume else start, variant=variant)
     losses = LossRecorder()
+    strategy = SingleProcessStrategy() if single else TorchRecStrategy(constraints=PLANS["table_wise"])
     trainer = L.Trainer(accelerator=accelerator, devices=world, max_steps=steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False,
-                        default_root_dir=out, callbacks=[losses],
-                        strategy=TorchRecStrategy(constraints=PLANS["table_wise"]))
-    trainer.fit(module, datamodule=_FromStep(_global_batches(steps_total=steps), rank, world),
+                        use_distributed_sampler=False, default_root_dir=out, callbacks=[losses], strategy=strategy)
+    trainer.fit(module, datamodule=_FromStep(_global_batches(steps, variant), rank, world),
                 ckpt_path=str(resume) if resume else None)
     trainer.save_checkpoint(out / f"after-{steps}")
     torch.save(losses.losses, out / f"losses-{world}-{rank}.pt")
@@ -348,3 +349,97 @@ def test_sharded_checkpoint_resumes_on_another_world_size(saved_on, resumed_on, 
     final_got = read_full(resumed / f"after-{STEPS + 1}")["model"]
     for key, value in final_expected.items():
         torch.testing.assert_close(final_got[key], value, **TOLERANCE, msg=key)
+
+
+def _train(where: int | str, start: dict, steps: int, out: Path, resume: Path | None, variant: str = "pooled") -> None:
+    """On ``single`` (the fast path, in this process) or on that many TorchRec processes."""
+    if where == "single":
+        _train_and_save(0, 1, "cpu", start, steps, out, resume, True, variant)
+    else:
+        run_ranks(where, {1: _train_one, 2: _train_two}[where], "cpu", start, steps, out, resume, False, variant)
+
+
+def _assert_same_checkpoints(expected: Path, got: Path) -> None:
+    """Weights and every optimizer's state, key by key: both paths write one layout."""
+    def flat(tree, prefix=""):
+        for key, value in tree.items():
+            yield from flat(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
+    want, have = dict(flat(read_full(expected))), dict(flat(read_full(got)))
+    assert set(have) == set(want)
+    assert any("sparse_optimizer/" in k and "momentum1" in k for k in want), "the fused tables' state is compared"
+    for key, value in want.items():
+        torch.testing.assert_close(have[key], value, **TOLERANCE, msg=key)
+
+
+def _resume_equals_uninterrupted(saved_on: int | str, resumed_on: int | str, out: Path, variant: str = "pooled"):
+    start = _start_weights(variant)
+    uninterrupted, interrupted, resumed = out / "uninterrupted", out / "interrupted", out / "resumed"
+    _train(saved_on, start, STEPS + 1, uninterrupted, None, variant)
+    _train(saved_on, start, STEPS, interrupted, None, variant)
+    _train(resumed_on, start, STEPS + 1, resumed, interrupted / f"after-{STEPS}", variant)
+    world = {"single": 1, 1: 1, 2: 2}
+    expected, got = _world_losses(uninterrupted, world[saved_on]), _world_losses(resumed, world[resumed_on])
+    assert list(got) == [STEPS + 1], "the resumed run takes exactly the one remaining step"
+    assert got[STEPS + 1] == pytest.approx(expected[STEPS + 1], rel=1e-5)
+    _assert_same_checkpoints(uninterrupted / f"after-{STEPS + 1}", resumed / f"after-{STEPS + 1}")
+
+
+@pytest.mark.parametrize("variant", ["pooled", "sequences"])
+def test_single_process_resume_equals_uninterrupted(variant, tmp_path):
+    """The fast path's checkpoint keeps the fused tables' state, the dense optimizer's and, for
+    DUPN's sequence tables (unfused on CPU), their torch optimizer's."""
+    _resume_equals_uninterrupted("single", "single", tmp_path, variant)
+    if variant == "sequences":
+        saved = read_full(tmp_path / "resumed" / f"after-{STEPS + 1}")["replicated_optimizer"]["state"]
+        assert {k.rsplit(".", 2)[-2] for k in saved} == {"hist_item", "hist_type"}
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [("single", 2), (2, "single")])
+def test_checkpoint_moves_between_the_single_process_path_and_two_processes(saved_on, resumed_on, tmp_path):
+    _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path)
+
+
+# TorchRecStrategy's directory as it was written before both paths shared one format (commit
+# cfddff0: 1 process, _train_one from _start_weights(), STEPS steps). The layout did not change, so
+# today's TorchRecStrategy writes the same files: regenerate with _train(1, ...) if the setup changes.
+BEFORE_ONE_FORMAT = Path(__file__).parent / "golden" / "checkpoint-before-one-format"
+
+
+def test_a_checkpoint_from_before_the_one_format_resumes_on_the_single_process_path(tmp_path):
+    start = _start_weights()
+    _train("single", start, STEPS + 1, tmp_path / "uninterrupted", None)
+    _train("single", start, STEPS + 1, tmp_path / "resumed", BEFORE_ONE_FORMAT)
+    expected, got = _world_losses(tmp_path / "uninterrupted", 1), _world_losses(tmp_path / "resumed", 1)
+    assert list(got) == [STEPS + 1] and got[STEPS + 1] == pytest.approx(expected[STEPS + 1], rel=1e-5)
+    _assert_same_checkpoints(*(tmp_path / run / f"after-{STEPS + 1}" for run in ("uninterrupted", "resumed")))
+
+
+def test_single_process_sequence_tables_do_not_resume_on_two_cpu_processes(tmp_path):
+    """One CPU process steps sequence tables with a torch optimizer (``data_parallel`` in its
+    plan); TorchRec cannot replicate them on CPU, so 2 processes refuse, naming the table."""
+    start = _start_weights("sequences")
+    _train("single", start, 2, tmp_path, None, "sequences")
+    with pytest.raises(Exception, match=r"(?s)resuming .*after-2, whose tables keep their saved sharding types: "
+                                        r"table 'hist_item'.*cannot be data_parallel on cpu"):
+        _train(2, start, 3, tmp_path / "resumed", tmp_path / "after-2", "sequences")
+
+
+def _predict_from_file(rank: int, checkpoint: Path, out: Path) -> None:
+    trainer = _trainer(devices=WORLD, strategy=TorchRecStrategy(constraints=PLANS["table_wise"]), default_root_dir=out)
+    batch = _slice(_batch(99, ROWS * WORLD), rank, WORLD)
+    (scores,) = trainer.predict(_module(), DataLoader([batch], batch_size=None), ckpt_path=str(checkpoint))
+    torch.save(scores, out / f"scores-{rank}.pt")
+
+
+def test_two_processes_predict_from_a_single_file(tmp_path):
+    """A consolidated file (whole tables) loads into the shards of each process."""
+    _train("single", _start_weights(), STEPS, tmp_path, None)
+    single = tmp_path / "single.ckpt"
+    torch.save(read_consolidated(tmp_path / f"after-{STEPS}"), single)
+    trainer = _trainer(devices=1, strategy=SingleProcessStrategy(), default_root_dir=tmp_path)
+    (expected,) = trainer.predict(_module(), DataLoader([_batch(99, ROWS * WORLD)], batch_size=None),
+                                  ckpt_path=str(single))
+    run_ranks(WORLD, _predict_from_file, single, tmp_path)
+    parts = [torch.load(tmp_path / f"scores-{rank}.pt") for rank in range(WORLD)]
+    for key, value in expected.items():
+        torch.testing.assert_close(torch.cat([part[key] for part in parts]), value, **TOLERANCE, msg=key)

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import lightning as L
 import torch
+from lightning.pytorch.plugins import MixedPrecision
 
 from helpers import LossRecorder, random_inputs, tiny_schema
+from torch.utils.data import DataLoader
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
-from lightning_mtr.training import SparseOptimizer
+from lightning_mtr.serving.checkpoint import load_run
+from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
+from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_full
+from lightning_mtr.training.distributed.single import fused_state
 from lightning_mtr.training.sparse import dense_parameters, fuse_sparse_optimizer, fused_modules
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +86,6 @@ def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, m
     trained = _cli(tmp_path, "--trainer.max_epochs", "1", "--data.extras", "[position]")
     trained.trainer.fit(trained.model, datamodule=trained.datamodule)
     checkpoint = tmp_path / "checkpoints" / "last.ckpt"
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     data = next((tmp_path / "cache").glob("impressions-*-6000-2000-2000"))
     trained.datamodule.paths["predict"] = str(data / "test.parquet")
     expected = _scores(trained)
@@ -90,12 +97,12 @@ def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, m
     for key, values in expected.items():
         np.testing.assert_allclose(restored[key], values, rtol=1e-5, atol=1e-6, err_msg=key)
     assert fresh.datamodule.dense_stats == trained.datamodule.dense_stats
-    saved = state["sparse_optimizer_states"]
-    assert saved, "fused optimizer state must be saved"
-    for name, module in fused_modules(fresh.model.model).items():
-        for key, tensors in module.fused_optimizer().state_dict()["state"].items():
-            for slot, value in tensors.items():
-                torch.testing.assert_close(value, saved[name]["state"][key][slot], msg=f"{name} {key} {slot}")
+    saved = read_full(checkpoint, keys={"sparse_optimizer"})["sparse_optimizer"]["state"]
+    live = fused_state(trained.model.model).state_dict()["state"]
+    assert saved.keys() == live.keys() and len(saved) == 27, "every fused table's state is saved"
+    for key, slots in live.items():  # keyed by parameter name, with TorchRec's sharded slot names
+        assert list(slots) == [f"{key.split('.')[-2]}.momentum1"]
+        torch.testing.assert_close(saved[key], slots, msg=key)
 
     # the CLI's predict writes the same scores, in file order, next to the extras
     out = tmp_path / "predictions"
@@ -116,6 +123,51 @@ def test_checkpoint_restores_weights_sparse_optimizer_and_statistics(tmp_path, m
     scored = pq.read_table(tmp_path / "unlabelled_out" / "predictions-rank0.parquet")
     for key, values in expected.items():
         np.testing.assert_allclose(scored.column(key).to_numpy(), values, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_one_device_trains_on_the_single_process_path_and_a_plain_trainer_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert isinstance(_cli(tmp_path).trainer.strategy, SingleProcessStrategy)
+    assert isinstance(_cli(tmp_path, "--trainer.devices", "2").trainer.strategy, TorchRecStrategy)
+    with pytest.raises(TypeError, match=r"not SingleDeviceStrategy: Trainer\(strategy=SingleProcessStrategy\(\)\)"):
+        _fit_tiny(L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False))
+
+
+def test_precision_16_mixed_is_refused_on_one_process():
+    """fp16 scales the loss; the fused and the sequence tables' optimizers would apply it unscaled."""
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        strategy=SingleProcessStrategy(),
+                        plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    with pytest.raises(ValueError, match="precision 16-mixed scales the loss"):
+        _fit_tiny(trainer)
+
+
+def _fit_tiny(trainer: L.Trainer) -> None:
+    """Both refusals come before the first batch."""
+    module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=tiny_schema())
+    trainer.fit(module, train_dataloaders=DataLoader([]))
+
+
+def test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file_does_not_resume(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    trained = _cli(tmp_path, "--trainer.max_epochs", "1")
+    trained.trainer.fit(trained.model, datamodule=trained.datamodule)
+    checkpoint, single = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "single.ckpt"
+    assert is_sharded_checkpoint(checkpoint)
+    assert main(["consolidate", str(checkpoint), str(single)]) == 0
+    expected = trained.model.model.state_dict()
+    for source in (checkpoint, single):  # export's reader: the model rebuilt on CPU from its record
+        weights = load_run(source).model.state_dict()
+        for key, value in expected.items():
+            torch.testing.assert_close(weights[key], value, msg=f"{source.name}: {key}")
+    (want,) = trained.trainer.validate(trained.model, datamodule=trained.datamodule)
+    fresh = _cli(tmp_path / "fresh", "--seed_everything", "123")
+    (got,) = fresh.trainer.validate(fresh.model, datamodule=fresh.datamodule, ckpt_path=str(single))
+    assert got == pytest.approx(want, rel=1e-6)
+    again = _cli(tmp_path / "again", "--trainer.max_epochs", "2")
+    with pytest.raises(ValueError, match="single.ckpt is not a checkpoint directory: training resumes only from"):
+        again.trainer.fit(again.model, datamodule=again.datamodule, ckpt_path=str(single))
 
 
 def test_resumed_training_equals_uninterrupted_training(tmp_path, monkeypatch):
@@ -145,7 +197,7 @@ def test_resumed_mid_epoch_continues_with_the_next_batch(tmp_path, monkeypatch):
     first = _cli(tmp_path / "first", "--trainer.max_steps", "5", *every_5)
     first.trainer.fit(first.model, datamodule=first.datamodule)
     checkpoint = tmp_path / "mid" / "epoch=0-step=5.ckpt"
-    position = torch.load(checkpoint, weights_only=True)["MultiTaskDataModule"]["position"]
+    position = torch.load(checkpoint / "trainer.pt", weights_only=True)["MultiTaskDataModule"]["position"]
     assert position == {"epoch": 0, "rows": 5 * 512, "batches": 5}
     resumed = _cli(tmp_path / "resumed", "--trainer.max_epochs", "1", "--seed_everything", "123")
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))

@@ -19,6 +19,7 @@ from lightning_mtr.tasks import weighted_total
 from lightning_mtr.tasks.weighting import (DynamicWeightAverage, GradNorm, ScheduledWeights, StaticWeights,
                                            UncertaintyWeights)
 from lightning_mtr.training import MultiTaskModule
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = Schema.from_dict({
@@ -133,14 +134,16 @@ def test_module_trains_the_weights_and_moves_them_between_epochs(tmp_path):
     kwargs = dict(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=schema)
     module = MultiTaskModule(task_weighting=UncertaintyWeights, **kwargs)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     trainer.fit(module, datamodule=_Data())
     assert all(float(s) != 0.0 for s in module.task_weighting.log_variance.values()), "the dense optimizer trains sigma"
     assert "train/ctr/weight" in trainer.callback_metrics
 
     module = MultiTaskModule(task_weighting=DynamicWeightAverage, **kwargs)
     trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     trainer.fit(module, datamodule=_Data())
     assert not torch.isnan(module.task_weighting.history).any()
     tasks = len(schema.tasks)
@@ -254,7 +257,8 @@ def test_gradnorm_trains_inside_the_module(tmp_path):
     module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[8], tower=[4]), schema=tiny_schema(),
                              task_weighting=partial(GradNorm, shared="bottom"))
     trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        strategy=SingleProcessStrategy())
     trainer.fit(module, datamodule=_Data())
     assert module.task_weighting.shared_weights, "attached to the materialised bottom"
     assert not torch.allclose(module.task_weighting.logits, torch.zeros(2)), "the weights moved"

@@ -53,6 +53,7 @@ from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticLog
 from lightning_mtr.data.synthetic import SPEC
 from lightning_mtr.models import build_model
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 SCHEMA = "conf/schemas/synthetic_impressions.yaml"
 SIZES = {"num_experts": 4, "expert": [64], "tower": [32]}
@@ -94,7 +95,7 @@ def click_scores(name: str, files: dict[str, str], seed: int, batch_size: int) -
                                  sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05))
         trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            default_root_dir=scratch)
+                            strategy=SingleProcessStrategy(), default_root_dir=scratch)
         trainer.fit(module, datamodule=data)
         if name == "shallow_tower":
             # the main tower alone: the serving bias is a constant per device, so it orders nothing

@@ -33,7 +33,7 @@ from torchmetrics.functional.classification import binary_auroc
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
 from lightning_mtr.training import MultiTaskModule, SparseOptimizer
-from lightning_mtr.training.distributed import TorchRecStrategy
+from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
 
 SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]
 DENSE = [f"I{k}" for k in range(1, 14)]
@@ -82,7 +82,7 @@ def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
 def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
                     profile: bool = False, path: str = "single"):
     """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds).
-    ``path``: ``single`` (Lightning's default strategy, tables fused by the module) or ``torchrec``
+    ``path``: ``single`` (``SingleProcessStrategy``: the tables fused in place, no process group) or ``torchrec``
     (``TorchRecStrategy`` on one process: DMP, TorchRec's fused optimizer, sharded checkpoints)."""
     L.seed_everything(seed, verbose=False)
     setup = SETUPS[model]
@@ -101,7 +101,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
         dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
         sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
     )
-    strategy = TorchRecStrategy() if path == "torchrec" else "auto"
+    strategy = TorchRecStrategy() if path == "torchrec" else SingleProcessStrategy()
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
     parser.add_argument("--path", choices=["single", "torchrec"], default="single",
-                        help="training path: the module's own fusing, or TorchRecStrategy on one process")
+                        help="training path: SingleProcessStrategy (tables fused in place) or TorchRecStrategy")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,14 +13,12 @@ from torch import nn
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
 from lightning_mtr.metrics import MaskedTaskMetrics
-from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
-from lightning_mtr.training.sparse import (
-    SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
-)
+from lightning_mtr.training.distributed.base import TableStrategy
+from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters
 
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
@@ -63,21 +61,26 @@ class MultiTaskModule(L.LightningModule):
     ):
         super().__init__()
         self.schema = schema
-        with torch.device("meta"):  # materialised (or sharded) in configure_model, where it will run
+        with torch.device("meta"):  # the strategy places it where it will run: fused, or sharded
             self.model = model(schema)
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
         self.task_weighting = (task_weighting or StaticWeights)(schema)
-        self.table_optimizer: torch.optim.Optimizer | None = None  # unfused tables (sequences on CPU)
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
         self.metrics = nn.ModuleDict({stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins)
                                       for stage in ("val", "test")})
 
     def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        if not isinstance(trainer.strategy, TableStrategy):
+            trainer.strategy.connect(None)  # its teardown would move the model, still on meta, to the CPU
+            raise TypeError(f"MultiTaskModule trains under a strategy that places its embedding tables, not "
+                            f"{type(trainer.strategy).__name__}: Trainer(strategy=SingleProcessStrategy()) on one "
+                            "device, TorchRecStrategy() on any number (lightning_mtr.training.distributed; "
+                            "lightning-mtr picks one itself)")
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
         # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
-        trainer = self.trainer
         for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
                      trainer.fit_loop.epoch_loop.val_loop):
             loop.inference_mode = False
@@ -86,25 +89,6 @@ class MultiTaskModule(L.LightningModule):
         require = getattr(trainer.datamodule, "require_label_order", None)
         if isinstance(self.model, LabelOrder) and require is not None:
             require(self.model.label_order())
-
-    def configure_model(self) -> None:
-        """One process: allocate the model on the device and fuse the sparse optimizer into the
-        tables. A strategy that ``shards_embeddings`` does both itself, table by table."""
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if getattr(strategy, "shards_embeddings", False):
-            return
-        device = strategy.root_device if strategy is not None else torch.device("cpu")
-        materialize(self.model, device)
-        if not fused_modules(self.model):
-            fuse_sparse_optimizer(self.model, self.sparse_optimizer, device)
-        if self.table_optimizer is None:  # a second fit of this module keeps its accumulators
-            self.table_optimizer = table_optimizer(self.model, self.sparse_optimizer)
-
-    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        if self.table_optimizer is not None:
-            self.table_optimizer.step()
-            self.table_optimizer.zero_grad(set_to_none=True)
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
@@ -189,19 +173,3 @@ class MultiTaskModule(L.LightningModule):
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler(optimizer)}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The fused optimizer's state (e.g. Adagrad accumulators) lives outside Lightning's optimizers."""
-        checkpoint["sparse_optimizer_states"] = {
-            name: module.fused_optimizer().state_dict() for name, module in fused_modules(self.model).items()
-        }
-        if self.table_optimizer is not None:
-            checkpoint["table_optimizer_state"] = self.table_optimizer.state_dict()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("sparse_optimizer_states", {})
-        for name, module in fused_modules(self.model).items():
-            if name in states:
-                module.fused_optimizer().load_state_dict(states[name])
-        if self.table_optimizer is not None and "table_optimizer_state" in checkpoint:
-            self.table_optimizer.load_state_dict(checkpoint["table_optimizer_state"])

@@ -130,8 +130,8 @@ def read_full(path: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
 def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
     """A sharded checkpoint as one single-process Lightning checkpoint file: whole tables and
     dense weights under ``state_dict``, plus the loop, callback and data-module state (dense
-    statistics), without optimizer state. It evaluates, predicts and exports on one process
-    with the default strategy; continuing *training* resumes from the sharded directory."""
+    statistics), without optimizer state. It evaluates, predicts and exports on one process;
+    continuing *training* resumes from the checkpoint directory."""
     single = read_consolidated(path)
     torch.save(single, output)
     return single
@@ -150,7 +150,7 @@ def read_consolidated(path: str | Path) -> dict[str, Any]:
 def consolidate_main(argv: list[str]) -> int:
     """``lightning-mtr consolidate CHECKPOINT_DIR OUTPUT.ckpt``"""
     parser = argparse.ArgumentParser(prog="lightning-mtr consolidate", description=consolidate.__doc__)
-    parser.add_argument("checkpoint", help="a sharded checkpoint directory written by TorchRecStrategy")
+    parser.add_argument("checkpoint", help="a checkpoint directory (SingleProcessStrategy's or TorchRecStrategy's)")
     parser.add_argument("output", help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
     try:
@@ -162,32 +162,6 @@ def consolidate_main(argv: list[str]) -> int:
     print(f"wrote {args.output}: {len(single['state_dict'])} tensors, {sizes:,} values, "
           f"from {single['sharded_from']['world_size']} processes")
     return 0
-
-
-def named_optimizer_state(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, Any]:
-    """A torch optimizer's state keyed by parameter name, so it survives a change of world size."""
-    state = optimizer.state_dict()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    index_to_name = {i: names[id(p)] for i, p in enumerate(params)}
-    return {
-        "state": {index_to_name[i]: value for i, value in state["state"].items()},
-        "param_groups": [{**g, "params": [index_to_name[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-
-
-def indexed_optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer,
-                            params_by_name: dict[str, nn.Parameter]) -> dict[str, Any]:
-    """The inverse of :func:`named_optimizer_state` for ``optimizer``'s current parameters."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    index = {id(p): i for i, p in enumerate(params)}
-    name_to_index = {name: index[id(p)] for name, p in params_by_name.items() if id(p) in index}
-    unknown = sorted(set(saved["state"]) - set(name_to_index))
-    if unknown:
-        raise ValueError(f"the checkpoint has optimizer state for parameters this model's optimizer lacks: {unknown}")
-    return {
-        "state": {name_to_index[name]: value for name, value in saved["state"].items()},
-        "param_groups": [{**g, "params": [name_to_index[n] for n in g["params"]]} for g in saved["param_groups"]],
-    }
 
 
 _TENSOR = object()  # a tensor's place in the plain half: never a real value, unlike None
@@ -218,47 +192,46 @@ def merge_tensors(tensors: Any, plain: Any) -> Any:
     return tensors if tensors is not None else plain
 
 
-def expected_tensors(live: dict[str, Any], path: Path) -> dict[str, Any]:
-    """This rank's targets for loading: its live tensors and shards, plus CPU tensors for
-    saved optimizer state that a fresh optimizer has not created yet (e.g. Adam's moments
-    before its first step)."""
-    tensors = split_tensors(live)[0] or {}
-    metadata = SafeFileSystemReader(path).read_metadata().state_dict_metadata
-    flat = {}
-    _flatten(tensors, "", flat)
-    for key, meta in metadata.items():
-        if key.startswith(("optimizers.", "replicated_optimizer.")) and key not in flat:
-            _insert(tensors, key.split("."), torch.empty(tuple(meta.size), dtype=meta.properties.dtype))
-    return tensors
+def saved_part(tensors: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The part of ``tensors`` (this rank's load targets) that the checkpoint holds: a fresh
+    optimizer's state is created for every parameter, a saved one has none for a parameter that
+    never had a gradient."""
+    saved = set(SafeFileSystemReader(path).read_metadata().state_dict_metadata)
+
+    def keep(tree: Any, prefix: str) -> Any:
+        if not isinstance(tree, dict):
+            return tree if prefix in saved else None
+        kept = {k: keep(v, f"{prefix}.{k}" if prefix else k) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None} or None
+    return keep(tensors, "") or {}
 
 
-def _flatten(tree: Any, prefix: str, out: dict[str, Any]) -> None:
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            _flatten(v, f"{prefix}{k}.", out)
-    else:
-        out[prefix[:-1]] = tree
+def copy_whole(module: nn.Module, full: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Whole tensors (a single-file checkpoint's ``state_dict``) into ``module``, whose tables may
+    be sharded: each rank copies its shards' slices."""
+    live = module.state_dict()
+    missing, unexpected = sorted(set(live) - set(full)), sorted(set(full) - set(live))
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, target in live.items():
+            if not hasattr(target, "local_shards"):
+                target.copy_(full[key])
+                continue
+            for shard in target.local_shards():
+                index = tuple(slice(o, o + s) for o, s in zip(shard.metadata.shard_offsets,
+                                                             shard.metadata.shard_sizes))
+                shard.tensor.copy_(full[key][index])
 
 
-def _insert(tree: dict[str, Any], keys: list[str], value: torch.Tensor) -> None:
-    # parameter names contain dots: the first two levels are fixed ("optimizers.0.state" or
-    # "replicated_optimizer.state"), then a parameter name, then the state's slot name
-    head = 3 if keys[0] == "optimizers" else 2
-    node = tree
-    for key in keys[:head]:
-        node = node.setdefault(key, {})
-    name, slot = ".".join(keys[head:-1]), keys[-1]
-    node.setdefault(name, {})[slot] = value
-
-
-def check_reshard(saved: dict[str, Any], current: dict[str, Any]) -> None:
+def check_reshard(saved: dict[str, Any], current: dict[str, Any], advice: str) -> None:
     """Refuse the table moves whose optimizer state TorchRec cannot carry over.
 
     Supported: any table between table-wise, row-wise and table-row-wise layouts on any
     number of processes, and data-parallel to data-parallel. Not supported: a table moving
     between data-parallel (state in a torch optimizer) and a fused layout (state inside
     fbgemm), and a column-wise table whose shards change (its per-shard row-wise optimizer
-    state does not reassemble).
+    state does not reassemble). ``advice`` ends the refusal: what the running strategy offers.
     """
     problems = []
     for module, tables in current["modules"].items():
@@ -275,5 +248,4 @@ def check_reshard(saved: dict[str, Any], current: dict[str, Any]) -> None:
                                 "(column-wise optimizer state cannot be resharded)")
     if problems:
         raise ValueError("cannot resume this checkpoint with the current sharding plan:\n  " + "\n  ".join(problems) +
-                         "\nPin the saved layout (trainer.strategy.init_args.plan: the checkpoint's "
-                         f"{PLAN_FILE}, or constraints), or consolidate the checkpoint and start from its weights.")
+                         "\n" + advice)

@@ -6,22 +6,20 @@ materialises its dense layers on the device, plans the tables for the real topol
 ranks agree on one plan, or a pinned plan from ``lightning-mtr plan`` is used), and shards
 them in place with ``DistributedModelParallel``; Lightning's DDP then wraps the module for
 the dense layers and ignores the sharded tables, whose fused optimizer updates them inside
-backward. Checkpoints are sharded directories (:mod:`.checkpoint`).
+backward. Checkpoints, the fp16 guard and the replicated tables' optimizer are shared with the
+single-process fast path (:mod:`.base`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.constants import default_pg_timeout
@@ -32,12 +30,13 @@ from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
+from lightning_mtr.training.distributed.base import TableStrategy
 from lightning_mtr.training.distributed.planning import (
     Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json, prepare_for_sharding, sharders)
 from lightning_mtr.training.sparse import rule_optimizer
 
 
-class TorchRecStrategy(DDPStrategy):
+class TorchRecStrategy(TableStrategy, DDPStrategy):
     """Shard embedding tables across processes (TorchRec); dense layers are data-parallel.
 
     Use it like any strategy: ``Trainer(strategy=TorchRecStrategy(), devices=8, num_nodes=2)``
@@ -61,7 +60,6 @@ class TorchRecStrategy(DDPStrategy):
     """
 
     strategy_name = "torchrec"
-    shards_embeddings = True  # read by MultiTaskModule.configure_model: leave the tables to us
 
     def __init__(self, constraints: dict[str, TableConstraints] | None = None, plan: str | None = None,
                  hbm_gb: float | None = None, ddr_gb: float | None = None, prefetch_input_dist: bool = True,
@@ -78,24 +76,12 @@ class TorchRecStrategy(DDPStrategy):
         self.prefetch_input_dist = prefetch_input_dist
         self.prefetched: list[PrefetchedForward] = []
         self.dmp: DistributedModelParallel | None = None
-        self.replicated_optimizer: torch.optim.Optimizer | None = None
-        self.resuming: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, its trainer state)
 
     # ---- setup: materialise, plan, shard -------------------------------------------------------
 
-    def setup(self, trainer) -> None:
-        if getattr(self.precision_plugin, "scaler", None) is not None:
-            raise ValueError("precision 16-mixed scales the loss, which the fused and replicated table optimizers "
-                             "would apply unscaled; use bf16-mixed or 32")
-        module = self.lightning_module
+    def _place_tables(self, module: nn.Module, trainer) -> None:
         self._shard(module.model, module.sparse_optimizer, trainer)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sharded_state_names(module))
-        super().setup(trainer)  # moves the rest, wraps in DDP when fitting, creates the dense optimizer
-        if trainer.state.fn == TrainerFn.FITTING:
-            self.replicated_optimizer = self._replicated_table_optimizer(module.model, module.sparse_optimizer)
-        if self.resuming is not None:
-            self._load_tensors(*self.resuming)
-            self.resuming = None
 
     def _shard(self, model: nn.Module, sparse_optimizer, trainer) -> None:
         if self.dmp is not None:  # fit, then test in the same trainer: already sharded
@@ -111,9 +97,15 @@ class TorchRecStrategy(DDPStrategy):
             plan = load_plan(self.plan_path, model, self.world_size, self.root_device, self.num_processes)
         else:
             batch_size = getattr(trainer.datamodule, "batch_size", None)
-            saved_types = resumed_sharding_types(self.resuming[1]["plan"]) if self.resuming else {}
-            constraints = {**saved_types, **self.constraints}
-            plan, report = plan_model(model, cluster, batch_size, constraints, dist.GroupMember.WORLD)
+            saved_types = resumed_sharding_types(self.resuming[1]["plan"]) if self._resuming_a_directory() else {}
+            try:
+                plan, report = plan_model(model, cluster, batch_size, {**saved_types, **self.constraints},
+                                          dist.GroupMember.WORLD)
+            except ValueError as error:
+                if not saved_types:
+                    raise
+                raise ValueError(f"resuming {self.resuming[0]}, whose tables keep their saved sharding types: "
+                                 f"{error}") from error
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
             sharders=sharders(), init_data_parallel=False, init_parameters=False)
@@ -133,8 +125,7 @@ class TorchRecStrategy(DDPStrategy):
         saved = plan_to_json(plan) | ({"report": report.to_dict()} if report else {})
         (directory / sharded.PLAN_FILE).write_text(json.dumps(saved, indent=1))
 
-    @staticmethod
-    def _replicated_table_optimizer(model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
+    def _table_optimizer(self, model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
         """Data-parallel tables are plain replicated tensors (TorchRec all-reduces their
         gradients): they get the sparse optimizer's rule as a torch optimizer, stepped with the
         dense one, so a table's update does not depend on how it is sharded."""
@@ -142,15 +133,17 @@ class TorchRecStrategy(DDPStrategy):
                                if p.requires_grad and not hasattr(p, "_in_backward_optimizers") and p.numel()],
                               sparse_optimizer)
 
+    def _fused_optimizer(self):
+        return self.dmp.fused_optimizer
+
+    def _plan(self) -> dict[str, Any]:
+        return plan_to_json(self.dmp.plan)
+
+    def _resuming_a_directory(self) -> bool:
+        return self.resuming is not None and sharded.is_sharded_checkpoint(self.resuming[0])
+
     def process_dataloader(self, dataloader: Any) -> Any:
         return InputDistPrefetch(dataloader, self.root_device, self.prefetched) if self.prefetched else dataloader
-
-    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        if self.replicated_optimizer is not None:
-            self.replicated_optimizer.step()
-            self.replicated_optimizer.zero_grad(set_to_none=True)
-        return output
 
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
@@ -162,72 +155,6 @@ class TorchRecStrategy(DDPStrategy):
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
-
-    # ---- checkpoints -------------------------------------------------------------------------------
-
-    @property
-    def restore_checkpoint_after_setup(self) -> bool:
-        return False  # load_checkpoint runs before setup, so the saved plan can shape the new one
-
-    @property
-    def lightning_restore_optimizer(self) -> bool:
-        return False  # load_checkpoint restores every optimizer itself
-
-    def _tensor_state(self) -> dict[str, Any]:
-        """Everything a resumed run needs that is a tensor, keyed by name (never by parameter id)."""
-        module = self.lightning_module
-        names = {id(p): name for name, p in module.named_parameters()}
-        return {
-            "model": module.state_dict(),
-            "optimizers": [sharded.named_optimizer_state(_unwrap(o), names) for o in self.optimizers],
-            "sparse_optimizer": self.dmp.fused_optimizer.state_dict(),
-            "replicated_optimizer": sharded.named_optimizer_state(self.replicated_optimizer, names)
-            if self.replicated_optimizer else {},
-        }
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
-        path = Path(self.broadcast(str(filepath)))
-        tensors, plain = sharded.split_tensors(self._tensor_state())
-        tensors = tensors or {}
-        trainer_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
-        trainer_state |= {"plain": plain, "plan": plan_to_json(self.dmp.plan), "world_size": self.world_size}
-        sharded.save(tensors, trainer_state, path, self.is_global_zero, self.barrier)
-
-    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
-        """Runs before setup: returns the trainer state (loops, callbacks, data module) and keeps
-        the saved plan for planning; the tensors load into the shards at the end of setup."""
-        path = Path(self.broadcast(str(checkpoint_path)))
-        if not sharded.is_sharded_checkpoint(path):
-            raise ValueError(f"{path} is not a sharded checkpoint directory: the torchrec strategy resumes from "
-                             "checkpoints it wrote (train single-process runs with it too, e.g. devices=1), "
-                             "or start from its weights with `lightning-mtr consolidate`")
-        state = sharded.load_trainer_state(path)
-        self.resuming = (path, state)
-        return {k: v for k, v in state.items() if k != "plain"}
-
-    def _load_tensors(self, path: Path, state: dict[str, Any]) -> None:
-        sharded.check_reshard(state["plan"], plan_to_json(self.dmp.plan))
-        live = self._tensor_state()
-        tensors = sharded.expected_tensors(live, path)
-        sharded.load(tensors, path)
-        # DCP loaded the model's tensors and shards in place (state_dict() shares their storage);
-        # the fused optimizer keeps this rank's own layout, torch optimizers are matched by name
-        restored = sharded.merge_tensors(tensors, state["plain"])
-        restored["sparse_optimizer"] = sharded.merge_tensors(tensors.get("sparse_optimizer"),
-                                                             sharded.split_tensors(live)[1]["sparse_optimizer"])
-        names = dict(self.lightning_module.named_parameters())
-        for optimizer, saved in zip(self.optimizers, restored["optimizers"]):
-            _unwrap(optimizer).load_state_dict(sharded.indexed_optimizer_state(saved, _unwrap(optimizer), names))
-        self.dmp.fused_optimizer.load_state_dict(restored["sparse_optimizer"])
-        if self.replicated_optimizer is not None and restored["replicated_optimizer"]:
-            self.replicated_optimizer.load_state_dict(
-                sharded.indexed_optimizer_state(restored["replicated_optimizer"], self.replicated_optimizer, names))
-
-    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        pass  # done at the end of setup, shard by shard
-
-    def load_optimizer_state_dict(self, checkpoint) -> None:
-        pass
 
 
 class PrefetchedForward:
@@ -296,10 +223,6 @@ def resumed_sharding_types(plan: dict[str, Any]) -> dict[str, TableConstraints]:
     (see :func:`checkpoint.check_reshard`); the planner still picks ranks for this topology."""
     return {table: TableConstraints(sharding_types=(entry["sharding_type"],))
             for tables in plan["modules"].values() for table, entry in tables.items()}
-
-
-def _unwrap(optimizer) -> torch.optim.Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
 def sharded_state_names(module: nn.Module) -> list[str]:

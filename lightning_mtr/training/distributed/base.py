@@ -1,0 +1,149 @@
+"""What both training paths share: the single-process fast path (:mod:`.single`) and
+``TorchRecStrategy`` (:mod:`.strategy`) differ only in where they put the embedding tables.
+
+Both refuse ``16-mixed``, step the tables that no fused kernel updates with the sparse
+optimizer's rule as a torch optimizer, and read and write one checkpoint format: a DCP
+directory (:mod:`.checkpoint`) whose optimizer state is keyed by parameter name with
+TorchRec's slot names, and whose plan says where each table was. DCP moves every tensor
+between layouts, so a checkpoint of either path resumes on the other, on any world size.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+from torchrec.optim.keyed import KeyedOptimizer
+
+from lightning_mtr.training.distributed import checkpoint as sharded
+
+
+class TableStrategy:
+    """Mixed into a Lightning strategy (before it in the bases). A subclass says where the
+    tables go (:meth:`_place_tables`), the torch optimizer of the tables no fused kernel
+    updates (:meth:`_table_optimizer`), which fused optimizer holds the rest's state
+    (:meth:`_fused_optimizer`, keyed like TorchRec's sharded collections) and the layout as a
+    plan (:meth:`_plan`)."""
+
+    reshard_advice = (f"Pin the saved layout (trainer.strategy.init_args.plan: the checkpoint's {sharded.PLAN_FILE}, "
+                      "or constraints), or consolidate the checkpoint and start from its weights.")
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.table_optimizer: torch.optim.Optimizer | None = None
+        self.resuming: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, what load_checkpoint read)
+
+    def _place_tables(self, module: nn.Module, trainer) -> None:
+        raise NotImplementedError
+
+    def _table_optimizer(self, model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
+        raise NotImplementedError
+
+    def _fused_optimizer(self) -> KeyedOptimizer:
+        raise NotImplementedError
+
+    def _plan(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def setup(self, trainer) -> None:
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError("precision 16-mixed scales the loss, which the fused and replicated table optimizers "
+                             "would apply unscaled; use bf16-mixed or 32")
+        module = self.lightning_module
+        self._place_tables(module, trainer)
+        super().setup(trainer)  # moves the rest, wraps it when fitting, creates the dense optimizer
+        if trainer.state.fn == TrainerFn.FITTING:
+            self.table_optimizer = self._table_optimizer(module.model, module.sparse_optimizer)
+        if self.resuming is not None:
+            self._restore(*self.resuming, fitting=trainer.state.fn == TrainerFn.FITTING)
+            self.resuming = None
+
+    def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.table_optimizer is not None:
+            self.table_optimizer.step()
+            self.table_optimizer.zero_grad(set_to_none=True)
+        return output
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return False  # load_checkpoint runs before setup, so the saved plan can shape the new one
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False  # setup restores every optimizer itself
+
+    def _tensor_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs that is a tensor, keyed by name (never by parameter id):
+        torch optimizers by DCP's ``get_optimizer_state_dict``, the fused tables' by TorchRec's."""
+        module = self.lightning_module
+        return {
+            "model": module.state_dict(),
+            "optimizers": [get_optimizer_state_dict(module, _unwrap(o)) for o in self.optimizers],
+            "sparse_optimizer": self._fused_optimizer().state_dict(),
+            "replicated_optimizer": get_optimizer_state_dict(module, self.table_optimizer)
+            if self.table_optimizer else {},
+        }
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        path = Path(self.broadcast(str(filepath)))
+        tensors, plain = sharded.split_tensors(self._tensor_state())
+        trainer_state = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+        trainer_state |= {"plain": plain, "plan": self._plan(), "world_size": self.world_size}
+        sharded.save(tensors or {}, trainer_state, path, self.is_global_zero, self.barrier)
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        """Runs before setup: returns the trainer state (loops, callbacks, data module) and keeps
+        the saved plan for planning; the tensors load into the tables at the end of setup. A
+        single file (``consolidate``'s, or one written before this format) holds weights only:
+        it validates, tests and predicts, but training cannot resume from it."""
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if sharded.is_sharded_checkpoint(path):
+            state = sharded.load_trainer_state(path)
+            self.resuming = (path, state)
+            return {k: v for k, v in state.items() if k != "plain"}
+        if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
+            raise ValueError(f"{path} is not a checkpoint directory: training resumes only from the directories "
+                             "lightning-mtr writes (a single file, consolidated or written before that format, "
+                             "holds no optimizer state); validate, test, predict and export read it")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.resuming = (path, state)
+        return {k: v for k, v in state.items() if k != "state_dict"}
+
+    def _restore(self, path: Path, state: dict[str, Any], fitting: bool) -> None:
+        module = self.lightning_module
+        if not sharded.is_sharded_checkpoint(path):
+            sharded.copy_whole(module, state["state_dict"], path)
+            return
+        if not fitting:  # weights only: evaluating needs no optimizer state, whatever the layout
+            sharded.load({"model": module.state_dict()}, path)
+            return
+        sharded.check_reshard(state["plan"], self._plan(), self.reshard_advice)
+        live = self._tensor_state()
+        tensors = sharded.saved_part(sharded.split_tensors(live)[0], path)
+        sharded.load(tensors, path)  # in place: state_dict() and the optimizers' states share storage
+        restored = sharded.merge_tensors(tensors, state["plain"])
+        for optimizer, saved in zip(self.optimizers, restored["optimizers"]):
+            set_optimizer_state_dict(module, _unwrap(optimizer), saved)
+        # the fused optimizer keeps this rank's own layout (its hyperparameters come from the config)
+        self._fused_optimizer().load_state_dict(
+            sharded.merge_tensors(tensors.get("sparse_optimizer"), sharded.split_tensors(live)[1]["sparse_optimizer"]))
+        if self.table_optimizer is not None and restored["replicated_optimizer"]:
+            set_optimizer_state_dict(module, self.table_optimizer, restored["replicated_optimizer"])
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        pass  # done at the end of setup, table by table
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        pass
+
+
+def _unwrap(optimizer) -> torch.optim.Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
