@@ -28,6 +28,8 @@ class MultiTaskCLI(LightningCLI):
         # the module configures its own optimizers: a top-level `optimizer:` would hand the
         # embedding tables to the dense optimizer
         kwargs.setdefault("auto_configure_optimizers", False)
+        # validate/test/predict under no_grad: fbgemm's fused CPU lookup fails on inference tensors
+        kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 import torch
 from torchrec import KeyedJaggedTensor
 
@@ -34,6 +35,12 @@ def tiny_schema(num_dense: int = 3, tasks: tuple[str | dict, ...] = ("ctr", "cvr
         "dense": [{"name": f"d{i}"} for i in range(num_dense)],
         "tasks": [task if isinstance(task, dict) else {"name": task, "label": task} for task in tasks],
     })
+
+
+def hand_logloss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean of -[y log p + (1 - y) log(1 - p)], p = 1 / (1 + exp(-logit)), in float64."""
+    p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+    return float(np.mean(-(labels * np.log(p) + (1 - labels) * np.log(1 - p))))
 
 
 def random_inputs(schema: Schema, batch: int, seed: int = 0) -> tuple[torch.Tensor, KeyedJaggedTensor]:

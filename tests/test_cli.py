@@ -19,13 +19,15 @@ import re
 import sys
 from pathlib import Path
 
+import lightning as L
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from lightning_mtr.cli import main
+from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.schema import Schema
+from lightning_mtr.training.distributed import SingleProcessStrategy
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "conf/debug.yaml"
@@ -191,6 +193,35 @@ def test_synth_impressions_writes_three_files(tmp_path, at_repo_root, capsys):
     assert [f.name for f in files] == ["test.parquet", "train.parquet", "val.parquet"]
     assert {f.stem: pq.ParquetFile(f).metadata.num_rows for f in files} == {"train": 300, "val": 100, "test": 50}
     assert capsys.readouterr().out.count(".parquet:") == 3
+
+
+def test_predict_from_checkpoint_scores_every_row(fitted, at_repo_root):
+    """``lightning-mtr predict`` runs: the CLI builds its trainer with ``inference_mode=False``,
+    which the fused table lookup needs."""
+    root = fitted["root"]
+    assert main([*_args("predict", root / "predict", root / "cache"), "--ckpt_path", str(_last_checkpoint(fitted)),
+                 "--data.predict", str(fitted["splits"]["test"]),
+                 "--prediction_writer.output_dir", str(root / "scores")]) == 0
+    scores = pq.read_table(root / "scores" / "predictions-rank0.parquet")
+    assert scores.num_rows == ROWS["test"] and "score_ctr" in scores.column_names
+
+
+def test_a_trainer_of_ones_own_in_inference_mode_is_told_to_turn_it_off(fitted, at_repo_root):
+    """A plain ``L.Trainer()`` (inference mode on) is stopped at setup with the fix, not patched."""
+    root = fitted["root"]
+    cli = MultiTaskCLI(args=_args("validate", root / "own", root / "cache")[1:], run=False)
+    cli.datamodule.paths["predict"] = str(fitted["splits"]["test"])
+    checkpoint = str(_last_checkpoint(fitted))
+    for stage in ("validate", "test", "predict"):
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                            strategy=SingleProcessStrategy())
+        with pytest.raises(ValueError, match=rf"cannot {stage} under torch.inference_mode.*"
+                                             r"L\.Trainer\(inference_mode=False\)"):
+            getattr(trainer, stage)(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, strategy=SingleProcessStrategy(),
+                        inference_mode=False)
+    (metrics,) = trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint)
+    assert metrics["val/ctr/rows"] == _sample_space_rows(fitted["splits"]["val"])["ctr"]
 
 
 def test_bad_data_ends_with_one_line_naming_file_and_column(fitted, at_repo_root, capsys):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from helpers import hand_logloss
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
@@ -176,6 +177,23 @@ def test_logloss_matches_hand_value_and_stays_finite():
     metric.reset()
     metric.update(torch.tensor([80.0, -80.0, 80.0]), torch.tensor([0.0, 1.0, 1.0]))
     assert metric.compute().item() == pytest.approx(160 / 3, rel=1e-6)
+
+    metric.update(torch.tensor([float("nan")]), torch.tensor([1.0]))  # a diverged model is not hidden
+    assert math.isnan(metric.compute().item())
+
+
+def test_logloss_is_the_mean_over_the_masked_rows_of_every_batch():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, size=(3, 500)).astype(np.float32)  # |logit| < 15: p stays below 1 in float64
+    labels = (rng.random((3, 500)) < 0.3).astype(np.float32)
+    masks = rng.random((3, 500)) < 0.6
+    metrics = MaskedTaskMetrics([BINARY], prefix="val")
+    for batch_logits, batch_labels, mask in zip(logits, labels, masks):
+        metrics.update({"ctr": torch.from_numpy(batch_logits)}, {"ctr": torch.from_numpy(batch_labels)},
+                       {"ctr": torch.from_numpy(mask)})
+    results = metrics.compute()
+    assert results["val/ctr/rows"].item() == masks.sum()
+    assert results["val/ctr/logloss"].item() == pytest.approx(hand_logloss(logits[masks], labels[masks]), rel=1e-6)
 
 
 @pytest.mark.filterwarnings("ignore:The ``compute`` method of metric RowCount was called before")

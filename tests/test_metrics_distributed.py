@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from helpers import hand_logloss
+
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.schema import Task
 
@@ -86,3 +88,7 @@ def test_two_processes_match_one(auc):
         for key, value in expected.items():
             assert results[rank][key] == pytest.approx(value, rel=1e-6, abs=1e-9), (rank, key)
     assert expected["val/cvr/rows"] == float(masks_used["cvr"].sum())
+    for task in ("ctr", "cvr"):  # and the gathered log loss is the by-hand mean over every used row
+        mask = masks_used[task].numpy()
+        assert results[0][f"val/{task}/logloss"] == pytest.approx(
+            hand_logloss(logits[task].numpy()[mask], labels[task].numpy()[mask]), rel=1e-6)

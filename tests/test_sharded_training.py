@@ -66,7 +66,7 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
            "shards": [{"offsets": [0, 0], "sizes": [rows, 8], "rank": rank}]}
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
-         ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"), ("table_wise:no-prefetch", "rowwise_adagrad"),
+         ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"),
          ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad")]
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
@@ -109,8 +109,7 @@ def _slice(batch: Batch, rank: int, world: int) -> Batch:
 
 
 class _Stream(IterableDataset):
-    """Streams fixed batches with no length, like the real data: Lightning then fetches one
-    batch ahead, which is what lets the strategy start the next batch's input distribution."""
+    """Streams fixed batches with no length, like the real data (Lightning then fetches one batch ahead)."""
 
     def __init__(self, batches: list[Batch]):
         self.batches = batches
@@ -181,14 +180,11 @@ def _global_batches(steps_total: int = STEPS, variant: str = "pooled") -> list[B
     return [_batch(step, ROWS * WORLD, variant) for step in range(steps_total)]
 
 
-def _strategy(case: str, out: Path) -> TorchRecStrategy:
-    """``plan`` or ``plan:no-prefetch`` (each batch distributed when its forward starts)."""
-    plan, _, option = case.partition(":")
-    prefetch = option != "no-prefetch"
+def _strategy(plan: str, out: Path) -> TorchRecStrategy:
     if plan == "pinned":
         (out / "pinned.json").write_text(json.dumps(PINNED))
-        return TorchRecStrategy(plan=str(out / "pinned.json"), prefetch_input_dist=prefetch)
-    return TorchRecStrategy(constraints=PLANS[plan], prefetch_input_dist=prefetch)
+        return TorchRecStrategy(plan=str(out / "pinned.json"))
+    return TorchRecStrategy(constraints=PLANS[plan])
 
 
 def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
@@ -204,10 +200,8 @@ def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, star
                        val_check_interval=2)
     val = [_slice(_batch(50 + i, ROWS * WORLD, variant), rank, WORLD) for i in range(2)]
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches(STEPS, variant)], val))
-    prefetch = [(f.hits, f.misses) for f in trainer.strategy.prefetched]
     trainer.save_checkpoint(out / "sharded")
     torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD, variant), rank, WORLD)), out / f"logits-{rank}.pt")
-    torch.save(prefetch, out / f"prefetched-{rank}.pt")
 
 
 def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant: str = "pooled") -> tuple[dict, dict]:
@@ -247,13 +241,6 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
-    for rank in range(WORLD):
-        prefetch = torch.load(tmp_path / f"prefetched-{rank}.pt")
-        if plan.endswith("no-prefetch"):
-            assert prefetch == []
-        else:  # 4 training steps, 2 sanity-check and 2 x 2 validation batches
-            assert prefetch == [(STEPS + 2 + 4, 0)] * (2 if sequences else 1), \
-                "every forward used the input distribution started when its batch was fetched"
 
 
 def test_sequence_tables_are_not_replicated_on_cpu():

@@ -312,7 +312,7 @@ def test_every_kind_learns_end_to_end_and_predicts_per_class_scores(tmp_path, ra
                              sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.2))
     trainer = L.Trainer(accelerator="cpu", max_epochs=4, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        strategy=SingleProcessStrategy())
+                        strategy=SingleProcessStrategy(), inference_mode=False)
     trainer.fit(module, datamodule=data)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     # the item id decides relevance, the user id the level: both learnable from the ids (grades

@@ -95,7 +95,7 @@ def click_scores(name: str, files: dict[str, str], seed: int, batch_size: int) -
                                  sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05))
         trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                            strategy=SingleProcessStrategy(), default_root_dir=scratch)
+                            strategy=SingleProcessStrategy(), default_root_dir=scratch, inference_mode=False)
         trainer.fit(module, datamodule=data)
         if name == "shallow_tower":
             # the main tower alone: the serving bias is a constant per device, so it orders nothing

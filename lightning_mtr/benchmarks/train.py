@@ -105,7 +105,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
+                        limit_val_batches=0, inference_mode=False)
     data.setup("fit")
     _ = data.encoder  # untimed: the dense-statistics pre-pass happens when the encoder is built
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if profile else None

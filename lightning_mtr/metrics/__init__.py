@@ -1,10 +1,10 @@
 """Streaming metrics keyed by task: binned AUROC, logloss from logits, and masked per-task collections."""
 
 from lightning_mtr.metrics.binned_auc import BinnedBinaryAUROC
-from lightning_mtr.metrics.logloss import BinaryLogLoss
 from lightning_mtr.metrics.task_metrics import (
     AUC_MODES,
     TASK_KINDS,
+    BinaryLogLoss,
     LogitBinaryAUROC,
     MaskedTaskMetrics,
     RowCount,

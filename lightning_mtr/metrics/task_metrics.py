@@ -19,7 +19,6 @@ from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_mtr.metrics.binned_auc import BinnedBinaryAUROC
 from lightning_mtr.metrics.grouped import GroupAUC, GroupNDCG
-from lightning_mtr.metrics.logloss import BinaryLogLoss
 from lightning_mtr.schema import TASK_KINDS, Task
 
 AUC_MODES = ("exact", "binned")
@@ -70,13 +69,36 @@ class RowCount(torchmetrics.Metric):
         return self.rows.double()
 
 
-class MulticlassLogLoss(torchmetrics.MeanMetric):
-    """Mean softmax cross-entropy of ``logits [B, C]`` against class ``target [B]``."""
+class _MeanLoss(torchmetrics.MeanMetric):
+    """Mean of per-row losses over all rows seen (NaN before any). The running sums are float64,
+    so millions of rows add up without float32 round-off; torchmetrics still sums each batch's
+    rows in float32."""
 
     higher_is_better = False
 
+    def __init__(self, **kwargs):
+        # a NaN row (a diverged model) makes the mean NaN, as in torch, instead of being dropped
+        super().__init__(nan_strategy=float("nan"), **kwargs)
+        self.set_dtype(torch.float64)  # torchmetrics keeps state dtypes from .to()/.half(); this changes them
+
+    def compute(self) -> Tensor:
+        return super().compute().float()
+
+
+class BinaryLogLoss(_MeanLoss):
+    """Mean binary cross-entropy of ``logits [B]`` against labels ``target [B]`` in [0, 1].
+    From logits (``binary_cross_entropy_with_logits``), so a saturated prediction keeps a finite
+    loss where ``log(sigmoid(x))`` would give ``-inf``."""
+
     def update(self, logits: Tensor, target: Tensor) -> None:
-        super().update(F.cross_entropy(logits.float(), target.long(), reduction="none"))
+        super().update(F.binary_cross_entropy_with_logits(logits.double(), target.double(), reduction="none"))
+
+
+class MulticlassLogLoss(_MeanLoss):
+    """Mean softmax cross-entropy of ``logits [B, C]`` against class ``target [B]``."""
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        super().update(F.cross_entropy(logits.double(), target.long(), reduction="none"))
 
 
 class _FromLogits(torchmetrics.Metric):

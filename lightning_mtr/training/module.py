@@ -80,10 +80,14 @@ class MultiTaskModule(L.LightningModule):
                             "device, TorchRecStrategy() on any number (lightning_mtr.training.distributed; "
                             "lightning-mtr picks one itself)")
         # fbgemm's fused CPU lookup has no kernel for tensors created under torch.inference_mode
-        # ("Could not run ... with arguments from the 'CPU' backend"); no_grad is equivalent here.
-        for loop in (trainer.validate_loop, trainer.test_loop, trainer.predict_loop,
-                     trainer.fit_loop.epoch_loop.val_loop):
-            loop.inference_mode = False
+        # ("Could not run ... with arguments from the 'CPU' backend"); fit validates under no_grad
+        loops = {"validate": trainer.validate_loop, "test": trainer.test_loop, "predict": trainer.predict_loop}
+        loop = loops.get(stage)
+        if loop is not None and loop.inference_mode:
+            trainer.strategy.connect(None)  # its teardown would move the model, still on meta, to the CPU
+            raise ValueError(f"MultiTaskModule cannot {trainer.state.fn.value} under torch.inference_mode (fbgemm's "
+                             "fused embedding lookup has no kernel for inference tensors): build the trainer with "
+                             "L.Trainer(inference_mode=False), as `lightning-mtr` does")
         # a funnel model's label order (ESMM: ctcvr <= ctr) is checked on every row our data module
         # reads; a data module of the user's own (or plain dataloaders) checks its labels itself
         require = getattr(trainer.datamodule, "require_label_order", None)

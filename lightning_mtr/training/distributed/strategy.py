@@ -27,7 +27,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan
 
-from lightning_mtr.data.batch import Batch
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.base import TableStrategy
@@ -50,10 +49,6 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             instead of planning; it must match the model's tables and this world size.
         hbm_gb: GPU memory per device the planner may fill (default: the planner's).
         ddr_gb: host memory per host the planner may fill (UVM tables, CPU training).
-        prefetch_input_dist: start each batch's input distribution (the all-to-all of its ids)
-            as soon as Lightning fetches it, one batch ahead for streaming data, so it overlaps
-            the previous batch's compute (TorchRec's sparse-dist pipeline, inside Lightning's
-            loop); ``false`` distributes each batch when its forward starts.
         process_group_backend: default ``nccl`` on GPU, ``gloo`` on CPU.
         timeout: collective timeout.
         start_method: how Lightning starts local processes when it launches them itself.
@@ -62,7 +57,7 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
     strategy_name = "torchrec"
 
     def __init__(self, constraints: dict[str, TableConstraints] | None = None, plan: str | None = None,
-                 hbm_gb: float | None = None, ddr_gb: float | None = None, prefetch_input_dist: bool = True,
+                 hbm_gb: float | None = None, ddr_gb: float | None = None,
                  process_group_backend: str | None = None,
                  timeout: timedelta | None = default_pg_timeout,
                  start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", **kwargs: Any):
@@ -73,8 +68,6 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         self.plan_path = plan
         self.hbm_gb = hbm_gb
         self.ddr_gb = ddr_gb
-        self.prefetch_input_dist = prefetch_input_dist
-        self.prefetched: list[PrefetchedForward] = []
         self.dmp: DistributedModelParallel | None = None
 
     # ---- setup: materialise, plan, shard -------------------------------------------------------
@@ -109,8 +102,6 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
             sharders=sharders(), init_data_parallel=False, init_parameters=False)
-        if self.prefetch_input_dist:
-            self.prefetched = [PrefetchedForward(m) for m in model.modules() if isinstance(m, ShardedModule)]
         self._announce(plan, report, trainer)
 
     def _announce(self, plan: ShardingPlan, report: PlanReport | None, trainer) -> None:
@@ -125,7 +116,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         saved = plan_to_json(plan) | ({"report": report.to_dict()} if report else {})
         (directory / sharded.PLAN_FILE).write_text(json.dumps(saved, indent=1))
 
-    def _table_optimizer(self, model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
+    @staticmethod
+    def _table_optimizer(model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
         """Data-parallel tables are plain replicated tensors (TorchRec all-reduces their
         gradients): they get the sparse optimizer's rule as a torch optimizer, stepped with the
         dense one, so a table's update does not depend on how it is sharded."""
@@ -142,9 +134,6 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
     def _resuming_a_directory(self) -> bool:
         return self.resuming is not None and sharded.is_sharded_checkpoint(self.resuming[0])
 
-    def process_dataloader(self, dataloader: Any) -> Any:
-        return InputDistPrefetch(dataloader, self.root_device, self.prefetched) if self.prefetched else dataloader
-
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
         CPU would copy every shard to host memory (and UVM tables into device memory on the
@@ -155,67 +144,6 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
-
-
-class PrefetchedForward:
-    """A sharded collection's forward that uses the input distribution already started for
-    these features (by :class:`InputDistPrefetch`), or runs all three steps itself (e.g. a
-    call outside the loop; the same on every rank, so the collectives still match)."""
-
-    def __init__(self, module: ShardedModule):
-        self.module = module
-        self.pending: dict[int, tuple[Any, Any, Any]] = {}  # id(features) -> (features, context, awaitable)
-        self.hits = self.misses = 0
-        module.forward = self
-
-    def start(self, features: Any) -> int:
-        context = self.module.create_context()
-        self.pending[id(features)] = (features, context, self.module.input_dist(context, features))
-        return id(features)
-
-    def discard(self, keys: set[int]) -> None:
-        for key in keys:
-            self.pending.pop(key, None)
-
-    def __call__(self, features: Any) -> Any:
-        entry = self.pending.pop(id(features), None)  # the entry holds the features: its id is not reused
-        if entry is None:
-            self.misses += 1
-            return ShardedModule.forward(self.module, features)
-        _, context, distributing = entry
-        self.hits += 1
-        return self.module.compute_and_output_dist(context, distributing.wait().wait())
-
-
-class InputDistPrefetch:
-    """Iterates a data loader and starts each batch's sharded input distribution (the
-    all-to-all of its ids) the moment the batch is fetched. For streaming loaders (no length)
-    Lightning fetches one batch ahead, so batch i+1's ids travel while batch i computes. Every
-    process fetches the same batches in the same order, so the collectives stay matched."""
-
-    def __init__(self, loader: Any, device: torch.device, forwards: list[PrefetchedForward]):
-        self.loader = loader
-        self.device = device
-        self.forwards = forwards
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.loader, name)  # Lightning reads the sampler (set_epoch), workers, ...
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        started: set[int] = set()
-        try:
-            for batch in self.loader:
-                if isinstance(batch, Batch):
-                    batch = batch.to(self.device, non_blocking=True)
-                    started |= {forward.start(batch.sparse) for forward in self.forwards}
-                yield batch
-        except GeneratorExit:  # the loop stopped early (max_steps): its fetched-ahead batch never runs
-            for forward in self.forwards:
-                forward.discard(started)
-            raise
 
 
 def resumed_sharding_types(plan: dict[str, Any]) -> dict[str, TableConstraints]:
