@@ -36,6 +36,7 @@ MULTIPROCESS = {
     "test_sharded_training.py::test_sharded_training_equals_one_process",
     "test_sharded_training.py::test_sharded_checkpoint_resumes_on_another_world_size",
     "test_metrics_distributed.py::test_two_processes_match_one",
+    "test_embeddings.py::test_sharded_tables_are_drawn_from_their_configs",
     "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)

@@ -15,8 +15,7 @@ from helpers import LossRecorder, random_inputs, tiny_schema
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
-from lightning_mtr.training import SparseOptimizer
-from lightning_mtr.training.sparse import dense_parameters, fuse_sparse_optimizer, fused_modules
+from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -52,7 +52,8 @@ import torch
 from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticLog
 from lightning_mtr.data.synthetic import SPEC
 from lightning_mtr.models import build_model
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 
 SCHEMA = "conf/schemas/synthetic_impressions.yaml"
 SIZES = {"num_experts": 4, "expert": [64], "tower": [32]}

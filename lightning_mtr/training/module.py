@@ -11,6 +11,10 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_mtr.data.batch import Batch
+from lightning_mtr.embeddings.fusing import (
+    SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
+)
+from lightning_mtr.embeddings.init import init_tables
 from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.nn.meta import materialize
@@ -18,9 +22,6 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
-from lightning_mtr.training.sparse import (
-    SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
-)
 
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
@@ -88,8 +89,9 @@ class MultiTaskModule(L.LightningModule):
             require(self.model.label_order())
 
     def configure_model(self) -> None:
-        """One process: allocate the model on the device and fuse the sparse optimizer into the
-        tables. A strategy that ``shards_embeddings`` does both itself, table by table."""
+        """One process: allocate the model on the device, fuse the sparse optimizer into the
+        tables and draw them (:func:`~lightning_mtr.embeddings.init.init_tables`). A strategy that
+        ``shards_embeddings`` does all three itself, table by table."""
         strategy = self._trainer.strategy if self._trainer is not None else None
         if getattr(strategy, "shards_embeddings", False):
             return
@@ -97,6 +99,7 @@ class MultiTaskModule(L.LightningModule):
         materialize(self.model, device)
         if not fused_modules(self.model):
             fuse_sparse_optimizer(self.model, self.sparse_optimizer, device)
+            init_tables(self.model, device)
         if self.table_optimizer is None:  # a second fit of this module keeps its accumulators
             self.table_optimizer = table_optimizer(self.model, self.sparse_optimizer)
 
