@@ -39,6 +39,7 @@ MULTIPROCESS = {
     "test_sharded_training.py::test_single_process_sequence_tables_do_not_resume_on_two_cpu_processes",
     "test_sharded_training.py::test_two_processes_predict_from_a_single_file",
     "test_metrics_distributed.py::test_two_processes_match_one",
+    "test_embeddings.py::test_sharded_tables_are_drawn_from_their_configs",
     "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)

@@ -13,7 +13,7 @@ from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.models import DUPN, MODELS
 from lightning_mtr.nn.sequence import BehaviourAttention, PropertyGatedLSTM, chronological
 from lightning_mtr.schema import Schema
-from lightning_mtr.training.sparse import (
+from lightning_mtr.embeddings.fusing import (
     SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules, table_optimizer,
 )
 from lightning_mtr.training.distributed import SingleProcessStrategy
@@ -402,18 +402,6 @@ def test_learns_purchasing_power_from_the_behaviour_sequence(tmp_path):
     assert dupn["val/ppp/auc"] > 0.85 > flat["val/ppp/auc"] + 0.15, (dupn, flat)
 
 
-def test_sequence_tables_built_on_meta_get_torchrecs_initialisation():
-    """Materialised from meta, a sequence table is drawn like TorchRec draws it (uniform within
-    +-sqrt(1 / rows)), not N(0, 1) as an nn.Embedding's own reset would."""
-    from lightning_mtr.nn.meta import materialize
-
-    with torch.device("meta"):
-        model = _model()
-    materialize(model, "cpu")
-    weight = model.features.sequence_embeddings.embeddings["hist_item"].weight
-    assert not weight.is_meta and weight.abs().max() <= (1 / 30) ** 0.5 and weight.std() > 0
-
-
 # the request and the candidate without any behaviour sequence (pooled features only): the
 # schema of DUPN's ablation without the sequence (conf/models/dupn_no_sequence.yaml)
 FLAT_SCHEMA = Schema.from_dict(SCHEMA_CONFIG | {"sparse": [
@@ -441,32 +429,3 @@ def test_without_the_sequence_an_mlp_of_the_request_takes_the_behaviour_vectors_
     torch.testing.assert_close(rep, expected)
     logits = model(batch.dense, batch.sparse)
     assert {task: tuple(v.shape) for task, v in logits.items()} == {"ctr": (3,), "ltr": (3,), "ppp": (3, 5)}
-
-
-def test_init_range_reaches_every_kind_of_table():
-    """``init_range: r`` starts a table uniform in [-r, r] whether it is pooled (built directly, or
-    by the fused collection from meta), or a sequence table materialised from meta; unset, it is
-    TorchRec's +-sqrt(1 / rows)."""
-    from lightning_mtr.nn.features import FeatureInput
-    from lightning_mtr.nn.meta import materialize
-
-    config = SCHEMA_CONFIG | {"sparse": [dict(f, init_range=0.75) if f["name"] in ("user_id", "hist_type") else f
-                                         for f in SCHEMA_CONFIG["sparse"]]}
-    schema = Schema.from_dict(config)
-
-    def spread(weight: torch.Tensor, bound: float) -> bool:  # within the bound and reaching towards it
-        return bool(weight.abs().max() <= bound and weight.abs().max() > 0.8 * bound)
-
-    direct = FeatureInput(schema, device="cpu")
-    assert spread(direct.embeddings.embedding_bags["user_id"].weight, 0.75)
-    assert spread(direct.embeddings.embedding_bags["item_id"].weight, (1 / 30) ** 0.5)
-    with torch.device("meta"):
-        model = _model(schema)
-    materialize(model, "cpu")
-    fuse_sparse_optimizer(model, SparseOptimizer(), torch.device("cpu"))
-    sequence = model.features.sequence_embeddings.embeddings
-    assert spread(sequence["hist_type"].weight, 0.75)
-    assert spread(sequence["hist_item"].weight, (1 / 30) ** 0.5)
-    pooled = dict(model.features.embeddings.named_parameters())
-    assert spread(next(w for n, w in pooled.items() if "user_id" in n), 0.75)
-    assert spread(next(w for n, w in pooled.items() if "item_id" in n), (1 / 30) ** 0.5)

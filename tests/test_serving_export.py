@@ -151,7 +151,7 @@ def test_stacked_tables_equal_torchrec_lookups_for_mixed_dims_mean_pooling_empty
                    {"name": "t", "num_embeddings": 6, "embedding_dim": 4, "sequence": True, "table": "s",
                     "max_length": 1}],
         "dense": [{"name": "d"}], "tasks": [{"name": "ctr", "label": "click"}]})
-    from lightning_mtr.nn.features import FeatureInput
+    from lightning_mtr.embeddings import FeatureInput
     from lightning_mtr.serving.program import table_weights
     torch.manual_seed(0)
     trained = FeatureInput(schema)

@@ -22,8 +22,9 @@ ROWS = ["--data.synthetic.train_rows", "40000", "--data.synthetic.val_rows", "10
 SCHEDULER = ["--model.lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--model.lr_scheduler.step_size", "1",
              "--model.lr_scheduler.gamma", "0.5"]
 # Two processes of 1024 rows take the same global batch as one of 2048, but shuffle and split the
-# rows differently; over seeds the AUCs of the two runs differed by at most 0.008 (cvr, 1.5k rows)
-AUC_TOLERANCE = 0.02
+# rows differently, and their tables start from other draws; over seeds 0-3 (--seed_everything) the
+# AUCs of the two runs differed by up to 0.019 before tables were drawn by embeddings.init, 0.024 after
+AUC_TOLERANCE = 0.03
 
 
 def _common(root: Path, cache: Path) -> list[str]:

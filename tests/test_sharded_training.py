@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.models import DUPN, MMoE, NFwFM
 from lightning_mtr.schema import Schema
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed.checkpoint import read_consolidated, read_full
 from lightning_mtr.training.distributed import SingleProcessStrategy, TableConstraints, TorchRecStrategy
 from lightning_mtr.training.distributed.single import place_tables
@@ -246,7 +247,8 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
 def test_sequence_tables_are_not_replicated_on_cpu():
     """TorchRec's CPU path fails on a data-parallel EmbeddingCollection table: the planner is kept
     from choosing it, and asking for it is refused by name."""
-    from lightning_mtr.training.distributed.planning import Cluster, prepare_for_sharding, plan_model
+    from lightning_mtr.embeddings.sharding import prepare_for_sharding
+    from lightning_mtr.training.distributed.planning import Cluster, plan_model
 
     with torch.device("meta"):
         model = MODELS["sequences"](_schema("sequences"))
@@ -262,7 +264,8 @@ def test_sequence_tables_are_not_replicated_on_cpu():
 
 @pytest.mark.parametrize("plan", [p for p, _ in GPU_ONLY])
 def test_a_layout_the_device_lacks_is_refused_by_table(plan):
-    from lightning_mtr.training.distributed.planning import Cluster, plan_model, prepare_for_sharding
+    from lightning_mtr.embeddings.sharding import prepare_for_sharding
+    from lightning_mtr.training.distributed.planning import Cluster, plan_model
 
     with torch.device("meta"):
         model = MMoE(_schema(), num_experts=2, expert=[8], tower=[4])

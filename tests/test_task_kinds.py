@@ -23,7 +23,8 @@ from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema, Task
 from lightning_mtr.tasks import masked_task_losses
 from lightning_mtr.tasks.ranking import listwise_softmax_loss, pairwise_logistic_loss, pointwise_logistic_loss
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy
 
 

@@ -19,12 +19,12 @@ from torch.utils.data import DataLoader
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
+from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
 from lightning_mtr.serving.checkpoint import load_run
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
 from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_full
 from lightning_mtr.training.distributed.single import fused_state
-from lightning_mtr.training.sparse import dense_parameters, fuse_sparse_optimizer, fused_modules
 
 REPO = Path(__file__).resolve().parents[1]
 

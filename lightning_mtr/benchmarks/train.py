@@ -32,7 +32,8 @@ from torchmetrics.functional.classification import binary_auroc
 
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
-from lightning_mtr.training import MultiTaskModule, SparseOptimizer
+from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
 
 SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]

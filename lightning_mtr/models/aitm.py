@@ -24,7 +24,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import MLP, FeatureInput, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import MLP, TaskTowers
 from lightning_mtr.nn.ait import AdaptiveInformationTransfer, expectation_calibrator
 from lightning_mtr.schema import Schema
 

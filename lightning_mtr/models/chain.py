@@ -12,8 +12,8 @@ from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.kernels import Backend
 from lightning_mtr.kernels.prob_chain import probability_chain
+from lightning_mtr.embeddings import FeatureInput
 from lightning_mtr.nn.bottoms import BottomFactory
-from lightning_mtr.nn.features import FeatureInput
 from lightning_mtr.nn.towers import TaskTowers
 from lightning_mtr.schema import Schema
 

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import MLP, FeatureInput, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import MLP, TaskTowers
 from lightning_mtr.nn.sequence import BehaviourAttention, PropertyGatedLSTM, chronological
 from lightning_mtr.nn.towers import FeatureWeightedScore
 from lightning_mtr.schema import Schema

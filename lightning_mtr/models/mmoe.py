@@ -14,7 +14,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.kernels import Backend
-from lightning_mtr.nn import FeatureInput, MixtureBottom, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import MixtureBottom, TaskTowers
 from lightning_mtr.schema import Schema
 
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import MLP, FeatureInput, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import MLP, TaskTowers
 from lightning_mtr.nn.fwfm import FieldVectors, FwFM, MultiHot, bag_vector
 from lightning_mtr.schema import Schema
 

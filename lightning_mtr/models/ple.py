@@ -17,7 +17,8 @@ from torch import nn
 from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.kernels import Backend
-from lightning_mtr.nn import FeatureInput, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import TaskTowers
 from lightning_mtr.nn.cgc import CGC
 from lightning_mtr.schema import Schema
 

@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torchrec import KeyedJaggedTensor
 
-from lightning_mtr.nn import FeatureInput, SharedMLP, TaskTowers
+from lightning_mtr.embeddings import FeatureInput
+from lightning_mtr.nn import SharedMLP, TaskTowers
 from lightning_mtr.schema import Schema
 
 

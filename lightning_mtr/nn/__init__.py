@@ -2,9 +2,8 @@
 
 from lightning_mtr.nn.bottoms import BottomFactory, MixtureBottom, SharedInput, SharedMLP
 from lightning_mtr.nn.experts import ExpertBank
-from lightning_mtr.nn.features import FeatureInput
 from lightning_mtr.nn.mlp import MLP, last_layer_weights
 from lightning_mtr.nn.towers import TaskTowers
 
-__all__ = ["BottomFactory", "ExpertBank", "FeatureInput", "MLP", "MixtureBottom", "SharedInput", "SharedMLP",
+__all__ = ["BottomFactory", "ExpertBank", "MLP", "MixtureBottom", "SharedInput", "SharedMLP",
            "TaskTowers", "last_layer_weights"]

@@ -16,18 +16,16 @@ def _own_meta(module: nn.Module) -> bool:
 
 
 def materialize(module: nn.Module, device: torch.device | str) -> None:
-    """Allocate every meta tensor on ``device`` and initialise it with ``reset_parameters``
-    (:class:`~lightning_mtr.interfaces.Resettable`).
+    """Allocate every meta tensor outside the embedding tables on ``device`` and initialise it with
+    ``reset_parameters`` (:class:`~lightning_mtr.interfaces.Resettable`).
 
-    Pooled embedding tables stay on meta: the fused or sharded collection that replaces them
-    builds and initialises its own (TorchRec's reset of a collection built on meta is a no-op, so
-    materialising them here would leave uninitialised memory). Unpooled ones (sequence features)
-    are allocated and drawn from their table config's ``init_fn``, TorchRec's own initialisation:
-    on CPU no fused collection replaces them, and on CUDA the fused one copies them (an
-    ``nn.Embedding``'s own reset would draw N(0, 1), hundreds of times too large). Every other module that owns
-    parameters is reset by its own ``reset_parameters`` or, lacking one, by its nearest
-    ancestor's (e.g. a ``ParameterList`` inside an expert bank). Buffers must be refilled by
-    their owner's own ``reset_parameters``.
+    Embedding tables stay on meta: the fused or sharded collection that replaces them allocates
+    its own, and ``lightning_mtr.embeddings.init.init_tables`` allocates the ones left plain and
+    draws them all (an ``nn.Embedding``'s own reset would draw N(0, 1), hundreds of times too
+    large; allocated here, a sequence table was held whole on every rank before sharding). Every
+    other module that owns parameters is reset by its own ``reset_parameters`` or, lacking one,
+    by its nearest ancestor's (e.g. a ``ParameterList`` inside an expert bank). Buffers must be
+    refilled by their owner's own ``reset_parameters``.
     """
     tables = [m for m in module.modules() if isinstance(m, (EmbeddingBagCollection, EmbeddingCollection))]
     skipped = {id(m) for table in tables for m in table.modules()}
@@ -48,11 +46,6 @@ def materialize(module: nn.Module, device: torch.device | str) -> None:
         resets[resetter] = named[resetter]
     for resetter in resets.values():
         resetter.reset_parameters()
-    for collection in (t for t in tables if isinstance(t, EmbeddingCollection)):
-        collection.to_empty(device=device)
-        with torch.no_grad():
-            for config in collection.embedding_configs():
-                config.init_fn(collection.embeddings[config.name].weight)
 
 
 def _nearest_resetter(name: str, named: dict[str, nn.Module]) -> str | None:

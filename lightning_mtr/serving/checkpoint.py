@@ -10,10 +10,10 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
-from torchrec import EmbeddingBagCollection
 
 from lightning_mtr.data.datamodule import SyntheticLog
 from lightning_mtr.data.encode import DenseStats
+from lightning_mtr.embeddings.init import init_tables
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_consolidated
@@ -74,9 +74,8 @@ def build_trained(model_config: dict[str, Any], schema: Schema, weights: dict[st
     model_class = getattr(importlib.import_module(module_name), class_name)
     with torch.device("meta"):
         model = model_class(schema, **model_config.get("init_args", {}))
-    materialize(model, "cpu")  # everything but the pooled tables, which stay on meta
-    for tables in (m for m in model.modules() if isinstance(m, EmbeddingBagCollection)):
-        tables.to_empty(device="cpu")
+    materialize(model, "cpu")
+    init_tables(model, "cpu")  # the tables, as training allocates them; the weights below replace the draw
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"the checkpoint does not fit {model_config['class_path']} with its recorded arguments: "

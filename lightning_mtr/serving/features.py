@@ -76,7 +76,7 @@ class StackedTables(nn.Module):
 
 
 class ServingFeatureInput(FeatureLayout):
-    """:class:`~lightning_mtr.nn.features.FeatureInput`'s outputs from ``(values, lengths)``:
+    """:class:`~lightning_mtr.embeddings.FeatureInput`'s outputs from ``(values, lengths)``:
     ``forward(dense, (values, lengths)) -> [B, output_dim]`` and :meth:`sequences`."""
 
     def __init__(self, schema: Schema, weights: dict[str, torch.Tensor], quantize: Quantize = "none"):

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_mtr.embeddings.fusing import dense_parameters
 from lightning_mtr.nn import last_layer_weights
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks.losses import weighted_total
@@ -201,8 +202,6 @@ class GradNorm(TaskWeighting):
     def attach(self, model: nn.Module) -> None:
         """Find ``W`` in the materialised model; refuse a module that has none (e.g. ESMM's
         parameter-free shared input), naming the modules that have some."""
-        from lightning_mtr.training.sparse import dense_parameters  # here: lightning_mtr.training imports this file
-
         candidates = [name for name, m in model.named_modules()
                       if name and name.count(".") < 2 and dense_parameters(m)]
         try:

@@ -11,6 +11,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 
 from lightning_mtr.data.batch import Batch
+from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters
 from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.schema import Schema
@@ -18,7 +19,6 @@ from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
 from lightning_mtr.training.distributed.base import TableStrategy
-from lightning_mtr.training.sparse import SparseOptimizer, dense_parameters
 
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]

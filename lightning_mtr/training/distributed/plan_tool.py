@@ -36,11 +36,12 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 
+from lightning_mtr.embeddings.fusing import SparseOptimizer
+from lightning_mtr.embeddings.sharding import prepare_for_sharding
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.planning import (GIB, Cluster, PlanReport, TableConstraints, plan_model,
-                                                         plan_to_json, prepare_for_sharding)
+                                                         plan_to_json)
 from lightning_mtr.training.module import ModelFactory
-from lightning_mtr.training.sparse import SparseOptimizer
 
 RESERVED = 0.15  # HBM that EmbeddingShardingPlanner's default storage reservation keeps for dense parts
 UVM_CACHE = 0.2  # TorchRec's default cache_load_factor: share of a fused_uvm_caching table's rows in HBM

@@ -17,15 +17,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
-from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.distributed.embedding import EmbeddingCollectionSharder
-from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import KernelConfig, ShardingOption, Stats, TopologyFactory, TrainerConfig
 from torchrec.distributed.types import CacheParams, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
-from lightning_mtr.training.sparse import TORCH_CLASS, SparseOptimizer
+from lightning_mtr.embeddings.sharding import sharders
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
@@ -98,19 +95,6 @@ class Cluster:
                                 hbm_cap_bytes=None if self.hbm_gb is None else int(self.hbm_gb * GIB),
                                 ddr_cap_bytes=ddr)
         return TopologyFactory.create_topology(trainer, kernel_config=KernelConfig(compute_device=self.device))
-
-
-def prepare_for_sharding(model: nn.Module, optimizer: SparseOptimizer) -> None:
-    """Mark every table's weight with the sparse optimizer, which makes TorchRec build fused
-    (optimizer-in-backward) kernels for the sharded tables. Works on the meta device."""
-    for module in model.modules():
-        if isinstance(module, (EmbeddingBagCollection, EmbeddingCollection)):
-            _apply_optimizer_in_backward(TORCH_CLASS[optimizer.name], module.parameters(), optimizer.kwargs())
-
-
-def sharders() -> list[EmbeddingBagCollectionSharder | EmbeddingCollectionSharder]:
-    """Pooled tables, and unpooled ones (sequence features)."""
-    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
 class _BestPlan(Stats):
@@ -196,7 +180,8 @@ def _share(used: int, cap: int) -> str:
 def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
                constraints: Mapping[str, TableConstraints] | None = None,
                process_group: dist.ProcessGroup | None = None) -> tuple[ShardingPlan, PlanReport | None]:
-    """Run TorchRec's planner over ``model``'s tables (already marked by :func:`prepare_for_sharding`).
+    """Run TorchRec's planner over ``model``'s tables (already marked by
+    :func:`~lightning_mtr.embeddings.sharding.prepare_for_sharding`).
 
     With a process group the ranks agree on one plan (rank 0 plans and broadcasts); without
     one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits.

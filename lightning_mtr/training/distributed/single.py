@@ -19,10 +19,11 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
+from lightning_mtr.embeddings.fusing import SparseOptimizer, fuse_sparse_optimizer, fused_modules, table_optimizer
+from lightning_mtr.embeddings.init import init_tables
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed.base import TableStrategy
 from lightning_mtr.training.distributed.planning import PLAN_FORMAT
-from lightning_mtr.training.sparse import SparseOptimizer, fuse_sparse_optimizer, fused_modules, table_optimizer
 
 
 class SingleProcessStrategy(TableStrategy, SingleDeviceStrategy):
@@ -78,13 +79,15 @@ class SingleProcessStrategy(TableStrategy, SingleDeviceStrategy):
 
 
 def place_tables(model: nn.Module, sparse_optimizer: SparseOptimizer, device: torch.device) -> None:
-    """Allocate ``model`` (built on meta) on ``device`` and fuse its tables; a model already
-    placed (a second stage of the same run) is left as it is."""
+    """Allocate ``model`` (built on meta) on ``device``, fuse its tables and draw them
+    (:func:`~lightning_mtr.embeddings.init.init_tables`); a model already placed (a second stage
+    of the same run) is left as it is, trained tables included."""
     if not any(p.is_meta for p in model.parameters()):
         return
     sparse_optimizer.check_device(device)
     materialize(model, device)
     fuse_sparse_optimizer(model, sparse_optimizer, device)
+    init_tables(model, device)
 
 
 def fused_state(model: nn.Module) -> CombinedOptimizer:

@@ -27,12 +27,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan
 
+from lightning_mtr.embeddings.fusing import rule_optimizer
+from lightning_mtr.embeddings.init import init_tables
+from lightning_mtr.embeddings.sharding import prepare_for_sharding, sharders
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.base import TableStrategy
 from lightning_mtr.training.distributed.planning import (
-    Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json, prepare_for_sharding, sharders)
-from lightning_mtr.training.sparse import rule_optimizer
+    Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json)
 
 
 class TorchRecStrategy(TableStrategy, DDPStrategy):
@@ -102,6 +104,7 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
             sharders=sharders(), init_data_parallel=False, init_parameters=False)
+        init_tables(model, self.root_device)
         self._announce(plan, report, trainer)
 
     def _announce(self, plan: ShardingPlan, report: PlanReport | None, trainer) -> None:

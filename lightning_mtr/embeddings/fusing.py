@@ -64,9 +64,9 @@ def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device:
     fused one has no CPU kernel, see :func:`table_optimizer`) under ``module`` for a fused one,
     in place.
 
-    Parameter names and the initial weights are kept, so checkpoints do not depend on it;
-    tables still on the meta device are initialised by the fused collection itself.
-    Returns how many collections were swapped.
+    Parameter names and the weights of allocated tables are kept, so checkpoints do not depend
+    on it; tables still on the meta device get theirs from
+    :func:`~lightning_mtr.embeddings.init.init_tables`. Returns how many collections were swapped.
     """
     optimizer.check_device(device)
     swapped = 0
