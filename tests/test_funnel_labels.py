@@ -90,7 +90,7 @@ def _run(tmp_path, model: str, later_label: str, bad_split: str | None, stage: s
     module = MultiTaskModule(model=partial(build_model, model, **kwargs), schema=data.schema)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        strategy=SingleProcessStrategy())
+                        strategy=SingleProcessStrategy(), inference_mode=False)
     getattr(trainer, stage)(module, datamodule=data)
     return files, trainer
 
