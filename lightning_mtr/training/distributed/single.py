@@ -1,6 +1,6 @@
 """``SingleProcessStrategy``: one device, no process group, the tables fused in place.
 
-The fast path for one device (``TorchRecStrategy`` on one process measured 8-13% slower on
+The fast path for one device (``TorchRecStrategy`` on one process measured 5-11% slower on
 ``tools/bench_train.py``): pooled tables, and on CUDA sequence tables too, become TorchRec's
 fused collections, updated inside backward; tables left unfused (sequence tables on CPU) are
 stepped by the sparse optimizer's rule as a torch optimizer. Checkpoints, optimizer-state
