@@ -7,6 +7,7 @@ import sys
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_mtr.data import synthetic
@@ -36,8 +37,7 @@ class MultiTaskCLI(LightningCLI):
         """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec."""
         config = self._get(self.config_init, "trainer", default={})
         if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
-            one = config.get("num_nodes", 1) == 1 and str(config.get("devices", "auto")) in ("1", "[0]", "auto")
-            kwargs["strategy"] = SingleProcessStrategy() if one else TorchRecStrategy()
+            kwargs["strategy"] = SingleProcessStrategy() if trains_one_device(config) else TorchRecStrategy()
         return super().instantiate_trainer(**kwargs)
 
     def predict(self, **kwargs) -> None:
@@ -51,6 +51,17 @@ class MultiTaskCLI(LightningCLI):
         parser.add_lightning_class_args(TaskReport, "report")
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(GateDiagnostics, "gates")
+
+
+def trains_one_device(trainer: dict[str, Any]) -> bool:
+    """Whether Lightning will run the trainer's config as one process: ``devices: auto`` means
+    every GPU of the host on a GPU (or auto) accelerator, one device on the CPU."""
+    if trainer.get("num_nodes", 1) != 1:
+        return False
+    devices = str(trainer.get("devices", "auto"))
+    if devices == "auto":
+        return trainer.get("accelerator", "auto") == "cpu" or torch.cuda.device_count() <= 1
+    return devices in ("1", "[0]")
 
 
 def main(argv: list[str] | None = None) -> int:

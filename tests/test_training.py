@@ -16,7 +16,7 @@ from lightning.pytorch.plugins import MixedPrecision
 
 from helpers import LossRecorder, random_inputs, tiny_schema
 from torch.utils.data import DataLoader
-from lightning_mtr.cli import MultiTaskCLI, main
+from lightning_mtr.cli import MultiTaskCLI, main, trains_one_device
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
 from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters, fuse_sparse_optimizer, fused_modules
@@ -131,6 +131,18 @@ def test_one_device_trains_on_the_single_process_path_and_a_plain_trainer_is_ref
     assert isinstance(_cli(tmp_path, "--trainer.devices", "2").trainer.strategy, TorchRecStrategy)
     with pytest.raises(TypeError, match=r"not SingleDeviceStrategy: Trainer\(strategy=SingleProcessStrategy\(\)\)"):
         _fit_tiny(L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False))
+
+
+def test_devices_auto_on_a_host_with_several_gpus_trains_sharded(monkeypatch):
+    """``devices: auto`` is every GPU to Lightning, so the CLI must not pick the one-device path there."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert not trains_one_device({"accelerator": "auto", "devices": "auto"})
+    assert not trains_one_device({"accelerator": "gpu"})
+    assert trains_one_device({"accelerator": "gpu", "devices": 1})
+    assert trains_one_device({"accelerator": "cpu", "devices": "auto"})
+    assert not trains_one_device({"accelerator": "gpu", "devices": 1, "num_nodes": 2})
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert trains_one_device({"accelerator": "auto", "devices": "auto"})
 
 
 def test_precision_16_mixed_is_refused_on_one_process():
