@@ -10,6 +10,7 @@ between layouts, so a checkpoint of either path resumes on the other, on any wor
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from lightning_mtr.training.distributed import checkpoint as sharded
 
 
-class TableStrategy:
+class TableStrategy(ABC):
     """Mixed into a Lightning strategy (before it in the bases). A subclass says where the
     tables go (:meth:`_place_tables`), the torch optimizer of the tables no fused kernel
     updates (:meth:`_table_optimizer`), which fused optimizer holds the rest's state
@@ -38,15 +39,19 @@ class TableStrategy:
         self.table_optimizer: torch.optim.Optimizer | None = None
         self.resuming: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, what load_checkpoint read)
 
+    @abstractmethod
     def _place_tables(self, module: nn.Module, trainer) -> None:
         raise NotImplementedError
 
+    @abstractmethod
     def _table_optimizer(self, model: nn.Module, sparse_optimizer) -> torch.optim.Optimizer | None:
         raise NotImplementedError
 
+    @abstractmethod
     def _fused_optimizer(self) -> KeyedOptimizer:
         raise NotImplementedError
 
+    @abstractmethod
     def _plan(self) -> dict[str, Any]:
         raise NotImplementedError
 
@@ -139,10 +144,12 @@ class TableStrategy:
             set_optimizer_state_dict(module, self.table_optimizer, restored["replicated_optimizer"])
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
-        pass  # done at the end of setup, table by table
+        """Lightning's hook, left empty: the weights load at the end of setup, table by table."""
+        return None
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        pass
+        """Lightning's hook, left empty: setup restores every optimizer itself."""
+        return None
 
 
 def _unwrap(optimizer) -> torch.optim.Optimizer:
