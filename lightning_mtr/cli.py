@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
@@ -18,6 +19,7 @@ from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, Tas
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
+from lightning_mtr.training.distributed.memory import TablesDoNotFit
 
 
 class MultiTaskCLI(LightningCLI):
@@ -67,7 +69,8 @@ def trains_one_device(trainer: dict[str, Any]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
     Bad input data ends the run with its message (the file, the column, the fix) on one line of
-    stderr and exit status 2, not a traceback through Lightning's loops."""
+    stderr and exit status 2, not a traceback through Lightning's loops; so do tables too large
+    for the run's memory (``lightning-mtr plan``'s message: by how much, and what would fit)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     try:
         MultiTaskCLI(args=argv)
-    except DataError as error:
-        print(f"lightning-mtr: error: {error}", file=sys.stderr)
+    except (DataError, TablesDoNotFit) as error:
+        if rank_zero_only.rank == 0 or not isinstance(error, TablesDoNotFit):  # every rank finds the same shortfall
+            print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 2
     return 0
 

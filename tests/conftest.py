@@ -41,6 +41,7 @@ MULTIPROCESS = {
     "test_metrics_distributed.py::test_two_processes_match_one",
     "test_embeddings.py::test_sharded_tables_are_drawn_from_their_configs",
     "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
+    "test_table_memory.py::test_two_processes_stop_with_the_plans_message",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

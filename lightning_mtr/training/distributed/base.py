@@ -22,11 +22,14 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from torchrec.optim.keyed import KeyedOptimizer
 
 from lightning_mtr.training.distributed import checkpoint as sharded
+from lightning_mtr.training.distributed.memory import TableMemory
+from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
 
 
 class TableStrategy(ABC):
-    """Mixed into a Lightning strategy (before it in the bases). A subclass says where the
-    tables go (:meth:`_place_tables`), the torch optimizer of the tables no fused kernel
+    """Mixed into a Lightning strategy (before it in the bases). A subclass says on which
+    devices the tables live (:meth:`_cluster`: refused before allocation if they cannot fit),
+    where they go (:meth:`_place_tables`), the torch optimizer of the tables no fused kernel
     updates (:meth:`_table_optimizer`), which fused optimizer holds the rest's state
     (:meth:`_fused_optimizer`, keyed like TorchRec's sharded collections) and the layout as a
     plan (:meth:`_plan`)."""
@@ -38,6 +41,11 @@ class TableStrategy(ABC):
         super().__init__(*args, **kwargs)
         self.table_optimizer: torch.optim.Optimizer | None = None
         self.resuming: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, what load_checkpoint read)
+        self.constraints: dict[str, TableConstraints] = {}  # the planner's, per table (TorchRecStrategy's)
+
+    @abstractmethod
+    def _cluster(self) -> Cluster:
+        raise NotImplementedError
 
     @abstractmethod
     def _place_tables(self, module: nn.Module, trainer) -> None:
@@ -60,6 +68,7 @@ class TableStrategy(ABC):
             raise ValueError("precision 16-mixed scales the loss, which the fused and replicated table optimizers "
                              "would apply unscaled; use bf16-mixed or 32")
         module = self.lightning_module
+        self._table_memory(trainer).check()  # before anything is allocated: the tables are still on meta
         self._place_tables(module, trainer)
         super().setup(trainer)  # moves the rest, wraps it when fitting, creates the dense optimizer
         if trainer.state.fn == TrainerFn.FITTING:
@@ -67,6 +76,12 @@ class TableStrategy(ABC):
         if self.resuming is not None:
             self._restore(*self.resuming, fitting=trainer.state.fn == TrainerFn.FITTING)
             self.resuming = None
+
+    def _table_memory(self, trainer) -> TableMemory:
+        """The model's tables against this run's devices, as ``lightning-mtr plan`` sizes them."""
+        module = self.lightning_module
+        return TableMemory(module.model, self._cluster(), module.sparse_optimizer, self.constraints,
+                           getattr(trainer.datamodule, "batch_size", None))
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs: Any) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)

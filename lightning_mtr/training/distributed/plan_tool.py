@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import math
 import sys
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,61 +29,21 @@ import torch
 from jsonargparse import ArgumentParser, Namespace
 from matplotlib.figure import Figure
 from torch import nn
-from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner.types import PlannerError
-from torchrec.distributed.types import ShardingPlan
 
 from lightning_mtr.embeddings.fusing import SparseOptimizer
 from lightning_mtr.embeddings.sharding import prepare_for_sharding
 from lightning_mtr.schema import Schema
-from lightning_mtr.training.distributed.planning import (GIB, Cluster, PlanReport, TableConstraints, plan_model,
-                                                         plan_to_json)
+from lightning_mtr.training.distributed.memory import STATE, TableMemory
+from lightning_mtr.training.distributed.planning import GIB, Cluster, PlanReport, TableConstraints, plan_to_json
 from lightning_mtr.training.module import ModelFactory
-
-RESERVED = 0.15  # HBM that EmbeddingShardingPlanner's default storage reservation keeps for dense parts
-UVM_CACHE = 0.2  # TorchRec's default cache_load_factor: share of a fused_uvm_caching table's rows in HBM
-MIN_DIM = 8
-# fp32 optimizer state of each fused optimizer: (floats per row, floats per weight element)
-STATE = {"sgd": (0, 0), "rowwise_adagrad": (1, 0), "adagrad": (0, 1), "adam": (0, 2)}
-SPLIT = ("row_wise", "table_row_wise", "column_wise")  # the sharding types that spread one table over GPUs
 
 
 @dataclass
-class _Job:
+class _Job(TableMemory):
     """Everything the config and the flags say: what to plan, for which cluster."""
 
-    model_name: str
-    model: nn.Module
-    cluster: Cluster
-    batch_size: int
-    optimizer: SparseOptimizer
-    constraints: dict[str, TableConstraints]
-
-    def tables(self) -> dict[str, tuple[torch.Tensor, bool]]:
-        """Every table the planner shards: its weight, and whether it is a sequence (unpooled) table."""
-        tables = {}
-        for module in self.model.modules():
-            if isinstance(module, EmbeddingBagCollection):
-                tables.update({name: (bag.weight, False) for name, bag in module.embedding_bags.items()})
-            if isinstance(module, EmbeddingCollection):
-                tables.update({name: (table.weight, True) for name, table in module.embeddings.items()})
-        return tables
-
-    def table_bytes(self, dims: dict[str, int] | None = None) -> dict[str, int]:
-        """Weights plus fused-optimizer state per table (optionally at other dims)."""
-        per_row, per_element = STATE[self.optimizer.name]
-        sizes = {}
-        for name, (weight, _) in self.tables().items():
-            rows, dim = weight.shape
-            dim = (dims or {}).get(name, dim)
-            sizes[name] = rows * (dim * weight.element_size() + 4 * (per_row + per_element * dim))
-        return sizes
-
-    def memory(self) -> tuple[str, int, int]:
-        """Where sharded tables live, and its bytes per rank: each GPU's HBM, or on CPU each
-        process's share of DDR; then DDR per rank (for UVM tables)."""
-        storage = self.cluster.topology().devices[0].storage
-        return ("HBM", storage.hbm, storage.ddr) if self.cluster.device == "cuda" else ("DDR", storage.ddr, storage.ddr)
+    model_name: str = ""
 
     def describe(self) -> str:
         c, (kind, cap, ddr) = self.cluster, self.memory()
@@ -107,9 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(job.describe())
     try:
-        plan, report = _plan(job, job.constraints)
+        plan, report = job.plan(job.constraints)
     except PlannerError as err:
-        print(_shortfall(job, err), file=sys.stderr)
+        print(f"lightning-mtr plan: {job.shortfall(err)}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +120,8 @@ def _job(args: argparse.Namespace, overrides: list[str]) -> _Job:
     cluster = Cluster(args.world_size, args.devices_per_node or min(8, args.world_size), args.device, hbm, ddr)
     model = _model(parsed.model.model, schema)
     prepare_for_sharding(model, optimizer)
-    return _Job(parsed.model.model.class_path, model, cluster, batch_size, optimizer, _constraints(config, schema))
+    return _Job(model, cluster, optimizer, _constraints(config, schema), batch_size,
+                model_name=parsed.model.model.class_path)
 
 
 class _Parsed(Exception):
@@ -220,19 +178,6 @@ def _constraints(config: dict[str, Any], schema: Schema) -> dict[str, TableConst
     return constraints
 
 
-def _plan(job: _Job, constraints: dict[str, TableConstraints]) -> tuple[ShardingPlan, PlanReport]:
-    # TorchRec warns once per replicated table ("Sharding spec not found") and about dry runs
-    # on meta tensors; the report says what matters
-    silenced = logging.root.manager.disable
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        logging.disable(max(silenced, logging.WARNING))
-        try:
-            return plan_model(job.model, job.cluster, job.batch_size, constraints)
-        finally:
-            logging.disable(silenced)
-
-
 def _summary(report: PlanReport, memory: str) -> str:
     slowest = max(report.ranks, key=lambda r: r["perf_ms"])
     fullest = max(report.ranks, key=lambda r: r[f"{memory}_bytes"])
@@ -260,81 +205,3 @@ def _chart(report: PlanReport, path: Path) -> None:
     c = report.cluster
     figure.suptitle(f"{c.world_size} x {c.device}, {c.local_world_size} per node, batch {report.batch_size}")
     figure.savefig(path, dpi=100)
-
-
-def _shortfall(job: _Job, error: PlannerError) -> str:
-    """The planner's failure in plain words: the bytes against the caps, and what would fit."""
-    c, (kind, cap, ddr) = job.cluster, job.memory()
-    sizes = job.table_bytes()
-    total, usable = sum(sizes.values()), cap * (1 - RESERVED)
-    bytes_vs_caps = (f"{total / GIB:.1f} GiB of tables and {job.optimizer.name} state vs "
-                     f"{c.world_size * cap / GIB:.1f} GiB of {kind} in all ({c.world_size} x {cap / GIB:g} GiB; "
-                     f"{c.world_size * usable / GIB:.1f} GiB after the planner's {RESERVED:.0%} reservation for "
-                     f"dense parts)")
-    if total <= c.world_size * usable:
-        unsplit = sorted(n for n, size in sizes.items() if size > usable
-                         and not set(SPLIT) & set(job.constraints.get(n, TableConstraints()).sharding_types or SPLIT))
-        advice = (f"allow {'/'.join(SPLIT)} for the tables larger than one rank's {usable / GIB:.1f} GiB: {unsplit}"
-                  if unsplit else "loosen the constraints, or add ranks")
-        last = str(error).strip().splitlines()[-1].strip()
-        return (f"lightning-mtr plan: no plan ({error.error_type.value}) though the bytes fit: {bytes_vs_caps}.\n"
-                f"The planner: {last}\nWhat would fit: {advice}")
-    nodes = math.ceil(total / usable / c.local_world_size)
-    advice = [f"more {'GPUs' if kind == 'HBM' else 'processes'}: at least {nodes * c.local_world_size} of "
-              f"{cap / GIB:g} GiB (--world-size {nodes * c.local_world_size}, {nodes} nodes; a lower bound: the "
-              "table bytes alone)"]
-    if kind == "HBM":  # UVM: GPU tables in host memory
-        advice.append(_uvm_advice(job, sizes, c.world_size * usable, c.world_size * ddr))
-    advice.append(_shrink_advice(job, c.world_size * usable))
-    return "\n".join([f"lightning-mtr plan: the tables do not fit: {bytes_vs_caps}.", "What would fit:",
-                      *(f"  - {line}" for line in advice)])
-
-
-def _uvm_advice(job: _Job, sizes: dict[str, int], hbm: float, ddr: float) -> str:
-    """Move the largest tables to host DDR (each keeps a cache of its rows in HBM) until the
-    rest fits, then let the planner check it."""
-    moved, resident = [], float(sum(sizes.values()))
-    for name in sorted(sizes, key=sizes.get, reverse=True):
-        if resident <= hbm:
-            break
-        moved.append(name)
-        resident -= sizes[name] * (1 - UVM_CACHE)
-    in_ddr = sum(sizes[n] for n in moved)
-    short = []
-    if in_ddr > ddr:
-        short.append(f"{in_ddr / GIB:.1f} GiB of host DDR, the hosts have {ddr / GIB:.1f} (--ddr-gb per node)")
-    if resident > hbm:
-        short.append(f"{resident / GIB:.1f} GiB of HBM with {UVM_CACHE:.0%} of their rows cached")
-    if short:
-        who = "every table" if len(moved) == len(sizes) else ", ".join(moved)
-        return f"UVM caching does not fit either: {who} in host DDR would need " + " and ".join(short)
-    uvm = {n: replace(job.constraints.get(n, TableConstraints()), compute_kernels=("fused_uvm_caching",))
-           for n in moved}
-    try:
-        _, report = _plan(job, {**job.constraints, **uvm})
-    except PlannerError as err:
-        return f"UVM caching for {moved} fits the caps in total, but the planner finds no placement: {err}"
-    entries = ", ".join(f"{n}: {{compute_kernels: [fused_uvm_caching]}}" for n in moved)
-    return (f"UVM caching fits (the planner checked it; {max(r['perf_ms'] for r in report.ranks):.2f} ms/step "
-            f"estimated): {in_ddr / GIB:.1f} GiB of tables in host DDR, with trainer.strategy.init_args."
-            f"constraints {{{entries}}}")
-
-
-def _shrink_advice(job: _Job, hbm: float) -> str:
-    """Halve the dim of whichever table is largest until all fit (a lower bound). The sequence
-    tables share one embedding_dim (the schema requires it), so they are halved together."""
-    tables = job.tables()
-    dims = {name: weight.shape[1] for name, (weight, _) in tables.items()}
-    sequences = tuple(name for name, (_, sequence) in tables.items() if sequence)
-    groups = [(name,) for name, (_, sequence) in tables.items() if not sequence] + ([sequences] if sequences else [])
-    shrunk, sizes = dict(dims), job.table_bytes()
-    while sum(sizes.values()) > hbm:
-        candidates = [group for group in groups if shrunk[group[0]] > MIN_DIM]
-        if not candidates:
-            return (f"smaller dims do not suffice: at embedding_dim {MIN_DIM} the tables still take "
-                    f"{sum(sizes.values()) / GIB:.1f} GiB; hash ids into fewer rows (num_embeddings)")
-        for name in max(candidates, key=lambda group: sum(sizes[n] for n in group)):
-            shrunk[name] = max(MIN_DIM, shrunk[name] // 8 * 4)  # fbgemm wants dims divisible by 4
-        sizes = job.table_bytes(shrunk)
-    changes = ", ".join(f"{n} {dims[n]} -> {shrunk[n]}" for n in dims if shrunk[n] != dims[n])
-    return f"smaller embedding_dim in the schema (fits in total): {changes}"

@@ -19,7 +19,9 @@ from torch import nn
 from torch.distributed._shard.sharding_spec import EnumerableShardingSpec, ShardMetadata
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
-from torchrec.distributed.planner.types import KernelConfig, ShardingOption, Stats, TopologyFactory, TrainerConfig
+from torchrec.distributed.collective_utils import invoke_on_rank_and_broadcast_result
+from torchrec.distributed.planner.types import (KernelConfig, PlannerError, PlannerErrorType, ShardingOption, Stats,
+                                                TopologyFactory, TrainerConfig)
 from torchrec.distributed.types import CacheParams, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
 from lightning_mtr.embeddings.sharding import sharders
@@ -184,7 +186,8 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
     :func:`~lightning_mtr.embeddings.sharding.prepare_for_sharding`).
 
     With a process group the ranks agree on one plan (rank 0 plans and broadcasts); without
-    one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits.
+    one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits (on
+    every rank).
     The report is None on the ranks that received the plan rather than made it.
     """
     pooled_types, sequence_types = (set(s.sharding_types(cluster.device)) for s in sharders())
@@ -201,7 +204,9 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
         topology=cluster.topology(), batch_size=batch_size, stats=[stats], debug=False,
         constraints={name: c.torchrec() for name, c in (constraints or {}).items()})
     if process_group is not None:
-        plan = planner.collective_plan(model, sharders(), process_group)
+        plan = invoke_on_rank_and_broadcast_result(process_group, 0, _plan_or_error, planner, model)
+        if isinstance(plan, tuple):  # every rank raises rank 0's error, rather than waiting for its plan
+            raise PlannerError(plan[0], PlannerErrorType(plan[1]))
     else:
         plan = planner.plan(model, sharders())
     unplanned = sorted(set(_table_names(model)) - {t for tables in plan.plan.values() for t in tables})
@@ -211,6 +216,14 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
     # collective_plan only logs on the rank that planned; the others describe the plan they received
     report = PlanReport.from_options(stats.options, cluster, batch_size) if stats.options else None
     return plan, report
+
+
+def _plan_or_error(planner: EmbeddingShardingPlanner, model: nn.Module) -> ShardingPlan | tuple[str, str]:
+    """What ``collective_plan`` does on rank 0, except that a failure is broadcast as well."""
+    try:
+        return planner.plan(model, sharders())
+    except PlannerError as error:
+        return str(error), error.error_type.value
 
 
 def _table_names(model: nn.Module, pooled: bool = True, unpooled: bool = True, recurse: bool = True) -> list[str]:

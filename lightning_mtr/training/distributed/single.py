@@ -23,7 +23,8 @@ from lightning_mtr.embeddings.fusing import SparseOptimizer, fuse_sparse_optimiz
 from lightning_mtr.embeddings.init import init_tables
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed.base import TableStrategy
-from lightning_mtr.training.distributed.planning import PLAN_FORMAT
+from lightning_mtr.training.distributed.memory import training_cluster
+from lightning_mtr.training.distributed.planning import PLAN_FORMAT, Cluster
 
 
 class SingleProcessStrategy(TableStrategy, SingleDeviceStrategy):
@@ -64,6 +65,9 @@ class SingleProcessStrategy(TableStrategy, SingleDeviceStrategy):
         self.precision_plugin.teardown()
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+    def _cluster(self) -> Cluster:
+        return training_cluster(1, 1, self.root_device)
 
     def _place_tables(self, module: nn.Module, trainer) -> None:
         place_tables(module.model, module.sparse_optimizer, self.root_device)

@@ -25,6 +25,7 @@ from torch import nn
 from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan
 
 from lightning_mtr.embeddings.fusing import rule_optimizer
@@ -33,6 +34,7 @@ from lightning_mtr.embeddings.sharding import prepare_for_sharding, sharders
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.base import TableStrategy
+from lightning_mtr.training.distributed.memory import TablesDoNotFit, training_cluster
 from lightning_mtr.training.distributed.planning import (
     Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json)
 
@@ -49,8 +51,9 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             ``{user_id: {sharding_types: [row_wise]}}``.
         plan: a plan JSON written by ``lightning-mtr plan`` (or by an earlier run) to use
             instead of planning; it must match the model's tables and this world size.
-        hbm_gb: GPU memory per device the planner may fill (default: the planner's).
-        ddr_gb: host memory per host the planner may fill (UVM tables, CPU training).
+        hbm_gb: GPU memory per device the planner may fill (default: the device's).
+        ddr_gb: host memory per host the planner may fill (UVM tables, CPU training); on CPU
+            the default is this host's memory.
         process_group_backend: default ``nccl`` on GPU, ``gloo`` on CPU.
         timeout: collective timeout.
         start_method: how Lightning starts local processes when it launches them itself.
@@ -74,6 +77,9 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
 
     # ---- setup: materialise, plan, shard -------------------------------------------------------
 
+    def _cluster(self) -> Cluster:
+        return training_cluster(self.world_size, self.num_processes, self.root_device, self.hbm_gb, self.ddr_gb)
+
     def _place_tables(self, module: nn.Module, trainer) -> None:
         self._shard(module.model, module.sparse_optimizer, trainer)
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, sharded_state_names(module))
@@ -84,9 +90,7 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         sparse_optimizer.check_device(self.root_device)
         materialize(model, self.root_device)
         prepare_for_sharding(model, sparse_optimizer)
-        cluster = Cluster(world_size=self.world_size, local_world_size=self.num_processes,
-                          device="cuda" if self.root_device.type == "cuda" else "cpu", hbm_gb=self.hbm_gb,
-                          ddr_gb=self.ddr_gb)
+        cluster = self._cluster()
         report = None
         if self.plan_path:
             plan = load_plan(self.plan_path, model, self.world_size, self.root_device, self.num_processes)
@@ -96,6 +100,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             try:
                 plan, report = plan_model(model, cluster, batch_size, {**saved_types, **self.constraints},
                                           dist.GroupMember.WORLD)
+            except PlannerError as error:
+                raise TablesDoNotFit(self._table_memory(trainer).shortfall(error)) from error
             except ValueError as error:
                 if not saved_types:
                     raise
