@@ -17,6 +17,7 @@ from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, Tas
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
+from lightning_mtr.training.distributed.checkpoint import CheckpointError
 
 
 class MultiTaskCLI(LightningCLI):
@@ -40,6 +41,11 @@ class MultiTaskCLI(LightningCLI):
             kwargs["strategy"] = SingleProcessStrategy() if one else TorchRecStrategy()
         return super().instantiate_trainer(**kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file
+        someone was handed could choose the model's class. The config decides; the strategy refuses
+        a checkpoint of another model when it loads it."""
+
     def predict(self, **kwargs) -> None:
         """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer
         keeps none in memory; ``--return_predictions true`` keeps them too."""
@@ -55,8 +61,9 @@ class MultiTaskCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
-    Bad input data ends the run with its message (the file, the column, the fix) on one line of
-    stderr and exit status 2, not a traceback through Lightning's loops."""
+    Bad input data or an unusable checkpoint ends the run with its message (the file, the column
+    or what is wrong, the fix) on one line of stderr and exit status 2, not a traceback through
+    Lightning's loops."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     try:
         MultiTaskCLI(args=argv)
-    except DataError as error:
+    except (DataError, CheckpointError) as error:
         print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 2
     return 0

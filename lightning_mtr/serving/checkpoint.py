@@ -16,7 +16,7 @@ from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.embeddings.init import init_tables
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
-from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_consolidated
+from lightning_mtr.training.distributed.checkpoint import read_consolidated, read_state
 from lightning_mtr.training.run_record import RUN_RECORD, run_record
 
 
@@ -48,10 +48,7 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None) -> Traine
     fit`` writes into every checkpoint, or from ``config``, the ``config.yaml`` LightningCLI
     saves beside the logs (for a checkpoint written without the CLI's record)."""
     path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = read_consolidated(path) if is_sharded_checkpoint(path) else \
-        torch.load(path, map_location="cpu", weights_only=True)
+    state = read_consolidated(path) if path.is_dir() else read_state(path)
     record = state.get(RUN_RECORD)
     if config is not None:
         with open(config) as handle:
