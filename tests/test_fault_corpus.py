@@ -127,7 +127,15 @@ def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, lis
         ["consolidate", str(directory), str(root)], str(root), ["is a directory", "one file"])
     cases["random bytes to export"] = (["export", "--ckpt", str(damaged["random"]), "--out", str(root / "art")],
                                        str(damaged["random"]), [UNREADABLE])
-    omoe_config, _, omoe_single = fitted["omoe"]
+    # a checkpoint naming a class outside MODELS, whose module would leave a mark if imported
+    (root / "fault_marker_model.py").write_text(f"open({str(root / 'imported')!r}, 'w').close()\nModel = None\n")
+    state = torch.load(single, weights_only=True)
+    state["lightning_mtr_run"]["model"]["class_path"] = "fault_marker_model.Model"
+    torch.save(state, root / "foreign.ckpt")
+    cases["checkpoint naming code to export"] = (
+        ["export", "--ckpt", str(root / "foreign.ckpt"), "--out", str(root / "art")], str(root / "foreign.ckpt"),
+        ["fault_marker_model.Model", "not one of lightning-mtr's registered models"])
+    _, _, omoe_single = fitted["omoe"]
     cases["checkpoint of another model"] = ([*validate, str(omoe_single)], str(omoe_single),
                                             ["lightning_mtr.models.OMoE", "lightning_mtr.models.mmoe.MMoE"])
     return cases
@@ -136,8 +144,8 @@ def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, lis
 def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):
     cases = {**_data_cases(tmp_path, fitted["mmoe"][0]), **_checkpoint_cases(tmp_path, fitted)}
     (tmp_path / "cases.json").write_text(json.dumps({name: argv for name, (argv, _, _) in cases.items()}))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(DRIVER.parents[1]), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1"}
+    path = [str(DRIVER.parents[1]), str(tmp_path), os.environ.get("PYTHONPATH", "")]  # tmp_path: the marker module
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "cases.json")], capture_output=True,
                           text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -152,6 +160,7 @@ def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):
             failures.append(f"{name}: status {status}, {stderr.strip().splitlines()[-1:]}")
     print(f"{len(cases)} fault cases, each through the CLI in its own process")
     assert not failures, "\n".join(failures)
+    assert not (tmp_path / "imported").exists(), "a checkpoint chose a module to import"
 
 
 def test_the_config_decides_the_model_not_the_checkpoint(fitted, monkeypatch, capsys):
