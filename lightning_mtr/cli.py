@@ -19,6 +19,7 @@ from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, Tas
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
+from lightning_mtr.training.distributed.checkpoint import CheckpointError
 from lightning_mtr.training.distributed.memory import TablesDoNotFit
 
 
@@ -41,6 +42,11 @@ class MultiTaskCLI(LightningCLI):
         if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
             kwargs["strategy"] = SingleProcessStrategy() if trains_one_device(config) else TorchRecStrategy()
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file
+        someone was handed could choose the model's class. The config decides; the strategy refuses
+        a checkpoint of another model when it loads it."""
 
     def predict(self, **kwargs) -> None:
         """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer
@@ -68,9 +74,10 @@ def trains_one_device(trainer: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
-    Bad input data ends the run with its message (the file, the column, the fix) on one line of
-    stderr and exit status 2, not a traceback through Lightning's loops; so do tables too large
-    for the run's memory (``lightning-mtr plan``'s message: by how much, and what would fit)."""
+    Bad input data or an unusable checkpoint ends the run with its message (the file, the column
+    or what is wrong, the fix) on one line of stderr and exit status 2, not a traceback through
+    Lightning's loops; so do tables too large for the run's memory (``lightning-mtr plan``'s
+    message: by how much, and what would fit)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     try:
         MultiTaskCLI(args=argv)
-    except (DataError, TablesDoNotFit) as error:
+    except (DataError, CheckpointError, TablesDoNotFit) as error:
         if rank_zero_only.rank == 0 or not isinstance(error, TablesDoNotFit):  # every rank finds the same shortfall
             print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 2

@@ -35,6 +35,10 @@ _BINARY = {
 
 
 _QUOTED = re.compile(r"`([^`]+)`")
+# Evaluation recurses once per level (two frames), so a label of 1,000 chained products would end
+# in a RecursionError on the first batch; real labels and sample spaces are a few levels deep.
+MAX_DEPTH = 64
+MAX_LENGTH = 4096
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,9 @@ class Expression:
 
     @classmethod
     def parse(cls, source: str) -> Expression:
+        if len(source) > MAX_LENGTH:
+            raise ValueError(f"expression {source[:40]!r}... is {len(source)} characters long; at most {MAX_LENGTH} "
+                             "are accepted (derive a long label into a column of its own)")
         quoted: dict[str, str] = {}
         text = _QUOTED.sub(lambda m: quoted.setdefault(m.group(1), f"__column_{len(quoted)}__"), source)
         try:
@@ -55,6 +62,13 @@ class Expression:
         except SyntaxError as err:
             raise ValueError(f"cannot parse expression {source!r}: {err.msg}; write a column name that is not "
                              "a Python identifier in backticks, e.g. `marital status`") from None
+        except (RecursionError, MemoryError):
+            tree = None
+        depth = _depth(tree) if tree is not None else MAX_DEPTH + 1
+        if depth > MAX_DEPTH:
+            raise ValueError(f"expression {source[:40]!r}... nests deeper than {MAX_DEPTH} levels, the most that is "
+                             f"evaluated (e.g. {MAX_DEPTH - 3} chained products); derive such a label into a column "
+                             "of its own")
         real = {placeholder: name for name, placeholder in quoted.items()}
         names: set[str] = set()
         for node in ast.walk(tree):
@@ -80,6 +94,16 @@ _ALLOWED_NODES = (
     ast.Expression, ast.Name, ast.Load, ast.Constant, ast.Compare, ast.BoolOp, ast.And, ast.Or,
     ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, *_COMPARE, *_BINARY,
 )
+
+
+def _depth(tree: ast.AST) -> int:
+    """Levels of nesting, counted without recursing (the point is to refuse what recursion cannot do)."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _evaluate(node: ast.AST, columns: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -369,6 +369,11 @@ def _validate_task(task: Task) -> None:
         raise ValueError(f"{where}: ndcg_at must list integers >= 1, got {task.ndcg_at!r}")
     if task.gauc_by is not None and task.kind != "binary":
         raise ValueError(f"{where}: gauc_by is for binary tasks (ranking tasks report GAUC per group already)")
+    for key, source in (("label", task.label), ("sample_space", task.sample_space)):
+        try:
+            Expression.parse(source) if source is not None else None
+        except ValueError as err:  # too long or deep to evaluate, or not an expression: refused at load
+            raise ValueError(f"{where}: {key}: {err}") from None
 
 
 def _validate_pointwise_weights(task: Task, where: str) -> None:

@@ -29,6 +29,7 @@ SLOW = {
     "test_serving_split.py::test_split_scores_equal_the_monolithic_program",
     "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
     "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess
+    "test_fault_corpus.py::test_every_fault_ends_in_one_line_and_status_2",  # ~40 forked CLI processes, ~30 s
 }
 # multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
 MULTIPROCESS = {

@@ -7,6 +7,7 @@ and the dense statistics against numpy.
 
 import math
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_mtr.data import reader
+from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.data.encode import BatchEncoder, DataError, DenseStats, _hash_strings
 from lightning_mtr.data.reader import BatchStream, list_files, plan_units, worker_init
@@ -750,3 +752,21 @@ def test_an_encoder_without_labels_reads_features_and_extras_only(tmp_path):
         assert torch.equal(batch.sparse.values(), expected.sparse.values())
     with pytest.raises(DataError, match=r"log.parquet: missing column 'buy'"):
         BatchEncoder(schema).check_columns(unlabelled.schema, "log.parquet")
+
+
+SCHEMA_FILE = str(Path(__file__).resolve().parents[1] / "conf" / "schemas" / "synthetic_impressions.yaml")
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ({"eval_batch_size": 0}, "data.eval_batch_size is 0; it must be at least 1"),
+    ({"shuffle_buffer": -1}, r"data.shuffle_buffer is -1; it must be at least 0 \(0: no shuffling\)"),
+    ({"batch_size": 0}, "data.batch_size is 0; it must be at least 1"),
+])
+def test_sizes_that_would_be_taken_silently_are_refused(sizes, message):
+    with pytest.raises(DataError, match=message):
+        MultiTaskDataModule(SCHEMA_FILE, **sizes)
+
+
+def test_no_eval_batch_size_means_the_training_batch_size():
+    data = MultiTaskDataModule(SCHEMA_FILE, batch_size=7, shuffle_buffer=0)
+    assert (data.eval_batch_size, data.shuffle_buffer) == (7, 0)

@@ -84,3 +84,20 @@ def test_invalid_schemas_explain_themselves(change, message):
     config = {"tasks": [{"name": "ctr", "label": "click"}], **change}
     with pytest.raises(ValueError, match=message):
         Schema.from_dict(config)
+
+
+@pytest.mark.parametrize("key, source, limit", [
+    ("label", "*".join(["c"] * 1001), "deeper than 64 levels"),  # 1,000 chained products
+    ("sample_space", "not " * 1000 + "c == 1", "deeper than 64 levels"),
+    ("label", " + ".join(f"`col {i}`" for i in range(600)), "4096"),
+])
+def test_expressions_too_deep_or_long_to_evaluate_are_refused_when_the_schema_loads(key, source, limit):
+    task = {"name": "ctr", "label": "c", key: source}
+    with pytest.raises(ValueError, match=f"task 'ctr': {key}: .*{limit}"):
+        Schema.from_dict({"tasks": [task]})
+
+
+def test_the_deepest_accepted_expression_evaluates():
+    """61 chained products (62 factors): 64 levels with the root and a column's two leaf nodes, the limit."""
+    expression = Expression.parse("*".join(["c"] * 62))
+    assert expression.evaluate({"c": np.array([2], dtype=np.int64)}).tolist() == [2**62]

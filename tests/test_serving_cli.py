@@ -159,7 +159,7 @@ def test_a_checkpoint_without_a_run_record_needs_the_config(exported, tmp_path, 
     assert main(["export", "--ckpt", str(bare), "--out", str(tmp_path / "x")]) == 2
     assert "pass --config with the config.yaml" in capsys.readouterr().err
     assert main(["export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(tmp_path / "x")]) == 2
-    assert "no checkpoint at" in capsys.readouterr().err
+    assert "no such checkpoint" in capsys.readouterr().err
 
 
 def test_readme_python_snippet_runs_with_only_torch(exported, tmp_path):

@@ -108,7 +108,7 @@ def test_metadata_naming_other_code_is_refused(tmp_path, capsys):
     with pytest.raises(pickle.UnpicklingError, match="system"):
         read_full(tmp_path / "ckpt")
     assert main(["consolidate", str(tmp_path / "ckpt"), str(tmp_path / "out.ckpt")]) == 2
-    assert "refusing" in capsys.readouterr().out and not (tmp_path / "out.ckpt").exists()
+    assert "refusing" in capsys.readouterr().err and not (tmp_path / "out.ckpt").exists()
 
 
 def _global_call(module: str, name: str, *strings: str) -> bytes:
@@ -147,4 +147,4 @@ def test_pickled_objects_inside_a_checkpoint_are_refused(tmp_path):
 
 def test_consolidate_names_a_directory_that_is_not_a_checkpoint(tmp_path, capsys):
     assert main(["consolidate", str(tmp_path), str(tmp_path / "out.ckpt")]) == 2
-    assert "not a lightning-mtr sharded checkpoint" in capsys.readouterr().out
+    assert "not a lightning-mtr checkpoint directory" in capsys.readouterr().err

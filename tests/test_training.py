@@ -178,7 +178,7 @@ def test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file
     (got,) = fresh.trainer.validate(fresh.model, datamodule=fresh.datamodule, ckpt_path=str(single))
     assert got == pytest.approx(want, rel=1e-6)
     again = _cli(tmp_path / "again", "--trainer.max_epochs", "2")
-    with pytest.raises(ValueError, match="single.ckpt is not a checkpoint directory: training resumes only from"):
+    with pytest.raises(ValueError, match="single.ckpt is a single file: training resumes only from"):
         again.trainer.fit(again.model, datamodule=again.datamodule, ckpt_path=str(single))
 
 

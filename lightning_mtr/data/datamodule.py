@@ -12,7 +12,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
-from lightning_mtr.data.encode import BatchEncoder, DenseStats, checked_label_order
+from lightning_mtr.data.encode import BatchEncoder, DataError, DenseStats, checked_label_order
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
 from lightning_mtr.data.stats import compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
@@ -81,6 +81,17 @@ def generate_once(directory: Path, write: Callable[[Path], Any]) -> dict[str, st
     return {split: str(directory / f"{split}.parquet") for split in ("train", "val", "test")}
 
 
+def _check_sizes(**sizes: int | None) -> None:
+    """Batch sizes of at least 1 (``eval_batch_size`` None: ``batch_size``); a shuffle buffer and
+    worker count of 0 or more. A 0 or negative value would otherwise be taken silently (a negative
+    buffer as no shuffling, an ``eval_batch_size`` of 0 as ``batch_size``)."""
+    for name, value in sizes.items():
+        least = 0 if name in ("shuffle_buffer", "num_workers") else 1
+        if value is not None and value < least:
+            raise DataError(f"data.{name} is {value}; it must be at least {least}"
+                            + (" (0: no shuffling)" if name == "shuffle_buffer" else ""))
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Streams batches for the schema's features and tasks.
 
@@ -104,7 +115,12 @@ class MultiTaskDataModule(L.LightningDataModule):
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
                  extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat()):
         super().__init__()
-        self.schema = Schema.from_yaml(schema)
+        _check_sizes(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle_buffer=shuffle_buffer,
+                     num_workers=num_workers)
+        try:
+            self.schema = Schema.from_yaml(schema)
+        except ValueError as err:  # the message names the file; a DataError ends the CLI with it, in one line
+            raise DataError(str(err)) from None
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.synthetic = synthetic
         self.batch_size = batch_size

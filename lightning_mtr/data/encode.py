@@ -23,7 +23,8 @@ SOURCE_COLUMN = "__source__"
 
 
 class DataError(ValueError):
-    """Bad input data; the message names the file and the column."""
+    """Bad input data, schema or data settings; the message names the file and the column (or the
+    setting) and the CLI ends with it in one line."""
 
 
 @dataclass(frozen=True)

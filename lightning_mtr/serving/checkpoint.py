@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from torch import nn
 from lightning_mtr.data.datamodule import SyntheticLog
 from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.embeddings.init import init_tables
+from lightning_mtr.models import MODELS
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.schema import Schema
-from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint, read_consolidated
+from lightning_mtr.training.distributed.checkpoint import CheckpointError, read_consolidated, read_state
 from lightning_mtr.training.run_record import RUN_RECORD, run_record
 
 
@@ -48,10 +50,7 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None) -> Traine
     fit`` writes into every checkpoint, or from ``config``, the ``config.yaml`` LightningCLI
     saves beside the logs (for a checkpoint written without the CLI's record)."""
     path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = read_consolidated(path) if is_sharded_checkpoint(path) else \
-        torch.load(path, map_location="cpu", weights_only=True)
+    state = read_consolidated(path) if path.is_dir() else read_state(path)
     record = state.get(RUN_RECORD)
     if config is not None:
         with open(config) as handle:
@@ -60,12 +59,22 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None) -> Traine
     if record is None:
         raise ValueError(f"{path} does not say which model it holds (it was not written by `lightning-mtr fit`); "
                          "pass --config with the config.yaml of the run that trained it")
+    if config is None and not _registered(record["model"]["class_path"]):
+        raise CheckpointError(f"{path} names the model {record['model']['class_path']}, not one of lightning-mtr's "
+                              "registered models: a checkpoint does not choose code to import; for a model of your "
+                              "own pass --config with the config.yaml of the run that trained it")
     schema = Schema.from_dict(record["schema"]) if record["schema"] else Schema.from_yaml(record["data"]["schema"])
     stats = (state.get("MultiTaskDataModule") or {}).get("dense_stats")
     model = build_trained(record["model"], schema, {k[len("model."):]: v for k, v in state["state_dict"].items()
                                                     if k.startswith("model.")})
     return TrainedRun(model, schema, DenseStats(**{k: tuple(v) for k, v in stats.items()}) if stats else None,
                       record["model"], record["data"])
+
+
+def _registered(class_path: str) -> bool:
+    """Whether ``class_path`` names a class of ``MODELS``, looked up without importing anything."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module), name, None) in MODELS.values()
 
 
 def build_trained(model_config: dict[str, Any], schema: Schema, weights: dict[str, torch.Tensor]) -> nn.Module:

@@ -10,6 +10,7 @@ between layouts, so a checkpoint of either path resumes on the other, on any wor
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torchrec.optim.keyed import KeyedOptimizer
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.memory import TableMemory
 from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
+from lightning_mtr.training.run_record import RUN_RECORD
 
 
 class TableStrategy(ABC):
@@ -125,16 +127,16 @@ class TableStrategy(ABC):
         single file (``consolidate``'s, or one written before this format) holds weights only:
         it validates, tests and predicts, but training cannot resume from it."""
         path = Path(self.broadcast(str(checkpoint_path)))
-        if sharded.is_sharded_checkpoint(path):
-            state = sharded.load_trainer_state(path)
-            self.resuming = (path, state)
+        state = sharded.read_state(path)
+        check_recorded_model(state, self.lightning_module, path)
+        self.resuming = (path, state)
+        if path.is_dir():
             return {k: v for k, v in state.items() if k != "plain"}
         if self.lightning_module.trainer.state.fn == TrainerFn.FITTING:
-            raise ValueError(f"{path} is not a checkpoint directory: training resumes only from the directories "
-                             "lightning-mtr writes (a single file, consolidated or written before that format, "
-                             "holds no optimizer state); validate, test, predict and export read it")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.resuming = (path, state)
+            raise sharded.CheckpointError(
+                f"{path} is a single file: training resumes only from the checkpoint directories lightning-mtr "
+                "writes (a single file, consolidated or written before that format, holds no optimizer state); "
+                "validate, test, predict and export read it")
         return {k: v for k, v in state.items() if k != "state_dict"}
 
     def _restore(self, path: Path, state: dict[str, Any], fitting: bool) -> None:
@@ -165,6 +167,35 @@ class TableStrategy(ABC):
     def load_optimizer_state_dict(self, checkpoint) -> None:
         """Lightning's hook, left empty: setup restores every optimizer itself."""
         return None
+
+
+def check_recorded_model(state: dict[str, Any], module: nn.Module, path: Path) -> None:
+    """Refuse a checkpoint whose recorded model is not the one the config built.
+
+    The config decides the code that runs; a checkpoint only fills it (the CLI never merges a
+    checkpoint's ``hyper_parameters`` into the config). What a checkpoint says it holds (the run
+    record's ``class_path``, and any Lightning ``hyper_parameters`` naming a model or module
+    class) must name the classes built, whatever the weights' shapes happen to be."""
+    hyper = state.get("hyper_parameters") or {}
+    claims = [((state.get(RUN_RECORD) or {}).get("model") or {}, module.model),
+              (hyper.get("model") if isinstance(hyper.get("model"), dict) else {}, module.model),
+              ({"class_path": hyper.get("_class_path")}, module)]
+    for recorded, built in ((claim.get("class_path"), built) for claim, built in claims):
+        if recorded is not None and not _names(recorded, type(built)):
+            configured = f"{type(built).__module__}.{type(built).__qualname__}"
+            raise sharded.CheckpointError(
+                f"{path} holds a {recorded} but the config builds {configured}: the config decides the model; "
+                "pass the config the checkpoint was trained with (its run's config.yaml) or a checkpoint of this model")
+
+
+def _names(class_path: Any, cls: type) -> bool:
+    """Whether ``class_path`` (as a config writes it: the defining module, or a package that
+    re-exports the class) names ``cls``, looked up among the modules already imported: reading a
+    checkpoint imports nothing."""
+    if not isinstance(class_path, str):
+        return False
+    module, _, name = class_path.rpartition(".")
+    return getattr(sys.modules.get(module), name, None) is cls
 
 
 def _unwrap(optimizer) -> torch.optim.Optimizer:

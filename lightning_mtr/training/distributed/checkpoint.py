@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
 import shutil
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,10 @@ _METADATA_CLASSES = {
      ("torch", "Size"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("collections", "OrderedDict")}
 _TORCH_VALUES = {"float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8", "uint8", "bool",
                  "strided", "contiguous_format", "preserve_format", "channels_last"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the path and what is wrong with it."""
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -98,11 +104,53 @@ def save(tensors: Mapping[str, Any], trainer_state: dict[str, Any], path: Path, 
 
 def load_trainer_state(path: Path) -> dict[str, Any]:
     if not is_sharded_checkpoint(path):
-        raise FileNotFoundError(f"{path} is not a lightning-mtr sharded checkpoint (no {TRAINER_STATE})")
-    state = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path} is not a lightning-mtr checkpoint directory (no {TRAINER_STATE})")
+    state = load_file(path / TRAINER_STATE)
     if state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+        raise CheckpointError(f"{path}: unknown checkpoint format {state.get('format')!r}")
+    try:
+        _checked_reader(path)  # its tensors' metadata, vetted before anything is built on it
+    except (OSError, EOFError, ValueError, pickle.UnpicklingError) as error:
+        raise CheckpointError(f"{path}: unreadable tensor metadata ({_first_line(error)})") from error
     return state
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint holds besides its tensors (a directory: ``trainer.pt``; a single file:
+    everything), read weights-only, every way it can be unusable raised as one
+    :class:`CheckpointError`."""
+    path = Path(path)
+    if path.is_dir():
+        return load_trainer_state(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    state = load_file(path)
+    if not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (it holds no state_dict)")
+    return state
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` of a file someone was handed. torch's unpickler fails in
+    many ways on a damaged file (EOFError when empty, OSError when truncated, IndexError or an
+    unsupported opcode on random bytes), so any failure is this file being unreadable."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (see the docstring)
+        named = re.search(r"unsupported GLOBAL (\S+)", str(error))
+        if named:
+            raise CheckpointError(f"{path} names code ({named[1]}), which lightning-mtr checkpoints never do; "
+                                  "refusing to load it") from error
+        raise CheckpointError(f"{path}: not a readable checkpoint (empty, truncated or not written by torch.save: "
+                              f"{_first_line(error)})") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (it holds a {type(state).__name__}, not a dict)")
+    return state
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
 def _checked_reader(path: str | Path) -> SafeFileSystemReader:
@@ -132,6 +180,9 @@ def consolidate(path: str | Path, output: str | Path) -> dict[str, Any]:
     dense weights under ``state_dict``, plus the loop, callback and data-module state (dense
     statistics), without optimizer state. It evaluates, predicts and exports on one process;
     continuing *training* resumes from the checkpoint directory."""
+    if Path(output).is_dir():
+        raise CheckpointError(f"{output} is a directory: consolidate writes one file "
+                              f"(e.g. {Path(output) / 'single.ckpt'})")
     single = read_consolidated(path)
     torch.save(single, output)
     return single
@@ -155,8 +206,8 @@ def consolidate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         single = consolidate(args.checkpoint, args.output)
-    except (FileNotFoundError, ValueError, pickle.UnpicklingError) as error:
-        print(f"lightning-mtr consolidate: {error}")
+    except CheckpointError as error:
+        print(f"lightning-mtr consolidate: error: {error}", file=sys.stderr)
         return 2
     sizes = sum(t.numel() for t in single["state_dict"].values())
     print(f"wrote {args.output}: {len(single['state_dict'])} tensors, {sizes:,} values, "

@@ -1,0 +1,178 @@
+"""Every bad input and damaged checkpoint through the ``lightning-mtr`` command line, each in its
+own process: each must end with exit status 2 and one line on stderr naming the file and what is
+wrong, never a traceback.
+
+The malformed rows and files are the ones tests/test_data_pipeline.py checks at the reader
+(reused from there); the checkpoints are cut from one tiny ``fit``. The processes are forked by
+tests/fault_driver.py after one import of the CLI, two at a time, so the corpus costs seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from lightning_mtr.cli import main
+from test_data_pipeline import BAD_SCHEMA, BAD_TYPES, BAD_VALUES, MISSING, corrupt_files, good_rows, write_parquet
+from test_sharded_checkpoint import _Exploit
+
+DRIVER = Path(__file__).with_name("fault_driver.py")
+MODEL = {"class_path": "lightning_mtr.models.MMoE", "init_args": {"num_experts": 2, "expert": [8], "tower": [4]}}
+UNREADABLE = "not a readable checkpoint"
+
+
+def _config(root: Path, model: dict) -> Path:
+    """A run of a few steps of a tiny MMoE on BAD_SCHEMA's columns: the corpus's base command."""
+    schema = root / "schema.yaml"
+    schema.write_text(yaml.safe_dump(asdict(BAD_SCHEMA)))
+    good = write_parquet(root / "good.parquet", good_rows(64))
+    config = {"seed_everything": 0,
+              "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "logger": False,
+                          "enable_progress_bar": False, "enable_model_summary": False,
+                          "default_root_dir": str(root / "run")},
+              "model": {"model": model},
+              "data": {"schema": str(schema), "train": good, "val": good, "test": good, "batch_size": 32}}
+    path = root / f"{model['class_path'].rpartition('.')[2]}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _fit(root: Path, model: dict) -> tuple[Path, Path, Path]:
+    """(config, checkpoint directory, the same consolidated into one file)."""
+    root.mkdir()
+    config = _config(root, model)
+    assert main(["fit", "--config", str(config)]) == 0
+    [directory] = (root / "run" / "checkpoints").iterdir()
+    assert main(["consolidate", str(directory), str(root / "single.ckpt")]) == 0
+    return config, directory, root / "single.ckpt"
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["lightning-mtr"])
+        mmoe = _fit(root / "mmoe", MODEL)
+        omoe = _fit(root / "omoe", {**MODEL, "class_path": "lightning_mtr.models.OMoE"})
+    return {"root": root, "mmoe": mmoe, "omoe": omoe}
+
+
+def _data_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str, list[str]]]:
+    """``fit`` on each malformed file of tests/test_data_pipeline.py: {name: (argv, path, words)}."""
+    cases = {}
+    for name, (rows, column, problem) in {**BAD_VALUES, **BAD_TYPES, **MISSING}.items():
+        path = write_parquet(root / f"{name.replace(' ', '_').replace('>=', 'ge')}.parquet", rows)
+        cases[name] = (["--data.train", path, "--data.val", path], path, [repr(column), problem])
+    (root / "files").mkdir()
+    for name, path in corrupt_files(root / "files").items():
+        problem = "empty file" if name in ("empty", "header-only csv") else "unreadable"
+        cases[f"{name} file"] = (["--data.train", path, "--data.val", path], path, [problem])
+    leaking = root / "leaking_schema.yaml"  # test_label_leakage_is_rejected's first case
+    leaking.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "sparse": [
+        {"name": "c", "column": "click", "num_embeddings": 2}]}))
+    cases["label used as a feature"] = (["--data.schema", str(leaking)], str(leaking), ["label leakage", "'click'"])
+    deep = root / "deep_schema.yaml"  # as in tests/test_schema.py: 1,000 chained products
+    deep.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "tasks": [{"name": "ctr", "label": "*".join(["c"] * 1001)}]}))
+    cases["label of 1,000 chained products"] = (["--data.schema", str(deep)], str(deep),
+                                                ["task 'ctr'", "deeper than 64 levels"])
+    for name, value in (("eval_batch_size", "0"), ("shuffle_buffer", "-1")):
+        cases[f"{name} {value}"] = ([f"--data.{name}", value], f"data.{name} is {value}", ["must be at least"])
+    return {name: (["fit", "--config", str(config), *args], path, words) for name, (args, path, words) in cases.items()}
+
+
+def _damaged(root: Path, directory: Path, single: Path) -> dict[str, Path]:
+    data = single.read_bytes()
+    damaged = {name: root / f"{name}.ckpt" for name in ("truncated", "random", "empty", "tampered")}
+    damaged["truncated"].write_bytes(data[: len(data) // 2])
+    damaged["random"].write_bytes(np.random.default_rng(0).bytes(len(data)))
+    damaged["empty"].write_bytes(b"")
+    torch.save({**torch.load(single, weights_only=True), "callbacks": _Exploit()}, damaged["tampered"])
+    for name in ("tampered directory", "truncated trainer.pt"):
+        damaged[name] = shutil.copytree(directory, root / name.replace(" ", "_"))
+    (damaged["tampered directory"] / ".metadata").write_bytes(pickle.dumps(_Exploit()))
+    trainer = damaged["truncated trainer.pt"] / "trainer.pt"
+    trainer.write_bytes(trainer.read_bytes()[:100])
+    damaged["not a checkpoint directory"] = directory.parent  # the run's checkpoints/ folder
+    return damaged
+
+
+def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, list[str]]]:
+    config, directory, single = fitted["mmoe"]
+    damaged = _damaged(root, directory, single)
+    validate = ["validate", "--config", str(config), "--ckpt_path"]
+    cases = {f"{name} checkpoint": ([*validate, str(path)], str(path), [UNREADABLE])
+             for name, path in damaged.items() if name in ("truncated", "random", "empty", "truncated trainer.pt")}
+    cases["tampered checkpoint"] = ([*validate, str(damaged["tampered"])], str(damaged["tampered"]),
+                                    ["names code", "posix.system", "refusing"])
+    cases["tampered directory"] = ([*validate, str(damaged["tampered directory"])],
+                                   str(damaged["tampered directory"]), ["metadata", "refusing"])
+    folder = str(damaged["not a checkpoint directory"])
+    cases["directory that is not a checkpoint"] = ([*validate, folder], folder, ["no trainer.pt"])
+    cases["file where a directory is expected (fit)"] = (
+        ["fit", "--config", str(config), "--ckpt_path", str(single)], str(single), ["single file", "resumes only"])
+    cases["file where a directory is expected (consolidate)"] = (
+        ["consolidate", str(single), str(root / "out.ckpt")], str(single), ["not a lightning-mtr checkpoint directory"])
+    cases["directory where a file is expected (consolidate)"] = (
+        ["consolidate", str(directory), str(root)], str(root), ["is a directory", "one file"])
+    cases["random bytes to export"] = (["export", "--ckpt", str(damaged["random"]), "--out", str(root / "art")],
+                                       str(damaged["random"]), [UNREADABLE])
+    # a checkpoint naming a class outside MODELS, whose module would leave a mark if imported
+    (root / "fault_marker_model.py").write_text(f"open({str(root / 'imported')!r}, 'w').close()\nModel = None\n")
+    state = torch.load(single, weights_only=True)
+    state["lightning_mtr_run"]["model"]["class_path"] = "fault_marker_model.Model"
+    torch.save(state, root / "foreign.ckpt")
+    cases["checkpoint naming code to export"] = (
+        ["export", "--ckpt", str(root / "foreign.ckpt"), "--out", str(root / "art")], str(root / "foreign.ckpt"),
+        ["fault_marker_model.Model", "not one of lightning-mtr's registered models"])
+    _, _, omoe_single = fitted["omoe"]
+    cases["checkpoint of another model"] = ([*validate, str(omoe_single)], str(omoe_single),
+                                            ["lightning_mtr.models.OMoE", "lightning_mtr.models.mmoe.MMoE"])
+    return cases
+
+
+def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):
+    cases = {**_data_cases(tmp_path, fitted["mmoe"][0]), **_checkpoint_cases(tmp_path, fitted)}
+    (tmp_path / "cases.json").write_text(json.dumps({name: argv for name, (argv, _, _) in cases.items()}))
+    path = [str(DRIVER.parents[1]), str(tmp_path), os.environ.get("PYTHONPATH", "")]  # tmp_path: the marker module
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, str(DRIVER), str(tmp_path / "cases.json")], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.splitlines()[-1])
+    failures = []
+    for name, (_, path, words) in cases.items():
+        status, stderr = results[name]["status"], results[name]["stderr"]
+        errors = [line for line in stderr.splitlines() if line.startswith("lightning-mtr")]
+        line = errors[-1] if errors else ""
+        if (status != 2 or "Traceback" in stderr or len(errors) != 1 or path not in line
+                or not all(word in line for word in words)):
+            failures.append(f"{name}: status {status}, {stderr.strip().splitlines()[-1:]}")
+    print(f"{len(cases)} fault cases, each through the CLI in its own process")
+    assert not failures, "\n".join(failures)
+    assert not (tmp_path / "imported").exists(), "a checkpoint chose a module to import"
+
+
+def test_the_config_decides_the_model_not_the_checkpoint(fitted, monkeypatch, capsys):
+    """An OMoE checkpoint whose Lightning ``hyper_parameters`` name OMoE, passed to an MMoE config:
+    LightningCLI used to merge them, so the run validated an OMoE without a word."""
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    config, _, _ = fitted["mmoe"]
+    _, _, omoe = fitted["omoe"]
+    state = torch.load(omoe, weights_only=True)
+    state["hyper_parameters"] = {"model": state["lightning_mtr_run"]["model"]}
+    forged = fitted["root"] / "hyper.ckpt"
+    torch.save(state, forged)
+    assert main(["validate", "--config", str(config), "--ckpt_path", str(forged)]) == 2
+    assert (f"lightning-mtr: error: {forged} holds a lightning_mtr.models.OMoE but the config builds "
+            "lightning_mtr.models.mmoe.MMoE") in capsys.readouterr().err
