@@ -14,6 +14,7 @@ from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
@@ -56,7 +57,8 @@ class MultiTaskCLI(LightningCLI):
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
     Bad input data ends the run with its message (the file, the column, the fix) on one line of
-    stderr and exit status 2, not a traceback through Lightning's loops."""
+    stderr and exit status 2, not a traceback through Lightning's loops; a NaN or inf loss that
+    stops training (``model.bad_loss``) likewise, with exit status 3."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as error:
+        print(f"lightning-mtr: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -18,8 +19,11 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
+from lightning_mtr.training.bad_loss import (
+    BadLossPolicy, NonFiniteLoss, bad_terms, first_bad_gradient, gradient_message, loss_message)
 from lightning_mtr.training.distributed.base import TableStrategy
 
+_log = logging.getLogger(__name__)
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
 
@@ -46,6 +50,9 @@ class MultiTaskModule(L.LightningModule):
             DWA, PLE's schedule, GradNorm); its current weights are logged as
             ``train/{task}/weight``. A model's extra loss terms are never weighted. Validation's
             ``val/loss`` always uses the schema's weights, so runs compare.
+        bad_loss: what a NaN or inf loss or gradient does: stop the run before the batch changes
+            anything, or skip it (``{policy: skip, max_skips: N}``); see
+            :mod:`lightning_mtr.training.bad_loss`.
     """
 
     def __init__(
@@ -58,6 +65,7 @@ class MultiTaskModule(L.LightningModule):
         auc: Literal["exact", "binned"] = "exact",
         auc_bins: int = 65536,
         task_weighting: WeightingFactory | None = None,
+        bad_loss: BadLossPolicy = BadLossPolicy(),
     ):
         super().__init__()
         self.schema = schema
@@ -67,6 +75,10 @@ class MultiTaskModule(L.LightningModule):
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
         self.task_weighting = (task_weighting or StaticWeights)(schema)
+        self.bad_loss = bad_loss
+        self.skipped_batches = 0  # kept in checkpoints: max_skips counts over a resumed run
+        self._source = None  # the current batch's RowSource, for a gradient found bad after backward
+        self._skipping = False  # this step's loss is bad on some rank: every rank skips backward
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
         self.metrics = nn.ModuleDict({stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins)
                                       for stage in ("val", "test")})
@@ -115,6 +127,11 @@ class MultiTaskModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, losses, extra = self._outputs_and_losses(batch)
         loss = self.task_weighting(losses) + sum(extra.values())
+        self._source = batch.source
+        self._skipping = self._skip_bad_loss({**losses, **{f"extra/{k}": v for k, v in extra.items()}, "loss": loss},
+                                             batch)
+        if self._skipping:
+            return loss  # backward() runs nothing: no gradient, no table update, no optimizer moves
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
         self.log_dict({f"train/extra/{name}": value.detach() for name, value in extra.items()},
@@ -128,6 +145,45 @@ class MultiTaskModule(L.LightningModule):
             entry[1] += 1
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         return loss
+
+    def _skip_bad_loss(self, terms: dict[str, torch.Tensor], batch: Batch) -> bool:
+        """Whether any rank's loss is NaN or inf (every rank gets the same answer); raises
+        :class:`NonFiniteLoss` when the policy says stop."""
+        flags = self.trainer.strategy.reduce(bad_terms(terms, self.global_rank, self.trainer.world_size),
+                                             reduce_op="sum")
+        if not bool(flags.any()):
+            return False
+        self._count_skip(loss_message(flags, terms, self.global_rank, batch.source))
+        return True
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Nothing for a skipped batch (Lightning refuses a ``None`` loss on several processes)."""
+        if not self._skipping:
+            super().backward(loss, *args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss whose gradient is not: no torch optimizer steps (gradients are all-reduced
+        by now, so ranks agree without a collective); fused tables already took this backward."""
+        bad = first_bad_gradient(self.named_parameters())
+        if bad is None:
+            return
+        self._count_skip(gradient_message(bad, self._source))
+        for parameter in self.parameters():
+            parameter.grad = None  # torch optimizers step no parameter without a gradient
+
+    def _count_skip(self, message: str) -> None:
+        stop = self.bad_loss.stop_reason(self.skipped_batches)
+        if stop is not None:
+            raise NonFiniteLoss(f"{message}; {stop}")
+        self.skipped_batches += 1
+        _log.warning("skipped (bad_loss.policy: skip): %s", message)  # on every rank: the bad one names its rows
+        self.log("train/skipped_batches", float(self.skipped_batches))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_batches"] = self.skipped_batches
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_batches = checkpoint.get("skipped_batches", 0)
 
     def on_fit_start(self) -> None:
         self.task_weighting.attach(self.model)  # materialised (and sharded) by now, on one process or many
