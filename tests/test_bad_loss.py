@@ -24,7 +24,7 @@ from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.data.reader import BatchStream, list_files, plan_units
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule
-from lightning_mtr.training.bad_loss import BadLossPolicy, NonFiniteLoss
+from lightning_mtr.training.bad_loss import BadLossPolicy, NonFiniteLoss, first_bad_gradient
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
 from lightning_mtr.training.distributed.checkpoint import load_trainer_state, read_full
 
@@ -146,6 +146,19 @@ def test_a_non_finite_dense_gradient_skips_the_dense_step_or_stops():
         _fit([batch], start, BadLossPolicy("stop"), callbacks=[_InfGradient()])
 
 
+def test_gradient_check_finds_nan_and_inf_but_not_a_large_finite_gradient():
+    def named(*grads):
+        params = [torch.nn.Parameter(torch.zeros(len(g))) for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = torch.tensor(g, dtype=torch.float32)
+        return [(f"p{i}", p) for i, p in enumerate(params)]
+
+    big = 3e38  # two of them sum past float32's largest value, 3.4e38: the fast sum is inf
+    assert first_bad_gradient(named([1.0, 2.0], [big, big])) is None
+    assert first_bad_gradient(named([1.0, 2.0], [big, big], [0.0, float("nan")])) == "p2"
+    assert first_bad_gradient(named([float("-inf"), 2.0], [0.0, float("nan")])) == "p0"
+
+
 def test_policy_is_checked():
     with pytest.raises(ValueError, match="bad_loss.policy must be 'skip' or 'stop', got 'ignore'"):
         BadLossPolicy("ignore")
@@ -203,6 +216,7 @@ def test_two_processes_both_skip_when_one_rank_has_a_bad_batch(tmp_path):
     start = _start_weights()
     run_ranks(WORLD, _two_rank_worker, start, tmp_path)
     assert [torch.load(tmp_path / f"skipped-{rank}.pt") for rank in range(WORLD)] == [1, 1]
+    assert load_trainer_state(tmp_path / "sharded")["skipped_batches"] == 1, "a resumed run counts on"
     without = _fit([_batch(seed, ROWS * WORLD) for seed in (0, 2, 3)], start, BadLossPolicy("skip"))
     saved = read_full(tmp_path / "sharded")["model"]
     for key, value in _state(without).items():
