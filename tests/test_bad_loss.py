@@ -200,13 +200,18 @@ def test_cli_stop_is_one_line_and_keeps_the_last_good_checkpoint(tmp_path, monke
 
 # ---- two processes ------------------------------------------------------------------------------
 
-def _two_rank_worker(rank: int, start: dict, out: Path) -> None:
-    """Only rank 1's second batch is bad: both ranks must skip it (or TorchRec's all-to-all waits)."""
+def _two_rank_worker(rank: int, policy: str, start: dict, out: Path) -> None:
+    """Only rank 1's second batch is bad: both ranks must skip it (or TorchRec's all-to-all waits)
+    or both stop (each writes its message: a rank left waiting would write none)."""
     batches = [_slice(_batch(seed, ROWS * WORLD), rank, WORLD) for seed in range(4)]
     if rank == 1:
         batches[1] = _poisoned(batches[1], "dense")
-    module = _fit(batches, start, BadLossPolicy("skip", max_skips=1), devices=WORLD,
-                  strategy=TorchRecStrategy(constraints=PLANS["table_wise"]), default_root_dir=out)
+    try:
+        module = _fit(batches, start, BadLossPolicy(policy, max_skips=1), devices=WORLD,
+                      strategy=TorchRecStrategy(constraints=PLANS["table_wise"]), default_root_dir=out)
+    except NonFiniteLoss as error:
+        (out / f"stopped-{rank}.txt").write_text(str(error))
+        return
     module.trainer.save_checkpoint(out / "sharded")
     torch.save(module.skipped_batches, out / f"skipped-{rank}.pt")
 
@@ -214,10 +219,19 @@ def _two_rank_worker(rank: int, start: dict, out: Path) -> None:
 @pytest.mark.multiprocess
 def test_two_processes_both_skip_when_one_rank_has_a_bad_batch(tmp_path):
     start = _start_weights()
-    run_ranks(WORLD, _two_rank_worker, start, tmp_path)
+    run_ranks(WORLD, _two_rank_worker, "skip", start, tmp_path)
     assert [torch.load(tmp_path / f"skipped-{rank}.pt") for rank in range(WORLD)] == [1, 1]
     assert load_trainer_state(tmp_path / "sharded")["skipped_batches"] == 1, "a resumed run counts on"
     without = _fit([_batch(seed, ROWS * WORLD) for seed in (0, 2, 3)], start, BadLossPolicy("skip"))
     saved = read_full(tmp_path / "sharded")["model"]
     for key, value in _state(without).items():
         torch.testing.assert_close(saved[key], value, **TOLERANCE, msg=key)
+
+
+@pytest.mark.multiprocess
+def test_two_processes_both_stop_and_name_the_bad_rank(tmp_path):
+    run_ranks(WORLD, _two_rank_worker, "stop", _start_weights(), tmp_path)
+    messages = [(tmp_path / f"stopped-{rank}.txt").read_text() for rank in range(WORLD)]
+    assert messages[1].startswith(f"non-finite loss of 'ctr' = nan on rank 1's batch from {BAD_SOURCE};")
+    assert messages[0].startswith("non-finite loss of 'ctr' on rank 1's batch (that rank's log names its file")
+    assert not (tmp_path / "sharded").exists()

@@ -82,12 +82,10 @@ def loss_message(flags: torch.Tensor, terms: dict[str, torch.Tensor], rank: int,
     bad_rank, term = (int(i) for i in flags.nonzero()[0])
     name = list(terms)[term]
     where = f"rank {bad_rank}'s batch" if flags.shape[0] > 1 else "batch"
-    if bad_rank == rank:
-        where += f" from {source}" if source is not None else " (built in memory: no file)"
-        value = f" = {terms[name].detach().float().sum().item()}"
-    else:
-        value = " (that rank's log names its file and rows)"
-    return f"non-finite loss of {name!r}{value} on {where}"
+    if bad_rank != rank:
+        return f"non-finite loss of {name!r} on {where} (that rank's log names its file and rows)"
+    origin = f"from {source}" if source is not None else "(built in memory: no file)"
+    return f"non-finite loss of {name!r} = {terms[name].detach().float().sum().item()} on {where} {origin}"
 
 
 def first_bad_gradient(parameters: Iterable[tuple[str, nn.Parameter]]) -> str | None:
