@@ -78,7 +78,7 @@ def _poisoned(batch: Batch, kind: str) -> Batch:
 
 def _fit(batches: list[Batch], start: dict, policy: BadLossPolicy, strategy=None, **trainer) -> MultiTaskModule:
     module = _module(start)
-    module.bad_loss = policy
+    module.bad_batches.policy = policy
     L.Trainer(accelerator="cpu", devices=trainer.pop("devices", 1), max_epochs=1, logger=False,
               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
               use_distributed_sampler=False, inference_mode=False, strategy=strategy or SingleProcessStrategy(),
@@ -97,7 +97,7 @@ def test_skip_leaves_tables_dense_weights_and_optimizers_as_without_the_batch(ki
     bad = _poisoned(_batch(7, ROWS), kind)
     skipped = _fit([good[0], bad, good[1], good[2]], start, BadLossPolicy("skip", max_skips=1))
     without = _fit(good, start, BadLossPolicy("skip", max_skips=1))
-    assert skipped.skipped_batches == 1 and without.skipped_batches == 0
+    assert skipped.bad_batches.skipped == 1 and without.bad_batches.skipped == 0
     assert float(skipped.trainer.logged_metrics["train/skipped_batches"]) == 1.0
     after = _state(without)
     moved = [k for k in start if not torch.equal(start[k], after[k])]
@@ -135,7 +135,7 @@ class _InfGradient(L.Callback):
 def test_a_non_finite_dense_gradient_skips_the_dense_step_or_stops():
     start = _start_weights()
     module = _fit([_batch(0, ROWS)], start, BadLossPolicy("skip"), callbacks=[_InfGradient()])
-    assert module.skipped_batches == 1
+    assert module.bad_batches.skipped == 1
     dense = [k for k in start if "embedding_bags" not in k]
     assert dense and all(torch.equal(module.state_dict()[k], start[k]) for k in dense)
     assert not module.optimizers().optimizer.state, "Adam took no step"
@@ -213,7 +213,7 @@ def _two_rank_worker(rank: int, policy: str, start: dict, out: Path) -> None:
         (out / f"stopped-{rank}.txt").write_text(str(error))
         return
     module.trainer.save_checkpoint(out / "sharded")
-    torch.save(module.skipped_batches, out / f"skipped-{rank}.pt")
+    torch.save(module.bad_batches.skipped, out / f"skipped-{rank}.pt")
 
 
 @pytest.mark.multiprocess

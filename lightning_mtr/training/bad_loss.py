@@ -16,12 +16,14 @@ the same ones and decides alike. What cannot be caught is such a gradient reachi
 table: its rows are updated inside backward, before anything can look. The losses
 (``lightning_mtr.tasks``) are computed from logits (``binary_cross_entropy_with_logits``,
 ``cross_entropy``, MSE) and probability chains in log space (``kernels/prob_chain.py``), whose
-gradients stay bounded where the loss is finite; a table's gradient is the first dense layer's input gradient, so a
-non-finite table gradient with a finite loss would need such an unbounded op inside a model.
+gradients stay bounded where the loss is finite; a table's gradient is the first dense layer's
+input gradient, so a non-finite table gradient with a finite loss would need such an unbounded
+op inside a model.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -30,6 +32,8 @@ import torch
 from torch import nn
 
 from lightning_mtr.data.batch import RowSource
+
+_log = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,6 +71,40 @@ class BadLossPolicy:
             return (f"stopped after {skipped} skipped batches (bad_loss.max_skips: {self.max_skips}); the last "
                     "checkpoint is the last good state")
         return None
+
+
+class BadBatches:
+    """The policy and the count of skipped batches (``skipped``, kept in checkpoints by the
+    module, so ``max_skips`` counts over a resumed run), and the two checks of a step."""
+
+    def __init__(self, policy: BadLossPolicy):
+        self.policy = policy
+        self.skipped = 0
+
+    def loss_is_bad(self, terms: dict[str, torch.Tensor], source: RowSource | None, strategy, rank: int,
+                    world_size: int) -> bool:
+        """Whether any rank's ``terms`` hold a NaN or inf; every rank gets the same answer from
+        ``strategy.reduce`` (Lightning's), so all skip or all stop."""
+        flags = strategy.reduce(bad_terms(terms, rank, world_size), reduce_op="sum")
+        if not bool(flags.any()):
+            return False
+        self._skip(loss_message(flags, terms, rank, source))
+        return True
+
+    def gradient_is_bad(self, parameters: Iterable[tuple[str, nn.Parameter]], source: RowSource | None) -> bool:
+        bad = first_bad_gradient(parameters)
+        if bad is None:
+            return False
+        self._skip(gradient_message(bad, source))
+        return True
+
+    def _skip(self, message: str) -> None:
+        """Count the batch, or raise :class:`NonFiniteLoss` when the policy says stop."""
+        stop = self.policy.stop_reason(self.skipped)
+        if stop is not None:
+            raise NonFiniteLoss(f"{message}; {stop}")
+        self.skipped += 1
+        _log.warning("skipped (bad_loss.policy: skip): %s", message)  # on every rank: the bad one names its rows
 
 
 def bad_terms(terms: dict[str, torch.Tensor], rank: int, world_size: int) -> torch.Tensor:

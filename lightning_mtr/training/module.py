@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -19,11 +18,9 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
-from lightning_mtr.training.bad_loss import (
-    BadLossPolicy, NonFiniteLoss, bad_terms, first_bad_gradient, gradient_message, loss_message)
+from lightning_mtr.training.bad_loss import BadBatches, BadLossPolicy
 from lightning_mtr.training.distributed.base import TableStrategy
 
-_log = logging.getLogger(__name__)
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
 
@@ -75,8 +72,7 @@ class MultiTaskModule(L.LightningModule):
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
         self.task_weighting = (task_weighting or StaticWeights)(schema)
-        self.bad_loss = bad_loss
-        self.skipped_batches = 0  # kept in checkpoints: max_skips counts over a resumed run
+        self.bad_batches = BadBatches(bad_loss)
         self._source = None  # the current batch's RowSource, for a gradient found bad after backward
         self._skipping = False  # this step's loss is bad on some rank: every rank skips backward
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
@@ -128,9 +124,11 @@ class MultiTaskModule(L.LightningModule):
         _, losses, extra = self._outputs_and_losses(batch)
         loss = self.task_weighting(losses) + sum(extra.values())
         self._source = batch.source
-        self._skipping = self._skip_bad_loss({**losses, **{f"extra/{k}": v for k, v in extra.items()}, "loss": loss},
-                                             batch)
+        terms = {**losses, **{f"extra/{k}": v for k, v in extra.items()}, "loss": loss}
+        self._skipping = self.bad_batches.loss_is_bad(terms, batch.source, self.trainer.strategy, self.global_rank,
+                                                      self.trainer.world_size)
         if self._skipping:
+            self.log("train/skipped_batches", float(self.bad_batches.skipped))
             return loss  # backward() runs nothing: no gradient, no table update, no optimizer moves
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
@@ -146,16 +144,6 @@ class MultiTaskModule(L.LightningModule):
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         return loss
 
-    def _skip_bad_loss(self, terms: dict[str, torch.Tensor], batch: Batch) -> bool:
-        """Whether any rank's loss is NaN or inf (every rank gets the same answer); raises
-        :class:`NonFiniteLoss` when the policy says stop."""
-        flags = self.trainer.strategy.reduce(bad_terms(terms, self.global_rank, self.trainer.world_size),
-                                             reduce_op="sum")
-        if not bool(flags.any()):
-            return False
-        self._count_skip(loss_message(flags, terms, self.global_rank, batch.source))
-        return True
-
     def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
         """Nothing for a skipped batch (Lightning refuses a ``None`` loss on several processes)."""
         if not self._skipping:
@@ -164,26 +152,17 @@ class MultiTaskModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """A finite loss whose gradient is not: no torch optimizer steps (gradients are all-reduced
         by now, so ranks agree without a collective); fused tables already took this backward."""
-        bad = first_bad_gradient(self.named_parameters())
-        if bad is None:
+        if not self.bad_batches.gradient_is_bad(self.named_parameters(), self._source):
             return
-        self._count_skip(gradient_message(bad, self._source))
+        self.log("train/skipped_batches", float(self.bad_batches.skipped))
         for parameter in self.parameters():
             parameter.grad = None  # torch optimizers step no parameter without a gradient
 
-    def _count_skip(self, message: str) -> None:
-        stop = self.bad_loss.stop_reason(self.skipped_batches)
-        if stop is not None:
-            raise NonFiniteLoss(f"{message}; {stop}")
-        self.skipped_batches += 1
-        _log.warning("skipped (bad_loss.policy: skip): %s", message)  # on every rank: the bad one names its rows
-        self.log("train/skipped_batches", float(self.skipped_batches))
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["skipped_batches"] = self.skipped_batches
+        checkpoint["skipped_batches"] = self.bad_batches.skipped
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.skipped_batches = checkpoint.get("skipped_batches", 0)
+        self.bad_batches.skipped = checkpoint.get("skipped_batches", 0)
 
     def on_fit_start(self) -> None:
         self.task_weighting.attach(self.model)  # materialised (and sharded) by now, on one process or many
