@@ -16,6 +16,7 @@ from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     Bad input data or an unusable checkpoint ends the run with its message (the file, the column
     or what is wrong, the fix) on one line of stderr and exit status 2, not a traceback through
     Lightning's loops; so do tables too large for the run's memory (``lightning-mtr plan``'s
-    message: by how much, and what would fit)."""
+    message: by how much, and what would fit). A NaN or inf loss that stops training
+    (``model.bad_loss``) likewise, with exit status 3."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -89,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank_zero_only.rank == 0 or not isinstance(error, TablesDoNotFit):  # every rank finds the same shortfall
             print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as error:
+        print(f"lightning-mtr: error: {error}", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -9,6 +9,26 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 
+@dataclass(frozen=True)
+class RowSource:
+    """Where a batch's rows came from, for messages: ``rows`` of the batch's rows are rows of
+    ``file`` numbered ``first..last`` (0-based, inclusive; the batch's first row among them),
+    ``elsewhere`` came from other files (the shuffle buffer mixes rows and files)."""
+
+    file: str
+    first: int
+    last: int
+    rows: int
+    elsewhere: int = 0
+
+    def __str__(self) -> str:
+        contiguous = self.rows == self.last - self.first + 1
+        span = f"rows {self.first}-{self.last}" if contiguous else \
+            f"{self.rows} rows between rows {self.first} and {self.last}"
+        other = f" (+{self.elsewhere} rows from other files)" if self.elsewhere else ""
+        return f"{self.file} {span}{other}"
+
+
 @dataclass
 class Batch(Pipelineable):
     """One mini-batch of B rows.
@@ -21,6 +41,7 @@ class Batch(Pipelineable):
         extras: column -> ``[B]`` tensor carried through untouched (e.g. ids for ``predict``).
         groups: column -> ``[B]`` int64 ids grouping rows for ranking losses and per-group
             metrics (a request id, a user id).
+        source: the file and rows it was read from (None for batches built in memory).
         row_weights: task -> ``[B]`` float32 per-row loss weights ``n_i`` of point-wise ranking
             tasks (0 outside the task's sample space).
     """
@@ -32,6 +53,7 @@ class Batch(Pipelineable):
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
+    source: RowSource | None = None
 
     @property
     def batch_size(self) -> int:
@@ -53,6 +75,7 @@ class Batch(Pipelineable):
             extras={k: move(v) for k, v in self.extras.items()},
             groups={k: move(v) for k, v in self.groups.items()},
             row_weights={k: move(v) for k, v in self.row_weights.items()},
+            source=self.source,
         )
 
     def pin_memory(self) -> Batch:
@@ -64,6 +87,7 @@ class Batch(Pipelineable):
             extras={k: v.pin_memory() for k, v in self.extras.items()},
             groups={k: v.pin_memory() for k, v in self.groups.items()},
             row_weights={k: v.pin_memory() for k, v in self.row_weights.items()},
+            source=self.source,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:

@@ -16,10 +16,11 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from lightning_mtr.data.batch import Batch
+from lightning_mtr.data.batch import Batch, RowSource
 from lightning_mtr.schema import DenseFeature, Schema, SparseFeature, Task
 
 SOURCE_COLUMN = "__source__"
+ROW_COLUMN = "__row__"  # the row's number in its file (0-based)
 
 
 class DataError(ValueError):
@@ -129,6 +130,7 @@ class BatchEncoder:
             extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
             groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
             row_weights=row_weights,
+            source=row_source(table, sources),
         )
 
     def _check_label_order(self, values: dict[str, np.ndarray], masks: dict[str, torch.Tensor],
@@ -250,6 +252,16 @@ def transform_dense(feature: DenseFeature, values: np.ndarray, stats: DenseStats
     if feature.standardized:
         values = (values - stats.mean[index]) / stats.std[index]
     return values
+
+
+def row_source(table: pa.Table, sources: Sequence[str]) -> RowSource | None:
+    """The file of the table's first row and the range of that file's rows in the table."""
+    if ROW_COLUMN not in table.column_names or table.num_rows == 0:
+        return None
+    files = table.column(SOURCE_COLUMN).to_numpy()
+    mine = files == files[0]
+    rows = table.column(ROW_COLUMN).to_numpy()[mine]
+    return RowSource(sources[files[0]], int(rows.min()), int(rows.max()), len(rows), int((~mine).sum()))
 
 
 class RowChecker:

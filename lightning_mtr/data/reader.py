@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lightning_mtr.data.batch import Batch
-from lightning_mtr.data.encode import MISSING_GROUP, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
+from lightning_mtr.data.encode import MISSING_GROUP, ROW_COLUMN, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
 
@@ -50,7 +50,7 @@ class TextFormat:
 @dataclass(frozen=True)
 class Unit:
     """Rows ``[start, stop)`` of one Parquet row group, or of a whole text file (``row_group is None``,
-    parsed as ``text`` says)."""
+    parsed as ``text`` says); ``offset``: the file's row number of the group's first row."""
 
     path: str
     row_group: int | None
@@ -58,6 +58,7 @@ class Unit:
     start: int = 0
     stop: int | None = None
     text: TextFormat = TextFormat()
+    offset: int = 0
 
     @property
     def length(self) -> int:
@@ -65,7 +66,7 @@ class Unit:
         return (self.rows if self.stop is None else self.stop) - self.start
 
     def slice(self, start: int, stop: int) -> Unit:
-        return Unit(self.path, self.row_group, self.rows, start, stop, self.text)
+        return Unit(self.path, self.row_group, self.rows, start, stop, self.text, self.offset)
 
 
 def split_rows(units: Sequence[Unit], part: int, parts: int) -> list[Unit]:
@@ -118,8 +119,10 @@ def plan_units(files: Sequence[str], encoder: BatchEncoder, text: TextFormat = T
         if metadata.num_rows == 0:
             raise DataError(f"{path}: empty file (no rows)")
         encoder.check_columns(metadata.schema.to_arrow_schema(), path)
-        units.extend(Unit(path, group, metadata.row_group(group).num_rows) for group in range(metadata.num_row_groups)
-                     if metadata.row_group(group).num_rows > 0)
+        sizes = [metadata.row_group(group).num_rows for group in range(metadata.num_row_groups)]
+        offsets = np.cumsum([0, *sizes[:-1]])
+        units.extend(Unit(path, group, rows, offset=int(offsets[group]))
+                     for group, rows in enumerate(sizes) if rows > 0)
     return units
 
 
@@ -155,12 +158,16 @@ def _csv_options(columns: Sequence[str], numeric: Collection[str], strings: Coll
 def read_tagged(units: Sequence[Unit], columns: Sequence[str], chunk_rows: int, numeric: Collection[str] = (),
                 strings: Collection[str] = ()) -> Iterator[pa.Table]:
     """Chunks of all units, each row tagged in ``SOURCE_COLUMN`` with its file's index in
-    :func:`sources_of` (units), so errors can name the file after rows are mixed."""
+    :func:`sources_of` (units) and in ``ROW_COLUMN`` with its row number in that file, so errors
+    can name the file and rows after rows are mixed."""
     index = {path: i for i, path in enumerate(sources_of(units))}
     for unit in units:
+        row = unit.offset + unit.start
         for chunk in read_unit(unit, columns, chunk_rows, numeric, strings):
             tag = pa.array(np.full(chunk.num_rows, index[unit.path], np.int32))
-            yield pa.Table.from_batches([chunk]).append_column(SOURCE_COLUMN, tag)
+            rows = pa.array(np.arange(row, row + chunk.num_rows, dtype=np.int64))
+            row += chunk.num_rows
+            yield pa.Table.from_batches([chunk]).append_column(SOURCE_COLUMN, tag).append_column(ROW_COLUMN, rows)
 
 
 def sources_of(units: Sequence[Unit]) -> list[str]:

@@ -18,6 +18,7 @@ from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.tasks.weighting import StaticWeights, TaskWeighting
+from lightning_mtr.training.bad_loss import BadBatches, BadLossPolicy
 from lightning_mtr.training.distributed.base import TableStrategy
 
 ModelFactory = Callable[[Schema], nn.Module]
@@ -46,6 +47,9 @@ class MultiTaskModule(L.LightningModule):
             DWA, PLE's schedule, GradNorm); its current weights are logged as
             ``train/{task}/weight``. A model's extra loss terms are never weighted. Validation's
             ``val/loss`` always uses the schema's weights, so runs compare.
+        bad_loss: what a NaN or inf loss or gradient does: stop the run before the batch changes
+            anything, or skip it (``{policy: skip, max_skips: N}``); see
+            :mod:`lightning_mtr.training.bad_loss`.
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class MultiTaskModule(L.LightningModule):
         auc: Literal["exact", "binned"] = "exact",
         auc_bins: int = 65536,
         task_weighting: WeightingFactory | None = None,
+        bad_loss: BadLossPolicy = BadLossPolicy(),
     ):
         super().__init__()
         self.schema = schema
@@ -67,6 +72,9 @@ class MultiTaskModule(L.LightningModule):
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
         self.task_weighting = (task_weighting or StaticWeights)(schema)
+        self.bad_batches = BadBatches(bad_loss)
+        self._source = None  # the current batch's RowSource, for a gradient found bad after backward
+        self._skipping = False  # this step's loss is bad on some rank: every rank skips backward
         self._epoch_losses: dict[str, list] = {}  # task -> [sum of step losses, steps], this epoch
         self.metrics = nn.ModuleDict({stage: MaskedTaskMetrics(schema.tasks, prefix=stage, auc=auc, num_bins=auc_bins)
                                       for stage in ("val", "test")})
@@ -115,6 +123,13 @@ class MultiTaskModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, losses, extra = self._outputs_and_losses(batch)
         loss = self.task_weighting(losses) + sum(extra.values())
+        self._source = batch.source
+        terms = {**losses, **{f"extra/{k}": v for k, v in extra.items()}, "loss": loss}
+        self._skipping = self.bad_batches.loss_is_bad(terms, batch.source, self.trainer.strategy, self.global_rank,
+                                                      self.trainer.world_size)
+        if self._skipping:
+            self.log("train/skipped_batches", float(self.bad_batches.skipped))
+            return loss  # backward() runs nothing: no gradient, no table update, no optimizer moves
         self.log_dict({f"train/{task}/loss": value.detach() for task, value in losses.items()},
                       batch_size=batch.batch_size)
         self.log_dict({f"train/extra/{name}": value.detach() for name, value in extra.items()},
@@ -128,6 +143,26 @@ class MultiTaskModule(L.LightningModule):
             entry[1] += 1
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch.batch_size)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Nothing for a skipped batch (Lightning refuses a ``None`` loss on several processes)."""
+        if not self._skipping:
+            super().backward(loss, *args, **kwargs)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A finite loss whose gradient is not: no torch optimizer steps (gradients are all-reduced
+        by now, so ranks agree without a collective); fused tables already took this backward."""
+        if not self.bad_batches.gradient_is_bad(self.named_parameters(), self._source):
+            return
+        self.log("train/skipped_batches", float(self.bad_batches.skipped))
+        for parameter in self.parameters():
+            parameter.grad = None  # torch optimizers step no parameter without a gradient
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_batches"] = self.bad_batches.skipped
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.bad_batches.skipped = checkpoint.get("skipped_batches", 0)
 
     def on_fit_start(self) -> None:
         self.task_weighting.attach(self.model)  # materialised (and sharded) by now, on one process or many
