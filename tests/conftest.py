@@ -43,6 +43,8 @@ MULTIPROCESS = {
     "test_embeddings.py::test_sharded_tables_are_drawn_from_their_configs",
     "test_weighting.py::test_gradnorm_under_the_sharded_strategy_keeps_one_set_of_weights",
     "test_table_memory.py::test_two_processes_stop_with_the_plans_message",
+    "test_bad_loss.py::test_two_processes_both_skip_when_one_rank_has_a_bad_batch",
+    "test_bad_loss.py::test_two_processes_both_stop_and_name_the_bad_rank",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {
