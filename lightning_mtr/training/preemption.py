@@ -1,0 +1,89 @@
+"""Preemption on one process: SIGTERM, SIGINT or SLURM's requeue signal ends ``fit`` with a
+checkpoint at the step it stopped at and exit status 75 (``EX_TEMPFAIL``: resume me).
+
+Built on Lightning's own handling: its SIGTERM handler sets ``trainer.received_sigterm`` and
+its training loop raises ``SIGTERMException`` (a ``SystemExit`` of status 0) after the batch
+that was running. This callback routes SIGINT and the requeue signal (``SIGUSR1``, or
+``SLURMEnvironment.requeue_signal``) to that same handler, so that no signal interrupts a
+step half done (the fused tables update inside backward, the dense layers after it), writes the
+checkpoint at the end of the batch, where ``ModelCheckpoint(every_n_train_steps=...)`` writes
+its own (the loop and the data position resume with the next batch, weights bit for bit), and
+ends the run with :class:`Preempted`, status 75.
+
+One process only: with several, a signal reaches one rank and the ranks would have to agree on
+a step before a collective save; there the callback installs nothing and Lightning's behaviour
+stays as it is.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import lightning as L
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+PREEMPTED_EXIT = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run it again
+CHECKPOINT_NAME = "preempted.ckpt"
+
+
+class Preempted(SIGTERMException):
+    """The run stopped on a signal after writing ``checkpoint``; exits with status 75."""
+
+    def __init__(self, checkpoint: Path, step: int, signal_name: str) -> None:
+        super().__init__(PREEMPTED_EXIT)
+        self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
+
+    def __str__(self) -> str:
+        return (f"preempted by {self.signal_name} at step {self.step}: checkpoint {self.checkpoint}; "
+                f"resume with --ckpt_path {self.checkpoint}")
+
+
+class Preemption(L.Callback):
+    """Stop ``fit`` on SIGTERM, SIGINT or the requeue signal with a checkpoint at the current step.
+
+    The checkpoint is ``preempted.ckpt`` in the checkpoint callback's directory (without one,
+    ``<default_root_dir>/checkpoints``), replaced atomically by each preemption; ``last.ckpt``
+    and the best checkpoints are left as they were.
+
+    Args:
+        enabled: ``false`` leaves Lightning's own handling alone (SIGTERM then ends ``fit``
+            with status 0 and no checkpoint).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.received: str | None = None  # the name of the first signal, once one came
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After Lightning installed its SIGTERM handler (``on_fit_start`` is before), which it
+        calls; Lightning's teardown restores every handler as it was before ``fit``
+        (SLURM's requeue signal included: requeueing is the job script's, on status 75)."""
+        self.received = None
+        if not self.enabled or trainer.world_size > 1:
+            return
+        environment = trainer._accelerator_connector.cluster_environment
+        requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
+        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, requeue or signal.SIGUSR1}
+        lightning_handler = signal.getsignal(signal.SIGTERM)
+        for signum in signals:
+            signal.signal(signum, lambda number, frame: self._on_signal(number, frame, lightning_handler))
+
+    def _on_signal(self, signum: int, frame, lightning_handler) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl+C does not wait for the batch to end
+        self.received = self.received or signal.Signals(signum).name
+        if callable(lightning_handler):
+            lightning_handler(signum, frame)  # sets trainer.received_sigterm
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if self.received is None:
+            return
+        callback = trainer.checkpoint_callback
+        directory = Path(callback.dirpath) if callback and callback.dirpath else \
+            Path(trainer.default_root_dir) / "checkpoints"
+        path = directory / CHECKPOINT_NAME
+        trainer.save_checkpoint(path)
+        raise Preempted(path, trainer.global_step, self.received)
