@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
@@ -18,7 +19,7 @@ from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
-from lightning_mtr.training.preemption import Preempted, Preemption
+from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 from lightning_mtr.training.distributed.checkpoint import CheckpointError
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as error:
         print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 3
-    except Preempted as preempted:
-        print(f"lightning-mtr: {preempted}", file=sys.stderr)
-        return preempted.code
+    except SIGTERMException as stop:
+        if stop.code != PREEMPTED_EXIT:
+            raise
+        print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

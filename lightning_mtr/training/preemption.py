@@ -7,8 +7,9 @@ that was running. This callback routes SIGINT and the requeue signal (``SIGUSR1`
 ``SLURMEnvironment.requeue_signal``) to that same handler, so that no signal interrupts a
 step half done (the fused tables update inside backward, the dense layers after it), writes the
 checkpoint at the end of the batch, where ``ModelCheckpoint(every_n_train_steps=...)`` writes
-its own (the loop and the data position resume with the next batch, weights bit for bit), and
-ends the run with :class:`Preempted`, status 75.
+its own (the loop and the data position resume with the next batch, weights bit for bit), or,
+when Lightning stops elsewhere for the signal (in validation, at an epoch's end), where it
+stopped; and it ends the run with status 75 (:func:`preempted`).
 
 One process only: with several, a signal reaches one rank and the ranks would have to agree on
 a step before a collective save; there the callback installs nothing and Lightning's behaviour
@@ -28,16 +29,13 @@ PREEMPTED_EXIT = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run it again
 CHECKPOINT_NAME = "preempted.ckpt"
 
 
-class Preempted(SIGTERMException):
-    """The run stopped on a signal after writing ``checkpoint``; exits with status 75."""
-
-    def __init__(self, checkpoint: Path, step: int, signal_name: str) -> None:
-        super().__init__(PREEMPTED_EXIT)
-        self.checkpoint, self.step, self.signal_name = checkpoint, step, signal_name
-
-    def __str__(self) -> str:
-        return (f"preempted by {self.signal_name} at step {self.step}: checkpoint {self.checkpoint}; "
-                f"resume with --ckpt_path {self.checkpoint}")
+def preempted(stop: SIGTERMException, checkpoint: Path, step: int, signal_name: str) -> SIGTERMException:
+    """``stop`` (Lightning's ``SIGTERMException``, a ``SystemExit``) made to exit with status 75
+    and to say, as its one argument, where the checkpoint is and how to resume."""
+    stop.code = PREEMPTED_EXIT
+    stop.args = (f"preempted by {signal_name} at step {step}: checkpoint {checkpoint}; "
+                 f"resume with --ckpt_path {checkpoint}",)
+    return stop
 
 
 class Preemption(L.Callback):
@@ -79,11 +77,20 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if self.received is None:
+        if self.received is not None:
+            raise preempted(SIGTERMException(), self._save(trainer), trainer.global_step, self.received)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Lightning stopped for the signal elsewhere (in validation, at the epoch's end, or in a
+        callback after this one): the checkpoint is written where it stopped, status 75 still."""
+        if self.received is None or not isinstance(exception, SIGTERMException) or exception.code == PREEMPTED_EXIT:
             return
+        preempted(exception, self._save(trainer), trainer.global_step, self.received)
+
+    @staticmethod
+    def _save(trainer: L.Trainer) -> Path:
         callback = trainer.checkpoint_callback
         directory = Path(callback.dirpath) if callback and callback.dirpath else \
             Path(trainer.default_root_dir) / "checkpoints"
-        path = directory / CHECKPOINT_NAME
-        trainer.save_checkpoint(path)
-        raise Preempted(path, trainer.global_step, self.received)
+        trainer.save_checkpoint(directory / CHECKPOINT_NAME)
+        return directory / CHECKPOINT_NAME
