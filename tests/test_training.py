@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -269,6 +270,23 @@ def test_signal_mid_epoch_saves_the_step_exits_75_and_resumes_exactly(tmp_path, 
     expected, got = straight.model.state_dict(), resumed.model.state_dict()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_fit_outside_the_main_thread_trains_without_preemption_handlers(tmp_path, monkeypatch):
+    """Only the main thread may set signal handlers; a fit run in another thread trains as before."""
+    monkeypatch.chdir(REPO)
+    cli, errors = _cli(tmp_path, "--trainer.max_steps", "2"), []
+
+    def fit() -> None:
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except BaseException as error:  # a thread swallows its exception: hand it to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    thread.join()
+    assert not errors and cli.trainer.global_step == 2
 
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_loss_curve.json"

@@ -19,6 +19,7 @@ stays as it is.
 from __future__ import annotations
 
 import signal
+import threading
 from pathlib import Path
 
 import lightning as L
@@ -59,8 +60,8 @@ class Preemption(L.Callback):
         calls; Lightning's teardown restores every handler as it was before ``fit``
         (SLURM's requeue signal included: requeueing is the job script's, on status 75)."""
         self.received = None
-        if not self.enabled or trainer.world_size > 1:
-            return
+        if not self.enabled or trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers (Lightning sets none elsewhere either)
         environment = trainer._accelerator_connector.cluster_environment
         requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
         signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, requeue or signal.SIGUSR1}
