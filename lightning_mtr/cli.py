@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
@@ -18,6 +19,7 @@ from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
+from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 from lightning_mtr.training.distributed.checkpoint import CheckpointError
@@ -60,6 +62,7 @@ class MultiTaskCLI(LightningCLI):
         parser.add_lightning_class_args(TaskReport, "report")
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")
         parser.add_lightning_class_args(GateDiagnostics, "gates")
+        parser.add_lightning_class_args(Preemption, "preemption")
 
 
 def trains_one_device(trainer: dict[str, Any]) -> bool:
@@ -79,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     or what is wrong, the fix) on one line of stderr and exit status 2, not a traceback through
     Lightning's loops; so do tables too large for the run's memory (``lightning-mtr plan``'s
     message: by how much, and what would fit). A NaN or inf loss that stops training
-    (``model.bad_loss``) likewise, with exit status 3."""
+    (``model.bad_loss``) likewise, with exit status 3. SIGTERM, SIGINT or SLURM's requeue signal
+    ends ``fit`` on one process with a checkpoint at the current step, one line naming it and exit
+    status 75 (:mod:`~lightning_mtr.training.preemption`)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main}
@@ -94,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as error:
         print(f"lightning-mtr: error: {error}", file=sys.stderr)
         return 3
+    except SIGTERMException as stop:
+        if stop.code != PREEMPTED_EXIT:
+            raise
+        print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
+        return PREEMPTED_EXIT
     return 0
 
 

@@ -26,6 +26,7 @@ SLOW = {
     "test_plan_tool.py::test_tools_entry_point",  # a subprocess
     "test_training.py::test_resumed_training_equals_uninterrupted_training",
     "test_training.py::test_resumed_mid_epoch_continues_with_the_next_batch",
+    "test_training.py::test_signal_mid_epoch_saves_the_step_exits_75_and_resumes_exactly",  # CLI subprocesses
     "test_serving_split.py::test_split_scores_equal_the_monolithic_program",
     "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
     "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import lightning as L
 import numpy as np
 import torch
@@ -114,3 +117,29 @@ class LossRecorder(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+class PauseAtStep(L.Callback):
+    """Holds the batch after ``step`` steps (``stage`` ``train``: the next training batch;
+    ``validation``: the first validation batch) until a signal reached the trainer (at most
+    ``timeout`` seconds), having written ``marker``: a test sends the signal when the marker
+    appears, so the run stops at a known place whatever the machine's speed."""
+
+    def __init__(self, step: int, marker: str, stage: str = "train", timeout: float = 60.0) -> None:
+        self.step, self.marker, self.stage, self.timeout = step, marker, stage, timeout
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self.stage == "train":
+            self._pause(trainer)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, *args) -> None:
+        if self.stage == "validation" and not trainer.sanity_checking:
+            self._pause(trainer)
+
+    def _pause(self, trainer: L.Trainer) -> None:
+        if trainer.global_step != self.step or Path(self.marker).exists():
+            return
+        Path(self.marker).write_text(str(self.step))
+        deadline = time.monotonic() + self.timeout
+        while not trainer.received_sigterm and time.monotonic() < deadline:
+            time.sleep(0.02)

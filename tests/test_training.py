@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,6 +223,70 @@ def test_resumed_mid_epoch_continues_with_the_next_batch(tmp_path, monkeypatch):
     expected, got = straight.model.state_dict(), resumed.model.state_dict()
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+PREEMPTIONS = [(signal.SIGTERM, "train", 1, 6), (signal.SIGINT, "train", 1, 6), (signal.SIGUSR1, "train", 1, 6),
+               (signal.SIGTERM, "validation", 2, 12)]
+
+
+@pytest.mark.parametrize(("signum", "stage", "epochs", "stopped_at"), PREEMPTIONS,
+                         ids=lambda value: getattr(value, "name", str(value)))
+def test_signal_mid_epoch_saves_the_step_exits_75_and_resumes_exactly(tmp_path, monkeypatch, signum, stage, epochs,
+                                                                      stopped_at):
+    """A preempted ``fit`` (a CLI process, signalled while it trains the batch after step 5, or
+    validates after epoch 1) writes preempted.ckpt where it stopped, with the data position, says
+    so on one line and exits 75; resuming from it gives the weights of an uninterrupted run, bit
+    for bit."""
+    monkeypatch.chdir(REPO)
+    marker = tmp_path / "paused"
+    command = [sys.executable, "-m", "lightning_mtr.cli", "fit", *_fit_args(tmp_path / "first", *SMALL_DATA),
+               "--trainer.max_epochs", str(epochs), "--trainer.callbacks+=helpers.PauseAtStep",
+               f"--trainer.callbacks.step={stopped_at if stage == 'validation' else 5}",
+               f"--trainer.callbacks.marker={marker}", f"--trainer.callbacks.stage={stage}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    checkpoint = tmp_path / "first" / "checkpoints" / "preempted.ckpt"
+    assert process.returncode == 75, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        f"lightning-mtr: preempted by {signum.name} at step {stopped_at}: checkpoint {checkpoint}; "
+        f"resume with --ckpt_path {checkpoint}")
+    state = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    assert state["global_step"] == stopped_at
+    if stage == "train":
+        assert state["MultiTaskDataModule"]["position"] == {"epoch": 0, "rows": 6 * 512, "batches": 6}
+
+    straight = _cli(tmp_path / "straight", "--trainer.max_epochs", str(epochs))
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    resumed = _cli(tmp_path / "resumed", "--trainer.max_epochs", str(epochs), "--seed_everything", "123")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(checkpoint))
+    assert {s: signal.getsignal(s) for s in handlers} == handlers, "fit leaves the signal handlers as it found them"
+    assert resumed.trainer.global_step == straight.trainer.global_step == 12 * epochs
+    expected, got = straight.model.state_dict(), resumed.model.state_dict()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
+def test_fit_outside_the_main_thread_trains_without_preemption_handlers(tmp_path, monkeypatch):
+    """Only the main thread may set signal handlers; a fit run in another thread trains as before."""
+    monkeypatch.chdir(REPO)
+    cli, errors = _cli(tmp_path, "--trainer.max_steps", "2"), []
+
+    def fit() -> None:
+        try:
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        except BaseException as error:  # a thread swallows its exception: hand it to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    thread.join()
+    assert not errors and cli.trainer.global_step == 2
 
 
 GOLDEN = Path(__file__).parent / "golden" / "debug_loss_curve.json"
