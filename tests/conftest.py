@@ -31,6 +31,12 @@ SLOW = {
     "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
     "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess
     "test_fault_corpus.py::test_every_fault_ends_in_one_line_and_status_2",  # ~40 forked CLI processes, ~30 s
+    # trainings of several seconds each (kept out of make test-fast's 2 minutes)
+    "test_training.py::test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file_does_not_resume",
+    "test_training.py::test_checkpoint_restores_weights_sparse_optimizer_and_statistics",
+    "test_layout.py::test_every_tool_script_still_answers_its_command_line",  # one subprocess per tools script
+    "test_table_memory.py::test_a_table_that_fits_still_trains",
+    "test_bad_loss.py::test_cli_stop_is_one_line_and_keeps_the_last_good_checkpoint",
 }
 # multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
 MULTIPROCESS = {
