@@ -248,7 +248,7 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
 def test_sequence_tables_are_not_replicated_on_cpu():
     """TorchRec's CPU path fails on a data-parallel EmbeddingCollection table: the planner is kept
     from choosing it, and asking for it is refused by name."""
-    from lightning_mtr.embeddings.sharding import prepare_for_sharding
+    from lightning_mtr.training.distributed.sharding import prepare_for_sharding
     from lightning_mtr.training.distributed.planning import Cluster, plan_model
 
     with torch.device("meta"):
@@ -265,7 +265,7 @@ def test_sequence_tables_are_not_replicated_on_cpu():
 
 @pytest.mark.parametrize("plan", [p for p, _ in GPU_ONLY])
 def test_a_layout_the_device_lacks_is_refused_by_table(plan):
-    from lightning_mtr.embeddings.sharding import prepare_for_sharding
+    from lightning_mtr.training.distributed.sharding import prepare_for_sharding
     from lightning_mtr.training.distributed.planning import Cluster, plan_model
 
     with torch.device("meta"):

@@ -36,7 +36,7 @@ from lightning_mtr.benchmarks.train import SETUPS, schema_from_data
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
 from lightning_mtr.embeddings import SparseOptimizer, init_tables
-from lightning_mtr.embeddings.sharding import prepare_for_sharding, sharders
+from lightning_mtr.training.distributed.sharding import SHARDED, prepare_for_sharding, sharders
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import TorchRecStrategy
@@ -142,7 +142,7 @@ def _torchrec(rank: int, args) -> dict:
                          args.batch_size, {}, dist.GroupMember.WORLD)
     DistributedModelParallel(module.model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=device,
                              plan=plan, sharders=sharders(), init_data_parallel=False, init_parameters=False)
-    init_tables(module.model, device)
+    init_tables(module.model, device, SHARDED)
     loss = _Loss(module)
     ignored = set(sharded_state_names(loss))
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(loss, list(ignored))

@@ -8,18 +8,18 @@ from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.embedding_configs import BaseEmbeddingConfig
 from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection, FusedEmbeddingCollection
 
-from lightning_mtr.embeddings.sharding import SHARDED
-
 _BAGS = (EmbeddingBagCollection, FusedEmbeddingBagCollection)
 _UNPOOLED = (EmbeddingCollection, FusedEmbeddingCollection)
 
 
-def init_tables(module: nn.Module, device: torch.device | str) -> None:
+def init_tables(module: nn.Module, device: torch.device | str, sharded: tuple[type[nn.Module], ...] = ()) -> None:
     """Draw every embedding table under ``module`` with its TorchRec config's ``init_fn``: uniform
     in ``[weight_init_min, weight_init_max]``, the schema's ``+-init_range`` or else TorchRec's
     ``+-sqrt(1 / num_embeddings)`` (:mod:`.tables`). Plain tables still on the meta device are
     allocated on ``device`` first. Call it once, when the tables have their final form (plain,
-    fused or sharded) and before a checkpoint is loaded into them.
+    fused or sharded) and before a checkpoint is loaded into them. ``sharded``: the collection
+    classes a strategy's sharders made (``TorchRecStrategy`` passes them: this package imports no
+    ``torchrec.distributed``), each drawn by its own reset.
 
     Who allocates what, for a model built on the meta device:
 
@@ -41,7 +41,7 @@ def init_tables(module: nn.Module, device: torch.device | str) -> None:
     """
     with torch.no_grad():
         for collection in module.modules():
-            if isinstance(collection, SHARDED):
+            if sharded and isinstance(collection, sharded):
                 collection.reset_parameters()
             elif isinstance(collection, (*_BAGS, *_UNPOOLED)):
                 if any(p.is_meta for p in collection.parameters()):

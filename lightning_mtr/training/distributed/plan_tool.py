@@ -32,7 +32,7 @@ from torch import nn
 from torchrec.distributed.planner.types import PlannerError
 
 from lightning_mtr.embeddings.fusing import SparseOptimizer
-from lightning_mtr.embeddings.sharding import prepare_for_sharding
+from lightning_mtr.training.distributed.sharding import prepare_for_sharding
 from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.memory import STATE, TableMemory
 from lightning_mtr.training.distributed.planning import GIB, Cluster, PlanReport, TableConstraints, plan_to_json

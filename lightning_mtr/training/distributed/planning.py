@@ -24,7 +24,7 @@ from torchrec.distributed.planner.types import (KernelConfig, PlannerError, Plan
                                                 TopologyFactory, TrainerConfig)
 from torchrec.distributed.types import CacheParams, EmbeddingModuleShardingPlan, ParameterSharding, ShardingPlan
 
-from lightning_mtr.embeddings.sharding import sharders
+from lightning_mtr.training.distributed.sharding import sharders
 
 SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
 COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
@@ -183,7 +183,7 @@ def plan_model(model: nn.Module, cluster: Cluster, batch_size: int,
                constraints: Mapping[str, TableConstraints] | None = None,
                process_group: dist.ProcessGroup | None = None) -> tuple[ShardingPlan, PlanReport | None]:
     """Run TorchRec's planner over ``model``'s tables (already marked by
-    :func:`~lightning_mtr.embeddings.sharding.prepare_for_sharding`).
+    :func:`~lightning_mtr.training.distributed.sharding.prepare_for_sharding`).
 
     With a process group the ranks agree on one plan (rank 0 plans and broadcasts); without
     one the plan is made offline for ``cluster``. Raises ``PlannerError`` when nothing fits (on

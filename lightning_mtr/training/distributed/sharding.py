@@ -1,7 +1,7 @@
-"""What TorchRec needs to shard the tables: the sharders, and the sparse optimizer marked on the
-tables so that it runs fused inside backward. The planner and the strategy that call these
-live in ``lightning_mtr.training.distributed``; this is the one file of ``embeddings/`` that
-imports ``torchrec.distributed``."""
+"""What TorchRec needs to shard the tables: the sharders, the sparse optimizer marked on the
+tables so that it runs fused inside backward, and the sharded collections they become (which
+``TorchRecStrategy`` hands to :func:`~lightning_mtr.embeddings.init.init_tables`). Here, beside
+the strategy and the planner, because it imports ``torchrec.distributed`` (STYLE.md section 1)."""
 
 from __future__ import annotations
 
