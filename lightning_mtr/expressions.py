@@ -62,13 +62,10 @@ class Expression:
         except SyntaxError as err:
             raise ValueError(f"cannot parse expression {source!r}: {err.msg}; write a column name that is not "
                              "a Python identifier in backticks, e.g. `marital status`") from None
-        except (RecursionError, MemoryError):
-            tree = None
-        depth = _depth(tree) if tree is not None else MAX_DEPTH + 1
-        if depth > MAX_DEPTH:
-            raise ValueError(f"expression {source[:40]!r}... nests deeper than {MAX_DEPTH} levels, the most that is "
-                             f"evaluated (e.g. {MAX_DEPTH - 3} chained products); derive such a label into a column "
-                             "of its own")
+        except (RecursionError, MemoryError):  # too deep for Python's own parser
+            raise _too_deep(source) from None
+        if _depth(tree) > MAX_DEPTH:
+            raise _too_deep(source)
         real = {placeholder: name for name, placeholder in quoted.items()}
         names: set[str] = set()
         for node in ast.walk(tree):
@@ -94,6 +91,12 @@ _ALLOWED_NODES = (
     ast.Expression, ast.Name, ast.Load, ast.Constant, ast.Compare, ast.BoolOp, ast.And, ast.Or,
     ast.UnaryOp, ast.Not, ast.USub, ast.BinOp, *_COMPARE, *_BINARY,
 )
+
+
+def _too_deep(source: str) -> ValueError:
+    return ValueError(f"expression {source[:40]!r}... nests deeper than {MAX_DEPTH} levels, the most that is "
+                      f"evaluated (e.g. {MAX_DEPTH - 3} chained products); derive such a label into a column "
+                      "of its own")
 
 
 def _depth(tree: ast.AST) -> int:

@@ -47,11 +47,12 @@ def init_tables(module: nn.Module, device: torch.device | str, sharded: tuple[ty
                 if any(p.is_meta for p in collection.parameters()):
                     collection.to_empty(device=device)
                 tables = collection.embedding_bags if isinstance(collection, _BAGS) else collection.embeddings
-                for config in _configs(collection):
+                for config in table_configs(collection):
                     config.init_fn(tables[config.name].weight)
 
 
-def _configs(collection: nn.Module) -> list[BaseEmbeddingConfig]:
+def table_configs(collection: nn.Module) -> list[BaseEmbeddingConfig]:
+    """The table configs of a plain or fused collection, pooled or not."""
     if isinstance(collection, _BAGS):
         return collection.embedding_bag_configs()
     return collection.embedding_configs()

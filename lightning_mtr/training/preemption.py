@@ -64,7 +64,7 @@ class Preemption(L.Callback):
             return  # only the main thread may set handlers (Lightning sets none elsewhere either)
         environment = trainer._accelerator_connector.cluster_environment
         requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
-        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, requeue or signal.SIGUSR1}
+        signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} | ({requeue} if requeue else set())
         lightning_handler = signal.getsignal(signal.SIGTERM)
         for signum in signals:
             signal.signal(signum, lambda number, frame: self._on_signal(number, frame, lightning_handler))

@@ -148,15 +148,15 @@ class TableStrategy(ABC):
             sharded.load({"model": module.state_dict()}, path)
             return
         sharded.check_reshard(state["plan"], self._plan(), self.reshard_advice)
-        live = self._tensor_state()
-        tensors = sharded.saved_part(sharded.split_tensors(live)[0], path)
+        live_tensors, live_plain = sharded.split_tensors(self._tensor_state())
+        tensors = sharded.saved_part(live_tensors, path)
         sharded.load(tensors, path)  # in place: state_dict() and the optimizers' states share storage
         restored = sharded.merge_tensors(tensors, state["plain"])
         for optimizer, saved in zip(self.optimizers, restored["optimizers"]):
             set_optimizer_state_dict(module, _unwrap(optimizer), saved)
         # the fused optimizer keeps this rank's own layout (its hyperparameters come from the config)
         self._fused_optimizer().load_state_dict(
-            sharded.merge_tensors(tensors.get("sparse_optimizer"), sharded.split_tensors(live)[1]["sparse_optimizer"]))
+            sharded.merge_tensors(tensors.get("sparse_optimizer"), live_plain["sparse_optimizer"]))
         if self.table_optimizer is not None and restored["replicated_optimizer"]:
             set_optimizer_state_dict(module, self.table_optimizer, restored["replicated_optimizer"])
 

@@ -20,7 +20,7 @@ from torchrec.modules.fused_embedding_modules import FusedEmbeddingBagCollection
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer
 
 from lightning_mtr.embeddings.fusing import SparseOptimizer, fuse_sparse_optimizer, fused_modules, table_optimizer
-from lightning_mtr.embeddings.init import init_tables
+from lightning_mtr.embeddings.init import init_tables, table_configs
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed.base import TableStrategy
 from lightning_mtr.training.distributed.memory import training_cluster
@@ -118,16 +118,14 @@ def one_process_plan(model: nn.Module) -> dict[str, Any]:
     whole on rank 0 (``table_wise``), an unfused one, stepped by a torch optimizer like a
     replicated table, ``data_parallel``. A resume on more processes keeps these types."""
     modules = {}
+    fused_ones = set(fused_modules(model).values())
     for path, module in model.named_modules():
-        fused = module in fused_modules(model).values()
-        plain = type(module) in (EmbeddingBagCollection, EmbeddingCollection)
-        if not (fused or plain):
+        fused = module in fused_ones
+        if not (fused or type(module) in (EmbeddingBagCollection, EmbeddingCollection)):
             continue
-        configs = module.embedding_bag_configs() if hasattr(module, "embedding_bag_configs") else \
-            module.embedding_configs()
         modules[path] = {c.name: {
             "sharding_type": "table_wise" if fused else "data_parallel",
             "compute_kernel": "fused" if fused else "dense", "ranks": [0], "cache_load_factor": None,
             "shards": [{"offsets": [0, 0], "sizes": [c.num_embeddings, c.embedding_dim], "rank": 0}] if fused else [],
-        } for c in configs}
+        } for c in table_configs(module)}
     return {"format": PLAN_FORMAT, "modules": modules}
