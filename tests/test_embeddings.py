@@ -118,8 +118,11 @@ def test_a_later_stage_keeps_the_trained_tables():
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         strategy=SingleProcessStrategy(), inference_mode=False)
+    place_tables(module.model, module.sparse_optimizer, torch.device("cpu"))
+    drawn = {table: weight.clone() for table, weight in _tables(module.model).items()}
     trainer.fit(module, datamodule=_OneBatch())
     trained = {table: weight.clone() for table, weight in _tables(module.model).items()}
+    assert all(not torch.equal(trained[t], drawn[t]) for t in trained), "the step trained every table"
     trainer.validate(module, datamodule=_OneBatch(), verbose=False)
     for table, weight in _tables(module.model).items():
         torch.testing.assert_close(weight, trained[table], rtol=0, atol=0, msg=table)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from helpers import hand_logloss
+from helpers import free_port, hand_logloss
 
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.schema import Task
@@ -60,12 +59,6 @@ def _worker(rank: int, port: int, auc: str, results) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.parametrize("auc", ["exact", "binned"])
 def test_two_processes_match_one(auc):
     logits, labels, masks, groups = _data()
@@ -78,7 +71,7 @@ def test_two_processes_match_one(auc):
     expected = {k: float(v) for k, v in single.compute().items()}
 
     results = mp.Manager().dict()
-    context = mp.spawn(_worker, args=(_free_port(), auc, results), nprocs=2, join=False)
+    context = mp.spawn(_worker, args=(free_port(), auc, results), nprocs=2, join=False)
     for process in context.processes:
         process.join(timeout=120)
     assert all(not p.is_alive() for p in context.processes), "metric sync deadlocked"
