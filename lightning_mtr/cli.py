@@ -1,5 +1,6 @@
 """``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data, ``plan``
-for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``score`` for serving."""
+for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``score`` for serving,
+``daily`` for day-after-day training."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training import daily
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     status 75 (:mod:`~lightning_mtr.training.preemption`)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
-                "export": export.main, "score": score.main}
+                "export": export.main, "score": score.main, "daily": daily.main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:
