@@ -17,8 +17,7 @@ from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
-from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
-from lightning_mtr.training import daily
+from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, warm_start
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
@@ -52,6 +51,16 @@ class MultiTaskCLI(LightningCLI):
         """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file
         someone was handed could choose the model's class. The config decides; the strategy refuses
         a checkpoint of another model when it loads it."""
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """``fit`` also takes ``--warm_start PATH`` and its choices."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            warm_start.add_arguments(parser)
+        return parser
+
+    def before_fit(self) -> None:
+        warm_start.hand_to_strategy(self.config_init["fit"], self.trainer.strategy)
 
     def predict(self, **kwargs) -> None:
         """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer

@@ -52,6 +52,7 @@ MULTIPROCESS = {
     "test_table_memory.py::test_two_processes_stop_with_the_plans_message",
     "test_bad_loss.py::test_two_processes_both_skip_when_one_rank_has_a_bad_batch",
     "test_bad_loss.py::test_two_processes_both_stop_and_name_the_bad_rank",
+    "test_warm_start.py::test_warm_start_moves_between_world_sizes",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

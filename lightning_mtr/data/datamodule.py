@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_mtr.data import days as hive
 from lightning_mtr.data.encode import BatchEncoder, DataError, DenseStats, checked_label_order
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
-from lightning_mtr.data.stats import compute_dense_stats
+from lightning_mtr.data.stats import blend_stats, compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
 from lightning_mtr.data.synthetic.days import DAYS_VERSION, write_days
 from lightning_mtr.data.synthetic.behaviour import BEHAVIOUR_VERSION, write_behaviour
@@ -157,6 +157,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = seed
         self.text_format = text_format
         self.dense_stats: DenseStats | None = None
+        self.previous_stats: tuple[DenseStats, float] | None = None  # a warm start's blend (see warm_start_stats)
         self.resume_position: dict[str, int] | None = None
         self.label_order: tuple[tuple[str, str], ...] = ()
         self._encoders: dict[bool, BatchEncoder] = {}  # by whether it reads labels
@@ -203,7 +204,21 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError("standardised dense features need training data (data.train) for their statistics, "
                              "or a checkpoint that carries them (--ckpt_path)")
         units = plan_units(self._files("train"), BatchEncoder(self.schema), self.text_format)
-        return compute_dense_stats(self.schema, units)
+        stats = compute_dense_stats(self.schema, units)
+        return blend_stats(self.previous_stats[0], stats, self.previous_stats[1]) if self.previous_stats else stats
+
+    def warm_start_stats(self, previous: DenseStats | None, todays_weight: float) -> None:
+        """A warm start's dense statistics: ``previous`` (the checkpoint's) kept (weight 0), this
+        run's training data's (weight 1), or the two blended (:func:`~lightning_mtr.data.stats.blend_stats`),
+        computed when the first batch is encoded."""
+        if previous is not None and len(previous.mean) != len(self.schema.dense):
+            raise DataError(f"the warm start's checkpoint has statistics for {len(previous.mean)} dense features, "
+                            f"this run's schema has {len(self.schema.dense)}: warm-start from a checkpoint trained "
+                            "on this schema")
+        keep = previous is not None and todays_weight == 0
+        self.dense_stats = previous if keep else None
+        self.previous_stats = (previous, todays_weight) if previous is not None and 0 < todays_weight < 1 else None
+        self._encoders = {}
 
     def _files(self, split: str) -> list[str]:
         """The split's files: of the selected days when ``days``/``val_days``/``test_days`` is set."""
