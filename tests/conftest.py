@@ -37,8 +37,8 @@ SLOW = {
     "test_layout.py::test_every_tool_script_still_answers_its_command_line",  # one subprocess per tools script
     "test_table_memory.py::test_a_table_that_fits_still_trains",
     "test_bad_loss.py::test_cli_stop_is_one_line_and_keeps_the_last_good_checkpoint",
-    "test_daily.py::test_daily_resumes_after_a_kill_without_retraining_finished_days",  # daily subprocesses, ~50 s
-    "test_daily.py::test_a_warm_day_starts_from_the_previous_days_weights",  # daily subprocesses, ~35 s
+    "test_daily.py::test_daily_resumes_after_a_kill_without_retraining_finished_days",  # ~1 min each (subprocesses)
+    "test_daily.py::test_a_warm_day_starts_from_the_previous_days_weights",  # daily subprocesses, ~40 s
 }
 # multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
 MULTIPROCESS = {

@@ -47,17 +47,39 @@ def _mtime(out: Path, day: str) -> int:
     return (out / f"dt={day}" / "checkpoints" / "last.ckpt" / "trainer.pt").stat().st_mtime_ns
 
 
-def test_daily_resumes_after_a_kill_without_retraining_finished_days(setup):
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _gone(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\nState:\tZ" in status.read_text()
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_daily_resumes_after_a_kill_without_retraining_finished_days(setup, kill):
+    """Killed while day 2's fit runs, by SIGTERM (passed on to the step: exit 75) or SIGKILL (the
+    step is stopped too), then run again: day 1 is neither trained nor tested again."""
     config, out = setup
     first = _daily(config, out, "2026-11-25", "2026-11-26")
     deadline = time.monotonic() + 240
-    while not (out / "dt=2026-11-26" / "fit.log").exists():  # day 1 done, day 2's fit started
+    while not (out / "dt=2026-11-26" / "fit.log").exists() or not _children(first.pid):  # day 2's fit started
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
-        time.sleep(0.05)
-    first.send_signal(signal.SIGTERM)
+        time.sleep(0.02)
+    [step] = _children(first.pid)
+    first.send_signal(kill)
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 75, err[-3000:]
-    assert "2026-11-26: fit ended" in err and "run the same command again to resume" in err
+    while not _gone(step):  # the step stops too, whichever signal ended daily
+        assert time.monotonic() < deadline, "the fit step outlived daily"
+        time.sleep(0.1)
+    if kill == signal.SIGTERM:
+        assert first.returncode == 75, err[-3000:]
+        assert "2026-11-26: fit ended" in err and "run the same command again to resume" in err
+    else:
+        assert first.returncode == -signal.SIGKILL
     assert not (out / "dt=2026-11-26" / "day.json").exists()
     day_one = _mtime(out, "2026-11-25")
 

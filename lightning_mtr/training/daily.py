@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import datetime as dt
 import json
 import os
@@ -83,17 +84,39 @@ def _overlay(plan: Plan, day: dt.date, stage: str) -> Path:
     return path
 
 
+STOP = (signal.SIGTERM, signal.SIGINT)
+
+
+def _in_step() -> None:
+    """In the step's process before it starts: the stop signals that ``daily`` holds back while
+    it starts the step are let through again, and (Linux) ``daily`` dying, even by SIGKILL, sends
+    SIGTERM, so the step stops as if preempted instead of training on, orphaned, beside a rerun."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def _step(command: list[str], log: Path) -> int:
     """Run one ``lightning-mtr`` step, its output to ``log``; a SIGTERM or SIGINT to ``daily``
-    goes to the step, which stops cleanly (``fit``: ``preempted.ckpt``, status 75)."""
+    goes to the step once, which stops cleanly (``fit``: ``preempted.ckpt``, status 75). The step
+    has its own session: a Ctrl+C reaches it only through ``daily`` (twice would abort the step)."""
+    child: subprocess.Popen | None = None
+
+    def forward(signum: int, frame) -> None:
+        child.send_signal(signum)
+
     with log.open("a") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
-        child = subprocess.Popen([sys.executable, "-m", "lightning_mtr.cli", *command], stdout=out,
-                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
-        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP)  # held until there is a step to pass them to
+        previous = {s: signal.signal(s, forward) for s in STOP}
         try:
+            try:
+                child = subprocess.Popen([sys.executable, "-m", "lightning_mtr.cli", *command], stdout=out,
+                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                         start_new_session=True, preexec_fn=_in_step)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
             return child.wait()
         finally:
             for signum, handler in previous.items():
@@ -184,9 +207,9 @@ def write_report(rows: list[dict[str, str]], out: Path, title: str = "daily") ->
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(6, 3.5))
-    for column in (c for c in columns if c.endswith("_auc")):
+    for column in (c for c in columns if c not in ("day", "start", "tested_on")):
         points = [(r["day"][5:], float(r[column])) for r in rows if r[column] != "-"]
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column[:-4])
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column.removesuffix("_auc"))
     axes.set(xlabel="day trained (tested on the next)", ylabel="AUC", title=title)
     axes.legend()
     figure.tight_layout()
