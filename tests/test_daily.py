@@ -22,12 +22,16 @@ from lightning_mtr.training.distributed.checkpoint import read_full
 from test_days import REPO, tiny_config
 
 
+def _setup(tmp_path: Path, rows_per_day: int) -> tuple[Path, Path]:
+    """(config, output folder) over three days, 2026-11-25..2026-11-27."""
+    root = tmp_path / "logs"
+    write_days(root, days=3, rows_per_day=rows_per_day, seed=1, spec=DaySpec(users=50, items=20))
+    return tiny_config(tmp_path, root), tmp_path / "daily"
+
+
 @pytest.fixture
 def setup(tmp_path) -> tuple[Path, Path]:
-    """(config, output folder) over three 64-row days, 2026-11-25..2026-11-27."""
-    root = tmp_path / "logs"
-    write_days(root, days=3, rows_per_day=64, seed=1, spec=DaySpec(users=50, items=20))
-    return tiny_config(tmp_path, root), tmp_path / "daily"
+    return _setup(tmp_path, rows_per_day=64)
 
 
 def _daily(config: Path, out: Path, first: str, last: str, *extra: str) -> subprocess.Popen:
@@ -48,6 +52,7 @@ def _mtime(out: Path, day: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
+    """(Linux) the processes ``pid`` started."""
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
@@ -60,13 +65,16 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("kill", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
-def test_daily_resumes_after_a_kill_without_retraining_finished_days(setup, kill):
-    """Killed while day 2's fit runs, by SIGTERM (passed on to the step: exit 75) or SIGKILL (the
-    step is stopped too), then run again: day 1 is neither trained nor tested again."""
-    config, out = setup
-    first = _daily(config, out, "2026-11-25", "2026-11-26")
+def test_daily_resumes_after_a_kill_without_retraining_finished_days(tmp_path, kill):
+    """Killed while day 2 trains (31 steps of 32 rows, a checkpoint after each), by SIGTERM
+    (passed on to the step: exit 75) or SIGKILL (the step gets SIGTERM), then run again: day 1 is
+    neither trained nor tested again, day 2 goes on from the step's preempted.ckpt."""
+    config, out = _setup(tmp_path, rows_per_day=1000)
+    every_step = ("--save_every_n_steps", "1")
+    first = _daily(config, out, "2026-11-25", "2026-11-26", *every_step)
+    day_two = out / "dt=2026-11-26"
     deadline = time.monotonic() + 240
-    while not (out / "dt=2026-11-26" / "fit.log").exists() or not _children(first.pid):  # day 2's fit started
+    while not (day_two / "checkpoints" / "last.ckpt").exists():  # day 2 is training
         assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
         time.sleep(0.02)
     [step] = _children(first.pid)
@@ -80,16 +88,16 @@ def test_daily_resumes_after_a_kill_without_retraining_finished_days(setup, kill
         assert "2026-11-26: fit ended" in err and "run the same command again to resume" in err
     else:
         assert first.returncode == -signal.SIGKILL
-    assert not (out / "dt=2026-11-26" / "day.json").exists()
+    assert (day_two / "checkpoints" / "preempted.ckpt" / "trainer.pt").is_file(), "the step saved where it stopped"
+    assert not (day_two / "day.json").exists()
     day_one = _mtime(out, "2026-11-25")
 
-    printed = _finish(_daily(config, out, "2026-11-25", "2026-11-26"))
+    printed = _finish(_daily(config, out, "2026-11-25", "2026-11-26", *every_step))
     assert _mtime(out, "2026-11-25") == day_one, "a finished day is not trained again"
     assert (out / "dt=2026-11-25" / "fit.log").read_text().count("$ fit") == 1
     assert (out / "dt=2026-11-25" / "test.log").read_text().count("$ test") == 1, "nor tested again"
     for day in ("2026-11-25", "2026-11-26"):
-        assert [p.name for p in (out / f"dt={day}" / "checkpoints").iterdir()] in (["last.ckpt"],
-                                                                                   ["last.ckpt", "preempted.ckpt"])
+        assert [p.name for p in (out / f"dt={day}" / "checkpoints").iterdir()] == ["last.ckpt"], "one per day"
     with (out / "daily.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(r["day"], r["tested_on"]) for r in rows] == [("2026-11-25", "2026-11-26"), ("2026-11-26", "2026-11-27")]
@@ -99,8 +107,11 @@ def test_daily_resumes_after_a_kill_without_retraining_finished_days(setup, kill
     assert rows[0]["start"] == "cold" and rows[1]["start"] == "warm"
     assert "2026-11-26  warm" in printed
     assert (out / "daily.png").stat().st_size > 0
-    warm = json.loads((out / "dt=2026-11-26" / "day.json").read_text())["start"]
-    assert warm == f"warm from {out / 'dt=2026-11-25' / 'checkpoints' / 'last.ckpt'}"
+    start = json.loads((day_two / "day.json").read_text())["start"]
+    checkpoints = out / "dt=2026-11-25" / "checkpoints", day_two / "checkpoints"
+    assert start == f"warm from {checkpoints[0] / 'last.ckpt'}, resumed from {checkpoints[1] / 'preempted.ckpt'}"
+    commands = [line for line in (day_two / "fit.log").read_text().splitlines() if line.startswith("$ fit")]
+    assert len(commands) == 2 and commands[1].endswith(f"--ckpt_path {checkpoints[1] / 'preempted.ckpt'}")
 
 
 def test_a_warm_day_starts_from_the_previous_days_weights(setup):

@@ -23,6 +23,7 @@ import ctypes
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from lightning_mtr.data.encode import DataError
 from lightning_mtr.training.distributed.checkpoint import is_sharded_checkpoint
 from lightning_mtr.training.preemption import CHECKPOINT_NAME, PREEMPTED_EXIT
 
-DAY_DONE, TESTED = "day.json", "test.json"
+DAY_DONE, TESTED, STARTED = "day.json", "test.json", "start.json"
 
 
 @dataclass(frozen=True)
@@ -137,14 +138,19 @@ def train_day(plan: Plan, day: dt.date) -> int:
         return 0
     previous = plan.checkpoint(day - dt.timedelta(days=1))
     resume = _resume_point(plan, day)
-    if resume is not None:
-        start, extra = f"resumed from {resume}", ["--ckpt_path", str(resume)]
-    elif plan.warm and (plan.directory(day - dt.timedelta(days=1)) / DAY_DONE).exists():
-        start, extra = f"warm from {previous}", ["--warm_start", str(previous)]
+    if resume is not None:  # the same run goes on: how it first started still holds
+        first = json.loads((directory / STARTED).read_text())["start"] if (directory / STARTED).exists() else "?"
+        start, extra = f"{first}, resumed from {resume}", ["--ckpt_path", str(resume)]
     else:
-        start, extra = "cold", []
+        if plan.warm and (plan.directory(day - dt.timedelta(days=1)) / DAY_DONE).exists():
+            start, extra = f"warm from {previous}", ["--warm_start", str(previous)]
+        else:
+            start, extra = "cold", []
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_json(directory / STARTED, {"start": start})
     code = _step(["fit", *plan.config, "--config", str(_overlay(plan, day, "fit")), *extra], directory / "fit.log")
-    if code == 0:
+    if code == 0:  # the day's one checkpoint is last.ckpt: a preemption's is spent
+        shutil.rmtree(plan.checkpoint(day).with_name(CHECKPOINT_NAME), ignore_errors=True)
         _write_json(directory / DAY_DONE, {"day": str(day), "start": start, "checkpoint": str(plan.checkpoint(day))})
     return code
 
@@ -181,7 +187,7 @@ def table(plan: Plan, results: dict[dt.date, dict[str, float]]) -> list[dict[str
     rows = []
     for day, metrics in results.items():
         done = plan.directory(day) / DAY_DONE
-        start = json.loads(done.read_text())["start"].split(" ")[0] if done.exists() else "-"
+        start = json.loads(done.read_text())["start"].split(" ")[0].rstrip(",") if done.exists() else "-"
         row = {"day": str(day), "start": start, "tested_on": str(day + dt.timedelta(days=1)) if metrics else "-"}
         row.update({f"{task}_auc": f"{metrics[f'test/{task}/auc']:.4f}" if f"test/{task}/auc" in metrics else "-"
                     for task in tasks})
