@@ -212,12 +212,12 @@ def write_report(rows: list[dict[str, str]], out: Path, title: str = "daily") ->
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(6, 3.5))
+    figure, axes = pyplot.subplots(figsize=(8, 4))
     for column in (c for c in columns if c not in ("day", "start", "tested_on")):
         points = [(r["day"][5:], float(r[column])) for r in rows if r[column] != "-"]
         axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=column.removesuffix("_auc"))
     axes.set(xlabel="day trained (tested on the next)", ylabel="AUC", title=title)
-    axes.legend()
+    axes.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))  # beside the lines, not on them
     figure.tight_layout()
     figure.savefig(out / f"{title}.png", dpi=100)
     pyplot.close(figure)
