@@ -18,6 +18,7 @@ import torch
 
 from lightning_mtr.cli import main
 from lightning_mtr.data.synthetic.days import DaySpec, write_days
+from lightning_mtr.training.daily import _split_warm_options
 from lightning_mtr.training.distributed.checkpoint import read_full
 from test_days import REPO, tiny_config
 
@@ -120,15 +121,28 @@ def test_a_warm_day_starts_from_the_previous_days_weights(setup):
     config, out = setup
     _finish(_daily(config, out, "2026-11-25", "2026-11-25"))
     frozen = ["--model.dense_optimizer", "torch.optim.SGD", "--model.dense_optimizer.lr", "0",
-              "--model.sparse_optimizer.lr", "0"]
+              "--model.sparse_optimizer.lr", "0", "--warm_start_sparse_optimizer", "keep"]
     _finish(_daily(config, out, "2026-11-26", "2026-11-26", *frozen))
-    before, after = (read_full(out / f"dt={day}" / "checkpoints" / "last.ckpt", keys={"model"})["model"]
-                     for day in ("2026-11-25", "2026-11-26"))
-    assert before.keys() == after.keys() and len(before) > 4
-    for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
-    cold = read_full(out / "dt=2026-11-25" / "checkpoints" / "last.ckpt", keys={"model"})["model"]
-    assert any(name.endswith("weight") for name in cold)
+    # a new --out: the first day warm-starts from the checkpoint given
+    day_one = out / "dt=2026-11-25" / "checkpoints" / "last.ckpt"
+    _finish(_daily(config, out.with_name("given"), "2026-11-26", "2026-11-26", "--warm_start", str(day_one), *frozen))
+    before = read_full(day_one, keys={"model"})["model"]
+    assert len(before) > 4
+    for later in (out, out.with_name("given")):
+        after = read_full(later / "dt=2026-11-26" / "checkpoints" / "last.ckpt", keys={"model"})["model"]
+        assert before.keys() == after.keys()
+        for name in before:
+            torch.testing.assert_close(after[name], before[name], rtol=0, atol=0, msg=name)
+        command = (later / "dt=2026-11-26" / "fit.log").read_text().splitlines()[0]
+        assert command.endswith(f"--warm_start {day_one} --warm_start_sparse_optimizer keep")
+
+
+def test_warm_start_options_go_only_to_warm_starting_fits():
+    """``test`` and a resumed ``fit`` refuse them; every other argument goes to every step."""
+    shared, warm = _split_warm_options(["--trainer.max_epochs", "2", "--warm_start_sparse_optimizer", "keep",
+                                        "--warm_start_blend=0.3", "--data.batch_size", "64"])
+    assert shared == ["--trainer.max_epochs", "2", "--data.batch_size", "64"]
+    assert warm == ("--warm_start_sparse_optimizer", "keep", "--warm_start_blend=0.3")
 
 
 @pytest.mark.parametrize(("args", "expected"), [

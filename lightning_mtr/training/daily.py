@@ -53,6 +53,8 @@ class Plan:
     available: frozenset[dt.date]
     warm: bool = True
     save_every_n_steps: int = 0
+    warm_options: tuple[str, ...] = ()  # --warm_start_* arguments: for a warm-starting fit only
+    first_warm_start: str | None = None  # the first day's, when the day before is not in ``out``
 
     def directory(self, day: dt.date) -> Path:
         return self.out / f"{hive.PARTITION}{day}"
@@ -143,7 +145,10 @@ def train_day(plan: Plan, day: dt.date) -> int:
         start, extra = f"{first}, resumed from {resume}", ["--ckpt_path", str(resume)]
     else:
         if plan.warm and (plan.directory(day - dt.timedelta(days=1)) / DAY_DONE).exists():
-            start, extra = f"warm from {previous}", ["--warm_start", str(previous)]
+            start, extra = f"warm from {previous}", ["--warm_start", str(previous), *plan.warm_options]
+        elif plan.warm and day == plan.days[0] and plan.first_warm_start:
+            start = f"warm from {plan.first_warm_start}"
+            extra = ["--warm_start", plan.first_warm_start, *plan.warm_options]
         else:
             start, extra = "cold", []
         directory.mkdir(parents=True, exist_ok=True)
@@ -226,7 +231,8 @@ def write_report(rows: list[dict[str, str]], out: Path, title: str = "daily") ->
 
 def make_plan(argv: list[str]) -> Plan:
     """Parse the command line; the config is parsed by the real CLI (unknown keys fail here)."""
-    parser = argparse.ArgumentParser(prog="lightning-mtr daily", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="lightning-mtr daily", description=__doc__.split("\n\n")[0],
+                                     epilog="Other arguments go to every step (e.g. --trainer.max_epochs 2).")
     parser.add_argument("--config", action="append", required=True, help="a run config (repeatable)")
     parser.add_argument("--from", dest="first", required=True, help="first day to train, YYYY-MM-DD")
     parser.add_argument("--to", dest="last", required=True, help="last day to train, YYYY-MM-DD")
@@ -234,8 +240,11 @@ def make_plan(argv: list[str]) -> Plan:
     parser.add_argument("--cold", action="store_true", help="train each day from scratch (a baseline)")
     parser.add_argument("--save_every_n_steps", type=int, default=0,
                         help="also refresh the day's last.ckpt every N steps (resumes lose less after a SIGKILL)")
+    parser.add_argument("--warm_start", help="the first day's warm start (default: the day before's checkpoint "
+                        "in --out, else cold); --warm_start_* options go to every warm start")
     args, overrides = parser.parse_known_args(argv)
     days = hive.parse_days(f"{args.first}..{args.last}", "daily --from/--to")
+    overrides, warm_options = _split_warm_options(overrides)
     config = [a for path in args.config for a in ("--config", path)] + overrides
     root = _training_root(config)
     available = hive.partitions(Path(root)) or {}
@@ -244,7 +253,22 @@ def make_plan(argv: list[str]) -> Plan:
         raise DataError(f"daily: {root} has no partition for {hive.describe(missing)}; "
                         f"it has {hive.describe(sorted(available))}")
     return Plan(config, days, args.out, root, frozenset(available), warm=not args.cold,
-                save_every_n_steps=args.save_every_n_steps)
+                save_every_n_steps=args.save_every_n_steps, warm_options=warm_options,
+                first_warm_start=args.warm_start)
+
+
+def _split_warm_options(arguments: list[str]) -> tuple[list[str], tuple[str, ...]]:
+    """(the arguments every step takes, the ``--warm_start_*`` ones with their values), since
+    ``test`` and a resumed ``fit`` take no warm-start options."""
+    shared, warm, rest = [], [], iter(arguments)
+    for argument in rest:
+        if not argument.startswith("--warm_start_"):
+            shared.append(argument)
+            continue
+        warm.append(argument)
+        if "=" not in argument:
+            warm.append(next(rest, ""))
+    return shared, tuple(warm)
 
 
 def _training_root(config: list[str]) -> str:
