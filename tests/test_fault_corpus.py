@@ -148,7 +148,13 @@ def _warm_start_cases(root: Path, fitted, damaged: dict[str, Path]) -> dict[str,
     _, omoe_directory, _ = fitted["omoe"]
     fit = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root / "warm"), "--warm_start"]
     missing, folder = root / "no_such_day", damaged["not a checkpoint directory"]
+    resized = asdict(BAD_SCHEMA)
+    resized["sparse"][0]["num_embeddings"] *= 2
+    (root / "resized_schema.yaml").write_text(yaml.safe_dump(resized))
     return {
+        "warm start from a checkpoint of a resized table": (
+            [*fit, str(directory), "--data.schema", str(root / "resized_schema.yaml")], str(directory),
+            ["does not fit this model", "user.weight is (100, 16), the model's (200, 16)"]),
         "warm start with --ckpt_path": ([*fit, str(directory), "--ckpt_path", str(directory)], str(directory),
                                         ["--warm_start", "--ckpt_path", "pass one of them"]),
         "warm start from a missing path": ([*fit, str(missing)], str(missing), ["no such checkpoint"]),

@@ -153,12 +153,13 @@ def day1(tmp_path_factory):
     return {"root": root, "config": config, "checkpoint": checkpoint, "day2": day2, "dense": (dense1, dense2)}
 
 
-def _fit_day2(day1, name: str, *extra: str) -> dict:
-    """``fit`` on day 2's log warm-started from day 1; the trainer state of the checkpoint it wrote."""
+def _fit_day2(day1, name: str, *extra: str, source: Path | None = None) -> dict:
+    """``fit`` on day 2's log warm-started from day 1 (or ``source``); the trainer state of the
+    checkpoint it wrote."""
     out = day1["root"] / name
     assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(out),
                  "--data.train", day1["day2"], "--data.val", day1["day2"],
-                 "--warm_start", str(day1["checkpoint"]), *extra]) == 0
+                 "--warm_start", str(source or day1["checkpoint"]), *extra]) == 0
     [checkpoint] = (out / "checkpoints").iterdir()
     return read_state(checkpoint) | {"path": checkpoint}
 
@@ -176,6 +177,18 @@ def test_warm_start_trains_a_fresh_epoch_where_a_resume_trains_none(day1, monkey
     assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(resumed),
                  "--ckpt_path", str(day1["checkpoint"])]) == 0
     assert not (resumed / "checkpoints").exists(), "the resumed run had nothing left to train"
+
+
+def test_warm_start_from_mid_epoch_reads_its_data_from_the_start(day1, monkeypatch):
+    """A checkpoint saved after 1 of an epoch's 2 batches records that position; a warm start
+    trains both batches of its own epoch."""
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    mid = day1["root"] / "mid"
+    assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(mid),
+                 "--trainer.max_steps", "1"]) == 0
+    [checkpoint] = (mid / "checkpoints").iterdir()
+    assert read_state(checkpoint)["MultiTaskDataModule"]["position"]["rows"] == 32
+    assert _fit_day2(day1, "warm-mid", source=checkpoint)["global_step"] == 2
 
 
 def _stats(values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
