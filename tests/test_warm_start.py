@@ -40,7 +40,8 @@ class _AtStart(L.Callback):
         trainer.save_checkpoint(self.out / "at-start")  # creates the dense optimizer's state
 
 
-def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path, single: bool = False) -> None:
+def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path, single: bool = False,
+          variant: str = "pooled") -> None:
     """One step warm-started from ``source`` on ``world`` processes (``single``: the fast path),
     from a module drawn with another seed, so that nothing matches unless the warm start loads it."""
     torch.manual_seed(123)
@@ -49,7 +50,7 @@ def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path,
     trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=out, callbacks=[_AtStart(out)], strategy=strategy)
-    trainer.fit(_module(), datamodule=_FromStep(_global_batches(1), rank, world))
+    trainer.fit(_module(variant=variant), datamodule=_FromStep(_global_batches(1, variant), rank, world))
 
 
 def _warm_two(rank: int, *args) -> None:
@@ -76,6 +77,13 @@ def _assert_loaded(source: Path, at_start: Path, sparse_optimizer: str) -> None:
             torch.testing.assert_close(momenta[key], value, **TOLERANCE, msg=key)
         else:  # (a column-wise source keeps one accumulator per row of each column shard: another shape)
             assert not momenta[key].any(), key
+    replicated, fresh = (dict(_flat(tree.get("replicated_optimizer", {}))) for tree in (saved, loaded))
+    assert replicated.keys() == fresh.keys()
+    for key, value in replicated.items():  # the tables no fused kernel updates (CPU sequence tables)
+        if sparse_optimizer == "keep":
+            torch.testing.assert_close(fresh[key], value, **TOLERANCE, msg=key)
+        else:
+            assert not fresh[key].any(), key
     dense_states = list(at_start.parent.glob("dense-state-*.pt"))
     assert dense_states
     for dense_state in dense_states:
@@ -85,10 +93,15 @@ def _assert_loaded(source: Path, at_start: Path, sparse_optimizer: str) -> None:
 
 
 @pytest.mark.parametrize("sparse_optimizer", ["keep", "reset"])
-def test_warm_start_loads_weights_and_tables_before_the_first_step(sparse_optimizer, tmp_path):
-    _train("single", _start_weights(), STEPS, tmp_path, None)
-    _warm(0, 1, tmp_path / f"after-{STEPS}", sparse_optimizer, tmp_path / "warm", single=True)
+@pytest.mark.parametrize("variant", ["pooled", "sequences"])
+def test_warm_start_loads_weights_and_tables_before_the_first_step(variant, sparse_optimizer, tmp_path):
+    """``sequences``: DUPN, whose sequence tables one CPU process steps with a torch optimizer."""
+    _train("single", _start_weights(variant), STEPS, tmp_path, None, variant)
+    _warm(0, 1, tmp_path / f"after-{STEPS}", sparse_optimizer, tmp_path / "warm", single=True, variant=variant)
     _assert_loaded(tmp_path / f"after-{STEPS}", tmp_path / "warm" / "at-start", sparse_optimizer)
+    replicated = dict(_flat(read_full(tmp_path / f"after-{STEPS}").get("replicated_optimizer", {})))
+    assert any("hist_item" in key for key in replicated) == (variant == "sequences")
+
 
 
 def test_warm_start_from_a_single_file_takes_its_weights(tmp_path):
