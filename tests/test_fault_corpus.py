@@ -138,7 +138,35 @@ def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, lis
     _, _, omoe_single = fitted["omoe"]
     cases["checkpoint of another model"] = ([*validate, str(omoe_single)], str(omoe_single),
                                             ["lightning_mtr.models.OMoE", "lightning_mtr.models.mmoe.MMoE"])
+    cases.update(_warm_start_cases(root, fitted, damaged))
     return cases
+
+
+def _warm_start_cases(root: Path, fitted, damaged: dict[str, Path]) -> dict[str, tuple[list[str], str, list[str]]]:
+    """``fit --warm_start`` from what is not a usable checkpoint for it."""
+    config, directory, single = fitted["mmoe"]
+    _, omoe_directory, _ = fitted["omoe"]
+    fit = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root / "warm"), "--warm_start"]
+    missing, folder = root / "no_such_day", damaged["not a checkpoint directory"]
+    resized = asdict(BAD_SCHEMA)
+    resized["sparse"][0]["num_embeddings"] *= 2
+    (root / "resized_schema.yaml").write_text(yaml.safe_dump(resized))
+    return {
+        "warm start from a checkpoint of a resized table": (
+            [*fit, str(directory), "--data.schema", str(root / "resized_schema.yaml")], str(directory),
+            ["does not fit this model", "user.weight is (100, 16), the model's (200, 16)"]),
+        "warm start with --ckpt_path": ([*fit, str(directory), "--ckpt_path", str(directory)], str(directory),
+                                        ["--warm_start", "--ckpt_path", "pass one of them"]),
+        "warm start from a missing path": ([*fit, str(missing)], str(missing), ["no such checkpoint"]),
+        "warm start from a directory that is not a checkpoint": ([*fit, str(folder)], str(folder), ["no trainer.pt"]),
+        "warm start from random bytes": ([*fit, str(damaged["random"])], str(damaged["random"]), [UNREADABLE]),
+        "warm start from another model's checkpoint": (
+            [*fit, str(omoe_directory)], str(omoe_directory),
+            ["lightning_mtr.models.OMoE", "lightning_mtr.models.mmoe.MMoE"]),
+        "warm start keeping optimizer state from a single file": (
+            [*fit, str(single), "--warm_start_sparse_optimizer", "keep"], str(single),
+            ["single file", "no optimizer state"]),
+    }
 
 
 def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):

@@ -4,6 +4,7 @@ recomputed or blended, and a fresh loop, dense optimizer and data position."""
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -39,7 +40,8 @@ class _AtStart(L.Callback):
         trainer.save_checkpoint(self.out / "at-start")  # creates the dense optimizer's state
 
 
-def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path, single: bool = False) -> None:
+def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path, single: bool = False,
+          variant: str = "pooled") -> None:
     """One step warm-started from ``source`` on ``world`` processes (``single``: the fast path),
     from a module drawn with another seed, so that nothing matches unless the warm start loads it."""
     torch.manual_seed(123)
@@ -48,7 +50,7 @@ def _warm(rank: int, world: int, source: Path, sparse_optimizer: str, out: Path,
     trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
                         default_root_dir=out, callbacks=[_AtStart(out)], strategy=strategy)
-    trainer.fit(_module(), datamodule=_FromStep(_global_batches(1), rank, world))
+    trainer.fit(_module(variant=variant), datamodule=_FromStep(_global_batches(1, variant), rank, world))
 
 
 def _warm_two(rank: int, *args) -> None:
@@ -71,8 +73,17 @@ def _assert_loaded(source: Path, at_start: Path, sparse_optimizer: str) -> None:
     assert momenta and all("momentum1" in key for key in momenta)
     for key, value in dict(_flat(saved["sparse_optimizer"])).items():
         assert value.abs().sum() > 0, f"{key}: the source's tables must have been trained"
-        expected = value if sparse_optimizer == "keep" else torch.zeros_like(value)
-        torch.testing.assert_close(momenta[key], expected, **TOLERANCE, msg=key)
+        if sparse_optimizer == "keep":
+            torch.testing.assert_close(momenta[key], value, **TOLERANCE, msg=key)
+        else:  # (a column-wise source keeps one accumulator per row of each column shard: another shape)
+            assert not momenta[key].any(), key
+    replicated, fresh = (dict(_flat(tree.get("replicated_optimizer", {}))) for tree in (saved, loaded))
+    assert replicated.keys() == fresh.keys()
+    for key, value in replicated.items():  # the tables no fused kernel updates (CPU sequence tables)
+        if sparse_optimizer == "keep":
+            torch.testing.assert_close(fresh[key], value, **TOLERANCE, msg=key)
+        else:
+            assert not fresh[key].any(), key
     dense_states = list(at_start.parent.glob("dense-state-*.pt"))
     assert dense_states
     for dense_state in dense_states:
@@ -82,10 +93,15 @@ def _assert_loaded(source: Path, at_start: Path, sparse_optimizer: str) -> None:
 
 
 @pytest.mark.parametrize("sparse_optimizer", ["keep", "reset"])
-def test_warm_start_loads_weights_and_tables_before_the_first_step(sparse_optimizer, tmp_path):
-    _train("single", _start_weights(), STEPS, tmp_path, None)
-    _warm(0, 1, tmp_path / f"after-{STEPS}", sparse_optimizer, tmp_path / "warm", single=True)
+@pytest.mark.parametrize("variant", ["pooled", "sequences"])
+def test_warm_start_loads_weights_and_tables_before_the_first_step(variant, sparse_optimizer, tmp_path):
+    """``sequences``: DUPN, whose sequence tables one CPU process steps with a torch optimizer."""
+    _train("single", _start_weights(variant), STEPS, tmp_path, None, variant)
+    _warm(0, 1, tmp_path / f"after-{STEPS}", sparse_optimizer, tmp_path / "warm", single=True, variant=variant)
     _assert_loaded(tmp_path / f"after-{STEPS}", tmp_path / "warm" / "at-start", sparse_optimizer)
+    replicated = dict(_flat(read_full(tmp_path / f"after-{STEPS}").get("replicated_optimizer", {})))
+    assert any("hist_item" in key for key in replicated) == (variant == "sequences")
+
 
 
 def test_warm_start_from_a_single_file_takes_its_weights(tmp_path):
@@ -109,6 +125,27 @@ def test_warm_start_moves_between_world_sizes(saved_on, warmed_on, tmp_path):
     else:
         run_ranks(2, _warm_two, source, "keep", tmp_path / "warm")
     _assert_loaded(source, tmp_path / "warm" / "at-start", "keep")
+
+
+def _train_column_wise(rank: int, start: dict, out: Path) -> None:
+    trainer = L.Trainer(accelerator="cpu", devices=2, max_steps=STEPS, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                        default_root_dir=out, strategy=TorchRecStrategy(constraints=PLANS["column_wise"]))
+    trainer.fit(_module(start), datamodule=_FromStep(_global_batches(STEPS), rank, 2))
+    trainer.save_checkpoint(out / f"after-{STEPS}")
+
+
+def test_column_wise_weights_warm_start_one_process_unless_their_optimizer_state_is_kept(tmp_path):
+    """Weights reshard from any layout; column-wise optimizer state does not (``check_reshard``),
+    so keeping it is refused while a reset loads the weights."""
+    run_ranks(2, _train_column_wise, _start_weights(), tmp_path)
+    source = tmp_path / f"after-{STEPS}"
+    tables = [t for module in read_state(source)["plan"]["modules"].values() for t in module.values()]
+    assert tables and all(table["sharding_type"] == "column_wise" for table in tables)
+    _warm(0, 1, source, "reset", tmp_path / "warm", single=True)
+    _assert_loaded(source, tmp_path / "warm" / "at-start", "reset")
+    with pytest.raises(ValueError, match="column-wise optimizer state cannot be resharded"):
+        _warm(0, 1, source, "keep", tmp_path / "kept", single=True)
 
 
 # ---- through the command line: a fresh loop, the dense statistics, refusals -------------------------------
@@ -153,12 +190,13 @@ def day1(tmp_path_factory):
     return {"root": root, "config": config, "checkpoint": checkpoint, "day2": day2, "dense": (dense1, dense2)}
 
 
-def _fit_day2(day1, name: str, *extra: str) -> dict:
-    """``fit`` on day 2's log warm-started from day 1; the trainer state of the checkpoint it wrote."""
+def _fit_day2(day1, name: str, *extra: str, source: Path | None = None) -> dict:
+    """``fit`` on day 2's log warm-started from day 1 (or ``source``); the trainer state of the
+    checkpoint it wrote."""
     out = day1["root"] / name
     assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(out),
                  "--data.train", day1["day2"], "--data.val", day1["day2"],
-                 "--warm_start", str(day1["checkpoint"]), *extra]) == 0
+                 "--warm_start", str(source or day1["checkpoint"]), *extra]) == 0
     [checkpoint] = (out / "checkpoints").iterdir()
     return read_state(checkpoint) | {"path": checkpoint}
 
@@ -176,6 +214,18 @@ def test_warm_start_trains_a_fresh_epoch_where_a_resume_trains_none(day1, monkey
     assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(resumed),
                  "--ckpt_path", str(day1["checkpoint"])]) == 0
     assert not (resumed / "checkpoints").exists(), "the resumed run had nothing left to train"
+
+
+def test_warm_start_from_mid_epoch_reads_its_data_from_the_start(day1, monkeypatch):
+    """A checkpoint saved after 1 of an epoch's 2 batches records that position; a warm start
+    trains both batches of its own epoch."""
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    mid = day1["root"] / "mid"
+    assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(mid),
+                 "--trainer.max_steps", "1"]) == 0
+    [checkpoint] = (mid / "checkpoints").iterdir()
+    assert read_state(checkpoint)["MultiTaskDataModule"]["position"]["rows"] == 32
+    assert _fit_day2(day1, "warm-mid", source=checkpoint)["global_step"] == 2
 
 
 def _stats(values: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -201,3 +251,16 @@ def test_dense_statistics_kept_recomputed_or_blended(day1, choice, monkeypatch):
     saved = warm["MultiTaskDataModule"]["dense_stats"]
     np.testing.assert_allclose(saved["mean"], mean, rtol=1e-9)
     np.testing.assert_allclose(saved["std"], std, rtol=1e-9)
+
+
+def test_the_documented_yaml_options_parse(tmp_path, capsys):
+    """docs/multi-gpu.md's warm-start block is a valid ``fit`` config fragment."""
+    page = (Path(__file__).parents[1] / "docs" / "multi-gpu.md").read_text()
+    (block,) = [body for body in re.findall(r"```yaml\n(.*?)```", page, re.S) if "warm_start:" in body]
+    (tmp_path / "warm.yaml").write_text(block)
+    with pytest.raises(SystemExit) as done:
+        main(["fit", "--config", str(Path(__file__).parents[1] / "conf" / "debug.yaml"),
+              "--config", str(tmp_path / "warm.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert {k: v for k, v in printed.items() if k.startswith("warm_start")} == yaml.safe_load(block)

@@ -210,11 +210,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     def warm_start_stats(self, previous: DenseStats | None, todays_weight: float) -> None:
         """A warm start's dense statistics: ``previous`` (the checkpoint's) kept (weight 0), this
         run's training data's (weight 1), or the two blended (:func:`~lightning_mtr.data.stats.blend_stats`),
-        computed when the first batch is encoded."""
-        if previous is not None and len(previous.mean) != len(self.schema.dense):
-            raise DataError(f"the warm start's checkpoint has statistics for {len(previous.mean)} dense features, "
-                            f"this run's schema has {len(self.schema.dense)}: warm-start from a checkpoint trained "
-                            "on this schema")
+        computed when the first batch is encoded. (The strategy has checked that the checkpoint's
+        weights fit this model, so its statistics are for this schema's dense features.)"""
         keep = previous is not None and todays_weight == 0
         self.dense_stats = previous if keep else None
         self.previous_stats = (previous, todays_weight) if previous is not None and 0 < todays_weight < 1 else None

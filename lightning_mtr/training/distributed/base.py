@@ -193,6 +193,7 @@ class TableStrategy(ABC):
         warm, path = self.warm_start, Path(self.warm_start.path)
         state = sharded.read_state(path)
         check_recorded_model(state, self.lightning_module, path)
+        sharded.check_fits(self.lightning_module, path, sharded.saved_shapes(path, state))  # on meta: shapes only
         if warm.sparse_optimizer == "keep" and not path.is_dir():
             raise sharded.CheckpointError(
                 f"{path} is a single file, which holds no optimizer state: warm-start from the checkpoint directory "

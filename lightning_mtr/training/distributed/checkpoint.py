@@ -257,6 +257,29 @@ def saved_part(tensors: dict[str, Any], path: Path) -> dict[str, Any]:
     return keep(tensors, "") or {}
 
 
+def saved_shapes(path: Path, state: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shape of each model tensor a checkpoint holds (a directory's, from its DCP metadata,
+    without reading the tensors; a single file's ``state_dict``), by ``state_dict`` key."""
+    if not path.is_dir():
+        return {key: tuple(value.shape) for key, value in state["state_dict"].items()}
+    metadata = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    return {key.removeprefix("model."): tuple(meta.size) for key, meta in metadata.items() if key.startswith("model.")}
+
+
+def check_fits(module: nn.Module, path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Refuse a checkpoint whose weights are not ``module``'s (a table resized or a feature added in
+    the schema since), naming them, before a load fails on the first one deep inside DCP."""
+    problems = []
+    for key, tensor in module.state_dict().items():
+        if key not in shapes:
+            problems.append(f"{key} is not in it")
+        elif shapes[key] != tuple(tensor.size()):
+            problems.append(f"{key} is {shapes[key]}, the model's {tuple(tensor.size())}")
+    if problems:
+        raise CheckpointError(f"{path} does not fit this model ({len(problems)} tensors differ: "
+                              f"{'; '.join(problems[:3])}): start from a checkpoint of this model and schema")
+
+
 def copy_whole(module: nn.Module, full: Mapping[str, torch.Tensor], path: Path) -> None:
     """Whole tensors (a single-file checkpoint's ``state_dict``) into ``module``, whose tables may
     be sharded: each rank copies its shards' slices."""

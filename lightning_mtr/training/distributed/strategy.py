@@ -106,7 +106,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             except ValueError as error:
                 if not saved_types:
                     raise
-                raise ValueError(f"resuming {kept[0]}, whose tables keep their saved sharding types: "
+                how = "resuming" if self.resuming is not None else "warm-starting from"
+                raise ValueError(f"{how} {kept[0]}, whose tables keep their saved sharding types: "
                                  f"{error}") from error
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
