@@ -1,6 +1,6 @@
 """The command line of :mod:`lightning_mtr.benchmarks.daily` (its docstring says what it measures).
 
-    python -m tools.bench_daily --out runs/bench_daily [--days 5] [--rows-per-day 30000] [--seed 0]
+    python -m tools.bench_daily --out runs/bench_daily [--days 5] [--rows-per-day 50000] [--seed 0]
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ popularity that drifts) three ways and tests each day's model on the next day:
 It prints per-task AUCs per day and whether warm beats both from day 2 on. ``--schema`` swaps the
 id tables (e.g. a schema with managed-collision tables against plain hashing at the same size).
 
-    python -m tools.bench_daily --out runs/bench_daily [--days 5] [--rows-per-day 30000] [--seed 0]
+    python -m tools.bench_daily --out runs/bench_daily [--days 5] [--rows-per-day 50000] [--seed 0]
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_daily"))
     parser.add_argument("--days", type=int, default=5, help="days trained (one more is generated to test on)")
-    parser.add_argument("--rows-per-day", type=int, default=30_000)
+    parser.add_argument("--rows-per-day", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--schema", type=Path, default=SCHEMA,

@@ -18,7 +18,7 @@ import numpy as np
 
 from lightning_mtr.data.synthetic.common import sigmoid, solve_intercept, stream, write_chunks
 
-DAYS_VERSION = 1  # bump whenever the same arguments would write different data
+DAYS_VERSION = 2  # bump whenever the same arguments would write different data
 START = dt.date(2026, 11, 25)
 MAX_ID = 1 << 62
 
@@ -56,7 +56,7 @@ class DaySpec:
     latent_dim: int = 4
     affinity: float = 2.5
     bias_std: float = 0.6
-    conversion_affinity: float = 1.0
+    conversion_affinity: float = 2.0
     segment_bits: int = 1
     target_ctr: float = 0.15
     target_cvr: float = 0.25
