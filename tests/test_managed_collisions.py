@@ -96,8 +96,8 @@ def _train_day(users: list[int], epochs: int, root, resume=None) -> tuple[MultiT
     return module, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mch/")}
 
 
-def _rows(module: MultiTaskModule, users: list[int]) -> list[int]:
-    managed = module.model.features.managed_ids.eval()
+def _rows(model: torch.nn.Module, users: list[int]) -> list[int]:
+    managed = model.features.managed_ids.eval()
     sparse = KeyedJaggedTensor(keys=["user", "item"], values=torch.tensor(users + [0] * len(users)),
                                lengths=torch.ones(2 * len(users), dtype=torch.int64))
     return managed(sparse)["user"].values().tolist()
@@ -110,13 +110,13 @@ def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_coun
     the rows: 300 is evicted (one eviction) and 500 takes its row; 400 has none and shares the last."""
     day1 = [100] * 4 + [200] * 3 + [300]
     module, report = _train_day(day1, 1, tmp_path)
-    rows1 = dict(zip([100, 200, 300], _rows(module, [100, 200, 300])))
+    rows1 = dict(zip([100, 200, 300], _rows(module.model, [100, 200, 300])))
     assert sorted(rows1.values()) == [0, 1, 2]  # three distinct rows, none of them the shared last row
     assert report == {"mch/user/evicted": 0.0, "mch/user/rows_in_use": 3.0}
 
     day2 = [100] + [400] * 2 + [500] * 5
     module, report = _train_day(day2, 2, tmp_path, resume=tmp_path / "day-1")
-    rows2 = dict(zip([100, 200, 300, 400, 500], _rows(module, [100, 200, 300, 400, 500])))
+    rows2 = dict(zip([100, 200, 300, 400, 500], _rows(module.model, [100, 200, 300, 400, 500])))
     assert rows2[100] == rows1[100] and rows2[200] == rows1[200], "ids seen on day 1 keep their rows on day 2"
     assert rows2[500] == rows1[300] and rows2[300] == MISS_ROW == rows2[400]
     assert report == {"mch/user/evicted": 1.0, "mch/user/rows_in_use": 3.0}
@@ -126,5 +126,29 @@ def test_without_a_resume_day_two_starts_from_an_empty_map(tmp_path):
     """The map is state: a fresh run gives day 2's ids the rows in order of frequency, so the
     check above means the checkpoint carried it."""
     module, report = _train_day([100] + [400] * 2 + [500] * 5, 1, tmp_path)
-    assert set(_rows(module, [100, 400, 500])) == {0, 1, 2}
+    assert set(_rows(module.model, [100, 400, 500])) == {0, 1, 2}
     assert report == {"mch/user/evicted": 0.0, "mch/user/rows_in_use": 3.0}
+
+
+def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
+    """Export keeps the id -> row map (3 int64 per row, ATen's searchsorted): raw ids seen in
+    training, and unseen ones (the shared last row), score as the trained model scores them."""
+    from lightning_mtr.serving.program import ServingModel, export_program, foreign_operators
+    from lightning_mtr.tasks.scores import probabilities
+
+    torch.manual_seed(0)
+    schema = _schema()
+    model = MMoE(schema, num_experts=2, expert=[4], tower=[4])
+    model.train()(torch.zeros(8, 1), _batch([100] * 4 + [200] * 3 + [300]).sparse)  # fills the map
+    model.eval()
+    batch = _batch([100, 200, 300, 10**15, 7, 100])
+    with torch.no_grad():
+        expected = probabilities(schema, model(batch.dense, batch.sparse))
+        program = export_program(ServingModel(model, schema, None))
+        scores = program.module()(batch.dense.double(), batch.sparse.values(),
+                                  batch.sparse.lengths().view(2, -1))
+    assert foreign_operators(program) == set()
+    torch.testing.assert_close(scores["ctr"], expected["ctr"], atol=1e-6, rtol=0)
+    seen, unseen, small = _rows(model, [100, 10**15, 7])
+    assert seen != MISS_ROW and unseen == small == MISS_ROW  # 7 is an unseen raw id, not row 7
+

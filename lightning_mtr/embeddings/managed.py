@@ -74,6 +74,10 @@ class ManagedRows(MCHManagedCollisionModule):
         self._input_history_buffer_size = -1  # the history buffers are rebuilt on the new device
         self._current_history_buffer_offset = 0
 
+    def id_map(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(raw ids [N] sorted, free slots last as 2**63 - 1; the row of each [N])``: the whole map."""
+        return self._mch_sorted_raw_ids, self._mch_remapped_ids_mapping
+
     def rows_in_use(self) -> int:
         return self._zch_size - 1 - int(self.open_slots())
 
