@@ -17,6 +17,7 @@ from torchrec import KeyedJaggedTensor
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.embeddings import SparseOptimizer
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule
@@ -96,8 +97,8 @@ def _train_day(users: list[int], epochs: int, root, resume=None) -> tuple[MultiT
     return module, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mch/")}
 
 
-def _rows(model: torch.nn.Module, users: list[int]) -> list[int]:
-    managed = model.features.managed_ids.eval()
+def _rows(managed: ManagedIds, users: list[int]) -> list[int]:
+    managed.eval()
     sparse = KeyedJaggedTensor(keys=["user", "item"], values=torch.tensor(users + [0] * len(users)),
                                lengths=torch.ones(2 * len(users), dtype=torch.int64))
     return managed(sparse)["user"].values().tolist()
@@ -110,13 +111,13 @@ def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_coun
     the rows: 300 is evicted (one eviction) and 500 takes its row; 400 has none and shares the last."""
     day1 = [100] * 4 + [200] * 3 + [300]
     module, report = _train_day(day1, 1, tmp_path)
-    rows1 = dict(zip([100, 200, 300], _rows(module.model, [100, 200, 300])))
+    rows1 = dict(zip([100, 200, 300], _rows(module.model.features.managed_ids, [100, 200, 300])))
     assert sorted(rows1.values()) == [0, 1, 2]  # three distinct rows, none of them the shared last row
     assert report == {"mch/user/evicted": 0.0, "mch/user/rows_in_use": 3.0}
 
     day2 = [100] + [400] * 2 + [500] * 5
     module, report = _train_day(day2, 2, tmp_path, resume=tmp_path / "day-1")
-    rows2 = dict(zip([100, 200, 300, 400, 500], _rows(module.model, [100, 200, 300, 400, 500])))
+    rows2 = dict(zip([100, 200, 300, 400, 500], _rows(module.model.features.managed_ids, [100, 200, 300, 400, 500])))
     assert rows2[100] == rows1[100] and rows2[200] == rows1[200], "ids seen on day 1 keep their rows on day 2"
     assert rows2[500] == rows1[300] and rows2[300] == MISS_ROW == rows2[400]
     assert report == {"mch/user/evicted": 1.0, "mch/user/rows_in_use": 3.0}
@@ -126,8 +127,21 @@ def test_without_a_resume_day_two_starts_from_an_empty_map(tmp_path):
     """The map is state: a fresh run gives day 2's ids the rows in order of frequency, so the
     check above means the checkpoint carried it."""
     module, report = _train_day([100] + [400] * 2 + [500] * 5, 1, tmp_path)
-    assert set(_rows(module.model, [100, 400, 500])) == {0, 1, 2}
+    assert set(_rows(module.model.features.managed_ids, [100, 400, 500])) == {0, 1, 2}
     assert report == {"mch/user/evicted": 0.0, "mch/user/rows_in_use": 3.0}
+
+
+@pytest.mark.parametrize("policy", ["lru", "distance_lfu"])
+def test_the_oldest_id_gives_up_its_row(policy):
+    """One id per step, 100, 200, 300 fill the 3 rows; then 400 twice. LRU evicts the id seen
+    longest ago; distance-LFU too (all counts 1, 100's the oldest): 100's row goes to 400."""
+    table = _schema(managed_collisions={"eviction_policy": policy}).managed_tables[0]
+    managed = ManagedIds([table]).train()
+    for users in ([100], [200], [300], [400, 400]):
+        managed(KeyedJaggedTensor(keys=["user"], values=torch.tensor(users), lengths=torch.ones(len(users)).long()))
+    rows = _rows(managed, [100, 200, 300, 400])
+    assert rows[0] == MISS_ROW and rows[3] != MISS_ROW and len(set(rows[1:])) == 3
+    assert managed.take_report() == {"mch/user/evicted": 1, "mch/user/rows_in_use": 3}
 
 
 def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
@@ -149,6 +163,6 @@ def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
                                   batch.sparse.lengths().view(2, -1))
     assert foreign_operators(program) == set()
     torch.testing.assert_close(scores["ctr"], expected["ctr"], atol=1e-6, rtol=0)
-    seen, unseen, small = _rows(model, [100, 10**15, 7])
+    seen, unseen, small = _rows(model.features.managed_ids, [100, 10**15, 7])
     assert seen != MISS_ROW and unseen == small == MISS_ROW  # 7 is an unseen raw id, not row 7
 
