@@ -180,7 +180,7 @@ class MultiTaskModule(L.LightningModule):
             self.task_weighting.end_epoch(dict(zip(tasks, means)))
         self._epoch_losses = {}
         for managed in (m for m in self.model.modules() if isinstance(m, ManagedIds)):  # alike on every rank
-            self.log_dict({name: float(count) for name, count in managed.take_report().items()})
+            self.log_dict({name: float(count) for name, count in managed.take_report().items()}, sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)
