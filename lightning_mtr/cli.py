@@ -1,5 +1,6 @@
 """``lightning-mtr``: LightningCLI for fit/validate/test/predict, plus ``synth`` for data, ``plan``
-for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``score`` for serving."""
+for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``score`` for serving,
+``daily`` for day-after-day training."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from lightning_mtr.data import synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
-from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport
+from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, warm_start
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
@@ -50,6 +51,16 @@ class MultiTaskCLI(LightningCLI):
         """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file
         someone was handed could choose the model's class. The config decides; the strategy refuses
         a checkpoint of another model when it loads it."""
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
+        """``fit`` also takes ``--warm_start PATH`` and its choices."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "fit":
+            warm_start.add_arguments(parser)
+        return parser
+
+    def before_fit(self) -> None:
+        warm_start.hand_to_strategy(self.config_init["fit"], self.trainer.strategy)
 
     def predict(self, **kwargs) -> None:
         """``lightning-mtr predict``: scores go to Parquet (the writer), so by default the trainer
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     status 75 (:mod:`~lightning_mtr.training.preemption`)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
-                "export": export.main, "score": score.main}
+                "export": export.main, "score": score.main, "daily": daily.main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:

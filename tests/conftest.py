@@ -37,6 +37,8 @@ SLOW = {
     "test_layout.py::test_every_tool_script_still_answers_its_command_line",  # one subprocess per tools script
     "test_table_memory.py::test_a_table_that_fits_still_trains",
     "test_bad_loss.py::test_cli_stop_is_one_line_and_keeps_the_last_good_checkpoint",
+    "test_daily.py::test_daily_resumes_after_a_kill_without_retraining_finished_days",  # daily subprocesses, ~50 s
+    "test_daily.py::test_a_warm_day_starts_from_the_previous_days_weights",  # daily subprocesses, ~35 s
 }
 # multiprocess: 2 gloo processes (run_ranks, mp.spawn, Lightning's own launcher in a CLI subprocess)
 MULTIPROCESS = {
@@ -52,6 +54,7 @@ MULTIPROCESS = {
     "test_table_memory.py::test_two_processes_stop_with_the_plans_message",
     "test_bad_loss.py::test_two_processes_both_skip_when_one_rank_has_a_bad_batch",
     "test_bad_loss.py::test_two_processes_both_stop_and_name_the_bad_rank",
+    "test_warm_start.py::test_warm_start_moves_between_world_sizes",
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

@@ -12,10 +12,12 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from lightning_mtr.data import days as hive
 from lightning_mtr.data.encode import BatchEncoder, DataError, DenseStats, checked_label_order
 from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
-from lightning_mtr.data.stats import compute_dense_stats
+from lightning_mtr.data.stats import blend_stats, compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
+from lightning_mtr.data.synthetic.days import DAYS_VERSION, write_days
 from lightning_mtr.data.synthetic.behaviour import BEHAVIOUR_VERSION, write_behaviour
 from lightning_mtr.schema import Schema
 
@@ -28,14 +30,17 @@ class SyntheticLog:
 
     ``log``: ``impressions`` (the Criteo-like click/conversion log with position bias,
     ``conf/schemas/synthetic_impressions.yaml``) or ``behaviour`` (DUPN's four logs driven by
-    behaviour sequences, ``conf/schemas/dupn_synthetic.yaml``). The directory name includes
+    behaviour sequences, ``conf/schemas/dupn_synthetic.yaml``) or ``days`` (``days`` days of
+    ``rows_per_day`` rows from 2026-11-25 in ``dt=YYYY-MM-DD`` folders, with churn and drift,
+    ``conf/schemas/synthetic_days.yaml``; every split is that Hive root, so ``data.days``,
+    ``data.val_days`` and ``data.test_days`` choose the days). The directory name includes
     every argument and the generator's version, so changing either never reuses stale files.
     Impressions only: ``placement_weight`` (default 0: off) lets the ids of a column with no
     effect on relevance also set the display position; ``device_bias_spread`` (default 0: off)
     makes the position bias differ per id of a device-like column (see ``ImpressionSpec``).
     """
 
-    log: Literal["impressions", "behaviour"] = "impressions"
+    log: Literal["impressions", "behaviour", "days"] = "impressions"
     cache_dir: str = ".cache/synthetic"
     train_rows: int = 200_000
     val_rows: int = 50_000
@@ -43,13 +48,18 @@ class SyntheticLog:
     seed: int = 0
     placement_weight: float = 0.0
     device_bias_spread: float = 0.0
+    days: int = 6
+    rows_per_day: int = 30_000
 
     def __post_init__(self) -> None:
-        if self.log == "behaviour" and (self.placement_weight or self.device_bias_spread):
-            raise ValueError("placement_weight and device_bias_spread shape the impressions log, not the behaviour log")
+        if self.log != "impressions" and (self.placement_weight or self.device_bias_spread):
+            raise ValueError("placement_weight and device_bias_spread shape the impressions log, "
+                             f"not the {self.log} log")
 
     @property
     def directory(self) -> Path:
+        if self.log == "days":
+            return Path(self.cache_dir) / f"days-v{DAYS_VERSION}-s{self.seed}-{self.days}x{self.rows_per_day}"
         sizes = f"s{self.seed}-{self.train_rows}-{self.val_rows}-{self.test_rows}"
         if self.log == "behaviour":
             return Path(self.cache_dir) / f"behaviour-v{BEHAVIOUR_VERSION}-{sizes}"
@@ -58,7 +68,10 @@ class SyntheticLog:
         return Path(self.cache_dir) / f"impressions-v{GENERATOR_VERSION}-{sizes}{placement}{device}"
 
     def ensure(self) -> dict[str, str]:
-        """The split files, generated once."""
+        """The split files (the Hive root for ``days``), generated once."""
+        if self.log == "days":
+            generate_once(self.directory, lambda out: write_days(out, self.days, self.rows_per_day, seed=self.seed))
+            return {split: str(self.directory) for split in ("train", "val", "test")}
         if self.log == "behaviour":
             return generate_once(self.directory, lambda out: write_behaviour(
                 out, self.train_rows, self.val_rows, self.test_rows, seed=self.seed))
@@ -92,13 +105,20 @@ def _check_sizes(**sizes: int | None) -> None:
                             + (" (0: no shuffling)" if name == "shuffle_buffer" else ""))
 
 
+def _days_setting(split: str) -> str:
+    return "data.days" if split == "train" else f"data.{split}_days"
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Streams batches for the schema's features and tasks.
 
     Args:
         schema: path of the schema YAML (features, tasks, sample spaces).
         train, val, test, predict: a file, a directory, or a list of them (Parquet, or text:
-            .csv, .tsv, .txt).
+            .csv, .tsv, .txt); a directory of ``dt=YYYY-MM-DD`` folders (the Hive layout) reads
+            every day, or the days that ``days``, ``val_days`` and ``test_days`` select.
+        days, val_days, test_days: the days of the train, val and test roots to read: a range
+            ``2026-11-26..2026-11-28`` (both ends included), one day, or a list of them.
         text_format: how text files are parsed (delimiter; column names when there is no header).
         synthetic: generate a built-in synthetic log (``log: impressions``, the default, or
             ``log: behaviour``) and use it for any split left empty.
@@ -113,7 +133,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
                  predict: Files = None, synthetic: SyntheticLog | None = None, batch_size: int = 4096,
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
-                 extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat()):
+                 extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat(),
+                 days: hive.Days = None, val_days: hive.Days = None, test_days: hive.Days = None):
         super().__init__()
         _check_sizes(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle_buffer=shuffle_buffer,
                      num_workers=num_workers)
@@ -122,6 +143,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         except ValueError as err:  # the message names the file; a DataError ends the CLI with it, in one line
             raise DataError(str(err)) from None
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
+        self.days = {"train": days, "val": val_days, "test": test_days}
+        for split, selection in self.days.items():  # a malformed day fails now, before any data is read
+            if hive.parse_days(selection, _days_setting(split)) and not self.paths[split] and synthetic is None:
+                raise DataError(f"{_days_setting(split)} is set but data.{split} is not; give data.{split} "
+                                f"a {hive.PARTITION}YYYY-MM-DD root")
         self.synthetic = synthetic
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -131,6 +157,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = seed
         self.text_format = text_format
         self.dense_stats: DenseStats | None = None
+        self.previous_stats: tuple[DenseStats, float] | None = None  # a warm start's blend (see warm_start_stats)
         self.resume_position: dict[str, int] | None = None
         self.label_order: tuple[tuple[str, str], ...] = ()
         self._encoders: dict[bool, BatchEncoder] = {}  # by whether it reads labels
@@ -143,6 +170,9 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.synthetic is not None:
             for split, path in self.synthetic.ensure().items():
                 self.paths[split] = self.paths[split] or path
+        for split, days in self.days.items():  # a day the data lacks fails now, not after training
+            if days is not None:
+                hive.select(self.paths[split], days, split, _days_setting(split))
 
     def require_label_order(self, pairs: Sequence[tuple[str, str]]) -> None:
         """Check on every row read, in every stage, that each ``(earlier, later)`` pair's later
@@ -173,14 +203,34 @@ class MultiTaskDataModule(L.LightningDataModule):
         if not self.paths["train"]:
             raise ValueError("standardised dense features need training data (data.train) for their statistics, "
                              "or a checkpoint that carries them (--ckpt_path)")
-        units = plan_units(list_files(self.paths["train"]), BatchEncoder(self.schema), self.text_format)
-        return compute_dense_stats(self.schema, units)
+        units = plan_units(self._files("train"), BatchEncoder(self.schema), self.text_format)
+        stats = compute_dense_stats(self.schema, units)
+        return blend_stats(self.previous_stats[0], stats, self.previous_stats[1]) if self.previous_stats else stats
+
+    def warm_start_stats(self, previous: DenseStats | None, todays_weight: float) -> None:
+        """A warm start's dense statistics: ``previous`` (the checkpoint's) kept (weight 0), this
+        run's training data's (weight 1), or the two blended (:func:`~lightning_mtr.data.stats.blend_stats`),
+        computed when the first batch is encoded."""
+        if previous is not None and len(previous.mean) != len(self.schema.dense):
+            raise DataError(f"the warm start's checkpoint has statistics for {len(previous.mean)} dense features, "
+                            f"this run's schema has {len(self.schema.dense)}: warm-start from a checkpoint trained "
+                            "on this schema")
+        keep = previous is not None and todays_weight == 0
+        self.dense_stats = previous if keep else None
+        self.previous_stats = (previous, todays_weight) if previous is not None and 0 < todays_weight < 1 else None
+        self._encoders = {}
+
+    def _files(self, split: str) -> list[str]:
+        """The split's files: of the selected days when ``days``/``val_days``/``test_days`` is set."""
+        if self.days.get(split) is None:
+            return list_files(self.paths[split])
+        return list_files(hive.select(self.paths[split], self.days[split], split, _days_setting(split)))
 
     def _loader(self, split: str, training: bool) -> DataLoader:
         if not self.paths[split]:
             raise ValueError(f"no {split} data configured (data.{split})")
         encoder = self._encoder_for(labels=split != "predict")
-        units = plan_units(list_files(self.paths[split]), encoder, self.text_format)
+        units = plan_units(self._files(split), encoder, self.text_format)
         trainer = self.trainer
         stream = BatchStream(
             units, encoder, self.batch_size if training else self.eval_batch_size,

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lightning_mtr.data.batch import Batch
+from lightning_mtr.data.days import partitions
 from lightning_mtr.data.encode import MISSING_GROUP, ROW_COLUMN, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
@@ -83,11 +84,15 @@ def split_rows(units: Sequence[Unit], part: int, parts: int) -> list[Unit]:
 
 
 def list_files(paths: str | Path | Sequence[str | Path]) -> list[str]:
-    """Expand directories into their ``*.parquet`` / ``*.csv`` files (sorted, so ranks agree)."""
+    """Expand directories into their ``*.parquet`` / ``*.csv`` files (sorted, so ranks agree); a
+    Hive root (``dt=YYYY-MM-DD`` folders, :mod:`~lightning_mtr.data.days`) into every day's, in day order."""
     files: list[str] = []
     for path in [paths] if isinstance(paths, (str, Path)) else paths:
         path = Path(path)
-        if path.is_dir():
+        days = partitions(path)
+        if days:
+            files.extend(list_files([days[day] for day in sorted(days)]))
+        elif path.is_dir():
             found = sorted(str(p) for p in path.iterdir() if p.suffix in SUFFIXES)
             if not found:
                 raise DataError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")

@@ -44,3 +44,18 @@ def compute_dense_stats(schema: Schema, units: Sequence[Unit]) -> DenseStats:
     std = np.sqrt(squares / rows)
     std = np.where(std > 1e-12, std, 1.0)
     return DenseStats(mean=tuple(map(float, mean)), std=tuple(map(float, std)))
+
+
+def blend_stats(previous: DenseStats, today: DenseStats, weight: float) -> DenseStats:
+    """The statistics of a mixture: ``previous``'s distribution weighted ``1 - weight`` and
+    ``today``'s ``weight`` (a warm start's running blend; repeated daily, an exponential moving
+    average of the days' first and second moments).
+
+    mean = (1 - w) m0 + w m1, and the mixture's second moment gives
+    var = (1 - w) s0^2 + w s1^2 + w (1 - w) (m1 - m0)^2: stds are never averaged, and the form
+    avoids ``E[x^2] - mean^2``, which cancels when the mean dwarfs the spread.
+    """
+    m0, m1, s0, s1 = (np.asarray(v, dtype=np.float64) for v in (previous.mean, today.mean, previous.std, today.std))
+    mean = (1 - weight) * m0 + weight * m1
+    var = (1 - weight) * s0**2 + weight * s1**2 + weight * (1 - weight) * (m1 - m0) ** 2
+    return DenseStats(mean=tuple(map(float, mean)), std=tuple(map(float, np.sqrt(var))))

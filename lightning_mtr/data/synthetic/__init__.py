@@ -8,13 +8,16 @@ Three generators, all written to Parquet:
   MMoE paper (Ma et al., KDD 2018, section 4), whose task correlation is set by one number.
 * :func:`write_behaviour` (``behaviour.py``): DUPN's four logs (CTR, ranking requests,
   influencer follows, purchasing power) driven by each user's behaviour sequence.
+* :func:`write_days` (``days.py``): a day-partitioned log (``dt=YYYY-MM-DD/``) whose users,
+  items and item popularity change from day to day, for daily incremental training.
 
-Run them as ``lightning-mtr synth impressions|behaviour|mmoe ...`` (see :func:`main`).
+Run them as ``lightning-mtr synth impressions|behaviour|mmoe|days ...`` (see :func:`main`).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,10 +26,12 @@ from lightning_mtr.data.synthetic.impressions import (
     DENSE_COLUMNS, GENERATOR_VERSION, SPARSE_COLUMNS, SPEC, SPLITS, VOCAB_SIZES, ImpressionSpec, write_impressions,
 )
 from lightning_mtr.data.synthetic.behaviour import write_behaviour
+from lightning_mtr.data.synthetic.days import START, DaySpec, write_days
 from lightning_mtr.data.synthetic.mmoe_regression import mmoe_task_weights, write_mmoe_regression
 
-__all__ = ["DENSE_COLUMNS", "GENERATOR_VERSION", "SPARSE_COLUMNS", "SPEC", "SPLITS", "VOCAB_SIZES", "ImpressionSpec",
-           "main", "mmoe_task_weights", "write_behaviour", "write_impressions", "write_mmoe_regression"]
+__all__ = ["DENSE_COLUMNS", "GENERATOR_VERSION", "SPARSE_COLUMNS", "SPEC", "SPLITS", "VOCAB_SIZES", "DaySpec",
+           "ImpressionSpec", "main", "mmoe_task_weights", "write_behaviour", "write_days", "write_impressions",
+           "write_mmoe_regression"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,13 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     mmoe.add_argument("--seed", type=int, default=0)
     mmoe.add_argument("--noise-std", type=float, default=0.1)
     mmoe.add_argument("--split", default="train", help="row stream; e.g. val for a held-out file of the same tasks")
+    days = commands.add_parser("days", help="days of a drifting log: OUT/dt=YYYY-MM-DD/part-0.parquet")
+    days.add_argument("--out", required=True, type=Path, help="output directory (the Hive root)")
+    days.add_argument("--days", required=True, type=int)
+    days.add_argument("--rows-per-day", required=True, type=int)
+    days.add_argument("--start", type=dt.date.fromisoformat, default=START, help=f"first day (default {START})")
+    days.add_argument("--seed", type=int, default=0)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lightning-mtr synth {impressions,behaviour,mmoe} ...``: write the data and say where."""
+    """``lightning-mtr synth {impressions,behaviour,mmoe,days} ...``: write the data and say where."""
     args = _parser().parse_args(argv)
-    if args.command in ("impressions", "behaviour"):
+    if args.command == "days":
+        for path in write_days(args.out, args.days, args.rows_per_day, seed=args.seed, start=args.start):
+            print(f"{path}: {pq.ParquetFile(path).metadata.num_rows} rows")
+    elif args.command in ("impressions", "behaviour"):
         write = write_impressions if args.command == "impressions" else write_behaviour
         paths = write(args.out, args.train_rows, args.val_rows, args.test_rows, seed=args.seed)
         for split, path in paths.items():

@@ -26,6 +26,7 @@ from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.memory import TableMemory
 from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
 from lightning_mtr.training.run_record import RUN_RECORD
+from lightning_mtr.training.warm_start import WarmStart, saved_dense_stats
 
 
 class TableStrategy(ABC):
@@ -43,6 +44,8 @@ class TableStrategy(ABC):
         super().__init__(*args, **kwargs)
         self.table_optimizer: torch.optim.Optimizer | None = None
         self.resuming: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, what load_checkpoint read)
+        self.warm_start: WarmStart | None = None  # set before fit (the CLI's --warm_start)
+        self.warm_from: tuple[Path, dict[str, Any]] | None = None  # (checkpoint, its trainer state) during setup
         self.constraints: dict[str, TableConstraints] = {}  # the planner's, per table (TorchRecStrategy's)
 
     @abstractmethod
@@ -70,14 +73,20 @@ class TableStrategy(ABC):
             raise ValueError("precision 16-mixed scales the loss, which the fused and replicated table optimizers "
                              "would apply unscaled; use bf16-mixed or 32")
         module = self.lightning_module
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if self.warm_start is not None and fitting:  # read (and refused) before anything is allocated
+            self.warm_from = (Path(self.warm_start.path), self._read_warm_start(trainer))
         self._table_memory(trainer).check()  # before anything is allocated: the tables are still on meta
         self._place_tables(module, trainer)
         super().setup(trainer)  # moves the rest, wraps it when fitting, creates the dense optimizer
-        if trainer.state.fn == TrainerFn.FITTING:
+        if fitting:
             self.table_optimizer = self._table_optimizer(module.model, module.sparse_optimizer)
         if self.resuming is not None:
-            self._restore(*self.resuming, fitting=trainer.state.fn == TrainerFn.FITTING)
+            self._restore(*self.resuming, fitting=fitting)
             self.resuming = None
+        if self.warm_from is not None:
+            self._warm_start(*self.warm_from)
+            self.warm_start = self.warm_from = None  # a later stage of this trainer keeps what it trained
 
     def _table_memory(self, trainer) -> TableMemory:
         """The model's tables against this run's devices, as ``lightning-mtr plan`` sizes them."""
@@ -102,17 +111,21 @@ class TableStrategy(ABC):
     def lightning_restore_optimizer(self) -> bool:
         return False  # setup restores every optimizer itself
 
-    def _tensor_state(self) -> dict[str, Any]:
-        """Everything a resumed run needs that is a tensor, keyed by name (never by parameter id):
-        torch optimizers by DCP's ``get_optimizer_state_dict``, the fused tables' by TorchRec's."""
+    def _tensor_state(self, parts: tuple[str, ...] = ("model", "optimizers", "sparse_optimizer",
+                                                      "replicated_optimizer")) -> dict[str, Any]:
+        """Everything a resumed run needs that is a tensor (or ``parts`` of it), keyed by name (never
+        by parameter id): torch optimizers by DCP's ``get_optimizer_state_dict``, the fused tables'
+        by TorchRec's. (DCP creates a never-stepped optimizer's state by stepping it once with lr 0:
+        a part not asked for is not touched.)"""
         module = self.lightning_module
-        return {
-            "model": module.state_dict(),
-            "optimizers": [get_optimizer_state_dict(module, _unwrap(o)) for o in self.optimizers],
-            "sparse_optimizer": self._fused_optimizer().state_dict(),
-            "replicated_optimizer": get_optimizer_state_dict(module, self.table_optimizer)
+        state = {
+            "model": lambda: module.state_dict(),
+            "optimizers": lambda: [get_optimizer_state_dict(module, _unwrap(o)) for o in self.optimizers],
+            "sparse_optimizer": lambda: self._fused_optimizer().state_dict(),
+            "replicated_optimizer": lambda: get_optimizer_state_dict(module, self.table_optimizer)
             if self.table_optimizer else {},
         }
+        return {part: state[part]() for part in parts}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(str(filepath)))
@@ -148,17 +161,61 @@ class TableStrategy(ABC):
             sharded.load({"model": module.state_dict()}, path)
             return
         sharded.check_reshard(state["plan"], self._plan(), self.reshard_advice)
-        live_tensors, live_plain = sharded.split_tensors(self._tensor_state())
-        tensors = sharded.saved_part(live_tensors, path)
-        sharded.load(tensors, path)  # in place: state_dict() and the optimizers' states share storage
+        tensors, live_plain = self._load_tensors(path, ("model", "optimizers", "sparse_optimizer",
+                                                        "replicated_optimizer"))
         restored = sharded.merge_tensors(tensors, state["plain"])
         for optimizer, saved in zip(self.optimizers, restored["optimizers"]):
             set_optimizer_state_dict(module, _unwrap(optimizer), saved)
-        # the fused optimizer keeps this rank's own layout (its hyperparameters come from the config)
+        self._set_table_optimizers(tensors, live_plain, restored["replicated_optimizer"])
+
+    def _load_tensors(self, path: Path, parts: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Load ``parts`` of :meth:`_tensor_state` from a checkpoint directory in place (the live
+        tensors share storage with the weights and the optimizers' states); returns the loaded
+        tensors and the live plain values (hyperparameters) beside them."""
+        live_tensors, live_plain = sharded.split_tensors(self._tensor_state(parts))
+        tensors = sharded.saved_part(live_tensors, path)
+        sharded.load(tensors, path)
+        return tensors, live_plain
+
+    def _set_table_optimizers(self, tensors: dict[str, Any], live_plain: dict[str, Any],
+                              replicated: dict[str, Any]) -> None:
+        """The tables' optimizer state from loaded tensors: the fused optimizer keeps this rank's own
+        layout and the config's hyperparameters; ``replicated`` is the torch optimizer's whole state."""
         self._fused_optimizer().load_state_dict(
             sharded.merge_tensors(tensors.get("sparse_optimizer"), live_plain["sparse_optimizer"]))
-        if self.table_optimizer is not None and restored["replicated_optimizer"]:
-            set_optimizer_state_dict(module, self.table_optimizer, restored["replicated_optimizer"])
+        if self.table_optimizer is not None and replicated:
+            set_optimizer_state_dict(self.lightning_module, self.table_optimizer, replicated)
+
+    def _read_warm_start(self, trainer) -> dict[str, Any]:
+        """The warm start's checkpoint state, refused before anything is built on it if it is not a
+        checkpoint, holds another model, or lacks the optimizer state asked for; the data module
+        gets its dense statistics."""
+        warm, path = self.warm_start, Path(self.warm_start.path)
+        state = sharded.read_state(path)
+        check_recorded_model(state, self.lightning_module, path)
+        if warm.sparse_optimizer == "keep" and not path.is_dir():
+            raise sharded.CheckpointError(
+                f"{path} is a single file, which holds no optimizer state: warm-start from the checkpoint directory "
+                "to keep the sparse optimizer's state, or with --warm_start_sparse_optimizer reset")
+        if hasattr(trainer.datamodule, "warm_start_stats"):
+            trainer.datamodule.warm_start_stats(saved_dense_stats(state, trainer.datamodule), warm.todays_weight)
+        return state
+
+    def _warm_start(self, path: Path, state: dict[str, Any]) -> None:
+        """The checkpoint's weights and tables (DCP reshards them from any layout), and its sparse
+        optimizer's state if kept, into a run whose loop, dense optimizer and schedule are fresh."""
+        module = self.lightning_module
+        if not path.is_dir():
+            sharded.copy_whole(module, state["state_dict"], path)
+            return
+        if self.warm_start.sparse_optimizer == "reset":
+            sharded.load({"model": module.state_dict()}, path)
+            return
+        sharded.check_reshard(state["plan"], self._plan(), self.reshard_advice)
+        tensors, live_plain = self._load_tensors(path, ("model", "sparse_optimizer", "replicated_optimizer"))
+        # the replicated tables' hyperparameters come from the config too, as the fused ones' do
+        self._set_table_optimizers(tensors, live_plain, sharded.merge_tensors(
+            tensors.get("replicated_optimizer"), live_plain["replicated_optimizer"]))
 
     def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
         """Lightning's hook, left empty: the weights load at the end of setup, table by table."""

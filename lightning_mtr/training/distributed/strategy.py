@@ -96,7 +96,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             plan = load_plan(self.plan_path, model, self.world_size, self.root_device, self.num_processes)
         else:
             batch_size = getattr(trainer.datamodule, "batch_size", None)
-            saved_types = resumed_sharding_types(self.resuming[1]["plan"]) if self._resuming_a_directory() else {}
+            kept = self._kept_plan()
+            saved_types = resumed_sharding_types(kept[1]) if kept else {}
             try:
                 plan, report = plan_model(model, cluster, batch_size, {**saved_types, **self.constraints},
                                           dist.GroupMember.WORLD)
@@ -105,7 +106,7 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             except ValueError as error:
                 if not saved_types:
                     raise
-                raise ValueError(f"resuming {self.resuming[0]}, whose tables keep their saved sharding types: "
+                raise ValueError(f"resuming {kept[0]}, whose tables keep their saved sharding types: "
                                  f"{error}") from error
         self.dmp = DistributedModelParallel(
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
@@ -141,8 +142,14 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
     def _plan(self) -> dict[str, Any]:
         return plan_to_json(self.dmp.plan)
 
-    def _resuming_a_directory(self) -> bool:
-        return self.resuming is not None and sharded.is_sharded_checkpoint(self.resuming[0])
+    def _kept_plan(self) -> tuple[Path, dict[str, Any]] | None:
+        """The checkpoint (and its plan) whose table optimizer state this run takes over: a resumed
+        directory, or a warm start keeping the sparse optimizer's state."""
+        for source, kept in ((self.resuming, True), (self.warm_from, self.warm_start and
+                                                      self.warm_start.sparse_optimizer == "keep")):
+            if source is not None and kept and sharded.is_sharded_checkpoint(source[0]):
+                return source[0], source[1]["plan"]
+        return None
 
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
