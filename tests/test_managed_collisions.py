@@ -22,6 +22,7 @@ from lightning_mtr.models import MMoE
 from lightning_mtr.schema import Schema
 from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy
+from lightning_mtr.training.warm_start import WarmStart
 
 # capacity 3: a managed table keeps its last row for ids without a row of their own
 USER = {"name": "user", "num_embeddings": 4, "embedding_dim": 4, "managed_collisions": {"eviction_policy": "lfu"}}
@@ -85,13 +86,16 @@ class _Day(L.LightningDataModule):
         return DataLoader([self.batch], batch_size=None)
 
 
-def _train_day(users: list[int], epochs: int, root, resume=None) -> tuple[MultiTaskModule, dict[str, float]]:
-    """One training step per day, each day an epoch of the same run, resumed from the day before."""
+def _train_day(users: list[int], epochs: int, root, resume=None, warm=None) -> tuple[MultiTaskModule, dict[str, float]]:
+    """One training step per day: each day an epoch of the same run, resumed from the day before
+    (``resume``), or a new run warm-started from it (``warm``, as ``lightning-mtr daily`` does)."""
     module = MultiTaskModule(model=partial(MMoE, num_experts=2, expert=[4], tower=[4]),
                              schema=_schema(), sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.1))
+    strategy = SingleProcessStrategy()
+    strategy.warm_start = WarmStart(str(warm)) if warm else None
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                        strategy=SingleProcessStrategy())
+                        strategy=strategy)
     trainer.fit(module, datamodule=_Day(_batch(users)), ckpt_path=str(resume) if resume else None)
     trainer.save_checkpoint(root / f"day-{epochs}")
     return module, {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("mch/")}
@@ -104,7 +108,8 @@ def _rows(managed: ManagedIds, users: list[int]) -> list[int]:
     return managed(sparse)["user"].values().tolist()
 
 
-def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_counted(tmp_path):
+@pytest.mark.parametrize("start", ["resume", "warm_start"])
+def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_counted(start, tmp_path):
     """LFU over 3 rows, counted by hand. Day 1: 100 x4, 200 x3, 300 x1: three free rows, three ids.
     Day 2 (resumed from day 1's checkpoint): 100 x1, 400 x2, 500 x5. Counts since entering: 100: 5,
     200: 3, 300: 1, and the newcomers 400: 2, 500: 5; the three most frequent (100, 500, 200) hold
@@ -116,7 +121,10 @@ def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_coun
     assert report == {"mch/user/evicted": 0.0, "mch/user/rows_in_use": 3.0}
 
     day2 = [100] + [400] * 2 + [500] * 5
-    module, report = _train_day(day2, 2, tmp_path, resume=tmp_path / "day-1")
+    if start == "resume":
+        module, report = _train_day(day2, 2, tmp_path, resume=tmp_path / "day-1")
+    else:
+        module, report = _train_day(day2, 1, tmp_path / "warm", warm=tmp_path / "day-1")
     rows2 = dict(zip([100, 200, 300, 400, 500], _rows(module.model.features.managed_ids, [100, 200, 300, 400, 500])))
     assert rows2[100] == rows1[100] and rows2[200] == rows1[200], "ids seen on day 1 keep their rows on day 2"
     assert rows2[500] == rows1[300] and rows2[300] == MISS_ROW == rows2[400]
