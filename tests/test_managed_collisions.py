@@ -174,3 +174,20 @@ def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
     seen, unseen, small = _rows(model.features.managed_ids, [100, 10**15, 7])
     assert seen != MISS_ROW and unseen == small == MISS_ROW  # 7 is an unseen raw id, not row 7
 
+
+
+def test_the_benchmarks_collision_rates_by_hand(tmp_path):
+    """Hashed into 10 rows, ids 1, 11 and 21 (seen a day earlier) share bucket 1, 2 is alone:
+    2 of the 3 impressions collide. The managed schema swaps modulo for managed collisions only."""
+    import numpy as np
+    import yaml
+
+    from lightning_mtr.benchmarks.daily_ids import hashed_collisions, managed_schema
+
+    assert hashed_collisions(np.array([1, 11, 2]), np.array([21]), 10) == pytest.approx(2 / 3)
+    schema = tmp_path / "schema.yaml"
+    schema.write_text(yaml.safe_dump({**SCHEMA, "sparse": [{"name": "user", "num_embeddings": 4,
+                                                            "out_of_range": "modulo"}, SCHEMA["sparse"][1]]}))
+    path, hashed = managed_schema(schema, "lru", tmp_path)
+    assert hashed == {"user": 4}
+    assert Schema.from_yaml(path).managed_tables[0].managed_collisions.eviction_policy == "lru"
