@@ -46,9 +46,9 @@ MODELS = {"pooled": partial(MMoE, num_experts=2, expert=[8], tower=[4]),
                                lstm_hidden=8, user_dim=8, attention=[4], tower=[4]),
           "fwfm": partial(NFwFM, hidden=[8], tower=[4])}
 # the user table with managed collisions: 23 rows for 60 raw ids far beyond them, so the replicated
-# id -> row maps fill and must choose (LFU) the same ids on 2 processes as on one
+# id -> row maps fill and must choose the same ids on 2 processes as on one
 MODELS["managed"] = MODELS["pooled"]
-MANAGED_USER = {"num_embeddings": 24, "managed_collisions": {"eviction_policy": "lfu"}}
+MANAGED_USER = {"num_embeddings": 24, "managed_collisions": {}}  # the default policy, distance_lfu
 MANAGED_MAP = "model.features.managed_ids.maps.user._mch_sorted_raw_ids"
 PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
