@@ -153,8 +153,9 @@ def test_the_oldest_id_gives_up_its_row(policy):
 
 
 def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
-    """Export keeps the id -> row map (3 int64 per row, ATen's searchsorted): raw ids seen in
-    training, and unseen ones (the shared last row), score as the trained model scores them."""
+    """Export keeps the id -> row map (2 int64 per row: the sorted raw ids and their rows, looked up
+    with ATen's searchsorted): raw ids seen in training, and unseen ones (the shared last row), score
+    as the trained model scores them."""
     from lightning_mtr.serving.program import ServingModel, export_program, foreign_operators
     from lightning_mtr.tasks.scores import probabilities
 
