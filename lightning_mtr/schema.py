@@ -25,6 +25,26 @@ RankingLoss = Literal["pairwise", "listwise", "pointwise"]
 RANKING_LOSS_NAMES = get_args(RankingLoss)
 DenseTransform = Literal["none", "standardize", "log1p", "log1p_standardize"]
 OutOfRange = Literal["error", "modulo"]
+EvictionPolicy = Literal["lfu", "lru", "distance_lfu"]
+EVICTION_POLICIES = get_args(EvictionPolicy)
+ID_SPACE = 2**63 - 1  # a managed table's raw ids (and hashed strings) lie in [0, ID_SPACE)
+
+
+@dataclass(frozen=True)
+class ManagedCollisions:
+    """Zero-collision hashing for an open-ended id space (TorchRec's ``MCHManagedCollisionModule``).
+
+    Raw ids of any size get a row of their own while rows are free; once the table is full, the
+    ``eviction_policy`` picks which ids keep theirs, every ``eviction_interval`` training steps
+    (``lfu``: the most frequent since they entered; ``lru``: the most recent; ``distance_lfu``, the
+    default: frequency decayed by age with ``decay_exponent``; on the drifting daily log with tables
+    smaller than the live ids, only it beat plain hashing on CTR and CTCVR every day, docs/daily.md). Ids waiting for
+    a row, and unseen ids at evaluation, share the table's last row.
+    """
+
+    eviction_policy: EvictionPolicy = "distance_lfu"
+    eviction_interval: int = 1
+    decay_exponent: float = 1.0
 Side = Literal["user", "item"]
 SIDES = get_args(Side)
 
@@ -53,6 +73,11 @@ class SparseFeature:
     build a representation once per request and score many candidates (DUPN), and a user/item
     tower split, read the item side only where the candidate enters.
 
+    ``managed_collisions`` (:class:`ManagedCollisions`): ids of any size (integers >= 0, or
+    strings hashed into 63 bits) are given rows by TorchRec's managed-collision module instead of
+    being looked up directly: for open-ended id spaces (users, items, shops) whose ids keep
+    arriving. Not with ``out_of_range: modulo``, nor for sequence features.
+
     ``init_range``: the table's weights start uniform in ``[-init_range, init_range]``. Unset,
     TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
     vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
@@ -72,6 +97,20 @@ class SparseFeature:
     sequence: bool = False
     side: Side = "user"
     init_range: float | None = None
+    managed_collisions: ManagedCollisions | None = None
+
+    def __post_init__(self) -> None:
+        managed = self.managed_collisions
+        if isinstance(managed, dict):  # from YAML: checked and typed here
+            allowed = sorted(f.name for f in fields(ManagedCollisions))
+            unknown = sorted(set(managed) - set(allowed))
+            if unknown:
+                raise ValueError(f"sparse feature {self.name!r}: managed_collisions: unknown keys {unknown}; "
+                                 f"allowed: {allowed}")
+            object.__setattr__(self, "managed_collisions", ManagedCollisions(**managed))
+        elif managed is not None and not isinstance(managed, ManagedCollisions):
+            raise ValueError(f"sparse feature {self.name!r}: managed_collisions must be a mapping, e.g. "
+                             f"{{eviction_policy: lfu}} ({{}} for the defaults), got {managed!r}")
 
     @property
     def source_column(self) -> str:
@@ -170,6 +209,7 @@ class EmbeddingTable:
     pooling: Pooling
     feature_names: tuple[str, ...]
     init_range: float | None = None  # None: TorchRec's sqrt(1 / num_embeddings)
+    managed_collisions: ManagedCollisions | None = None
 
 
 @dataclass(frozen=True)
@@ -237,7 +277,7 @@ class Schema:
             by_name.setdefault(feature.table_name, []).append(feature)
         return [
             EmbeddingTable(name, group[0].num_embeddings, group[0].embedding_dim, group[0].pooling,
-                           tuple(f.name for f in group), group[0].init_range)
+                           tuple(f.name for f in group), group[0].init_range, group[0].managed_collisions)
             for name, group in by_name.items()
         ]
 
@@ -245,6 +285,11 @@ class Schema:
     def pooled_tables(self) -> list[EmbeddingTable]:
         """Tables whose features are pooled into one vector per row (an ``EmbeddingBagCollection``)."""
         return [t for t in self.tables if t.name not in self._sequence_table_names]
+
+    @property
+    def managed_tables(self) -> list[EmbeddingTable]:
+        """Pooled tables whose ids are given rows by managed collisions (:class:`ManagedCollisions`)."""
+        return [t for t in self.pooled_tables if t.managed_collisions is not None]
 
     @property
     def sequence_tables(self) -> list[EmbeddingTable]:
@@ -320,6 +365,9 @@ class Schema:
             if len({f.init_range for f in users}) > 1:
                 raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                                  f"init_range: {[f.init_range for f in users]}; set it on each, or on none")
+            if len({f.managed_collisions for f in users}) > 1:
+                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
+                                 "managed_collisions; set the same on each")
             if len({f.sequence for f in users}) > 1:
                 raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
                                  "a table is looked up pooled or unpooled, so give the sequence its own table")
@@ -405,12 +453,34 @@ def _validate_sparse(feature: SparseFeature) -> None:
         raise ValueError(f"{where}: pooling must be 'sum' or 'mean', got {feature.pooling!r}")
     if feature.out_of_range not in ("error", "modulo"):
         raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
+    _validate_managed(feature, where)
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
     init = feature.init_range
     if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf):
         raise ValueError(f"{where}: init_range must be a positive number (weights start uniform in "
                          f"[-init_range, init_range]), got {feature.init_range!r}")
+
+
+def _validate_managed(feature: SparseFeature, where: str) -> None:
+    managed = feature.managed_collisions
+    if managed is None:
+        return
+    if feature.out_of_range == "modulo":
+        raise ValueError(f"{where}: managed_collisions gives every id its own row; out_of_range: modulo would fold "
+                         "ids first: drop one of them")
+    if feature.sequence:
+        raise ValueError(f"{where}: managed_collisions is for pooled tables; a sequence feature's table is "
+                         "looked up directly (use hashed or out_of_range: modulo)")
+    if managed.eviction_policy not in EVICTION_POLICIES:
+        raise ValueError(f"{where}: managed_collisions: eviction_policy must be one of {list(EVICTION_POLICIES)}, "
+                         f"got {managed.eviction_policy!r}")
+    interval = managed.eviction_interval
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"{where}: managed_collisions: eviction_interval must be an integer >= 1 (training steps "
+                         f"between evictions), got {interval!r}")
+    if feature.num_embeddings < 2:
+        raise ValueError(f"{where}: a managed table needs num_embeddings >= 2 (its last row is for ids without one)")
 
 
 def _build(cls: type, config: Any, what: str) -> Any:
@@ -431,4 +501,4 @@ def _build(cls: type, config: Any, what: str) -> Any:
 _NAME_KEYS = ("name", "column", "table", "group", "gauc_by", "weight_column")
 
 
-__all__ = ["DenseFeature", "EmbeddingTable", "Schema", "SparseFeature", "Task"]
+__all__ = ["DenseFeature", "EmbeddingTable", "ManagedCollisions", "Schema", "SparseFeature", "Task"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import LossRecorder, random_inputs, run_ranks
 from torch.utils.data import DataLoader, IterableDataset
+from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.models import DUPN, MMoE, NFwFM
@@ -44,6 +45,11 @@ MODELS = {"pooled": partial(MMoE, num_experts=2, expert=[8], tower=[4]),
           "sequences": partial(DUPN, item_part=["hist_item"], property_part=["hist_type"], user_features=["user"],
                                lstm_hidden=8, user_dim=8, attention=[4], tower=[4]),
           "fwfm": partial(NFwFM, hidden=[8], tower=[4])}
+# the user table with managed collisions: 23 rows for 60 raw ids far beyond them, so the replicated
+# id -> row maps fill and must choose the same ids on 2 processes as on one
+MODELS["managed"] = MODELS["pooled"]
+MANAGED_USER = {"num_embeddings": 24, "managed_collisions": {}}  # the default policy, distance_lfu
+MANAGED_MAP = "model.features.managed_ids.maps.user._mch_sorted_raw_ids"
 PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
     # TorchRec shards row-wise only on GPUs (its CPU sharder offers table-, column-wise and data-parallel)
@@ -58,6 +64,7 @@ PLANS = {
                   "hist_item": {"sharding_types": ["table_wise"]}},
 }
 PLANS["fwfm"] = PLANS["sequences"]
+PLANS["managed"] = PLANS["table_wise"]
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
 # A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
@@ -68,7 +75,7 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"),
-         ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad")]
+         ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad"), ("managed", "rowwise_adagrad")]
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
@@ -82,12 +89,18 @@ def _variant(plan: str) -> str:
 
 def _schema(variant: str = "pooled") -> Schema:
     pooled = [{**f, "multi_valued": False} for f in SCHEMA["sparse"]] if variant == "fwfm" else SCHEMA["sparse"]
+    if variant == "managed":
+        return Schema.from_dict({**SCHEMA, "sparse": [{**pooled[0], **MANAGED_USER}, *pooled[1:]]})
     return Schema.from_dict({**SCHEMA, "sparse": pooled + (SEQUENCES if variant != "pooled" else [])})
 
 
 def _batch(seed: int, rows: int, variant: str = "pooled") -> Batch:
-    schema = _schema(variant)
+    schema = _schema("pooled" if variant == "managed" else variant)
     dense, sparse = random_inputs(schema, rows, seed)
+    if variant == "managed":  # the user ids (one per row, the first key) become raw ids of an open-ended space
+        values = sparse.values().clone()
+        values[:rows] = 10**12 + 7919 * values[:rows]
+        sparse = KeyedJaggedTensor(keys=sparse.keys(), values=values, lengths=sparse.lengths())
     generator = torch.Generator().manual_seed(seed + 1000)
     labels = {t: (torch.rand(rows, generator=generator) < 0.4).float() for t in ("ctr", "cvr")}
     return Batch(dense, sparse, labels, {t: torch.ones(rows, dtype=torch.bool) for t in labels})
@@ -210,7 +223,9 @@ def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant
     module = _module(start, optimizer, variant)
     _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy()).fit(
         module, datamodule=_Batches(_global_batches(STEPS, variant)))
-    return {k: v.cpu() for k, v in module.state_dict().items()}, _predict(module, _batch(99, ROWS * WORLD, variant))
+    # copied before predicting: a forward in training mode also updates a managed table's id -> row map
+    state = {k: v.cpu().clone() for k, v in module.state_dict().items()}
+    return state, _predict(module, _batch(99, ROWS * WORLD, variant))
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL tier needs 2 GPUs")
@@ -226,7 +241,7 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     fused there, stepped by a torch optimizer of the same rule in one CPU process; the ``fwfm``
     case is NFwFM on the same tables, its multi-hot fields' elements paired through r_FF."""
     variant = _variant(plan)
-    sequences = variant != "pooled"
+    sequences = variant in ("sequences", "fwfm")
     start = _start_weights(variant)
     run_ranks(WORLD, _sharded_worker, plan, optimizer, accelerator, start, tmp_path)
     expected_state, expected_logits = _unsharded(start, optimizer, accelerator, tmp_path, variant)
@@ -240,6 +255,10 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     assert not sequences or {"model.features.sequence_embeddings.embeddings.hist_item.weight",
                              "model.features.sequence_embeddings.embeddings.hist_type.weight"} <= set(moved)
     assert variant != "fwfm" or "model.fwfm.same_field_weights" in moved, "r_FF trains, so the comparison covers it"
+    if variant == "managed":
+        users = torch.cat([b.sparse["user"].values() for b in _global_batches(STEPS, variant)]).unique()
+        assert users.numel() > 23 and int((expected_state[MANAGED_MAP] < 2**63 - 1).sum()) == 23, \
+            f"more raw ids ({users.numel()}) than rows (23): the maps had to choose"
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
@@ -385,9 +404,12 @@ def test_single_process_resume_equals_uninterrupted(variant, tmp_path):
         assert {k.rsplit(".", 2)[-2] for k in saved} == {"hist_item", "hist_type"}
 
 
-@pytest.mark.parametrize(("saved_on", "resumed_on"), [("single", 2), (2, "single")])
-def test_checkpoint_moves_between_the_single_process_path_and_two_processes(saved_on, resumed_on, tmp_path):
-    _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path)
+@pytest.mark.parametrize(("saved_on", "resumed_on", "variant"),
+                         [("single", 2, "pooled"), (2, "single", "pooled"), (2, "single", "managed")])
+def test_checkpoint_moves_between_the_single_process_path_and_two_processes(saved_on, resumed_on, variant, tmp_path):
+    """``managed``: the id -> row map saved by 2 processes resumes on one, which then assigns rows as the
+    2 processes would have."""
+    _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path, variant)
 
 
 # TorchRecStrategy's directory as it was written before both paths shared one format: commit

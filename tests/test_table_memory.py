@@ -17,6 +17,7 @@ from helpers import tiny_schema
 from lightning_mtr.cli import main
 from lightning_mtr.embeddings.fusing import SparseOptimizer
 from lightning_mtr.models import MMoE
+from lightning_mtr.schema import Schema
 from lightning_mtr.training.distributed.memory import TableMemory, TablesDoNotFit
 from lightning_mtr.training.distributed.planning import GIB, Cluster
 
@@ -59,6 +60,21 @@ def test_the_estimate_is_weights_and_optimizer_state_by_hand():
     memory.cluster = Cluster(1, 1, "cpu", ddr_gb=1800 / GIB)
     with pytest.raises(TablesDoNotFit, match=r"the tables do not fit: 0.0 GiB of tables and rowwise_adagrad state"):
         memory.check()
+
+
+def test_a_managed_tables_map_is_counted_on_every_rank():
+    """With managed collisions, user's 50 rows also need TorchRec's map on each of the 2 ranks:
+    distance-LFU (the default) keeps 4 int64 per row (raw id, row, count, last step seen) plus 1025
+    int64 of output segments and three scalars (step, free-slot count, the empty-slot marker):
+    2 * (50 * 4 * 8 + 1025 * 8 + 3 * 8) = 19648 bytes more than the table's 1000."""
+    schema = Schema.from_dict({
+        "sparse": [{"name": "user", "num_embeddings": 50, "embedding_dim": 4, "managed_collisions": {}},
+                   {"name": "item", "num_embeddings": 30, "embedding_dim": 4}],
+        "tasks": [{"name": "ctr", "label": "ctr"}]})
+    with torch.device("meta"):
+        model = MMoE(schema, num_experts=2, expert=[8], tower=[4])
+    memory = TableMemory(model, Cluster(2, 2, "cpu", ddr_gb=1.0), SparseOptimizer("rowwise_adagrad"), {}, 8)
+    assert memory.table_bytes() == {"user": 1000 + 19648, "item": 600}
 
 
 def test_one_process_refuses_a_table_larger_than_the_host_with_the_plans_message(tmp_path, monkeypatch, capsys):

@@ -8,9 +8,11 @@ popularity that drifts) three ways and tests each day's model on the next day:
 * stale: day 1's model, never updated, tested on every later day.
 
 It prints per-task AUCs per day and whether warm beats both from day 2 on. ``--schema`` swaps the
-id tables (e.g. a schema with managed-collision tables against plain hashing at the same size).
+id tables; ``--managed POLICY`` instead compares, warm both, the schema's hashed id tables with the
+same tables under managed collisions (:mod:`.daily_ids`: AUC difference and collision rates).
 
     python -m tools.bench_daily --out runs/bench_daily [--days 5] [--rows-per-day 50000] [--seed 0]
+    python -m tools.bench_daily --out runs/bench_ids --managed lfu
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import yaml
 
+from lightning_mtr.benchmarks import daily_ids
 from lightning_mtr.data.synthetic.days import START, DaySpec, write_days
+from lightning_mtr.schema import EVICTION_POLICIES
 from lightning_mtr.training import daily
 
 SCHEMA = Path(__file__).resolve().parents[2] / "conf" / "schemas" / "synthetic_days.yaml"
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--schema", type=Path, default=SCHEMA,
                         help="the data schema: e.g. one with managed-collision id tables of the same size")
+    parser.add_argument("--managed", choices=EVICTION_POLICIES, default=None,
+                        help="compare the schema's out_of_range: modulo tables with the same tables under managed "
+                             "collisions of this eviction policy (warm both), instead of warm/cold/stale")
     defaults = DaySpec()
     for knob in ("users", "items", "user_churn", "item_churn", "popularity_drift", "affinity"):
         parser.add_argument(f"--{knob.replace('_', '-')}", type=type(getattr(defaults, knob)),
@@ -108,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     root = args.out / f"data-{zlib.crc32(repr((spec, args.days, args.rows_per_day, args.seed)).encode()):08x}"
     if not root.exists():
         write_days(root, args.days + 1, args.rows_per_day, seed=args.seed, spec=spec)
+    if args.managed:
+        managed, hashed = daily_ids.managed_schema(args.schema.resolve(), args.managed, args.out)
+        configs = {}
+        for way, schema in (("hashed", args.schema.resolve()), ("managed", managed)):
+            (args.out / way).mkdir(exist_ok=True)
+            configs[way] = write_config(args.out / way, schema, root, args.seed, args.batch_size)
+        print(daily_ids.compare_ids(args.out, args.days, root, configs, hashed))
+        return 0
     config = write_config(args.out, args.schema.resolve(), root, args.seed, args.batch_size)
     text, wins = report(compare(args.out, args.days, config), args.out)
     print(text)

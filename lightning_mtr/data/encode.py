@@ -17,7 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_mtr.data.batch import Batch, RowSource
-from lightning_mtr.schema import DenseFeature, Schema, SparseFeature, Task
+from lightning_mtr.schema import ID_SPACE, DenseFeature, Schema, SparseFeature, Task
 
 SOURCE_COLUMN = "__source__"
 ROW_COLUMN = "__row__"  # the row's number in its file (0-based)
@@ -329,20 +329,28 @@ def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id
         array = array.dictionary_decode()  # e.g. pandas categoricals of integer ids
     if feature.hashed and not _is_string(array.type):
         array = array.cast(pa.string())
+    managed = feature.managed_collisions is not None  # raw ids: the model's managed-collision module maps them
     if _is_string(array.type):
-        return _hash_strings(array, feature.num_embeddings)
+        return _hash_strings(array, ID_SPACE if managed else feature.num_embeddings)
     ids = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
     name = feature.source_column
     negative = ids < 0
     if negative.any():
         _fail_on_ids(checker, name, negative, row_of_id, f"negative id (e.g. {ids[negative][0]})")
+    if managed:  # 2**63 - 1 itself marks a free row in TorchRec's map
+        too_large = ids >= ID_SPACE
+        if too_large.any():
+            _fail_on_ids(checker, name, too_large, row_of_id, f"id {ID_SPACE} (int64's largest) in a managed table, "
+                         "which reserves it; ids must be below it")
+        return ids
     too_large = ids >= feature.num_embeddings
     if too_large.any():
         if feature.out_of_range == "modulo":
             return ids % feature.num_embeddings
         _fail_on_ids(checker, name, too_large, row_of_id,
                      f"id >= num_embeddings ({feature.num_embeddings}) (e.g. {ids[too_large][0]}); "
-                     "set out_of_range: modulo to fold ids into the table")
+                     "set out_of_range: modulo to fold ids into the table, or managed_collisions to give new ids "
+                     "rows of their own")
     return ids
 
 

@@ -7,6 +7,7 @@ import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection, KeyedJaggedTensor, KeyedTensor
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.embeddings.tables import embedding_configs, sequence_configs
 from lightning_mtr.nn.features import FeatureLayout
 from lightning_mtr.schema import Schema
@@ -19,7 +20,8 @@ class FeatureInput(FeatureLayout):
     ``self.embeddings``, a plain ``EmbeddingBagCollection`` that the trainer may swap for a
     fused or sharded one without changing parameter names. Sequence features are not in that
     vector: their tables live in ``self.sequence_embeddings`` (an ``EmbeddingCollection``,
-    present only when the schema has sequences) and :meth:`sequences` looks them up.
+    present only when the schema has sequences) and :meth:`sequences` looks them up. Tables
+    with ``managed_collisions`` get their rows from ``self.managed_ids`` (:mod:`.managed`) first.
     """
 
     def __init__(self, schema: Schema, device: torch.device | str | None = None):
@@ -29,10 +31,13 @@ class FeatureInput(FeatureLayout):
         self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
         if schema.sequence_tables:
             self.sequence_embeddings = EmbeddingCollection(tables=sequence_configs(schema), device=device)
+        self.managed_ids = ManagedIds(schema.managed_tables, device=device) if schema.managed_tables else None
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         if not self.feature_names:
             return dense
+        if self.managed_ids is not None:
+            sparse = self.managed_ids(sparse)
         # each collection takes its own features from the whole batch: a sharded one must see the
         # same keys every time, including when its input distribution is started early
         pooled = self.embeddings(sparse)

@@ -23,7 +23,7 @@ from torchmetrics.functional.classification import binary_auroc, multiclass_auro
 import lightning_mtr
 from lightning_mtr.data.encode import BatchEncoder, DataError, fnv1a_64
 from lightning_mtr.data.reader import list_files, plan_units, read_tagged, sources_of
-from lightning_mtr.schema import Schema
+from lightning_mtr.schema import ID_SPACE, Schema, SparseFeature
 from lightning_mtr.serving.artifact import AOT_PROGRAM, MANIFEST, PROGRAM, staged, write_manifest
 from lightning_mtr.serving.checkpoint import TrainedRun, load_run
 from lightning_mtr.serving.program import (
@@ -159,7 +159,8 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
              for i, f in enumerate(schema.dense)]
     sparse = [{"name": f.name, "column": f.source_column, "num_embeddings": f.num_embeddings, "hashed": f.hashed,
                "out_of_range": f.out_of_range, "multi_valued": f.multi_valued, "sequence": f.sequence,
-               "max_length": f.max_length, "side": f.side} for f in schema.sparse]
+               "max_length": f.max_length, "side": f.side, "managed_collisions": f.managed_collisions is not None}
+              for f in schema.sparse]
     examples = pa.array(HASH_EXAMPLES, pa.large_string())
     hashes = fnv1a_64(examples)
     return {
@@ -176,11 +177,12 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
             "batch": {"min": 1, "max": MAX_BATCH},
         },
         "hashing": {
-            "algorithm": "FNV-1a 64 of the id's UTF-8 bytes, then modulo num_embeddings",
+            "algorithm": "FNV-1a 64 of the id's UTF-8 bytes, then modulo num_embeddings (a feature with "
+                         "managed_collisions: modulo 2**63 - 1, a raw id that the program maps to its row)",
             "applies_to": "string ids, and every id of a feature with hashed: true (written as a decimal string)",
             "offset_basis": "0xcbf29ce484222325", "prime": "0x100000001b3",
             "test_vectors": [{"string": text, "fnv1a_64": f"0x{int(h):016x}",
-                              "rows": {f.name: int(h % np.uint64(f.num_embeddings)) for f in schema.sparse}}
+                              "rows": {f.name: int(h % np.uint64(_buckets(f))) for f in schema.sparse}}
                              for text, h in zip(HASH_EXAMPLES, hashes)],
         },
         "outputs": _outputs(schema),
@@ -188,6 +190,10 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
         "quantize": quantize,
         "check": {**check, "data": [str(p) for p in list_files(check["data"])]},
     }
+
+
+def _buckets(feature: SparseFeature) -> int:
+    return ID_SPACE if feature.managed_collisions else feature.num_embeddings
 
 
 def _outputs(schema: Schema) -> list[dict]:

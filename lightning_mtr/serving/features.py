@@ -75,12 +75,41 @@ class StackedTables(nn.Module):
         return rows, slot
 
 
+class ManagedIdRows(nn.Module):
+    """Raw ids of the managed tables -> the rows training gave them (TorchRec's ``_mch_remap`` in
+    ATen operators): a binary search in each table's sorted raw ids as the checkpoint left them; an
+    id without a row reads the table's last row, as it does when the trained model evaluates.
+    ``forward(values [N], feature [N]) -> [N]``, other features' ids unchanged."""
+
+    def __init__(self, schema: Schema, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        super().__init__()
+        tables = [t.name for t in schema.managed_tables]
+        table_of = {name: k for k, t in enumerate(schema.managed_tables) for name in t.feature_names}
+        self.register_buffer("table_of", torch.tensor([table_of.get(f.name, -1) for f in schema.sparse]))
+        for k, name in enumerate(tables):
+            self.register_buffer(f"sorted_ids_{k}", maps[name][0])
+            self.register_buffer(f"rows_{k}", maps[name][1])
+        self.count = len(tables)
+
+    def forward(self, values: torch.Tensor, feature: torch.Tensor) -> torch.Tensor:
+        table = self.table_of[feature]
+        for k in range(self.count):
+            ids, rows = getattr(self, f"sorted_ids_{k}"), getattr(self, f"rows_{k}")
+            index = torch.searchsorted(ids[:-1], values)  # the last slot is always free: a miss stops there
+            row = torch.where(ids[index] == values, rows[index], ids.shape[0] - 1)
+            values = torch.where(table == k, row, values)
+        return values
+
+
 class ServingFeatureInput(FeatureLayout):
     """:class:`~lightning_mtr.embeddings.FeatureInput`'s outputs from ``(values, lengths)``:
-    ``forward(dense, (values, lengths)) -> [B, output_dim]`` and :meth:`sequences`."""
+    ``forward(dense, (values, lengths)) -> [B, output_dim]`` and :meth:`sequences`. ``id_maps``:
+    ``{table: (sorted raw ids, their rows)}`` of the managed tables (:class:`ManagedIdRows`)."""
 
-    def __init__(self, schema: Schema, weights: dict[str, torch.Tensor], quantize: Quantize = "none"):
+    def __init__(self, schema: Schema, weights: dict[str, torch.Tensor], quantize: Quantize = "none",
+                 id_maps: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None):
         super().__init__(schema)
+        self.managed = ManagedIdRows(schema, id_maps or {}) if schema.managed_tables else None
         self.input_names = [f.name for f in schema.sparse]
         dims = sorted({t.embedding_dim for t in schema.pooled_tables})
         self.stacks = nn.ModuleList(StackedTables(schema, [t for t in schema.pooled_tables if t.embedding_dim == d],
@@ -123,6 +152,8 @@ class ServingFeatureInput(FeatureLayout):
         bag = torch.repeat_interleave(torch.arange(flat.shape[0], device=values.device), flat,
                                       output_size=values.shape[0])
         position = torch.arange(values.shape[0], device=values.device) - (torch.cumsum(flat, 0) - flat)[bag]
+        if self.managed is not None:
+            values = self.managed(values, bag // lengths.shape[1])
         return values, lengths.clamp_max(self.limit[:, None]), bag, position
 
 

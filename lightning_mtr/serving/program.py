@@ -42,7 +42,8 @@ class ServingModel(nn.Module):
             for attribute in ("gate_backend", "chain_backend"):
                 if hasattr(module, attribute):
                     setattr(module, attribute, "torch")
-        self.model.features = ServingFeatureInput(schema, table_weights(model.features), quantize)
+        self.model.features = ServingFeatureInput(schema, table_weights(model.features), quantize,
+                                                  id_maps(model.features))
         dense = schema.dense
         if dense_stats is None and schema.needs_dense_stats:
             raise ValueError("the schema standardises dense features: export needs the training statistics")
@@ -82,6 +83,14 @@ def table_weights(features: nn.Module) -> dict[str, torch.Tensor]:
         if parts[-1] == "weight" and parts[0] in ("embeddings", "sequence_embeddings"):
             weights[parts[-2]] = tensor.detach().float().cpu()
     return weights
+
+
+def id_maps(features: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{table: (sorted raw ids, their rows)}`` of a FeatureInput's managed tables (empty without)."""
+    managed = getattr(features, "managed_ids", None)
+    if managed is None:
+        return {}
+    return {table: tuple(t.detach().cpu().clone() for t in rows.id_map()) for table, rows in managed.maps.items()}
 
 
 def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

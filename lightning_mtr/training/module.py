@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.schema import Schema
@@ -169,7 +170,8 @@ class MultiTaskModule(L.LightningModule):
 
     def on_train_epoch_end(self) -> None:
         """Schemes that move between epochs (DWA, PLE's schedule) see each task's mean training
-        loss of the epoch, averaged over processes so every rank weights alike."""
+        loss of the epoch, averaged over processes so every rank weights alike. Managed tables
+        report their evicted ids and rows in use (``mch/<table>/...``)."""
         if self._epoch_losses:  # one reduction and one copy to the host for every task
             tasks = list(self._epoch_losses)
             means = torch.stack([torch.as_tensor(total / max(steps, 1), device=self.device, dtype=torch.float32)
@@ -177,6 +179,8 @@ class MultiTaskModule(L.LightningModule):
             means = self.trainer.strategy.reduce(means, reduce_op="mean").tolist()
             self.task_weighting.end_epoch(dict(zip(tasks, means)))
         self._epoch_losses = {}
+        for managed in (m for m in self.model.modules() if isinstance(m, ManagedIds)):  # alike on every rank
+            self.log_dict({name: float(count) for name, count in managed.take_report().items()}, sync_dist=True)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         self._evaluate("val", batch)

@@ -19,6 +19,7 @@ from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 
 from lightning_mtr.embeddings.fusing import SparseOptimizer
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.training.distributed.planning import GIB, Cluster, PlanReport, TableConstraints, plan_model
 
 RESERVED = 0.15  # memory that EmbeddingShardingPlanner's default storage reservation keeps for dense parts
@@ -69,13 +70,18 @@ class TableMemory:
         return tables
 
     def table_bytes(self, dims: dict[str, int] | None = None) -> dict[str, int]:
-        """Weights plus fused-optimizer state per table (optionally at other dims)."""
+        """Weights plus fused-optimizer state per table (optionally at other dims), plus a managed
+        table's id -> row map, whose buffers every rank holds whole (:mod:`lightning_mtr.embeddings.managed`;
+        the ids kept between evictions, a few batches' worth, are not counted)."""
         per_row, per_element = STATE[self.optimizer.name]
+        maps = {name: sum(b.numel() * b.element_size() for b in rows.buffers())
+                for m in self.model.modules() if isinstance(m, ManagedIds) for name, rows in m.maps.items()}
         sizes = {}
         for name, (weight, _) in self.tables().items():
             rows, dim = weight.shape
             dim = (dims or {}).get(name, dim)
-            sizes[name] = rows * (dim * weight.element_size() + 4 * (per_row + per_element * dim))
+            sizes[name] = (rows * (dim * weight.element_size() + 4 * (per_row + per_element * dim))
+                           + maps.get(name, 0) * self.cluster.world_size)
         return sizes
 
     def memory(self) -> tuple[str, int, int]:

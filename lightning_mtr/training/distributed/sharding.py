@@ -5,6 +5,8 @@ the strategy and the planner, because it imports ``torchrec.distributed`` (STYLE
 
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
@@ -12,6 +14,7 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder, ShardedEm
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder, ShardedEmbeddingBagCollection
 
 from lightning_mtr.embeddings.fusing import TORCH_CLASS, SparseOptimizer
+from lightning_mtr.embeddings.managed import ManagedIds
 
 SHARDED = (ShardedEmbeddingBagCollection, ShardedEmbeddingCollection)  # what sharders() turns tables into
 
@@ -27,3 +30,23 @@ def prepare_for_sharding(model: nn.Module, optimizer: SparseOptimizer) -> None:
 def sharders() -> list[EmbeddingBagCollectionSharder | EmbeddingCollectionSharder]:
     """Pooled tables, and unpooled ones (sequence features)."""
     return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def share_managed_ids(model: nn.Module) -> None:
+    """Managed-collision maps are replicated (:mod:`lightning_mtr.embeddings.managed`): each rank
+    updates its copy from the ids of every rank, so all copies (and one process given all the
+    rows) assign the same rows."""
+    for module in model.modules():
+        if isinstance(module, ManagedIds):
+            module.gather = gather_ids
+
+
+def gather_ids(ids: torch.Tensor) -> torch.Tensor:
+    """``ids [N_r]`` of each rank ``r`` -> ``[sum N_r]``, in rank order, on every rank."""
+    counts = [ids.new_zeros(1) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, ids.new_tensor([ids.numel()]))
+    longest = max(int(c) for c in counts)
+    padded = torch.cat([ids, ids.new_zeros(longest - ids.numel())])
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:int(count)] for part, count in zip(parts, counts)])

@@ -30,7 +30,7 @@ from torchrec.distributed.types import ShardedModule, ShardingEnv, ShardingPlan
 
 from lightning_mtr.embeddings.fusing import rule_optimizer
 from lightning_mtr.embeddings.init import init_tables
-from lightning_mtr.training.distributed.sharding import SHARDED, prepare_for_sharding, sharders
+from lightning_mtr.training.distributed.sharding import SHARDED, prepare_for_sharding, share_managed_ids, sharders
 from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.base import TableStrategy
@@ -113,6 +113,7 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             model, env=ShardingEnv.from_process_group(dist.GroupMember.WORLD), device=self.root_device, plan=plan,
             sharders=sharders(), init_data_parallel=False, init_parameters=False)
         init_tables(model, self.root_device, SHARDED)
+        share_managed_ids(model)
         self._announce(plan, report, trainer)
 
     def _announce(self, plan: ShardingPlan, report: PlanReport | None, trainer) -> None:
