@@ -122,7 +122,8 @@ class LossRecorder(L.Callback):
 
 class PauseAtStep(L.Callback):
     """Holds the batch after ``step`` steps (``stage`` ``train``: the next training batch;
-    ``validation``: the first validation batch) until a signal reached the process (at most
+    ``validation``: the first validation batch; ``sanity``: the sanity check's first batch, with
+    ``step`` 0) until a signal reached the process (at most
     ``timeout`` seconds), having written ``marker``: a test sends the signal when the marker
     appears, so the run stops at a known place whatever the machine's speed. With ``rank``, only
     that rank holds (the others wait for it in their next collective)."""
@@ -136,7 +137,7 @@ class PauseAtStep(L.Callback):
             self._pause(trainer)
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if self.stage == "validation" and not trainer.sanity_checking:
+        if self.stage == ("sanity" if trainer.sanity_checking else "validation"):
             self._pause(trainer)
 
     def _pause(self, trainer: L.Trainer) -> None:

@@ -43,9 +43,10 @@ def cache(tmp_path_factory) -> Path:
     return cache
 
 
-def _command(root: Path, cache: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "lightning_mtr.cli", "fit", "--config", "conf/debug.yaml",
-            "--config", "conf/trainer/cpu_2proc.yaml", "--trainer.default_root_dir", str(root),
+def _command(root: Path, cache: Path, *extra: str, processes: int = 2) -> list[str]:
+    two = ["--config", "conf/trainer/cpu_2proc.yaml"] if processes == 2 else []
+    return [sys.executable, "-m", "lightning_mtr.cli", "fit", "--config", "conf/debug.yaml", *two,
+            "--trainer.default_root_dir", str(root),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--data.synthetic.cache_dir", str(cache), *DATA, "--trainer.max_epochs", "1", *extra]
 
@@ -153,6 +154,28 @@ def test_signal_to_a_launched_run_ends_it_with_75(tmp_path, cache, target):
     ranks = "ranks 0, 1" if target == "process_group" else "rank 1"
     assert f"lightning-mtr: preempted by SIGTERM on {ranks} at step 6: checkpoint " in stderr.strip().splitlines()[-1]
     assert torch.load(tmp_path / "checkpoints" / "preempted.ckpt" / "trainer.pt", weights_only=True)["global_step"] == 6
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_signal_in_the_sanity_check_exits_75_with_nothing_to_save(tmp_path, cache, processes):
+    """Before any training step (the sanity check's validation batches) there is nothing to save:
+    the run ends with 75 and a line saying to run the same command again (before: status 0 on
+    one process, as if it had finished; a hang on two)."""
+    marker = tmp_path / "paused"
+    command = _command(tmp_path, cache, "--trainer.callbacks+=helpers.PauseAtStep", "--trainer.callbacks.step=0",
+                       f"--trainer.callbacks.marker={marker}", "--trainer.callbacks.stage=sanity",
+                       f"--trainer.callbacks.rank={processes - 1}", processes=processes)
+    ranks = _ranks(command) if processes == 2 else [
+        subprocess.Popen(command, cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)]
+    _wait_for(marker, ranks)
+    ranks[-1].send_signal(signal.SIGTERM)
+    stderr = _finish(ranks)
+    assert [p.returncode for p in ranks] == [75] * processes, stderr[0][-3000:]
+    who = "SIGTERM on rank 1" if processes == 2 else "SIGTERM"
+    assert stderr[0].strip().splitlines()[-1] == (
+        f"lightning-mtr: preempted by {who} in the sanity check, before training step 1: nothing new to save; "
+        "run the same command again")
+    assert not list(tmp_path.rglob("preempted.ckpt*"))
 
 
 TIMEOUT = 6  # seconds: long enough for a rank's step to wait for the other's on 2 busy cores

@@ -24,6 +24,7 @@ import signal
 import subprocess
 import threading
 from pathlib import Path
+from typing import NoReturn
 
 import lightning as L
 import torch
@@ -34,12 +35,15 @@ PREEMPTED_EXIT = 75  # sysexits.h EX_TEMPFAIL: a temporary failure, run it again
 CHECKPOINT_NAME = "preempted.ckpt"
 
 
-def preempted(stop: SIGTERMException, checkpoint: Path, step: int, signal_name: str) -> SIGTERMException:
+def preempted(stop: SIGTERMException, checkpoint: Path | None, step: int, signal_name: str) -> SIGTERMException:
     """``stop`` (Lightning's ``SIGTERMException``, a ``SystemExit``) made to exit with status 75
-    and to say, as its one argument, where the checkpoint is and how to resume."""
+    and to say, as its one argument, where the checkpoint is and how to resume; without one (the
+    signal came in the sanity check, before any training step), that the same command runs again."""
     stop.code = PREEMPTED_EXIT
     stop.args = (f"preempted by {signal_name} at step {step}: checkpoint {checkpoint}; "
-                 f"resume with --ckpt_path {checkpoint}",)
+                 f"resume with --ckpt_path {checkpoint}",) if checkpoint is not None else (
+        f"preempted by {signal_name} in the sanity check, before training step {step + 1}: nothing new to save; "
+        "run the same command again",)
     return stop
 
 
@@ -58,15 +62,32 @@ class Preemption(L.Callback):
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.received: str | None = None  # the name of this process's first signal, once one came
+        self._installed = False
         self._children: list[subprocess.Popen] = []
 
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received, self._installed = None, False
+
+    def on_sanity_check_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install(trainer)
+
+    def on_sanity_check_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A signal in the sanity check (several processes; one process stops in it) ends the run
+        before any training step, with nothing to save."""
+        received = self._agreed(trainer) if self.enabled else None
+        if received is not None:
+            self._stop(trainer, received, save=False)
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """After Lightning installed its SIGTERM handler (``on_fit_start`` is before); Lightning's
-        teardown restores every handler as it was before ``fit`` (SLURM's requeue signal
-        included: requeueing is the job script's, on status 75)."""
-        self.received = None
-        if not self.enabled or threading.current_thread() is not threading.main_thread():
+        self._install(trainer)
+
+    def _install(self, trainer: L.Trainer) -> None:
+        """Once per ``fit``, after Lightning installed its SIGTERM handler (``on_fit_start`` is
+        before); Lightning's teardown restores every handler as it was before ``fit`` (SLURM's
+        requeue signal included: requeueing is the job script's, on status 75)."""
+        if self._installed or not self.enabled or threading.current_thread() is not threading.main_thread():
             return  # only the main thread may set handlers (Lightning sets none elsewhere either)
+        self._installed = True
         environment = trainer._accelerator_connector.cluster_environment
         requeue = environment.requeue_signal if isinstance(environment, SLURMEnvironment) else None
         signals = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1} | ({requeue} if requeue else set())
@@ -85,10 +106,13 @@ class Preemption(L.Callback):
                            batch_idx: int) -> None:
         received = self._agreed(trainer) if self.enabled else None
         if received is not None:
-            self._adopt_children(trainer)
-            checkpoint = self._save(trainer)
-            self._wait_for_children()
-            raise preempted(SIGTERMException(), checkpoint, trainer.global_step, received)
+            self._stop(trainer, received, save=True)
+
+    def _stop(self, trainer: L.Trainer, received: str, save: bool) -> NoReturn:
+        self._adopt_children(trainer)
+        checkpoint = self._save(trainer) if save else None
+        self._wait_for_children()
+        raise preempted(SIGTERMException(), checkpoint, trainer.global_step, received)
 
     def _agreed(self, trainer: L.Trainer) -> str | None:
         """Whether any rank was signalled, the same answer on every rank: each adds its signal's
@@ -127,11 +151,13 @@ class Preemption(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """Lightning stopped for the signal elsewhere (one process: in validation, at the epoch's
-        end, or in a callback after this one): the checkpoint is written where it stopped, status
-        75 still. With several processes only :meth:`on_train_batch_end` stops for a signal."""
+        end, or in a callback after this one): the checkpoint is written where it stopped (in the
+        sanity check: none), status 75 still. With several processes only the ranks' agreement
+        stops for a signal."""
         if self.received is None or not isinstance(exception, SIGTERMException) or exception.code == PREEMPTED_EXIT:
             return
-        preempted(exception, self._save(trainer), trainer.global_step, self.received)
+        checkpoint = None if trainer.sanity_checking else self._save(trainer)
+        preempted(exception, checkpoint, trainer.global_step, self.received)
 
     @staticmethod
     def _save(trainer: L.Trainer) -> Path:
