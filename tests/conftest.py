@@ -53,7 +53,7 @@ MULTIPROCESS = {
     "test_bad_loss.py::test_two_processes_both_skip_when_one_rank_has_a_bad_batch",
     "test_bad_loss.py::test_two_processes_both_stop_and_name_the_bad_rank",
     # 2-process CLI runs signalled, stopped or killed mid-epoch (13-30 s each on 2 shared cores; the resume
-    # test 48-90 s: 3 runs)
+    # test 31-95 s: 3 runs)
     "test_preemption_ranks.py::test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly",
     "test_preemption_ranks.py::test_signal_to_a_launched_run_ends_it_with_75",
     "test_preemption_ranks.py::test_a_peer_that_stops_answering_ends_the_run_with_one_line",

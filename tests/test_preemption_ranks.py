@@ -116,9 +116,8 @@ def test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly(tmp_path
     assert state["global_step"] == 6 and state["world_size"] == 2
     assert {p.name for p in checkpoint.glob("*.distcp")} == {"__0_0.distcp", "__1_0.distcp"}, "both ranks saved"
 
-    straight = _ranks(_command(tmp_path / "straight", cache))
-    resumed = _ranks(_command(tmp_path / "resumed", cache, "--ckpt_path", str(checkpoint)))
-    for run in (straight, resumed):
+    for name, extra in (("straight", ()), ("resumed", ("--ckpt_path", str(checkpoint)))):
+        run = _ranks(_command(tmp_path / name, cache, *extra))  # one after the other: each takes a free port
         stderr = _finish(run, timeout=240)
         assert [p.returncode for p in run] == [0, 0], stderr[0][-3000:]
     expected = _weights(tmp_path / "straight" / "checkpoints" / "last.ckpt", tmp_path)
