@@ -27,6 +27,7 @@ from helpers import free_port
 from lightning_mtr.cli import main
 from lightning_mtr.data.datamodule import SyntheticLog
 from lightning_mtr.training.distributed import TorchRecStrategy
+from lightning_mtr.training.distributed.peers import lost_peer_line
 
 REPO = Path(__file__).resolve().parents[1]
 # 6000 rows in batches of 256 per rank: 11 steps an epoch
@@ -214,3 +215,9 @@ def test_collective_timeout_must_be_positive():
     with pytest.raises(ValueError, match="collective_timeout must be a positive number of seconds, got 0"):
         TorchRecStrategy(collective_timeout=0)
     assert TorchRecStrategy(collective_timeout=2.5)._timeout.total_seconds() == 2.5
+
+
+def test_other_errors_are_not_taken_for_a_lost_peer():
+    """The CLI turns only a failed collective into the lost-peer line; anything else keeps its traceback."""
+    assert lost_peer_line(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
+    assert lost_peer_line(RuntimeError("Timed out waiting 5000ms for recv operation")) is None, "no process group"

@@ -15,7 +15,8 @@ epoch's end (its SIGTERM handler sets ``trainer.received_sigterm``; its loops th
 Lightning stopped. With several processes Lightning's handler is not called: it runs a collective
 inside the signal handler, which the other ranks never match (both ranks then wait in
 ``Work.wait`` forever), and its loops would stop the signalled rank alone. A signal during
-validation is then acted on at the next training batch's end.
+validation is then acted on at the next training batch's end. A signal in the sanity check, before
+any training step, leaves nothing to save: status 75 all the same, without a checkpoint.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def preempted(stop: SIGTERMException, checkpoint: Path | None, step: int, signal
     and to say, as its one argument, where the checkpoint is and how to resume; without one (the
     signal came in the sanity check, before any training step), that the same command runs again."""
     stop.code = PREEMPTED_EXIT
-    stop.args = (f"preempted by {signal_name} at step {step}: checkpoint {checkpoint}; "
-                 f"resume with --ckpt_path {checkpoint}",) if checkpoint is not None else (
-        f"preempted by {signal_name} in the sanity check, before training step {step + 1}: nothing new to save; "
-        "run the same command again",)
+    if checkpoint is None:
+        stop.args = (f"preempted by {signal_name} in the sanity check, before training step {step + 1}: "
+                     "nothing new to save; run the same command again",)
+    else:
+        stop.args = (f"preempted by {signal_name} at step {step}: checkpoint {checkpoint}; "
+                     f"resume with --ckpt_path {checkpoint}",)
     return stop
 
 
