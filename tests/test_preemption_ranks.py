@@ -1,13 +1,14 @@
 """Preemption and stalled peers on 2 gloo processes, through the real command line.
 
 A signal to one rank (as a scheduler may send) stops every rank at one step with one sharded
-``preempted.ckpt`` and status 75, and a resume from it equals an uninterrupted run bit for bit;
-so does a signal to the process group of a run whose second rank Lightning launched (Ctrl+C,
-Kubernetes) or to that second rank alone. A peer that stops (SIGSTOP) or dies (SIGKILL) ends the
-surviving rank within the collective timeout plus seconds, with one line naming it.
+``preempted.ckpt`` and status 75, and a resume from it equals an uninterrupted run bit for bit.
+A signal to the process group of a run whose second rank Lightning launched (Ctrl+C, Kubernetes),
+or to that second rank alone, ends the command with 75 and the checkpoint of the same step; one in
+the sanity check, with 75 and nothing to save. A peer that stops (SIGSTOP) or dies (SIGKILL) ends
+the surviving rank within the collective timeout plus seconds, with one line naming it.
 
-The ranks are started as ``torchrun`` or ``srun`` would (one command per rank, their rank in the
-environment), so the test sees every rank's status and signals the one it chooses.
+Elsewhere the ranks are started as ``torchrun`` or ``srun`` would (one command per rank, their
+rank in the environment), so the test sees every rank's status and signals the one it chooses.
 """
 
 from __future__ import annotations
