@@ -25,6 +25,7 @@ from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 from lightning_mtr.training.distributed.checkpoint import CheckpointError
 from lightning_mtr.training.distributed.memory import TablesDoNotFit
+from lightning_mtr.training.distributed.peers import PEER_LOST_EXIT, lost_peer_line
 
 
 class MultiTaskCLI(LightningCLI):
@@ -94,8 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     Lightning's loops; so do tables too large for the run's memory (``lightning-mtr plan``'s
     message: by how much, and what would fit). A NaN or inf loss that stops training
     (``model.bad_loss``) likewise, with exit status 3. SIGTERM, SIGINT or SLURM's requeue signal
-    ends ``fit`` on one process with a checkpoint at the current step, one line naming it and exit
-    status 75 (:mod:`~lightning_mtr.training.preemption`)."""
+    to any rank ends ``fit`` on every rank with a checkpoint at the current step, one line naming it
+    (rank 0's) and exit status 75 (:mod:`~lightning_mtr.training.preemption`); a peer that stops
+    answering, with a line naming it from each surviving rank and status 4
+    (:mod:`~lightning_mtr.training.distributed.peers`)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main, "daily": daily.main}
@@ -113,8 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException as stop:
         if stop.code != PREEMPTED_EXIT:
             raise
-        print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
+        if rank_zero_only.rank == 0:
+            print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
         return PREEMPTED_EXIT
+    except RuntimeError as error:
+        line = lost_peer_line(error)
+        if line is None:
+            raise
+        print(f"lightning-mtr: error: {line}", file=sys.stderr)
+        return PEER_LOST_EXIT
     return 0
 
 

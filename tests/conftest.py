@@ -56,6 +56,12 @@ MULTIPROCESS = {
     "test_bad_loss.py::test_two_processes_both_stop_and_name_the_bad_rank",
     "test_warm_start.py::test_warm_start_moves_between_world_sizes",
     "test_warm_start.py::test_column_wise_weights_warm_start_one_process_unless_their_optimizer_state_is_kept",
+    # 2-process CLI runs signalled, stopped or killed mid-epoch (13-30 s each on 2 shared cores; the resume
+    # test 31-95 s: 3 runs)
+    "test_preemption_ranks.py::test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly",
+    "test_preemption_ranks.py::test_signal_to_a_launched_run_ends_it_with_75",
+    "test_preemption_ranks.py::test_a_peer_that_stops_answering_ends_the_run_with_one_line",
+    "test_preemption_ranks.py::test_a_signal_in_the_sanity_check_exits_75_with_nothing_to_save",  # 1 and 2 processes
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

@@ -11,6 +11,7 @@ import torch
 from torchrec import KeyedJaggedTensor
 
 from lightning_mtr.schema import Schema
+from lightning_mtr.training.preemption import Preemption
 
 
 ESMM_TASKS = ({"name": "ctr", "label": "click"},
@@ -121,25 +122,36 @@ class LossRecorder(L.Callback):
 
 class PauseAtStep(L.Callback):
     """Holds the batch after ``step`` steps (``stage`` ``train``: the next training batch;
-    ``validation``: the first validation batch) until a signal reached the trainer (at most
+    ``validation``: the first validation batch; ``sanity``: the sanity check's first batch, with
+    ``step`` 0) until a signal reached the process (at most
     ``timeout`` seconds), having written ``marker``: a test sends the signal when the marker
-    appears, so the run stops at a known place whatever the machine's speed."""
+    appears, so the run stops at a known place whatever the machine's speed. With ``rank``, only
+    that rank holds (the others wait for it in their next collective)."""
 
-    def __init__(self, step: int, marker: str, stage: str = "train", timeout: float = 60.0) -> None:
-        self.step, self.marker, self.stage, self.timeout = step, marker, stage, timeout
+    def __init__(self, step: int, marker: str, stage: str = "train", timeout: float = 60.0,
+                 rank: int | None = None) -> None:
+        self.step, self.marker, self.stage, self.timeout, self.rank = step, marker, stage, timeout, rank
 
     def on_train_batch_start(self, trainer: L.Trainer, *args) -> None:
         if self.stage == "train":
             self._pause(trainer)
 
     def on_validation_batch_start(self, trainer: L.Trainer, *args) -> None:
-        if self.stage == "validation" and not trainer.sanity_checking:
+        if self.stage == ("sanity" if trainer.sanity_checking else "validation"):
             self._pause(trainer)
 
     def _pause(self, trainer: L.Trainer) -> None:
+        if self.rank not in (None, trainer.global_rank):
+            return
         if trainer.global_step != self.step or Path(self.marker).exists():
             return
         Path(self.marker).write_text(str(self.step))
         deadline = time.monotonic() + self.timeout
-        while not trainer.received_sigterm and time.monotonic() < deadline:
+        while not self._signalled(trainer) and time.monotonic() < deadline:
             time.sleep(0.02)
+
+    @staticmethod
+    def _signalled(trainer: L.Trainer) -> bool:
+        """Lightning's flag (one process) or the preemption callback's (several: Lightning's
+        handler is not called there)."""
+        return trainer.received_sigterm or any(c.received for c in trainer.callbacks if isinstance(c, Preemption))

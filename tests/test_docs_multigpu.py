@@ -40,7 +40,8 @@ def test_yaml_example_builds_the_strategy():
 
 
 def test_strategy_arguments_named_in_the_prose_exist():
-    for name in ("constraints", "plan", "hbm_gb", "ddr_gb", "process_group_backend", "timeout", "start_method"):
+    for name in ("constraints", "plan", "hbm_gb", "ddr_gb", "process_group_backend", "collective_timeout",
+                 "start_method"):
         assert f"`{name}`" in SECTION or f"{name}:" in SECTION, name
         assert name in inspect.signature(TorchRecStrategy).parameters, name
 

@@ -98,11 +98,15 @@ def _damaged(root: Path, directory: Path, single: Path) -> dict[str, Path]:
     damaged["random"].write_bytes(np.random.default_rng(0).bytes(len(data)))
     damaged["empty"].write_bytes(b"")
     torch.save({**torch.load(single, weights_only=True), "callbacks": _Exploit()}, damaged["tampered"])
-    for name in ("tampered directory", "truncated trainer.pt"):
+    for name in ("tampered directory", "truncated trainer.pt", "truncated tensor file", "random tensor file"):
         damaged[name] = shutil.copytree(directory, root / name.replace(" ", "_"))
     (damaged["tampered directory"] / ".metadata").write_bytes(pickle.dumps(_Exploit()))
     trainer = damaged["truncated trainer.pt"] / "trainer.pt"
     trainer.write_bytes(trainer.read_bytes()[:100])
+    (tensors,) = damaged["truncated tensor file"].glob("*.distcp")
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    (tensors,) = damaged["random tensor file"].glob("*.distcp")
+    tensors.write_bytes(np.random.default_rng(1).bytes(tensors.stat().st_size))
     damaged["not a checkpoint directory"] = directory.parent  # the run's checkpoints/ folder
     return damaged
 
@@ -117,6 +121,13 @@ def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, lis
                                     ["names code", "posix.system", "refusing"])
     cases["tampered directory"] = ([*validate, str(damaged["tampered directory"])],
                                    str(damaged["tampered directory"]), ["metadata", "refusing"])
+    for name in ("truncated tensor file", "random tensor file"):  # DCP's CheckpointException, a traceback before
+        path = str(damaged[name])
+        cases[f"{name} (validate)"] = ([*validate, path], path, ["unreadable tensor data", "rank 0"])
+        cases[f"{name} (fit)"] = (["fit", "--config", str(config), "--ckpt_path", path], path,
+                                  ["unreadable tensor data"])
+        cases[f"{name} (consolidate)"] = (["consolidate", path, str(root / "out.ckpt")], path,
+                                          ["unreadable tensor data"])
     folder = str(damaged["not a checkpoint directory"])
     cases["directory that is not a checkpoint"] = ([*validate, folder], folder, ["no trainer.pt"])
     cases["file where a directory is expected (fit)"] = (

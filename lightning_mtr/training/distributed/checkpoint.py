@@ -15,13 +15,15 @@ import pickle
 import re
 import shutil
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -161,17 +163,33 @@ def _checked_reader(path: str | Path) -> SafeFileSystemReader:
     return reader
 
 
+@contextmanager
+def _reading_tensors(path: str | Path) -> Iterator[None]:
+    """DCP reports a damaged, truncated or foreign ``*.distcp`` file as a ``CheckpointException``
+    holding every failed rank's traceback (a ``BaseException``, past the CLI's one-line errors):
+    it becomes one :class:`CheckpointError` naming the directory and the first failure."""
+    try:
+        yield
+    except CheckpointException as error:
+        rank, (cause, _) = next(iter(error.failures.items()))
+        first = _first_line(cause).split(". ")[0]
+        raise CheckpointError(f"{path}: unreadable tensor data (a *.distcp file is damaged, truncated or not "
+                              f"written by torch.distributed.checkpoint; rank {rank}: {first})") from None
+
+
 def load(tensors: dict[str, Any], path: Path) -> None:
     """Fill ``tensors`` (this rank's live tensors and shards) in place from the checkpoint."""
-    dcp.load(tensors, storage_reader=_checked_reader(path))
+    with _reading_tensors(path):
+        dcp.load(tensors, storage_reader=_checked_reader(path))
 
 
 def read_full(path: str | Path, keys: set[str] | None = None) -> dict[str, Any]:
     """The tensors of a sharded checkpoint (all, or those under ``keys``), whole, in one
     process (no process group)."""
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_checked_reader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
-                     no_dist=True)
+    with _reading_tensors(path):
+        _load_state_dict(state, storage_reader=_checked_reader(path), planner=_EmptyStateDictLoadPlanner(keys=keys),
+                         no_dist=True)
     return state
 
 

@@ -22,7 +22,6 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
-from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import PlannerError
@@ -55,7 +54,10 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         ddr_gb: host memory per host the planner may fill (UVM tables, CPU training); on CPU
             the default is this host's memory.
         process_group_backend: default ``nccl`` on GPU, ``gloo`` on CPU.
-        timeout: collective timeout.
+        collective_timeout: seconds any collective may wait for the other ranks before the run
+            ends (a stopped or hung peer): each surviving rank then stops with one line naming
+            the ranks that stopped answering and exit status 4 (:mod:`.peers`). Long enough for
+            the slowest rank's save or validation to catch up.
         start_method: how Lightning starts local processes when it launches them itself.
     """
 
@@ -64,10 +66,13 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
     def __init__(self, constraints: dict[str, TableConstraints] | None = None, plan: str | None = None,
                  hbm_gb: float | None = None, ddr_gb: float | None = None,
                  process_group_backend: str | None = None,
-                 timeout: timedelta | None = default_pg_timeout,
+                 collective_timeout: float = 600.0,
                  start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen", **kwargs: Any):
-        super().__init__(process_group_backend=process_group_backend, timeout=timeout, start_method=start_method,
-                         **kwargs)
+        if not collective_timeout > 0:
+            raise ValueError(f"TorchRecStrategy: collective_timeout must be a positive number of seconds, "
+                             f"got {collective_timeout}")
+        super().__init__(process_group_backend=process_group_backend, timeout=timedelta(seconds=collective_timeout),
+                         start_method=start_method, **kwargs)
         self.constraints = {name: c if isinstance(c, TableConstraints) else TableConstraints(**c)
                             for name, c in (constraints or {}).items()}
         self.plan_path = plan
