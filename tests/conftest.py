@@ -61,6 +61,7 @@ MULTIPROCESS = {
     "test_preemption_ranks.py::test_sigterm_to_one_rank_stops_both_at_one_step_and_resumes_exactly",
     "test_preemption_ranks.py::test_signal_to_a_launched_run_ends_it_with_75",
     "test_preemption_ranks.py::test_a_peer_that_stops_answering_ends_the_run_with_one_line",
+    "test_preemption_ranks.py::test_a_stopped_launched_rank_is_killed_when_the_run_ends",
     "test_preemption_ranks.py::test_a_signal_in_the_sanity_check_exits_75_with_nothing_to_save",  # 1 and 2 processes
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)

@@ -212,6 +212,40 @@ def test_a_peer_that_stops_answering_ends_the_run_with_one_line(tmp_path, cache,
         assert waited < 10, waited
 
 
+def _state(pid: int) -> str | None:
+    """A process's state letter (``T`` stopped, ``Z`` dead, not yet reaped), ``None`` once gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_a_stopped_launched_rank_is_killed_when_the_run_ends(tmp_path, cache):
+    """``lightning-mtr fit`` launched its second rank itself (conf/trainer/cpu_2proc.yaml) and that
+    rank stops (SIGSTOP): the command ends after the collective timeout with its one line and
+    status 4, and kills the stopped rank on the way out (before: it stayed behind, stopped, for good)."""
+    marker = tmp_path / "paused"
+    process = subprocess.Popen(_command(tmp_path, cache, *_pause(marker), "--trainer.strategy.init_args."
+                                        "collective_timeout", str(TIMEOUT)),
+                               cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _wait_for(marker, [process])
+        (child,) = map(int, Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split())
+        os.kill(child, signal.SIGSTOP)
+        (stderr,) = _finish([process])
+        deadline = time.monotonic() + 5
+        while _state(child) not in (None, "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = _state(child)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 4, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("lightning-mtr: error: rank 0 of 2: rank 1 stopped answering")
+    assert left in (None, "Z"), f"the launched rank {child} is still there, state {left}"
+
+
 def test_collective_timeout_must_be_positive():
     with pytest.raises(ValueError, match="collective_timeout must be a positive number of seconds, got 0"):
         TorchRecStrategy(collective_timeout=0)

@@ -26,9 +26,7 @@ def lost_peer_line(error: BaseException) -> str | None:
     """The line a rank ends with when ``error`` is a collective that failed for want of a peer
     (``None`` for any other error): which ranks stopped answering and what failed. The process
     group is destroyed first: one left with a dead peer aborts the interpreter at exit."""
-    if not (isinstance(error, dist.DistBackendError) or _FAILURES.search(str(error))):
-        return None
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_peer_failure(error):
         return None
     rank, world_size = dist.get_rank(), dist.get_world_size()
     what = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])  # gloo's source position
@@ -43,6 +41,12 @@ def lost_peer_line(error: BaseException) -> str | None:
         who = "every rank still answers the rendezvous store, but a collective failed"
     return (f"rank {rank} of {world_size}: {who} ({what}); the run ends. "
             "trainer.strategy.init_args.collective_timeout sets how many seconds a collective waits")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """Whether ``error`` is a collective of this process's group that failed for want of a peer."""
+    return ((isinstance(error, dist.DistBackendError) or bool(_FAILURES.search(str(error))))
+            and dist.is_available() and dist.is_initialized())
 
 
 def _silent_ranks(rank: int, world_size: int) -> list[int] | None:

@@ -13,6 +13,7 @@ single-process fast path (:mod:`.base`).
 from __future__ import annotations
 
 import json
+import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -34,6 +36,7 @@ from lightning_mtr.nn.meta import materialize
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.base import TableStrategy
 from lightning_mtr.training.distributed.memory import TablesDoNotFit, training_cluster
+from lightning_mtr.training.distributed.peers import is_peer_failure
 from lightning_mtr.training.distributed.planning import (
     Cluster, PlanReport, TableConstraints, load_plan, plan_model, plan_to_json)
 
@@ -156,6 +159,14 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             if source is not None and kept and sharded.is_sharded_checkpoint(source[0]):
                 return source[0], source[1]["plan"]
         return None
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A peer lost mid-run: the ranks this process launched (Lightning's launcher) are killed,
+        so that a stopped one (SIGSTOP) does not stay behind when this one ends; Lightning kills
+        them only on a KeyboardInterrupt."""
+        super().on_exception(exception)
+        if is_peer_failure(exception) and isinstance(self.launcher, _SubprocessScriptLauncher):
+            self.launcher.kill(signal.SIGKILL)
 
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
