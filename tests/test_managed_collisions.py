@@ -4,6 +4,7 @@ ids that lost theirs. (2 processes against one: ``test_sharded_training.py``'s `
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import lightning as L
@@ -150,6 +151,18 @@ def test_the_oldest_id_gives_up_its_row(policy):
     rows = _rows(managed, [100, 200, 300, 400])
     assert rows[0] == MISS_ROW and rows[3] != MISS_ROW and len(set(rows[1:])) == 3
     assert managed.take_report() == {"mch/user/evicted": 1, "mch/user/rows_in_use": 3}
+
+
+def test_a_batch_with_more_ids_than_the_first_gives_each_of_them_a_row():
+    """TorchRec sizes its record of the ids seen from the first training batch (1 id here); the
+    next batch's 3 new ids all get rows while 6 of the 7 are free, as does a third, larger one."""
+    table = _schema(managed_collisions={}).managed_tables[0]
+    managed = ManagedIds([replace(table, num_embeddings=8)]).train()
+    for users in ([100], [200, 300, 400], [500] * 3 + [600] * 5):
+        managed(KeyedJaggedTensor(keys=["user"], values=torch.tensor(users), lengths=torch.ones(len(users)).long()))
+    rows = _rows(managed, [100, 200, 300, 400, 500, 600])
+    assert 7 not in rows and len(set(rows)) == 6  # row 7 (num_embeddings - 1) is the shared one
+    assert managed.take_report() == {"mch/user/evicted": 0, "mch/user/rows_in_use": 6}
 
 
 def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():

@@ -74,6 +74,30 @@ class ManagedRows(MCHManagedCollisionModule):
         self._input_history_buffer_size = -1  # the history buffers are rebuilt on the new device
         self._current_history_buffer_offset = 0
 
+    def profile(self, features: dict[str, JaggedTensor]) -> dict[str, JaggedTensor]:
+        """TorchRec's, except that its history buffer grows to take every id: TorchRec sizes it once,
+        from the first batch, and drops the ids of a later, larger batch without a word (a
+        multi-valued feature's ids per batch vary), so they would never get a row."""
+        incoming = sum(feature.values().numel() for feature in features.values())
+        needed = self._current_history_buffer_offset + incoming
+        if self.training and -1 < self._input_history_buffer_size < needed:
+            self._grow_history(max(needed, 2 * self._input_history_buffer_size))
+        return super().profile(features)
+
+    def _grow_history(self, size: int) -> None:
+        """History buffers of ``size`` ids (at least doubled, so a few copies in all), keeping those
+        recorded since the last eviction."""
+        kept = self._current_history_buffer_offset
+        grown = torch.empty(size, dtype=torch.int64, device=self._history_accumulator.device)
+        grown[:kept] = self._history_accumulator[:kept]
+        self._history_accumulator = grown
+        for name, buffer in self._history_metadata.items():
+            grown = torch.zeros(size, dtype=buffer.dtype, device=buffer.device)
+            grown[:kept] = buffer[:kept]
+            setattr(self, f"_history_{name}", grown)
+            self._history_metadata[name] = grown
+        self._input_history_buffer_size = size
+
     def id_map(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(raw ids [N] sorted, free slots last as 2**63 - 1; the row of each [N])``: the whole map."""
         return self._mch_sorted_raw_ids, self._mch_remapped_ids_mapping
