@@ -187,6 +187,10 @@ def test_the_exported_program_carries_the_id_map_and_scores_as_the_model():
     torch.testing.assert_close(scores["ctr"], expected["ctr"], atol=1e-6, rtol=0)
     seen, unseen, small = _rows(model.features.managed_ids, [100, 10**15, 7])
     assert seen != MISS_ROW and unseen == small == MISS_ROW  # 7 is an unseen raw id, not row 7
+    negative = batch.sparse.values().clone()
+    negative[1] = -5  # the encoder refuses a negative id in training: the program refuses it too, not a miss
+    with pytest.raises(RuntimeError, match="an id is negative"):
+        program.module()(batch.dense.double(), negative, batch.sparse.lengths().view(2, -1))
 
 
 

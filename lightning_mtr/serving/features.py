@@ -78,7 +78,8 @@ class StackedTables(nn.Module):
 class ManagedIdRows(nn.Module):
     """Raw ids of the managed tables -> the rows training gave them (TorchRec's ``_mch_remap`` in
     ATen operators): a binary search in each table's sorted raw ids as the checkpoint left them; an
-    id without a row reads the table's last row, as it does when the trained model evaluates.
+    id without a row reads the table's last row, as it does when the trained model evaluates; a
+    negative one stays negative, for the table lookup to refuse as training's encoder does.
     ``forward(values [N], feature [N]) -> [N]``, other features' ids unchanged."""
 
     def __init__(self, schema: Schema, maps: dict[str, tuple[torch.Tensor, torch.Tensor]]):
@@ -97,7 +98,7 @@ class ManagedIdRows(nn.Module):
             ids, rows = getattr(self, f"sorted_ids_{k}"), getattr(self, f"rows_{k}")
             index = torch.searchsorted(ids[:-1], values)  # the last slot is always free: a miss stops there
             row = torch.where(ids[index] == values, rows[index], ids.shape[0] - 1)
-            values = torch.where(table == k, row, values)
+            values = torch.where((table == k) & (values >= 0), row, values)  # negative: refused below
         return values
 
 
