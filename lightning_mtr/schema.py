@@ -479,6 +479,10 @@ def _validate_managed(feature: SparseFeature, where: str) -> None:
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
         raise ValueError(f"{where}: managed_collisions: eviction_interval must be an integer >= 1 (training steps "
                          f"between evictions), got {interval!r}")
+    decay = managed.decay_exponent
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not decay >= 0:
+        raise ValueError(f"{where}: managed_collisions: decay_exponent must be a number >= 0 (distance_lfu divides an "
+                         f"id's count by its age to this power; 0: no decay), got {decay!r}")
     if feature.num_embeddings < 2:
         raise ValueError(f"{where}: a managed table needs num_embeddings >= 2 (its last row is for ids without one)")
 

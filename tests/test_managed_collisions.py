@@ -40,6 +40,8 @@ def _schema(**user) -> Schema:
     ({"out_of_range": "modulo"}, "managed_collisions gives every id its own row; out_of_range: modulo"),
     ({"managed_collisions": {"eviction_policy": "fifo"}}, "eviction_policy must be one of"),
     ({"managed_collisions": {"eviction_interval": 0}}, "eviction_interval must be an integer >= 1"),
+    ({"managed_collisions": {"decay_exponent": "fast"}}, "decay_exponent must be a number >= 0"),
+    ({"managed_collisions": {"decay_exponent": -1}}, "decay_exponent must be a number >= 0"),
     ({"managed_collisions": {"policy": "lfu"}}, r"managed_collisions: unknown keys \['policy'\]"),
     ({"managed_collisions": True}, "managed_collisions must be a mapping"),
     ({"sequence": True}, "managed_collisions is for pooled tables"),
