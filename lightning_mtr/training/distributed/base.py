@@ -22,6 +22,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchrec.optim.keyed import KeyedOptimizer
 
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.memory import TableMemory
 from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
@@ -81,12 +82,30 @@ class TableStrategy(ABC):
         super().setup(trainer)  # moves the rest, wraps it when fitting, creates the dense optimizer
         if fitting:
             self.table_optimizer = self._table_optimizer(module.model, module.sparse_optimizer)
+        for path, managed in module.model.named_modules():
+            if isinstance(managed, ManagedIds):  # its tables: the sibling collection (FeatureInput's `embeddings`)
+                tables = f"{path.rpartition('.')[0]}.embeddings.embedding_bags.".lstrip(".")
+                managed.reset = lambda table, rows, tables=tables: self._reset_rows(f"{tables}{table}.weight", rows)
         if self.resuming is not None:
             self._restore(*self.resuming, fitting=fitting)
             self.resuming = None
         if self.warm_from is not None:
             self._warm_start(*self.warm_from)
             self.warm_start = self.warm_from = None  # a later stage of this trainer keeps what it trained
+
+    def _reset_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Zero rows ``rows`` of table weight ``name`` (relative to the model) and of its optimizer
+        state, where this process holds them: the fused optimizer's (one process, or this rank's
+        shards), or a data-parallel table's torch optimizer's (every rank, the whole table)."""
+        fused = self._fused_optimizer()
+        if name in fused.params:
+            weight = fused.params[name]
+            state = fused.state.get(weight, {})
+        else:
+            weight = self.lightning_module.model.get_parameter(name)
+            state = self.table_optimizer.state.get(weight, {}) if self.table_optimizer is not None else {}
+        for tensor in (weight, *state.values()):
+            zero_rows(tensor, rows)
 
     def _table_memory(self, trainer) -> TableMemory:
         """The model's tables against this run's devices, as ``lightning-mtr plan`` sizes them."""
@@ -244,6 +263,20 @@ def check_recorded_model(state: dict[str, Any], module: nn.Module, path: Path) -
             raise sharded.CheckpointError(
                 f"{path} holds a {recorded} but the config builds {configured}: the config decides the model; "
                 "pass the config the checkpoint was trained with (its run's config.yaml) or a checkpoint of this model")
+
+
+def zero_rows(tensor: torch.Tensor, rows: torch.Tensor) -> None:
+    """Zero rows ``rows`` (of the whole table) in this process's part of ``tensor``: a plain tensor,
+    or a sharded one's local shards, each holding the rows from its offset on (all rows of a
+    column-wise shard). Scalars (an optimizer's step count) are left alone."""
+    parts = ([(s.tensor, s.metadata.shard_offsets[0]) for s in tensor.local_shards()]
+             if hasattr(tensor, "local_shards") else [(tensor, 0)])
+    with torch.no_grad():
+        for local, first in parts:
+            if local.dim() == 0:
+                continue
+            mine = rows[(rows >= first) & (rows < first + local.shape[0])] - first
+            local[mine.to(local.device)] = 0
 
 
 def _names(class_path: Any, cls: type) -> bool:
