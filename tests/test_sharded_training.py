@@ -207,6 +207,17 @@ def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
         return {task: logits.cpu() for task, logits in module(batch.to(module.device)).items()}
 
 
+def _evict(module: MultiTaskModule, trainer: L.Trainer, rank: int, world: int, out: Path) -> None:
+    """After training, one more training-mode lookup of ids never seen, each twice: the maps
+    evict for them; the state is saved right after, before any update can touch the rows."""
+    users = torch.arange(16).repeat_interleave(2) + 10**13
+    mine = users.view(world, -1)[rank]
+    module.train()
+    module.model.features.managed_ids(KeyedJaggedTensor(keys=["user"], values=mine,
+                                                        lengths=torch.ones(mine.numel(), dtype=torch.int64)))
+    trainer.save_checkpoint(out / "evicted")
+
+
 def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, start: dict, out: Path) -> None:
     """Trains with validation every 2 steps, so training and validation batches interleave."""
     variant = _variant(plan)
@@ -217,15 +228,21 @@ def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, star
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches(STEPS, variant)], val))
     trainer.save_checkpoint(out / "sharded")
     torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD, variant), rank, WORLD)), out / f"logits-{rank}.pt")
+    if variant == "managed":
+        _evict(module, trainer, rank, WORLD, out)
 
 
 def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant: str = "pooled") -> tuple[dict, dict]:
     module = _module(start, optimizer, variant)
-    _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy()).fit(
-        module, datamodule=_Batches(_global_batches(STEPS, variant)))
+    trainer = _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy())
+    trainer.fit(module, datamodule=_Batches(_global_batches(STEPS, variant)))
     # copied before predicting: a forward in training mode also updates a managed table's id -> row map
     state = {k: v.cpu().clone() for k, v in module.state_dict().items()}
-    return state, _predict(module, _batch(99, ROWS * WORLD, variant))
+    logits = _predict(module, _batch(99, ROWS * WORLD, variant))
+    if variant == "managed":
+        trainer.save_checkpoint(out / "trained-single")
+        _evict(module, trainer, 0, 1, out / "single")
+    return state, logits
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL tier needs 2 GPUs")
@@ -262,6 +279,37 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
+    if variant == "managed":
+        _assert_evicted_rows_start_afresh(tmp_path / "trained-single", tmp_path / "single" / "evicted")
+        _assert_same_checkpoints(tmp_path / "single" / "evicted", tmp_path / "evicted")
+
+
+def _assert_evicted_rows_start_afresh(trained: Path, evicted: Path) -> None:
+    """The rows whose id the map replaced (read from the two maps) hold zeros, the reset value, in
+    the weights and in every optimizer state of the table; every other row is as training left it."""
+    def flat(path):
+        state = read_full(path)
+        return {**{f"model/{k}": v for k, v in state["model"].items()},
+                **{f"sparse/{k}": v for k, v in _leaves(state["sparse_optimizer"]["state"])}}
+    before, after = flat(trained), flat(evicted)
+    holders = [{int(row): int(raw) for raw, row in zip(state[f"model/{MANAGED_MAP}"],
+                                                      state[f"model/{MANAGED_MAP.replace('sorted_raw_ids', 'remapped_ids_mapping')}"])}
+               for state in (before, after)]
+    rows = torch.tensor([row for row, raw in holders[0].items() if raw < 2**63 - 1 and holders[1][row] != raw])
+    assert rows.numel() >= 8, f"the new ids evicted trained ids ({rows.tolist()})"
+    keys = ["model/model.features.embeddings.embedding_bags.user.weight",
+            *(k for k in before if k.startswith("sparse/") and "user." in k.rpartition("/")[2])]
+    assert any("momentum1" in k for k in keys), keys
+    others = torch.ones(24, dtype=torch.bool).index_fill(0, rows, False)
+    for key in keys:
+        assert before[key][rows].any(), f"{key}: the evicted ids had trained their rows"
+        assert not after[key][rows].any(), f"{key}: evicted rows {rows.tolist()} are not reset"
+        assert torch.equal(after[key][others], before[key][others]), f"{key}: a row that kept its id changed"
+
+
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        yield from _leaves(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
 
 
 def test_sequence_tables_are_not_replicated_on_cpu():
