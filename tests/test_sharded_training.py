@@ -66,7 +66,8 @@ PLANS = {
 PLANS["fwfm"] = PLANS["sequences"]
 PLANS["managed"] = PLANS["table_wise"]
 PLANS["managed_column_wise"] = PLANS["column_wise"]
-PLANS["managed_data_parallel"] = {"user": {"sharding_types": ["data_parallel"]}, "item": {"sharding_types": ["table_wise"]}}
+PLANS["managed_data_parallel"] = {"user": {"sharding_types": ["data_parallel"]},
+                                  "item": {"sharding_types": ["table_wise"]}}
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
 # A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
@@ -285,7 +286,8 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     if variant == "managed":  # a last training-mode lookup of new ids evicted: each path resets the same rows
         _assert_evicted_rows_start_afresh(tmp_path / "trained-single", tmp_path / "single" / "evicted")
         _assert_evicted_rows_start_afresh(tmp_path / "sharded", tmp_path / "evicted")
-        expected_state, saved = read_full(tmp_path / "single" / "evicted")["model"], read_full(tmp_path / "evicted")["model"]
+        expected_state = read_full(tmp_path / "single" / "evicted")["model"]
+        saved = read_full(tmp_path / "evicted")["model"]
         for key, value in expected_state.items():
             torch.testing.assert_close(saved[key], value, **TOLERANCE, msg=f"{plan}, evicted: {key}")
 

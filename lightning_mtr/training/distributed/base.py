@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class TableStrategy(ABC):
         for path, managed in module.model.named_modules():
             if isinstance(managed, ManagedIds):  # its tables: the sibling collection (FeatureInput's `embeddings`)
                 tables = f"{path.rpartition('.')[0]}.embeddings.embedding_bags.".lstrip(".")
-                managed.reset = lambda table, rows, tables=tables: self._reset_rows(f"{tables}{table}.weight", rows)
+                managed.reset = partial(self._reset_rows, tables)
         if self.resuming is not None:
             self._restore(*self.resuming, fitting=fitting)
             self.resuming = None
@@ -93,10 +94,12 @@ class TableStrategy(ABC):
             self._warm_start(*self.warm_from)
             self.warm_start = self.warm_from = None  # a later stage of this trainer keeps what it trained
 
-    def _reset_rows(self, name: str, rows: torch.Tensor) -> None:
-        """Zero rows ``rows`` of table weight ``name`` (relative to the model) and of its optimizer
-        state, where this process holds them: the fused optimizer's (one process, or this rank's
-        shards), or a data-parallel table's torch optimizer's (every rank, the whole table)."""
+    def _reset_rows(self, tables: str, table: str, rows: torch.Tensor) -> None:
+        """Zero rows ``rows`` of ``table`` (in the collection at ``tables``, relative to the model)
+        and of its optimizer state, where this process holds them: the fused optimizer's (one
+        process, or this rank's shards), or a data-parallel table's torch optimizer's (every rank,
+        the whole table)."""
+        name = f"{tables}{table}.weight"
         fused = self._fused_optimizer()
         if name in fused.params:
             weight = fused.params[name]
