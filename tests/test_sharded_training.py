@@ -320,6 +320,36 @@ def _leaves(tree, prefix=""):
         yield from _leaves(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
 
 
+def test_each_shard_zeroes_the_evicted_rows_it_holds():
+    """``zero_rows`` on shards laid out as TorchRec lays them out, for a table of 4 rows whose rows 1
+    and 3 were evicted: a column-wise weight (columns 0-2 and 3-5, every row in each), its row-wise
+    Adagrad state (one accumulator per row of each column shard, stacked: entries 4-7 are rows 0-3
+    again; ``[48]`` for the 24-row ``managed`` table above), and row-wise shards of rows 0-1 and 2-3.
+    (One process holds every shard here: a ShardedTensor must cover its whole size.)"""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    from lightning_mtr.training.distributed.base import zero_rows
+
+    def sharded(pieces, *size):
+        return ShardedTensor._init_from_local_shards(
+            [Shard(value, ShardMetadata(offsets, list(value.shape), "rank:0/cpu")) for offsets, value in pieces], *size)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        columns = sharded([([0, 0], torch.ones(4, 3)), ([0, 3], torch.ones(4, 3))], 4, 6)
+        accumulators = sharded([([0], torch.ones(4)), ([4], torch.ones(4))], 8)
+        row_wise = sharded([([0, 0], torch.ones(2, 6)), ([2, 0], torch.ones(2, 6))], 4, 6)
+        for tensor in (columns, accumulators, row_wise):
+            zero_rows(tensor, torch.tensor([1, 3]), 4)
+        kept = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        assert all(torch.equal(s.tensor, kept[:, None].expand(4, 3)) for s in columns.local_shards())
+        assert all(torch.equal(s.tensor, kept) for s in accumulators.local_shards())
+        assert all(torch.equal(s.tensor, torch.tensor([[1.0] * 6, [0.0] * 6])) for s in row_wise.local_shards())
+    finally:
+        dist.destroy_process_group()
+
+
 def test_sequence_tables_are_not_replicated_on_cpu():
     """TorchRec's CPU path fails on a data-parallel EmbeddingCollection table: the planner is kept
     from choosing it, and asking for it is refused by name."""

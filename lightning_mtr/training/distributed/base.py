@@ -108,7 +108,7 @@ class TableStrategy(ABC):
             weight = self.lightning_module.model.get_parameter(name)
             state = self.table_optimizer.state.get(weight, {}) if self.table_optimizer is not None else {}
         for tensor in (weight, *state.values()):
-            zero_rows(tensor, rows)
+            zero_rows(tensor, rows, weight.size(0))
 
     def _table_memory(self, trainer) -> TableMemory:
         """The model's tables against this run's devices, as ``lightning-mtr plan`` sizes them."""
@@ -268,18 +268,19 @@ def check_recorded_model(state: dict[str, Any], module: nn.Module, path: Path) -
                 "pass the config the checkpoint was trained with (its run's config.yaml) or a checkpoint of this model")
 
 
-def zero_rows(tensor: torch.Tensor, rows: torch.Tensor) -> None:
-    """Zero rows ``rows`` (of the whole table) in this process's part of ``tensor``: a plain tensor,
-    or a sharded one's local shards, each holding the rows from its offset on (all rows of a
-    column-wise shard). Scalars (an optimizer's step count) are left alone."""
+def zero_rows(tensor: torch.Tensor, rows: torch.Tensor, num_rows: int) -> None:
+    """Zero rows ``rows`` of a table of ``num_rows`` rows in this process's part of ``tensor``: a
+    plain tensor, or a sharded one's local shards, each holding the rows from its offset on. Entry
+    ``i`` is row ``i mod num_rows``: a column-wise table's row-wise Adagrad state stacks one
+    ``[num_rows]`` accumulator per column shard. Scalars (an optimizer's step count) are left alone."""
     parts = ([(s.tensor, s.metadata.shard_offsets[0]) for s in tensor.local_shards()]
              if hasattr(tensor, "local_shards") else [(tensor, 0)])
     with torch.no_grad():
         for local, first in parts:
             if local.dim() == 0:
                 continue
-            mine = rows[(rows >= first) & (rows < first + local.shape[0])] - first
-            local[mine.to(local.device)] = 0
+            index = torch.arange(first, first + local.shape[0], device=local.device) % num_rows
+            local[torch.isin(index, rows.to(local.device))] = 0
 
 
 def _names(class_path: Any, cls: type) -> bool:
