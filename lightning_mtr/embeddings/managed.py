@@ -130,13 +130,13 @@ class ManagedIds(nn.Module):
         """Record the global batch's ids; on an eviction step TorchRec hands back the rows given
         to new ids, of which those that held an id before were taken from it: those are reset."""
         seen = self.gather(ids) if self.gather is not None else ids
-        raw_ids, row_of = rows.id_map()
-        held = row_of[raw_ids != _INT64_MAX].clone()
+        row_of = rows.id_map()[1]  # sorted by raw id: the free slots (2**63 - 1) last, the shared row among them
+        free = row_of[row_of.numel() - 1 - int(rows.open_slots()):].clone()
         rows.profile({table: JaggedTensor(values=seen, lengths=seen.new_tensor([seen.numel()]))})
         given = rows.evict()
         if given is None:
             return
-        evicted = given[torch.isin(given, held)]
+        evicted = given[~torch.isin(given, free)]
         self.evicted[table] += evicted.numel()
         if self.reset is not None and evicted.numel():
             with torch.no_grad():
