@@ -79,7 +79,7 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"),
          ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad"), ("managed", "rowwise_adagrad"),
-         ("managed_column_wise", "adagrad"), ("managed_data_parallel", "rowwise_adagrad")]
+         ("managed_column_wise", "adagrad"), ("managed_data_parallel", "rowwise_adagrad")]  # rows reset per layout
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
@@ -315,7 +315,8 @@ def _assert_evicted_rows_start_afresh(trained: Path, evicted: Path) -> None:
         assert torch.equal(after[key][others], before[key][others]), f"{key}: a row that kept its id changed"
 
 
-def _leaves(tree, prefix=""):
+def _leaves(tree: dict, prefix: str = ""):
+    """``(path/to/leaf, tensor)`` of a nested state dict."""
     for key, value in tree.items():
         yield from _leaves(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
 
@@ -457,10 +458,7 @@ def _train(where: int | str, start: dict, steps: int, out: Path, resume: Path | 
 
 def _assert_same_checkpoints(expected: Path, got: Path) -> None:
     """Weights and every optimizer's state, key by key: both paths write one layout."""
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            yield from flat(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
-    want, have = dict(flat(read_full(expected))), dict(flat(read_full(got)))
+    want, have = dict(_leaves(read_full(expected))), dict(_leaves(read_full(got)))
     assert set(have) == set(want)
     assert any("sparse_optimizer/" in k and "momentum1" in k for k in want), "the fused tables' state is compared"
     for key, value in want.items():
