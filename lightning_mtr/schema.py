@@ -38,7 +38,7 @@ class ManagedCollisions:
     ``eviction_policy`` picks which ids keep theirs, every ``eviction_interval`` training steps
     (``lfu``: the most frequent since they entered; ``lru``: the most recent; ``distance_lfu``, the
     default: frequency decayed by age with ``decay_exponent``; on the drifting daily log with tables
-    smaller than the live ids, only it beat plain hashing on CTR and CTCVR every day, docs/daily.md). Ids waiting for
+    smaller than the live ids, only it beat plain hashing on CTR every day, docs/daily.md). Ids waiting for
     a row, and unseen ids at evaluation, share the table's last row.
     """
 

@@ -134,6 +134,32 @@ def test_day_one_ids_keep_their_rows_through_a_checkpoint_and_evictions_are_coun
     assert report == {"mch/user/evicted": 1.0, "mch/user/rows_in_use": 3.0}
 
 
+def test_an_evicted_row_starts_afresh_for_its_new_id(tmp_path):
+    """The LFU case above, stopped in day 2's forward, after the map has evicted 300 for 500 and
+    before the lookup: 500 must not inherit 300's trained row. Its weights and row-wise Adagrad
+    accumulator are zero, the reset (docs/schema-and-data.md), while every other row, the free
+    and the shared last one included, keeps what day 1 left."""
+    torch.manual_seed(0)  # a draw where 300's only row of day 1 passes a gradient through the tiny experts' ReLUs
+    module, _ = _train_day([100] * 4 + [200] * 3 + [300], 1, tmp_path)
+    managed = module.model.features.managed_ids
+    row = dict(zip([100, 200, 300], _rows(managed, [100, 200, 300])))[300]
+    fused = module.trainer.strategy._fused_optimizer()
+    weight = fused.params["features.embeddings.embedding_bags.user.weight"]
+    momentum = fused.state[weight]["user.momentum1"]
+    before = weight.detach().clone(), momentum.clone()
+    assert before[0][row].abs().sum() > 0 and before[1][row] > 0, "day 1 trained 300's row"
+
+    managed.train()(KeyedJaggedTensor(keys=["user"], values=torch.tensor([100] + [400] * 2 + [500] * 5),
+                                      lengths=torch.ones(8, dtype=torch.int64)))
+    assert _rows(managed, [300, 500]) == [MISS_ROW, row], "500 took 300's row"
+    others = torch.arange(weight.shape[0]) != row
+    assert torch.equal(weight[row], torch.zeros(4)) and momentum[row] == 0
+    assert torch.equal(weight[others], before[0][others]) and torch.equal(momentum[others], before[1][others])
+    looked_up = module.model.features.embeddings(KeyedJaggedTensor(
+        keys=["user", "item"], values=torch.tensor([row, 0]), lengths=torch.ones(2, dtype=torch.int64)))
+    assert torch.equal(looked_up["user"], torch.zeros(1, 4)), "the fused kernel reads the reset row"
+
+
 def test_without_a_resume_day_two_starts_from_an_empty_map(tmp_path):
     """The map is state: a fresh run gives day 2's ids the rows in order of frequency, so the
     check above means the checkpoint carried it."""

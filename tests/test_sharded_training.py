@@ -65,6 +65,9 @@ PLANS = {
 }
 PLANS["fwfm"] = PLANS["sequences"]
 PLANS["managed"] = PLANS["table_wise"]
+PLANS["managed_column_wise"] = PLANS["column_wise"]
+PLANS["managed_data_parallel"] = {"user": {"sharding_types": ["data_parallel"]},
+                                  "item": {"sharding_types": ["table_wise"]}}
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
 # A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
@@ -75,7 +78,8 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
     for name, rows, rank in (("user", 60, 1), ("item", 40, 0))}}}
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"),
-         ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad"), ("managed", "rowwise_adagrad")]
+         ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad"), ("managed", "rowwise_adagrad"),
+         ("managed_column_wise", "adagrad"), ("managed_data_parallel", "rowwise_adagrad")]  # rows reset per layout
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
@@ -84,7 +88,7 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 def _variant(plan: str) -> str:
     """The model a case trains: its own for the sequence cases, MMoE for every other plan."""
-    return plan if plan in MODELS else "pooled"
+    return "managed" if plan.startswith("managed") else plan if plan in MODELS else "pooled"
 
 
 def _schema(variant: str = "pooled") -> Schema:
@@ -207,6 +211,17 @@ def _predict(module: MultiTaskModule, batch: Batch) -> dict[str, torch.Tensor]:
         return {task: logits.cpu() for task, logits in module(batch.to(module.device)).items()}
 
 
+def _evict(module: MultiTaskModule, trainer: L.Trainer, rank: int, world: int, out: Path) -> None:
+    """After training, one more training-mode lookup of ids never seen, each twice: the maps
+    evict for them; the state is saved right after, before any update can touch the rows."""
+    users = torch.arange(16).repeat_interleave(2) + 10**13
+    mine = users.view(world, -1)[rank]
+    module.train()
+    module.model.features.managed_ids(KeyedJaggedTensor(keys=["user"], values=mine,
+                                                        lengths=torch.ones(mine.numel(), dtype=torch.int64)))
+    trainer.save_checkpoint(out / "evicted")
+
+
 def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, start: dict, out: Path) -> None:
     """Trains with validation every 2 steps, so training and validation batches interleave."""
     variant = _variant(plan)
@@ -217,15 +232,21 @@ def _sharded_worker(rank: int, plan: str, optimizer: str, accelerator: str, star
     trainer.fit(module, datamodule=_Batches([_slice(b, rank, WORLD) for b in _global_batches(STEPS, variant)], val))
     trainer.save_checkpoint(out / "sharded")
     torch.save(_predict(module, _slice(_batch(99, ROWS * WORLD, variant), rank, WORLD)), out / f"logits-{rank}.pt")
+    if variant == "managed":
+        _evict(module, trainer, rank, WORLD, out)
 
 
 def _unsharded(start: dict, optimizer: str, accelerator: str, out: Path, variant: str = "pooled") -> tuple[dict, dict]:
     module = _module(start, optimizer, variant)
-    _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy()).fit(
-        module, datamodule=_Batches(_global_batches(STEPS, variant)))
+    trainer = _trainer(accelerator, devices=1, default_root_dir=out, strategy=SingleProcessStrategy())
+    trainer.fit(module, datamodule=_Batches(_global_batches(STEPS, variant)))
     # copied before predicting: a forward in training mode also updates a managed table's id -> row map
     state = {k: v.cpu().clone() for k, v in module.state_dict().items()}
-    return state, _predict(module, _batch(99, ROWS * WORLD, variant))
+    logits = _predict(module, _batch(99, ROWS * WORLD, variant))
+    if variant == "managed":
+        trainer.save_checkpoint(out / "trained-single")
+        _evict(module, trainer, 0, 1, out / "single")
+    return state, logits
 
 
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="the NCCL tier needs 2 GPUs")
@@ -262,6 +283,72 @@ def test_sharded_training_equals_one_process(plan, optimizer, accelerator, tmp_p
     logits = [torch.load(tmp_path / f"logits-{rank}.pt") for rank in range(WORLD)]
     for task, value in expected_logits.items():
         torch.testing.assert_close(torch.cat([part[task] for part in logits]), value, **TOLERANCE, msg=task)
+    if variant == "managed":  # a last training-mode lookup of new ids evicted: each path resets the same rows
+        _assert_evicted_rows_start_afresh(tmp_path / "trained-single", tmp_path / "single" / "evicted")
+        _assert_evicted_rows_start_afresh(tmp_path / "sharded", tmp_path / "evicted")
+        expected_state = read_full(tmp_path / "single" / "evicted")["model"]
+        saved = read_full(tmp_path / "evicted")["model"]
+        for key, value in expected_state.items():
+            torch.testing.assert_close(saved[key], value, **TOLERANCE, msg=f"{plan}, evicted: {key}")
+
+
+def _assert_evicted_rows_start_afresh(trained: Path, evicted: Path) -> None:
+    """The rows whose id the map replaced (read from the two maps) hold zeros, the reset value, in
+    the weights and in every optimizer state of the table (fused, or a replicated table's torch
+    optimizer's); every other row is as training left it."""
+    def flat(path):
+        state = read_full(path)
+        return {f"model/{k}": v for k, v in state["model"].items()} | dict(_leaves(
+            {part: state[part]["state"] for part in ("sparse_optimizer", "replicated_optimizer") if state.get(part)}))
+    before, after = flat(trained), flat(evicted)
+    row_map = MANAGED_MAP.replace("sorted_raw_ids", "remapped_ids_mapping")
+    holders = [{int(row): int(raw) for raw, row in zip(state[f"model/{MANAGED_MAP}"], state[f"model/{row_map}"])}
+               for state in (before, after)]
+    rows = torch.tensor([row for row, raw in holders[0].items() if raw < 2**63 - 1 and holders[1][row] != raw])
+    assert rows.numel() >= 8, f"the new ids evicted trained ids ({rows.tolist()})"
+    keys = [k for k, v in before.items() if "embedding_bags.user.weight" in k and v.dim()]  # not a step count
+    assert len(keys) == 2, f"the user table's weights and optimizer state: {keys}"
+    others = torch.ones(24, dtype=torch.bool).index_fill(0, rows, False)
+    for key in keys:
+        assert before[key][rows].any(), f"{key}: the evicted ids had trained their rows"
+        assert not after[key][rows].any(), f"{key}: evicted rows {rows.tolist()} are not reset"
+        assert torch.equal(after[key][others], before[key][others]), f"{key}: a row that kept its id changed"
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    """``(path/to/leaf, tensor)`` of a nested state dict."""
+    for key, value in tree.items():
+        yield from _leaves(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
+
+
+def test_each_shard_zeroes_the_evicted_rows_it_holds():
+    """``zero_rows`` on shards laid out as TorchRec lays them out, for a table of 4 rows whose rows 1
+    and 3 were evicted: a column-wise weight (columns 0-2 and 3-5, every row in each), its row-wise
+    Adagrad state (one accumulator per row of each column shard, stacked: entries 4-7 are rows 0-3
+    again; ``[48]`` for the 24-row ``managed`` table above), and row-wise shards of rows 0-1 and 2-3.
+    (One process holds every shard here: a ShardedTensor must cover its whole size.)"""
+    import torch.distributed as dist
+    from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
+
+    from lightning_mtr.training.distributed.base import zero_rows
+
+    def sharded(pieces, *size):
+        return ShardedTensor._init_from_local_shards(
+            [Shard(value, ShardMetadata(offsets, list(value.shape), "rank:0/cpu")) for offsets, value in pieces], *size)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        columns = sharded([([0, 0], torch.ones(4, 3)), ([0, 3], torch.ones(4, 3))], 4, 6)
+        accumulators = sharded([([0], torch.ones(4)), ([4], torch.ones(4))], 8)
+        row_wise = sharded([([0, 0], torch.ones(2, 6)), ([2, 0], torch.ones(2, 6))], 4, 6)
+        for tensor in (columns, accumulators, row_wise):
+            zero_rows(tensor, torch.tensor([1, 3]), 4)
+        kept = torch.tensor([1.0, 0.0, 1.0, 0.0])
+        assert all(torch.equal(s.tensor, kept[:, None].expand(4, 3)) for s in columns.local_shards())
+        assert all(torch.equal(s.tensor, kept) for s in accumulators.local_shards())
+        assert all(torch.equal(s.tensor, torch.tensor([[1.0] * 6, [0.0] * 6])) for s in row_wise.local_shards())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_sequence_tables_are_not_replicated_on_cpu():
@@ -371,10 +458,7 @@ def _train(where: int | str, start: dict, steps: int, out: Path, resume: Path | 
 
 def _assert_same_checkpoints(expected: Path, got: Path) -> None:
     """Weights and every optimizer's state, key by key: both paths write one layout."""
-    def flat(tree, prefix=""):
-        for key, value in tree.items():
-            yield from flat(value, f"{prefix}{key}/") if isinstance(value, dict) else [(prefix + key, value)]
-    want, have = dict(flat(read_full(expected))), dict(flat(read_full(got)))
+    want, have = dict(_leaves(read_full(expected))), dict(_leaves(read_full(got)))
     assert set(have) == set(want)
     assert any("sparse_optimizer/" in k and "momentum1" in k for k in want), "the fused tables' state is compared"
     for key, value in want.items():

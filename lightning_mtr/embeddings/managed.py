@@ -11,8 +11,12 @@ every process holds the whole id -> row map and updates it from the ids of the *
 ranks' rows, assigns the same rows; the table behind it is fused or sharded like any other.
 The map is a set of buffers, so checkpoints carry it with the model's weights.
 
-Evicted rows keep their weights and optimizer state for the id that takes them (TorchRec's
-unsharded module does the same: its ``evict`` hook is empty); they are counted, not reset.
+A row taken from an evicted id starts afresh for the id that takes it: zero weights and zero
+optimizer state, reset through ``reset`` by whoever holds the tables (the training strategy: fused
+or sharded, each process its own shard). Zeros, as fbgemm's ``reset_embedding_weight_momentum``
+(which TorchRec's sharded managed-collision module calls) writes them, and not a fresh draw: a
+draw from the process's random stream would differ between one process and a sharded layout.
+Free rows given to new ids keep their initial draw: no id ever read them.
 """
 
 from __future__ import annotations
@@ -112,6 +116,9 @@ class ManagedIds(nn.Module):
     pass unchanged. Training steps update the maps first, from the global batch's ids.
 
     ``gather``: ``local ids [N] -> every process's ids, concatenated``; None on one process.
+    ``reset``: ``(table, rows [K]) -> None``, zeroes the rows' weights and optimizer state;
+    called during the forward that evicts, before the lookup. None: nothing to reset (e.g. tables
+    that no optimizer updates, as at export).
     ``evicted``: per table, ids that lost their row since :meth:`take_report` last ran.
     """
 
@@ -121,6 +128,7 @@ class ManagedIds(nn.Module):
         self.maps = nn.ModuleDict({t.name: ManagedRows(t, device) for t in tables})
         self.features = {t.name: list(t.feature_names) for t in tables}
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.reset: Callable[[str, torch.Tensor], None] | None = None
         self.evicted = {t.name: 0 for t in tables}
 
     def reset_parameters(self) -> None:
@@ -144,13 +152,19 @@ class ManagedIds(nn.Module):
 
     def _update(self, table: str, rows: ManagedRows, ids: torch.Tensor) -> None:
         """Record the global batch's ids; on an eviction step TorchRec hands back the rows given
-        to new ids, of which those that were not free before were taken from another id."""
+        to new ids, of which those that held an id before were taken from it: those are reset."""
         seen = self.gather(ids) if self.gather is not None else ids
-        free = int(rows.open_slots())
+        row_of = rows.id_map()[1]  # sorted by raw id: the free slots (2**63 - 1) last, the shared row among them
+        free = row_of[row_of.numel() - 1 - int(rows.open_slots()):].clone()
         rows.profile({table: JaggedTensor(values=seen, lengths=seen.new_tensor([seen.numel()]))})
         given = rows.evict()
-        if given is not None:
-            self.evicted[table] += given.numel() - (free - int(rows.open_slots()))
+        if given is None:
+            return
+        evicted = given[~torch.isin(given, free)]
+        self.evicted[table] += evicted.numel()
+        if self.reset is not None and evicted.numel():
+            with torch.no_grad():
+                self.reset(table, evicted)
 
     def take_report(self) -> dict[str, int]:
         """``{mch/<table>/evicted, mch/<table>/rows_in_use}``, and the eviction counts start again."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from abc import ABC, abstractmethod
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torchrec.optim.keyed import KeyedOptimizer
 
+from lightning_mtr.embeddings.managed import ManagedIds
 from lightning_mtr.training.distributed import checkpoint as sharded
 from lightning_mtr.training.distributed.memory import TableMemory
 from lightning_mtr.training.distributed.planning import Cluster, TableConstraints
@@ -81,12 +83,32 @@ class TableStrategy(ABC):
         super().setup(trainer)  # moves the rest, wraps it when fitting, creates the dense optimizer
         if fitting:
             self.table_optimizer = self._table_optimizer(module.model, module.sparse_optimizer)
+        for path, managed in module.model.named_modules():
+            if isinstance(managed, ManagedIds):  # its tables: the sibling collection (FeatureInput's `embeddings`)
+                tables = f"{path.rpartition('.')[0]}.embeddings.embedding_bags.".lstrip(".")
+                managed.reset = partial(self._reset_rows, tables)
         if self.resuming is not None:
             self._restore(*self.resuming, fitting=fitting)
             self.resuming = None
         if self.warm_from is not None:
             self._warm_start(*self.warm_from)
             self.warm_start = self.warm_from = None  # a later stage of this trainer keeps what it trained
+
+    def _reset_rows(self, tables: str, table: str, rows: torch.Tensor) -> None:
+        """Zero rows ``rows`` of ``table`` (in the collection at ``tables``, relative to the model)
+        and of its optimizer state, where this process holds them: the fused optimizer's (one
+        process, or this rank's shards), or a data-parallel table's torch optimizer's (every rank,
+        the whole table)."""
+        name = f"{tables}{table}.weight"
+        fused = self._fused_optimizer()
+        if name in fused.params:
+            weight = fused.params[name]
+            state = fused.state.get(weight, {})
+        else:
+            weight = self.lightning_module.model.get_parameter(name)
+            state = self.table_optimizer.state.get(weight, {}) if self.table_optimizer is not None else {}
+        for tensor in (weight, *state.values()):
+            zero_rows(tensor, rows, weight.size(0))
 
     def _table_memory(self, trainer) -> TableMemory:
         """The model's tables against this run's devices, as ``lightning-mtr plan`` sizes them."""
@@ -244,6 +266,21 @@ def check_recorded_model(state: dict[str, Any], module: nn.Module, path: Path) -
             raise sharded.CheckpointError(
                 f"{path} holds a {recorded} but the config builds {configured}: the config decides the model; "
                 "pass the config the checkpoint was trained with (its run's config.yaml) or a checkpoint of this model")
+
+
+def zero_rows(tensor: torch.Tensor, rows: torch.Tensor, num_rows: int) -> None:
+    """Zero rows ``rows`` of a table of ``num_rows`` rows in this process's part of ``tensor``: a
+    plain tensor, or a sharded one's local shards, each holding the rows from its offset on. Entry
+    ``i`` is row ``i mod num_rows``: a column-wise table's row-wise Adagrad state stacks one
+    ``[num_rows]`` accumulator per column shard. Scalars (an optimizer's step count) are left alone."""
+    parts = ([(s.tensor, s.metadata.shard_offsets[0]) for s in tensor.local_shards()]
+             if hasattr(tensor, "local_shards") else [(tensor, 0)])
+    with torch.no_grad():
+        for local, first in parts:
+            if local.dim() == 0:
+                continue
+            index = torch.arange(first, first + local.shape[0], device=local.device) % num_rows
+            local[torch.isin(index, rows.to(local.device))] = 0
 
 
 def _names(class_path: Any, cls: type) -> bool:
