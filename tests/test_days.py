@@ -76,6 +76,7 @@ def _run(tmp_path: Path, capsys, config: Path, *args: str) -> str:
      "has no partition for 2026-11-29..2026-11-30 (2 days); it has 2026-11-25..2026-11-28 (4 days)"),
     (["--data.test_days", "2026-11-20", "--data.test", "FILE"], "data.test_days selects days, but data.test ("),
     (["--data.val_days", "2026-11-26", "--data.val", "null"], "data.val_days is set but data.val is not"),
+    (["--data.days", "[]"], "data.days: [] selects no day; write YYYY-MM-DD, A..B or a list of them"),
 ])
 def test_bad_day_selection_is_one_line_exit_2(hive, tmp_path, capsys, args, expected):
     some_file = next(hive.glob("dt=*/*.parquet"))

@@ -29,6 +29,8 @@ def parse_days(days: Days, setting: str = "data.days") -> list[dt.date]:
     if days is None:
         return []
     items = [days] if isinstance(days, str) else list(days)
+    if not items:  # null reads every day; an empty list would read none and fail later, unnamed
+        raise DataError(f"{setting}: [] selects no day; write YYYY-MM-DD, A..B or a list of them (null: every day)")
     chosen: set[dt.date] = set()
     for item in (part for entry in items for part in str(entry).split(",")):
         if not item.strip():
