@@ -161,3 +161,19 @@ def test_daily_refuses_days_the_data_lacks_in_one_line(setup, capsys, monkeypatc
     assert code == 2 and len(err) == 1, err
     assert expected.format(root=root) in err[0]
     assert not out.exists(), "nothing trained"
+
+
+def test_bench_daily_keeps_each_arguments_runs_apart(tmp_path, monkeypatch):
+    """``daily`` skips the days an ``--out`` already holds, so a second benchmark into the same
+    ``--out`` with another seed must train in folders of its own (it used to print the first
+    seed's AUCs again: every day was found done and tested)."""
+    from lightning_mtr.benchmarks import daily as bench
+
+    folders = []
+    monkeypatch.setattr(bench, "compare", lambda out, days, config: folders.append(out) or {})
+    monkeypatch.setattr(bench, "report", lambda results, out: ("", True))
+    tiny = ["--out", str(tmp_path), "--days", "2", "--rows-per-day", "16", "--users", "10", "--items", "5"]
+    for seed in ("0", "1", "0"):
+        assert bench.main([*tiny, "--seed", seed]) == 0
+    assert folders[0] != folders[1] and folders[0] == folders[2], folders
+    assert all(folder.parent == tmp_path for folder in folders)
