@@ -177,3 +177,15 @@ def test_bench_daily_keeps_each_arguments_runs_apart(tmp_path, monkeypatch):
         assert bench.main([*tiny, "--seed", seed]) == 0
     assert folders[0] != folders[1] and folders[0] == folders[2], folders
     assert all(folder.parent == tmp_path for folder in folders)
+
+
+def test_bench_daily_needs_two_days(tmp_path, capsys):
+    """Cold and stale start on day 2: with one day there is nothing to compare (it used to train
+    day 1, then end in a DataError traceback about a range that ends before it starts)."""
+    from lightning_mtr.benchmarks import daily as bench
+
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--out", str(tmp_path), "--days", "1", "--rows-per-day", "16", "--users", "10", "--items", "5"])
+    assert done.value.code == 2
+    assert "--days must be at least 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing generated or trained"

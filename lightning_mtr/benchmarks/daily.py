@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{knob.replace('_', '-')}", type=type(getattr(defaults, knob)),
                             default=getattr(defaults, knob), help=f"DaySpec.{knob}")
     args = parser.parse_args(argv)
+    if args.days < 2:
+        parser.error(f"--days must be at least 2, got {args.days}: cold and stale differ from warm from day 2 on")
     spec = replace(defaults, **{k: getattr(args, k) for k in ("users", "items", "user_churn", "item_churn",
                                                                 "popularity_drift", "affinity")})
     schema = args.schema.resolve()
