@@ -150,6 +150,10 @@ def test_warm_start_options_go_only_to_warm_starting_fits():
      "daily: {root} has no partition for 2026-11-28..2026-11-29 (2 days); it has 2026-11-25..2026-11-27 (3 days)"),
     (["--from", "2026-11-26", "--to", "2026-11-25"], "the range 2026-11-26..2026-11-25 ends before it starts"),
     (["--from", "2026-11-26", "--to", "2026-11-26", "--data.train", "{file}"], "is not a directory of dt=YYYY-MM-DD"),
+    (["--from", "2026-11-26", "--to", "2026-11-26", "--cold", "--warm_start", "{file}"],
+     "daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply"),
+    (["--from", "2026-11-26", "--to", "2026-11-26", "--cold", "--warm_start_dense_stats", "blend"],
+     "daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply"),
 ])
 def test_daily_refuses_days_the_data_lacks_in_one_line(setup, capsys, monkeypatch, args, expected):
     config, out = setup

@@ -245,6 +245,9 @@ def make_plan(argv: list[str]) -> Plan:
     args, overrides = parser.parse_known_args(argv)
     days = hive.parse_days(f"{args.first}..{args.last}", "daily --from/--to")
     overrides, warm_options = _split_warm_options(overrides)
+    if args.cold and (args.warm_start or warm_options):
+        raise DataError("daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply; "
+                        "drop them or --cold")
     config = [a for path in args.config for a in ("--config", path)] + overrides
     root = _training_root(config)
     available = hive.partitions(Path(root)) or {}
