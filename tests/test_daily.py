@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 
 from lightning_mtr.cli import main
 from lightning_mtr.data.synthetic.days import DaySpec, write_days
-from lightning_mtr.training.daily import _split_warm_options
+from lightning_mtr.training.daily import _split_warm_options, _step
 from lightning_mtr.training.distributed.checkpoint import read_full
+from lightning_mtr.training.preemption import PREEMPTED_EXIT
 from test_days import REPO, tiny_config
 
 
@@ -193,3 +195,25 @@ def test_bench_daily_needs_two_days(tmp_path, capsys):
     assert done.value.code == 2
     assert "--days must be at least 2" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "nothing generated or trained"
+
+
+def test_a_step_stopped_by_a_signal_counts_as_stopped_even_when_it_exits_0(tmp_path, monkeypatch):
+    """``lightning-mtr test`` ends with status 0 when SIGTERM comes mid-test (Lightning's
+    evaluation loop stops on it as on success and writes no metrics: measured), so ``daily`` took
+    a test it had stopped for a finished one and read metrics that were not there (a traceback and
+    status 1, where it promises 75). A step that a stop signal reached counts as stopped (75).
+    The step here is a stand-in that ends 0 on SIGTERM, as that test does."""
+    ready, fake = tmp_path / "ready", tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\ntrap 'exit 0' TERM\ntouch {ready}\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+
+    def stop_daily() -> None:
+        while not ready.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)  # daily's handler passes it on to the step
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=stop_daily, daemon=True).start()
+    assert _step(["test"], tmp_path / "test.log") == PREEMPTED_EXIT
+    assert signal.getsignal(signal.SIGTERM) is before, "daily's own handling is back once the step ended"

@@ -102,10 +102,15 @@ def _in_step() -> None:
 def _step(command: list[str], log: Path) -> int:
     """Run one ``lightning-mtr`` step, its output to ``log``; a SIGTERM or SIGINT to ``daily``
     goes to the step once, which stops cleanly (``fit``: ``preempted.ckpt``, status 75). The step
-    has its own session: a Ctrl+C reaches it only through ``daily`` (twice would abort the step)."""
+    has its own session: a Ctrl+C reaches it only through ``daily`` (twice would abort the step).
+    A step that a stop signal reached counts as stopped (75) even if it ends 0: ``test`` does on
+    SIGTERM, without its metrics, and ``daily`` must stop either way."""
     child: subprocess.Popen | None = None
+    stopped = False
 
     def forward(signum: int, frame) -> None:
+        nonlocal stopped
+        stopped = True
         child.send_signal(signum)
 
     with log.open("a") as out:
@@ -120,7 +125,8 @@ def _step(command: list[str], log: Path) -> int:
                                          start_new_session=True, preexec_fn=_in_step)
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
-            return child.wait()
+            code = child.wait()
+            return PREEMPTED_EXIT if stopped and code == 0 else code
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
