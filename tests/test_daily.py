@@ -197,23 +197,26 @@ def test_bench_daily_needs_two_days(tmp_path, capsys):
     assert not list(tmp_path.iterdir()), "nothing generated or trained"
 
 
-def test_a_step_stopped_by_a_signal_counts_as_stopped_even_when_it_exits_0(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 1)], ids=["SIGTERM", "SIGINT"])
+def test_a_step_stopped_by_a_signal_counts_as_stopped_whatever_its_status(tmp_path, monkeypatch, stop, status):
     """``lightning-mtr test`` ends with status 0 when SIGTERM comes mid-test (Lightning's
-    evaluation loop stops on it as on success and writes no metrics: measured), so ``daily`` took
-    a test it had stopped for a finished one and read metrics that were not there (a traceback and
-    status 1, where it promises 75). A step that a stop signal reached counts as stopped (75).
-    The step here is a stand-in that ends 0 on SIGTERM, as that test does."""
+    evaluation loop stops on it as on success and writes no metrics: measured) and with 1 on
+    SIGINT (Lightning's KeyboardInterrupt handling), so ``daily`` took a test it had stopped for a
+    finished one and read metrics that were not there (a traceback, status 1), or ended 1 without
+    saying to run it again, where it promises 75. A step that a stop signal reached counts as
+    stopped (75). The step here is a stand-in that ends as that test does."""
     ready, fake = tmp_path / "ready", tmp_path / "python"
-    fake.write_text(f"#!/bin/sh\ntrap 'exit 0' TERM\ntouch {ready}\nwhile :; do sleep 0.05; done\n")
+    trap = f"trap 'exit {status}' {stop.name.removeprefix('SIG')}"
+    fake.write_text(f"#!/bin/sh\n{trap}\ntouch {ready}\nwhile :; do sleep 0.05; done\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
 
     def stop_daily() -> None:
         while not ready.exists():
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGTERM)  # daily's handler passes it on to the step
+        os.kill(os.getpid(), stop)  # daily's handler passes it on to the step
 
-    before = signal.getsignal(signal.SIGTERM)
+    before = signal.getsignal(stop)
     threading.Thread(target=stop_daily, daemon=True).start()
     assert _step(["test"], tmp_path / "test.log") == PREEMPTED_EXIT
-    assert signal.getsignal(signal.SIGTERM) is before, "daily's own handling is back once the step ended"
+    assert signal.getsignal(stop) is before, "daily's own handling is back once the step ended"
