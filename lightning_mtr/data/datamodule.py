@@ -120,8 +120,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         days, val_days, test_days: the days of the train, val and test roots to read: a range
             ``2026-11-26..2026-11-28`` (both ends included), one day, or a list of them.
         text_format: how text files are parsed (delimiter; column names when there is no header).
-        synthetic: generate a built-in synthetic log (``log: impressions``, the default, or
-            ``log: behaviour``) and use it for any split left empty.
+        synthetic: generate a built-in synthetic log (``log: impressions``, the default,
+            ``log: behaviour`` or ``log: days``) and use it for any split left empty.
         batch_size: training rows per batch.
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
         shuffle_buffer: rows shuffled together during training (0 disables shuffling).
