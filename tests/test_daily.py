@@ -220,3 +220,17 @@ def test_a_step_stopped_by_a_signal_counts_as_stopped_whatever_its_status(tmp_pa
     threading.Thread(target=stop_daily, daemon=True).start()
     assert _step(["test"], tmp_path / "test.log") == PREEMPTED_EXIT
     assert signal.getsignal(stop) is before, "daily's own handling is back once the step ended"
+
+
+def test_a_failed_step_s_own_line_is_shown(setup, capsys, monkeypatch):
+    """A step that fails on bad input: daily's one line carries the step's own (the fix), not only
+    where its log is."""
+    config, out = setup
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    missing = out.parent / "no-such.ckpt"
+    code = main(["daily", "--config", str(config), "--out", str(out), "--from", "2026-11-25", "--to", "2026-11-25",
+                 "--warm_start", str(missing)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("lightning-mtr daily: 2026-11-25: fit ended with status 2 (see ")
+    assert err[0].endswith(f"): error: {missing}: no such checkpoint"), err

@@ -297,6 +297,12 @@ def _training_root(config: list[str]) -> str:
     return root
 
 
+def _own_line(log: Path) -> str:
+    """The failed step's own one-line error (``lightning-mtr: error: ...``), if it printed one."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("lightning-mtr: ")]
+    return f": {lines[-1].removeprefix('lightning-mtr: ')}" if lines else ""
+
+
 def run(plan: Plan) -> dict[dt.date, dict[str, float]] | int:
     """Train and test every day of the plan in order: each day's test metrics, or the status of
     the step that failed (75 when it was stopped by a signal: run again to resume)."""
@@ -307,9 +313,9 @@ def run(plan: Plan) -> dict[dt.date, dict[str, float]] | int:
         if isinstance(metrics, int):
             step = "fit" if code else "test"
             stopped = metrics in (PREEMPTED_EXIT, -signal.SIGTERM, -signal.SIGINT)
-            print(f"lightning-mtr daily: {day}: {step} ended with status {metrics} (see "
-                  f"{plan.directory(day) / f'{step}.log'})" + ("; run the same command again to resume" * stopped),
-                  file=sys.stderr)
+            log = plan.directory(day) / f"{step}.log"
+            print(f"lightning-mtr daily: {day}: {step} ended with status {metrics} (see {log})"
+                  + ("; run the same command again to resume" if stopped else _own_line(log)), file=sys.stderr)
             return PREEMPTED_EXIT if stopped else metrics
         results[day] = metrics
     return results
