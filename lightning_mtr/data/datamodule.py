@@ -145,9 +145,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.days = {"train": days, "val": val_days, "test": test_days}
         for split, selection in self.days.items():  # a malformed day fails now, before any data is read
-            if hive.parse_days(selection, _days_setting(split)) and not self.paths[split] and synthetic is None:
-                raise DataError(f"{_days_setting(split)} is set but data.{split} is not; give data.{split} "
-                                f"a {hive.PARTITION}YYYY-MM-DD root")
+            if hive.parse_days(selection, _days_setting(split)) and synthetic is None:
+                hive.require_root(self.paths[split], split, _days_setting(split))
         self.synthetic = synthetic
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

@@ -76,11 +76,16 @@ def partitions(root: Path) -> dict[dt.date, Path] | None:
     return found
 
 
+def require_root(paths: str | Sequence[str] | None, split: str, setting: str) -> None:
+    """A day selection needs its split's data (a Hive root)."""
+    if not paths:
+        raise DataError(f"{setting} is set but data.{split} is not; give data.{split} a {PARTITION}YYYY-MM-DD root")
+
+
 def select(paths: str | Sequence[str] | None, days: Days, split: str, setting: str) -> list[Path]:
     """The partition folders of ``paths`` (a Hive root) for ``days``, in day order."""
     wanted = parse_days(days, setting)
-    if not paths:
-        raise DataError(f"{setting} is set but data.{split} is not; give data.{split} a {PARTITION}YYYY-MM-DD root")
+    require_root(paths, split, setting)
     roots = [paths] if isinstance(paths, str) else list(paths)
     found = partitions(Path(roots[0])) if len(roots) == 1 else None
     if found is None:
