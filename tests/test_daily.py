@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,8 +19,9 @@ import torch
 
 from lightning_mtr.cli import main
 from lightning_mtr.data.synthetic.days import DaySpec, write_days
-from lightning_mtr.training.daily import _split_warm_options
+from lightning_mtr.training.daily import _split_warm_options, _step
 from lightning_mtr.training.distributed.checkpoint import read_full
+from lightning_mtr.training.preemption import PREEMPTED_EXIT
 from test_days import REPO, tiny_config
 
 
@@ -150,6 +152,10 @@ def test_warm_start_options_go_only_to_warm_starting_fits():
      "daily: {root} has no partition for 2026-11-28..2026-11-29 (2 days); it has 2026-11-25..2026-11-27 (3 days)"),
     (["--from", "2026-11-26", "--to", "2026-11-25"], "the range 2026-11-26..2026-11-25 ends before it starts"),
     (["--from", "2026-11-26", "--to", "2026-11-26", "--data.train", "{file}"], "is not a directory of dt=YYYY-MM-DD"),
+    (["--from", "2026-11-26", "--to", "2026-11-26", "--cold", "--warm_start", "{file}"],
+     "daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply"),
+    (["--from", "2026-11-26", "--to", "2026-11-26", "--cold", "--warm_start_dense_stats", "blend"],
+     "daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply"),
 ])
 def test_daily_refuses_days_the_data_lacks_in_one_line(setup, capsys, monkeypatch, args, expected):
     config, out = setup
@@ -161,3 +167,70 @@ def test_daily_refuses_days_the_data_lacks_in_one_line(setup, capsys, monkeypatc
     assert code == 2 and len(err) == 1, err
     assert expected.format(root=root) in err[0]
     assert not out.exists(), "nothing trained"
+
+
+def test_bench_daily_keeps_each_arguments_runs_apart(tmp_path, monkeypatch):
+    """``daily`` skips the days an ``--out`` already holds, so a second benchmark into the same
+    ``--out`` with another seed must train in folders of its own (it used to print the first
+    seed's AUCs again: every day was found done and tested)."""
+    from lightning_mtr.benchmarks import daily as bench
+
+    folders = []
+    monkeypatch.setattr(bench, "compare", lambda out, days, config: folders.append(out) or {})
+    monkeypatch.setattr(bench, "report", lambda results, out: ("", True))
+    tiny = ["--out", str(tmp_path), "--days", "2", "--rows-per-day", "16", "--users", "10", "--items", "5"]
+    for seed in ("0", "1", "0"):
+        assert bench.main([*tiny, "--seed", seed]) == 0
+    assert folders[0] != folders[1] and folders[0] == folders[2], folders
+    assert all(folder.parent == tmp_path for folder in folders)
+
+
+def test_bench_daily_needs_two_days(tmp_path, capsys):
+    """Cold and stale start on day 2: with one day there is nothing to compare (it used to train
+    day 1, then end in a DataError traceback about a range that ends before it starts)."""
+    from lightning_mtr.benchmarks import daily as bench
+
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--out", str(tmp_path), "--days", "1", "--rows-per-day", "16", "--users", "10", "--items", "5"])
+    assert done.value.code == 2
+    assert "--days must be at least 2" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "nothing generated or trained"
+
+
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGTERM, 0), (signal.SIGINT, 1)], ids=["SIGTERM", "SIGINT"])
+def test_a_step_stopped_by_a_signal_counts_as_stopped_whatever_its_status(tmp_path, monkeypatch, stop, status):
+    """``lightning-mtr test`` ends with status 0 when SIGTERM comes mid-test (Lightning's
+    evaluation loop stops on it as on success and writes no metrics: measured) and with 1 on
+    SIGINT (Lightning's KeyboardInterrupt handling), so ``daily`` took a test it had stopped for a
+    finished one and read metrics that were not there (a traceback, status 1), or ended 1 without
+    saying to run it again, where it promises 75. A step that a stop signal reached counts as
+    stopped (75). The step here is a stand-in that ends as that test does."""
+    ready, fake = tmp_path / "ready", tmp_path / "python"
+    trap = f"trap 'exit {status}' {stop.name.removeprefix('SIG')}"
+    fake.write_text(f"#!/bin/sh\n{trap}\ntouch {ready}\nwhile :; do sleep 0.05; done\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+
+    def stop_daily() -> None:
+        while not ready.exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), stop)  # daily's handler passes it on to the step
+
+    before = signal.getsignal(stop)
+    threading.Thread(target=stop_daily, daemon=True).start()
+    assert _step(["test"], tmp_path / "test.log") == PREEMPTED_EXIT
+    assert signal.getsignal(stop) is before, "daily's own handling is back once the step ended"
+
+
+def test_a_failed_step_s_own_line_is_shown(setup, capsys, monkeypatch):
+    """A step that fails on bad input: daily's one line carries the step's own (the fix), not only
+    where its log is."""
+    config, out = setup
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    missing = out.parent / "no-such.ckpt"
+    code = main(["daily", "--config", str(config), "--out", str(out), "--from", "2026-11-25", "--to", "2026-11-25",
+                 "--warm_start", str(missing)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("lightning-mtr daily: 2026-11-25: fit ended with status 2 (see ")
+    assert err[0].endswith(f"): error: {missing}: no such checkpoint"), err

@@ -76,6 +76,7 @@ def _run(tmp_path: Path, capsys, config: Path, *args: str) -> str:
      "has no partition for 2026-11-29..2026-11-30 (2 days); it has 2026-11-25..2026-11-28 (4 days)"),
     (["--data.test_days", "2026-11-20", "--data.test", "FILE"], "data.test_days selects days, but data.test ("),
     (["--data.val_days", "2026-11-26", "--data.val", "null"], "data.val_days is set but data.val is not"),
+    (["--data.days", "[]"], "data.days: [] selects no day; write YYYY-MM-DD, A..B or a list of them"),
 ])
 def test_bad_day_selection_is_one_line_exit_2(hive, tmp_path, capsys, args, expected):
     some_file = next(hive.glob("dt=*/*.parquet"))
@@ -136,7 +137,7 @@ def test_generator_churns_users_and_items_and_drifts_popularity(tmp_path):
     assert 0.3 < correlation < 0.95, correlation
 
 
-def test_generator_is_seeded_and_labels_follow_affinity(tmp_path):
+def test_generator_is_seeded_and_labels_follow_their_probabilities(tmp_path):
     first = write_days(tmp_path / "a", days=2, rows_per_day=500, seed=3, spec=DaySpec(users=100, items=30))
     again = write_days(tmp_path / "b", days=2, rows_per_day=500, seed=3, spec=DaySpec(users=100, items=30))
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
@@ -144,3 +145,22 @@ def test_generator_is_seeded_and_labels_follow_affinity(tmp_path):
     assert np.all(conversion <= click), "a conversion only after a click"
     assert ctr[click == 1].mean() > ctr[click == 0].mean() + 0.05
     assert dt.date.fromisoformat(first[0].parent.name[3:]) == dt.date(2026, 11, 25)
+
+
+def test_what_persists_is_each_pair_s_affinity_only_popularity_moves(tmp_path):
+    """The click logit is ``b + affinity <p_u, q_i> + user bias + item bias + effect * popularity_i``
+    with only the popularity drifting (DaySpec): from one day to the next, a (user, item) pair's
+    logit moves by ``effect * step_i``, the same for every user of item ``i``, and the items' steps
+    are N(0, drift^2), so their moves have std ``effect * drift`` = 0.4 * 0.5 = 0.2."""
+    paths = write_days(tmp_path, days=2, rows_per_day=5000, seed=3, spec=DaySpec(users=100, items=30))
+    logits = []
+    for path in paths:
+        users, items, ctr = _columns(path, "user_id", "item_id", "gt_ctr")
+        ctr = ctr.astype(np.float64)
+        logits.append(dict(zip(zip(users.tolist(), items.tolist()), np.log(ctr / (1 - ctr)))))
+    moves: dict[int, list[float]] = {}
+    for pair in logits[0].keys() & logits[1].keys():
+        moves.setdefault(pair[1], []).append(logits[1][pair] - logits[0][pair])
+    assert sum(len(m) > 1 for m in moves.values()) > 20, "items with several returning users"
+    assert max(np.ptp(m) for m in moves.values()) < 1e-4, "every user of an item moves alike (float32 probabilities)"
+    assert 0.12 < np.std([m[0] for m in moves.values()]) < 0.28

@@ -264,3 +264,12 @@ def test_the_documented_yaml_options_parse(tmp_path, capsys):
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert {k: v for k, v in printed.items() if k.startswith("warm_start")} == yaml.safe_load(block)
+
+
+def test_a_strategy_that_cannot_warm_start_is_named_with_those_that_can(day1, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    assert main(["fit", "--config", str(day1["config"]), "--trainer.default_root_dir", str(day1["root"] / "ddp"),
+                 "--trainer.strategy", "ddp", "--warm_start", str(day1["checkpoint"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--warm_start needs trainer.strategy auto (the default), " \
+        "lightning_mtr.training.distributed.SingleProcessStrategy or TorchRecStrategy, not DDPStrategy" in err[0], err

@@ -92,6 +92,10 @@ def report(results: dict[str, dict[dt.date, dict[str, float]]], out: Path) -> tu
     return text + f"\nwarm beats cold and stale on every task from day 2 on: {'yes' if wins else 'NO'}", wins
 
 
+def _key(*arguments) -> str:
+    return f"{zlib.crc32(repr(arguments).encode()):08x}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/bench_daily"))
@@ -109,21 +113,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{knob.replace('_', '-')}", type=type(getattr(defaults, knob)),
                             default=getattr(defaults, knob), help=f"DaySpec.{knob}")
     args = parser.parse_args(argv)
+    if args.days < 2:
+        parser.error(f"--days must be at least 2, got {args.days}: cold and stale differ from warm from day 2 on")
     spec = replace(defaults, **{k: getattr(args, k) for k in ("users", "items", "user_churn", "item_churn",
                                                                 "popularity_drift", "affinity")})
-    args.out.mkdir(parents=True, exist_ok=True)
-    root = args.out / f"data-{zlib.crc32(repr((spec, args.days, args.rows_per_day, args.seed)).encode()):08x}"
+    schema = args.schema.resolve()
+    root = args.out / f"data-{_key(spec, args.days, args.rows_per_day, args.seed)}"
+    # daily skips the days a folder holds: runs of other arguments (or another schema) get their own
+    out = args.out / f"runs-{_key(root.name, schema.read_text(), args.batch_size, args.managed)}"
+    out.mkdir(parents=True, exist_ok=True)
     if not root.exists():
         write_days(root, args.days + 1, args.rows_per_day, seed=args.seed, spec=spec)
     if args.managed:
-        managed, hashed = daily_ids.managed_schema(args.schema.resolve(), args.managed, args.out)
+        managed, hashed = daily_ids.managed_schema(schema, args.managed, out)
         configs = {}
-        for way, schema in (("hashed", args.schema.resolve()), ("managed", managed)):
-            (args.out / way).mkdir(exist_ok=True)
-            configs[way] = write_config(args.out / way, schema, root, args.seed, args.batch_size)
-        print(daily_ids.compare_ids(args.out, args.days, root, configs, hashed))
+        for way, way_schema in (("hashed", schema), ("managed", managed)):
+            (out / way).mkdir(exist_ok=True)
+            configs[way] = write_config(out / way, way_schema, root, args.seed, args.batch_size)
+        print(daily_ids.compare_ids(out, args.days, root, configs, hashed) + f"\n(runs and tables in {out})")
         return 0
-    config = write_config(args.out, args.schema.resolve(), root, args.seed, args.batch_size)
-    text, wins = report(compare(args.out, args.days, config), args.out)
-    print(text)
+    config = write_config(out, schema, root, args.seed, args.batch_size)
+    text, wins = report(compare(out, args.days, config), out)
+    print(text + f"\n(runs and tables in {out})")
     return 0 if wins else 1

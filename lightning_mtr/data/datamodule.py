@@ -120,8 +120,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         days, val_days, test_days: the days of the train, val and test roots to read: a range
             ``2026-11-26..2026-11-28`` (both ends included), one day, or a list of them.
         text_format: how text files are parsed (delimiter; column names when there is no header).
-        synthetic: generate a built-in synthetic log (``log: impressions``, the default, or
-            ``log: behaviour``) and use it for any split left empty.
+        synthetic: generate a built-in synthetic log (``log: impressions``, the default,
+            ``log: behaviour`` or ``log: days``) and use it for any split left empty.
         batch_size: training rows per batch.
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
         shuffle_buffer: rows shuffled together during training (0 disables shuffling).
@@ -145,9 +145,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.days = {"train": days, "val": val_days, "test": test_days}
         for split, selection in self.days.items():  # a malformed day fails now, before any data is read
-            if hive.parse_days(selection, _days_setting(split)) and not self.paths[split] and synthetic is None:
-                raise DataError(f"{_days_setting(split)} is set but data.{split} is not; give data.{split} "
-                                f"a {hive.PARTITION}YYYY-MM-DD root")
+            if hive.parse_days(selection, _days_setting(split)) and synthetic is None:
+                hive.require_root(self.paths[split], split, _days_setting(split))
         self.synthetic = synthetic
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size

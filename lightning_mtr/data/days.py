@@ -29,6 +29,8 @@ def parse_days(days: Days, setting: str = "data.days") -> list[dt.date]:
     if days is None:
         return []
     items = [days] if isinstance(days, str) else list(days)
+    if not items:  # null reads every day; an empty list would read none and fail later, unnamed
+        raise DataError(f"{setting}: [] selects no day; write YYYY-MM-DD, A..B or a list of them (null: every day)")
     chosen: set[dt.date] = set()
     for item in (part for entry in items for part in str(entry).split(",")):
         if not item.strip():
@@ -74,11 +76,16 @@ def partitions(root: Path) -> dict[dt.date, Path] | None:
     return found
 
 
+def require_root(paths: str | Sequence[str] | None, split: str, setting: str) -> None:
+    """A day selection needs its split's data (a Hive root)."""
+    if not paths:
+        raise DataError(f"{setting} is set but data.{split} is not; give data.{split} a {PARTITION}YYYY-MM-DD root")
+
+
 def select(paths: str | Sequence[str] | None, days: Days, split: str, setting: str) -> list[Path]:
     """The partition folders of ``paths`` (a Hive root) for ``days``, in day order."""
     wanted = parse_days(days, setting)
-    if not paths:
-        raise DataError(f"{setting} is set but data.{split} is not; give data.{split} a {PARTITION}YYYY-MM-DD root")
+    require_root(paths, split, setting)
     roots = [paths] if isinstance(paths, str) else list(paths)
     found = partitions(Path(roots[0])) if len(roots) == 1 else None
     if found is None:

@@ -102,10 +102,15 @@ def _in_step() -> None:
 def _step(command: list[str], log: Path) -> int:
     """Run one ``lightning-mtr`` step, its output to ``log``; a SIGTERM or SIGINT to ``daily``
     goes to the step once, which stops cleanly (``fit``: ``preempted.ckpt``, status 75). The step
-    has its own session: a Ctrl+C reaches it only through ``daily`` (twice would abort the step)."""
+    has its own session: a Ctrl+C reaches it only through ``daily`` (twice would abort the step).
+    A step that a stop signal reached counts as stopped (75) whatever its status: ``test`` ends 0
+    on SIGTERM (without its metrics) and 1 on SIGINT, and ``daily`` stops to be run again."""
     child: subprocess.Popen | None = None
+    stopped = False
 
     def forward(signum: int, frame) -> None:
+        nonlocal stopped
+        stopped = True
         child.send_signal(signum)
 
     with log.open("a") as out:
@@ -120,7 +125,8 @@ def _step(command: list[str], log: Path) -> int:
                                          start_new_session=True, preexec_fn=_in_step)
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP)
-            return child.wait()
+            code = child.wait()
+            return PREEMPTED_EXIT if stopped else code
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
@@ -245,6 +251,9 @@ def make_plan(argv: list[str]) -> Plan:
     args, overrides = parser.parse_known_args(argv)
     days = hive.parse_days(f"{args.first}..{args.last}", "daily --from/--to")
     overrides, warm_options = _split_warm_options(overrides)
+    if args.cold and (args.warm_start or warm_options):
+        raise DataError("daily: --cold trains every day from scratch: --warm_start and --warm_start_* do not apply; "
+                        "drop them or --cold")
     config = [a for path in args.config for a in ("--config", path)] + overrides
     root = _training_root(config)
     available = hive.partitions(Path(root)) or {}
@@ -288,6 +297,12 @@ def _training_root(config: list[str]) -> str:
     return root
 
 
+def _own_line(log: Path) -> str:
+    """The failed step's own one-line error (``lightning-mtr: error: ...``), if it printed one."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("lightning-mtr: ")]
+    return f": {lines[-1].removeprefix('lightning-mtr: ')}" if lines else ""
+
+
 def run(plan: Plan) -> dict[dt.date, dict[str, float]] | int:
     """Train and test every day of the plan in order: each day's test metrics, or the status of
     the step that failed (75 when it was stopped by a signal: run again to resume)."""
@@ -298,9 +313,9 @@ def run(plan: Plan) -> dict[dt.date, dict[str, float]] | int:
         if isinstance(metrics, int):
             step = "fit" if code else "test"
             stopped = metrics in (PREEMPTED_EXIT, -signal.SIGTERM, -signal.SIGINT)
-            print(f"lightning-mtr daily: {day}: {step} ended with status {metrics} (see "
-                  f"{plan.directory(day) / f'{step}.log'})" + ("; run the same command again to resume" * stopped),
-                  file=sys.stderr)
+            log = plan.directory(day) / f"{step}.log"
+            print(f"lightning-mtr daily: {day}: {step} ended with status {metrics} (see {log})"
+                  + ("; run the same command again to resume" if stopped else _own_line(log)), file=sys.stderr)
             return PREEMPTED_EXIT if stopped else metrics
         results[day] = metrics
     return results

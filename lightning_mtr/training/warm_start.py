@@ -86,6 +86,7 @@ def hand_to_strategy(config, strategy) -> None:
         raise CheckpointError(f"--warm_start {config.warm_start} starts a new run from a checkpoint's weights, "
                               f"--ckpt_path {config.ckpt_path} continues a run: pass one of them")
     if not hasattr(strategy, "warm_start"):
-        raise CheckpointError(f"--warm_start needs one of lightning-mtr's strategies, not {type(strategy).__name__}")
+        raise CheckpointError("--warm_start needs trainer.strategy auto (the default), lightning_mtr.training."
+                              f"distributed.SingleProcessStrategy or TorchRecStrategy, not {type(strategy).__name__}")
     strategy.warm_start = WarmStart(config.warm_start, config.warm_start_sparse_optimizer,
                                     config.warm_start_dense_stats, float(config.warm_start_blend))
