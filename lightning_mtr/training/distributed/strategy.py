@@ -13,7 +13,6 @@ single-process fast path (:mod:`.base`).
 from __future__ import annotations
 
 import json
-import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -163,10 +162,15 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
     def on_exception(self, exception: BaseException) -> None:
         """A peer lost mid-run: the ranks this process launched (Lightning's launcher) are killed,
         so that a stopped one (SIGSTOP) does not stay behind when this one ends; Lightning kills
-        them only on a KeyboardInterrupt."""
+        them only on a KeyboardInterrupt. They leave the launcher's list first: Lightning's watcher
+        thread, seeing one of them dead, would SIGKILL this process too, before its one line."""
         super().on_exception(exception)
         if is_peer_failure(exception) and isinstance(self.launcher, _SubprocessScriptLauncher):
-            self.launcher.kill(signal.SIGKILL)
+            children = list(self.launcher.procs)
+            self.launcher.procs.clear()  # the watcher's list: empty, it stops watching
+            for child in children:
+                child.kill()
+                child.wait()
 
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
