@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,6 +33,7 @@ from lightning_mtr.cli import main
 from lightning_mtr.data.datamodule import SyntheticLog
 from lightning_mtr.training.distributed import TorchRecStrategy
 from lightning_mtr.training.distributed.peers import lost_peer_line
+from lightning_mtr.training.preemption import Preemption
 
 REPO = Path(__file__).resolve().parents[1]
 # 6000 rows in batches of 256 per rank: 11 steps an epoch
@@ -278,3 +280,25 @@ def test_a_lost_peer_takes_the_launched_ranks_out_of_lightnings_watch(tmp_path):
         child.kill()
     assert strategy.launcher.procs == []
     assert child.returncode == -signal.SIGKILL
+
+
+def test_a_preemption_save_that_fails_gives_the_launched_ranks_back(tmp_path):
+    """The preempting launcher takes its launched ranks from Lightning's list to wait for them; a
+    save that fails (a peer lost in it) hands them back, so the strategy's ``on_exception`` still
+    kills them (before: a stopped one stayed behind)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    launcher.procs.append(child)
+
+    def save_checkpoint(path):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1")
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), checkpoint_callback=None,
+                              default_root_dir=str(tmp_path), save_checkpoint=save_checkpoint, global_step=6)
+    try:
+        with pytest.raises(RuntimeError, match="Connection closed"):
+            Preemption()._stop(trainer, "SIGTERM on rank 1", save=True)
+        assert launcher.procs == [child]
+    finally:
+        child.kill()
+        child.wait()
