@@ -63,6 +63,7 @@ MULTIPROCESS = {
     "test_preemption_ranks.py::test_a_peer_that_stops_answering_ends_the_run_with_one_line",
     "test_preemption_ranks.py::test_a_stopped_launched_rank_is_killed_when_the_run_ends",
     "test_preemption_ranks.py::test_a_signal_in_the_sanity_check_exits_75_with_nothing_to_save",  # 1 and 2 processes
+    "test_preemption_ranks.py::test_a_rank_that_starts_late_still_joins_and_the_collectives_keep_their_timeout",  # ~25s
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

@@ -252,6 +252,46 @@ def test_a_stopped_launched_rank_is_killed_when_the_run_ends(tmp_path, cache):
     assert left in (None, "Z"), f"the launched rank {child} is still there, state {left}"
 
 
+# each rank: rank 1 starts 4 s late, joins, then keeps rank 0 waiting 6 s in a barrier
+_LATE_RANK = """
+import sys, time
+import torch, torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning_mtr.training.distributed import TorchRecStrategy
+rank = int(sys.argv[1])
+time.sleep(4 * rank)
+TorchRecStrategy(collective_timeout=2, cluster_environment=LightningEnvironment(),
+                 parallel_devices=[torch.device("cpu")] * 2, process_group_backend="gloo").setup_distributed()
+print("joined", flush=True)
+time.sleep(6 * rank)
+start = time.monotonic()
+try:
+    dist.barrier()
+except RuntimeError:
+    print(f"timed out after {time.monotonic() - start:.1f} s", flush=True)
+"""
+
+
+def test_a_rank_that_starts_late_still_joins_and_the_collectives_keep_their_timeout():
+    """The ranks meet with torch's default patience, whatever ``collective_timeout`` is (before, a
+    rank starting 4 s late ended a run of ``collective_timeout: 2`` in its rendezvous: "Timed out
+    after 3 seconds waiting for clients"); a collective then still waits 2 s, not more."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", _LATE_RANK, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                       NODE_RANK="0"))
+             for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    (out, err), _ = outputs
+    assert out.splitlines()[:1] == ["joined"], err[-2000:]
+    waited = float(out.splitlines()[1].split()[3])
+    assert 2 <= waited < 4, out
+
 def test_collective_timeout_must_be_positive():
     with pytest.raises(ValueError, match="collective_timeout must be a positive number of seconds, got 0"):
         TorchRecStrategy(collective_timeout=0)

@@ -23,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import PlannerError
@@ -59,7 +60,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         collective_timeout: seconds any collective may wait for the other ranks before the run
             ends (a stopped or hung peer): each surviving rank then stops with one line naming
             the ranks that stopped answering and exit status 4 (:mod:`.peers`). Long enough for
-            the slowest rank's save or validation to catch up.
+            the slowest rank's save or validation to catch up. The ranks' first meeting (the
+            rendezvous) waits at least torch's default, 30 minutes.
         start_method: how Lightning starts local processes when it launches them itself.
     """
 
@@ -158,6 +160,17 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
             if source is not None and kept and sharded.is_sharded_checkpoint(source[0]):
                 return source[0], source[1]["plan"]
         return None
+
+    def setup_distributed(self) -> None:
+        """The ranks meet with torch's default patience (a rank may start minutes after another:
+        a slow node, an image still pulling), then ``collective_timeout`` bounds every collective:
+        a short one no longer ends the rendezvous of a rank that starts late."""
+        collective, self._timeout = self._timeout, max(self._timeout, default_pg_timeout)
+        try:
+            super().setup_distributed()
+        finally:
+            self._timeout = collective
+        dist.distributed_c10d._set_pg_timeout(collective)
 
     def on_exception(self, exception: BaseException) -> None:
         """A peer lost mid-run: the ranks this process launched (Lightning's launcher) are killed,
