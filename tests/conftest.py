@@ -30,7 +30,7 @@ SLOW = {
     "test_serving_split.py::test_split_scores_equal_the_monolithic_program",
     "test_serving_score.py::test_command_line_prints_nothing_but_the_error",  # a CLI subprocess
     "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess
-    "test_fault_corpus.py::test_every_fault_ends_in_one_line_and_status_2",  # ~40 forked CLI processes, ~30 s
+    "test_fault_corpus.py::test_every_fault_ends_in_one_line_and_status_2",  # a forked CLI process per case, ~40 s
     # trainings of several seconds each (kept out of make test-fast's 2 minutes)
     "test_training.py::test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file_does_not_resume",
     "test_training.py::test_checkpoint_restores_weights_sparse_optimizer_and_statistics",
@@ -63,6 +63,7 @@ MULTIPROCESS = {
     "test_preemption_ranks.py::test_a_peer_that_stops_answering_ends_the_run_with_one_line",
     "test_preemption_ranks.py::test_a_stopped_launched_rank_is_killed_when_the_run_ends",
     "test_preemption_ranks.py::test_a_signal_in_the_sanity_check_exits_75_with_nothing_to_save",  # 1 and 2 processes
+    "test_preemption_ranks.py::test_a_rank_that_starts_late_still_joins_and_the_collectives_keep_their_timeout",  # ~25s
 }
 # gpu: CUDA only (they also skip themselves where CUDA is missing)
 GPU = {

@@ -123,11 +123,10 @@ def _checkpoint_cases(root: Path, fitted) -> dict[str, tuple[list[str], str, lis
                                    str(damaged["tampered directory"]), ["metadata", "refusing"])
     for name in ("truncated tensor file", "random tensor file"):  # DCP's CheckpointException, a traceback before
         path = str(damaged[name])
-        cases[f"{name} (validate)"] = ([*validate, path], path, ["unreadable tensor data", "rank 0"])
-        cases[f"{name} (fit)"] = (["fit", "--config", str(config), "--ckpt_path", path], path,
-                                  ["unreadable tensor data"])
-        cases[f"{name} (consolidate)"] = (["consolidate", path, str(root / "out.ckpt")], path,
-                                          ["unreadable tensor data"])
+        words = ["unreadable tensor data", "use another checkpoint"]
+        cases[f"{name} (validate)"] = ([*validate, path], path, [*words, "rank 0"])
+        cases[f"{name} (fit)"] = (["fit", "--config", str(config), "--ckpt_path", path], path, words)
+        cases[f"{name} (consolidate)"] = (["consolidate", path, str(root / "out.ckpt")], path, words)
     folder = str(damaged["not a checkpoint directory"])
     cases["directory that is not a checkpoint"] = ([*validate, folder], folder, ["no trainer.pt"])
     cases["file where a directory is expected (fit)"] = (

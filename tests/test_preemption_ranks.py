@@ -20,15 +20,20 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 
 from helpers import free_port
 from lightning_mtr.cli import main
 from lightning_mtr.data.datamodule import SyntheticLog
 from lightning_mtr.training.distributed import TorchRecStrategy
 from lightning_mtr.training.distributed.peers import lost_peer_line
+from lightning_mtr.training.preemption import Preemption
 
 REPO = Path(__file__).resolve().parents[1]
 # 6000 rows in batches of 256 per rank: 11 steps an epoch
@@ -208,7 +213,8 @@ def test_a_peer_that_stops_answering_ends_the_run_with_one_line(tmp_path, cache,
     if stop == signal.SIGSTOP:
         assert f"Timed out waiting {TIMEOUT * 1000}ms" in line
         assert waited < TIMEOUT + 10, waited
-    else:
+    else:  # through its closed socket, not the collective timeout (which alone would end it in about 10 s)
+        assert "Connection closed by peer" in line or "Connection reset by peer" in line, line
         assert waited < 10, waited
 
 
@@ -246,6 +252,46 @@ def test_a_stopped_launched_rank_is_killed_when_the_run_ends(tmp_path, cache):
     assert left in (None, "Z"), f"the launched rank {child} is still there, state {left}"
 
 
+# each rank: rank 1 starts 4 s late, joins, then keeps rank 0 waiting 6 s in a barrier
+_LATE_RANK = """
+import sys, time
+import torch, torch.distributed as dist
+from lightning.fabric.plugins.environments import LightningEnvironment
+from lightning_mtr.training.distributed import TorchRecStrategy
+rank = int(sys.argv[1])
+time.sleep(4 * rank)
+TorchRecStrategy(collective_timeout=2, cluster_environment=LightningEnvironment(),
+                 parallel_devices=[torch.device("cpu")] * 2, process_group_backend="gloo").setup_distributed()
+print("joined", flush=True)
+time.sleep(6 * rank)
+start = time.monotonic()
+try:
+    dist.barrier()
+except RuntimeError:
+    print(f"timed out after {time.monotonic() - start:.1f} s", flush=True)
+"""
+
+
+def test_a_rank_that_starts_late_still_joins_and_the_collectives_keep_their_timeout():
+    """The ranks meet with torch's default patience, whatever ``collective_timeout`` is (before, a
+    rank starting 4 s late ended a run of ``collective_timeout: 2`` in its rendezvous: "Timed out
+    after 3 seconds waiting for clients"); a collective then still waits 2 s, not more."""
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", _LATE_RANK, str(rank)], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                                       NODE_RANK="0"))
+             for rank in range(2)]
+    try:
+        outputs = [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    (out, err), _ = outputs
+    assert out.splitlines()[:1] == ["joined"], err[-2000:]
+    waited = float(out.splitlines()[1].split()[3])
+    assert 2 <= waited < 4, out
+
 def test_collective_timeout_must_be_positive():
     with pytest.raises(ValueError, match="collective_timeout must be a positive number of seconds, got 0"):
         TorchRecStrategy(collective_timeout=0)
@@ -256,3 +302,43 @@ def test_other_errors_are_not_taken_for_a_lost_peer():
     """The CLI turns only a failed collective into the lost-peer line; anything else keeps its traceback."""
     assert lost_peer_line(RuntimeError("mat1 and mat2 shapes cannot be multiplied")) is None
     assert lost_peer_line(RuntimeError("Timed out waiting 5000ms for recv operation")) is None, "no process group"
+
+
+def test_a_lost_peer_takes_the_launched_ranks_out_of_lightnings_watch(tmp_path):
+    """On a lost peer the launcher kills the ranks it launched and empties the list Lightning's
+    watcher thread polls: left there, a killed rank made the watcher SIGKILL the launcher before
+    its one line (status -9 instead of 4, about one run in two)."""
+    strategy = TorchRecStrategy()
+    strategy._launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    strategy.launcher.procs.append(child)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        strategy.on_exception(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer"))
+    finally:
+        dist.destroy_process_group()
+        child.kill()
+    assert strategy.launcher.procs == []
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_a_preemption_save_that_fails_gives_the_launched_ranks_back(tmp_path):
+    """The preempting launcher takes its launched ranks from Lightning's list to wait for them; a
+    save that fails (a peer lost in it) hands them back, so the strategy's ``on_exception`` still
+    kills them (before: a stopped one stayed behind)."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=2, num_nodes=1)
+    launcher.procs.append(child)
+
+    def save_checkpoint(path):
+        raise RuntimeError("Connection closed by peer [127.0.0.1]:1")
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(launcher=launcher), checkpoint_callback=None,
+                              default_root_dir=str(tmp_path), save_checkpoint=save_checkpoint, global_step=6)
+    try:
+        with pytest.raises(RuntimeError, match="Connection closed"):
+            Preemption()._stop(trainer, "SIGTERM on rank 1", save=True)
+        assert launcher.procs == [child]
+    finally:
+        child.kill()
+        child.wait()

@@ -113,7 +113,13 @@ class Preemption(L.Callback):
 
     def _stop(self, trainer: L.Trainer, received: str, save: bool) -> NoReturn:
         self._adopt_children(trainer)
-        checkpoint = self._save(trainer) if save else None
+        try:
+            checkpoint = self._save(trainer) if save else None
+        except BaseException:  # a save that failed (a peer lost in it): the launcher's again, to kill
+            if self._children:
+                trainer.strategy.launcher.procs.extend(self._children)
+                self._children = []
+            raise
         self._wait_for_children()
         raise preempted(SIGTERMException(), checkpoint, trainer.global_step, received)
 

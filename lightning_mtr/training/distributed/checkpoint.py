@@ -174,7 +174,8 @@ def _reading_tensors(path: str | Path) -> Iterator[None]:
         rank, (cause, _) = next(iter(error.failures.items()))
         first = _first_line(cause).split(". ")[0]
         raise CheckpointError(f"{path}: unreadable tensor data (a *.distcp file is damaged, truncated or not "
-                              f"written by torch.distributed.checkpoint; rank {rank}: {first})") from None
+                              f"written by torch.distributed.checkpoint; rank {rank}: {first}): use another "
+                              "checkpoint of the run (last.ckpt or an earlier one)") from None
 
 
 def load(tensors: dict[str, Any], path: Path) -> None:

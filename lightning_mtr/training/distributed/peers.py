@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 PEER_LOST_EXIT = 4
 CHECK_IN_SECONDS = 3.0  # survivors of one failed collective fail within about this of each other
-# gloo's timeout and a peer's closed socket; NCCL's watchdog raises DistBackendError
+# gloo's timeout and a peer's closed socket; NCCL raises DistBackendError where its watchdog does not
+# tear the process down first (its default, TORCH_NCCL_ASYNC_ERROR_HANDLING=3)
 _FAILURES = re.compile(r"Timed out waiting \d+ms|Connection closed by peer|Connection reset by peer")
 
 

@@ -13,7 +13,6 @@ single-process fast path (:mod:`.base`).
 from __future__ import annotations
 
 import json
-import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +23,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 from torch.nn.parallel import DistributedDataParallel
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner.types import PlannerError
@@ -60,7 +60,8 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
         collective_timeout: seconds any collective may wait for the other ranks before the run
             ends (a stopped or hung peer): each surviving rank then stops with one line naming
             the ranks that stopped answering and exit status 4 (:mod:`.peers`). Long enough for
-            the slowest rank's save or validation to catch up.
+            the slowest rank's save or validation to catch up. The ranks' first meeting (the
+            rendezvous) waits at least torch's default, 30 minutes.
         start_method: how Lightning starts local processes when it launches them itself.
     """
 
@@ -160,13 +161,29 @@ class TorchRecStrategy(TableStrategy, DDPStrategy):
                 return source[0], source[1]["plan"]
         return None
 
+    def setup_distributed(self) -> None:
+        """The ranks meet with torch's default patience (a rank may start minutes after another:
+        a slow node, an image still pulling), then ``collective_timeout`` bounds every collective:
+        a short one no longer ends the rendezvous of a rank that starts late."""
+        collective, self._timeout = self._timeout, max(self._timeout, default_pg_timeout)
+        try:
+            super().setup_distributed()
+        finally:
+            self._timeout = collective
+        dist.distributed_c10d._set_pg_timeout(collective)
+
     def on_exception(self, exception: BaseException) -> None:
         """A peer lost mid-run: the ranks this process launched (Lightning's launcher) are killed,
         so that a stopped one (SIGSTOP) does not stay behind when this one ends; Lightning kills
-        them only on a KeyboardInterrupt."""
+        them only on a KeyboardInterrupt. They leave the launcher's list first: Lightning's watcher
+        thread, seeing one of them dead, would SIGKILL this process too, before its one line."""
         super().on_exception(exception)
         if is_peer_failure(exception) and isinstance(self.launcher, _SubprocessScriptLauncher):
-            self.launcher.kill(signal.SIGKILL)
+            children = list(self.launcher.procs)
+            self.launcher.procs.clear()  # the watcher's list: empty, it stops watching
+            for child in children:
+                child.kill()
+                child.wait()
 
     def teardown(self) -> None:
         """Lightning's DDP teardown, except that the module stays where it is: moving it to the
