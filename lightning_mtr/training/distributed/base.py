@@ -272,15 +272,19 @@ def zero_rows(tensor: torch.Tensor, rows: torch.Tensor, num_rows: int) -> None:
     """Zero rows ``rows`` of a table of ``num_rows`` rows in this process's part of ``tensor``: a
     plain tensor, or a sharded one's local shards, each holding the rows from its offset on. Entry
     ``i`` is row ``i mod num_rows``: a column-wise table's row-wise Adagrad state stacks one
-    ``[num_rows]`` accumulator per column shard. Scalars (an optimizer's step count) are left alone."""
+    ``[num_rows]`` accumulator per column shard. Scalars (an optimizer's step count) and empty parts are left alone."""
     parts = ([(s.tensor, s.metadata.shard_offsets[0]) for s in tensor.local_shards()]
              if hasattr(tensor, "local_shards") else [(tensor, 0)])
     with torch.no_grad():
         for local, first in parts:
-            if local.dim() == 0:
+            if local.dim() == 0 or local.shape[0] == 0:  # a step count, or no rows of the table here
                 continue
-            index = torch.arange(first, first + local.shape[0], device=local.device) % num_rows
-            local[torch.isin(index, rows.to(local.device))] = 0
+            # the evicted rows' entries in each stacked block, kept where this part holds them: a few
+            # indices per eviction, never a pass over every row of the table
+            blocks = -(-(first + local.shape[0]) // num_rows)
+            entries = (rows.to(local.device)[:, None] + num_rows * torch.arange(blocks, device=local.device)).ravel()
+            held = entries[(entries >= first) & (entries < first + local.shape[0])]
+            local[held - first] = 0
 
 
 def _names(class_path: Any, cls: type) -> bool:
