@@ -23,10 +23,11 @@ import yaml
 
 from lightning_mtr.data.days import partitions
 from lightning_mtr.data.synthetic.days import START
+from lightning_mtr.schema import ID_SPACE
 from lightning_mtr.training import daily
 from lightning_mtr.training.distributed.checkpoint import read_full
 
-FREE = np.iinfo(np.int64).max  # a free slot of TorchRec's map
+FREE = ID_SPACE  # a free slot of TorchRec's map (2**63 - 1)
 
 
 def managed_schema(schema: Path, policy: str, out: Path) -> tuple[Path, dict[str, int]]:

@@ -30,9 +30,7 @@ from torchrec.modules.mc_modules import (DistanceLFU_EvictionPolicy, LFU_Evictio
                                          MCHEvictionPolicy, MCHManagedCollisionModule)
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from lightning_mtr.schema import EmbeddingTable, ManagedCollisions
-
-_INT64_MAX = torch.iinfo(torch.int64).max
+from lightning_mtr.schema import ID_SPACE, EmbeddingTable, ManagedCollisions
 
 
 def _policy(config: ManagedCollisions) -> MCHEvictionPolicy:
@@ -53,12 +51,12 @@ class ManagedRows(MCHManagedCollisionModule):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        self._mch_sorted_raw_ids.fill_(_INT64_MAX)
+        self._mch_sorted_raw_ids.fill_(ID_SPACE)
         self._mch_remapped_ids_mapping.copy_(torch.arange(self._zch_size, device=self._mch_sorted_raw_ids.device))
         for name in self._mch_metadata:
             getattr(self, f"_mch_{name}").zero_()
         self._mch_slots.fill_(self._zch_size - 1)
-        self._delimiter.fill_(_INT64_MAX)
+        self._delimiter.fill_(ID_SPACE)
         self._output_segments_tensor.fill_(-1)
         self._output_segments_tensor[:2] = torch.tensor([0, self._zch_size])
         self._current_iter_tensor.zero_()
