@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_mtr.cli import main
 from lightning_mtr.data.synthetic.days import DaySpec, write_days
@@ -104,6 +105,10 @@ def test_daily_resumes_after_a_kill_without_retraining_finished_days(tmp_path, k
     with (out / "daily.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(r["day"], r["tested_on"]) for r in rows] == [("2026-11-25", "2026-11-26"), ("2026-11-26", "2026-11-27")]
+    for day, next_day in (("2026-11-25", "2026-11-26"), ("2026-11-26", "2026-11-27")):  # what each test step read
+        overlay = out / f"dt={day}" / "eval.yaml"
+        assert f"--config {overlay}" in (out / f"dt={day}" / "test.log").read_text()
+        assert yaml.safe_load(overlay.read_text())["data"]["test_days"] == next_day
     for row in rows:
         assert {"ctr_auc", "cvr_auc", "ctcvr_auc"} <= set(row)
         assert all(0.0 <= float(row[f"{t}_auc"]) <= 1.0 for t in ("ctr", "cvr", "ctcvr"))
