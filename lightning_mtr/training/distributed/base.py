@@ -227,12 +227,8 @@ class TableStrategy(ABC):
     def _warm_start(self, path: Path, state: dict[str, Any]) -> None:
         """The checkpoint's weights and tables (DCP reshards them from any layout), and its sparse
         optimizer's state if kept, into a run whose loop, dense optimizer and schedule are fresh."""
-        module = self.lightning_module
-        if not path.is_dir():
-            sharded.copy_whole(module, state["state_dict"], path)
-            return
-        if self.warm_start.sparse_optimizer == "reset":
-            sharded.load({"model": module.state_dict()}, path)
+        if not path.is_dir() or self.warm_start.sparse_optimizer == "reset":
+            self._restore(path, state, fitting=False)  # weights and tables only, from any layout
             return
         sharded.check_reshard(state["plan"], self._plan(), self.reshard_advice)
         tensors, live_plain = self._load_tensors(path, ("model", "sparse_optimizer", "replicated_optimizer"))
