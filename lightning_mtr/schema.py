@@ -89,7 +89,7 @@ class SparseFeature:
     training data's quantiles, ``vocab_list`` maps text ids to rows by a list (IdFeature
     ``vocab_list``; ``vocab_file`` in YAML is read into it), and ``combo`` hashes two or more columns'
     values as one id (ComboFeature). Their table sizes follow from the declaration
-    (:attr:`derived_rows`) except a combo's, which is its hash buckets.
+    (:func:`~lightning_mtr.derived.derive_rows`) except a combo's, which is its hash buckets.
     """
 
     name: str

@@ -152,8 +152,10 @@ def trained(tmp_path_factory):
     checkpoint = root / "run" / "checkpoints" / "last.ckpt"
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(root / "artifact")]) == 0
     [test] = (root / "cache").glob("impressions-*/test.parquet")
-    assert main(["score", "--artifact", str(root / "artifact"), "--data", str(test), "--out", str(root / "scores")]) == 0
-    return {"checkpoint": checkpoint, "test": test, "scores": root / "scores", "train": test.with_name("train.parquet")}
+    scores = ["score", "--artifact", str(root / "artifact"), "--data", str(test), "--out", str(root / "scores")]
+    assert main(scores) == 0
+    return {"checkpoint": checkpoint, "test": test, "scores": root / "scores", "train": test.with_name("train.parquet"),
+            "manifest": json.loads((root / "artifact" / "manifest.json").read_text())}
 
 
 def test_the_cli_trains_every_derived_feature_and_keeps_the_quantiles(trained):
@@ -164,6 +166,9 @@ def test_the_cli_trains_every_derived_feature_and_keeps_the_quantiles(trained):
     train = pq.read_table(trained["train"], columns=["I3"]).column("I3").to_numpy()
     (boundaries,) = run.dense_stats.boundaries  # fewer rows than the sample: exact quantiles
     np.testing.assert_allclose(boundaries, np.quantile(train, np.arange(1, 16) / 16), rtol=1e-12)
+    # score reads no checkpoint: the manifest's schema carries them (continuous values: no ties to merge)
+    [written] = [f for f in trained["manifest"]["schema"]["sparse"] if f["name"] == "I3_quantile"]
+    assert written["quantiles"] == 16 and written["boundaries"] == list(boundaries)
 
 
 def test_export_and_score_give_the_models_scores_on_the_same_rows(trained):

@@ -76,15 +76,16 @@ class BatchEncoder:
 
     @property
     def string_columns(self) -> list[str]:
-        """Single-valued ``hashed`` id columns and group columns (only equality of their ids
-        matters): always read as strings from CSV, whatever one file's first block looks like."""
+        """Single-valued ``hashed``, vocabulary and combo id columns and group columns (only equality
+        of their ids' text matters): always read as strings from CSV, whatever one file's first block
+        looks like."""
         texts = [c for f in self.schema.sparse if (f.hashed or f.vocab_list or f.combo) and not f.multi_valued
                  for c in f.columns]
         return list(dict.fromkeys(texts + self._group_columns))
 
     @property
     def numeric_columns(self) -> list[str]:
-        """Dense features and label/sample-space columns: always read as float64 from CSV."""
+        """Dense features, bucketed columns and label/sample-space columns: always read as float64 from CSV."""
         buckets = [f.source_column for f in self.schema.sparse if f.bucketized]
         return [f.source_column for f in self.schema.dense] + buckets + self._label_columns
 
