@@ -23,7 +23,7 @@ from lightning_mtr.data.stats import blend_stats, compute_dense_stats
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.checkpoint import load_run
 from lightning_mtr.tasks.scores import probabilities
-from test_data_pipeline import stable_hash, write_parquet
+from test_data_pipeline import read_batches, stable_hash, write_parquet
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = [{"name": "ctr", "label": "click"}]
@@ -86,6 +86,18 @@ def test_vocab_list_maps_text_ids_to_their_place_and_unknowns_to_the_default_row
     lists = pa.array([["c", "a", "zz"], [], None, ["b"]], pa.list_(pa.string()))
     assert _encode(tags, {"tags": lists})["tags"] == ([2, 0, 3, 1], [3, 0, 0, 1])
     assert Schema.from_dict({"sparse": vocab, "tasks": TASKS}).sparse[0].num_embeddings == 3
+
+
+def test_csv_vocabulary_and_combo_columns_are_read_as_text_and_bucketed_columns_as_numbers(tmp_path):
+    """``0042`` is an id in the vocabulary only as text: read as an integer it would be 42."""
+    (tmp_path / "log.csv").write_text("code,shop,price,click\n0042,7,5,0\n42,7,,1\n")
+    schema = Schema.from_dict({"sparse": [{"name": "code", "vocab_list": ["0042"]},
+                                          {"name": "c_x_s", "combo": ["code", "shop"], "num_embeddings": 97},
+                                          {"name": "price", "boundaries": [1, 10]}], "tasks": TASKS})
+    [batch] = read_batches(schema, tmp_path / "log.csv")
+    ids = {name: jt.values().tolist() for name, jt in batch.sparse.to_dict().items()}
+    assert ids == {"code": [0, 1], "c_x_s": [stable_hash("0042\x1f7", 97), stable_hash("42\x1f7", 97)],
+                   "price": [1, 3]}
 
 
 def test_vocab_file_is_read_relative_to_the_schema_file(tmp_path):
