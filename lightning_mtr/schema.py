@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from lightning_mtr.derived import derive_rows, read_vocab_file, validate_derived
 from lightning_mtr.expressions import Expression
 
 Pooling = Literal["sum", "mean"]
@@ -82,10 +83,17 @@ class SparseFeature:
     TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
     vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
     ids apart (DUPN's CTR AUC 0.755 instead of 0.812 with 1.0 on 200k rows; docs/models.md: DUPN).
+
+    Ids derived from raw values (TorchEasyRec's names; docs/schema-and-data.md): ``boundaries``
+    buckets a numeric column (RawFeature ``boundaries``), ``quantiles: N`` into N buckets of the
+    training data's quantiles, ``vocab_list`` maps text ids to rows by a list (IdFeature
+    ``vocab_list``; ``vocab_file`` in YAML is read into it), and ``combo`` hashes two or more columns'
+    values as one id (ComboFeature). Their table sizes follow from the declaration
+    (:func:`~lightning_mtr.derived.derive_rows`) except a combo's, which is its hash buckets.
     """
 
     name: str
-    num_embeddings: int
+    num_embeddings: int = 0  # 0: derived from boundaries, quantiles or vocab_list
     embedding_dim: int = 16
     column: str | None = None
     table: str | None = None
@@ -98,8 +106,13 @@ class SparseFeature:
     side: Side = "user"
     init_range: float | None = None
     managed_collisions: ManagedCollisions | None = None
+    boundaries: tuple[float, ...] | None = None
+    quantiles: int | None = None
+    vocab_list: tuple[str, ...] | None = None
+    combo: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        derive_rows(self)
         managed = self.managed_collisions
         if isinstance(managed, dict):  # from YAML: checked and typed here
             allowed = sorted(f.name for f in fields(ManagedCollisions))
@@ -115,6 +128,16 @@ class SparseFeature:
     @property
     def source_column(self) -> str:
         return self.column or self.name
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The columns the feature reads: a combo's, else its source column."""
+        return self.combo or (self.source_column,)
+
+    @property
+    def bucketized(self) -> bool:
+        """A numeric column cut into buckets (``boundaries`` or ``quantiles``)."""
+        return self.boundaries is not None or self.quantiles is not None
 
     @property
     def table_name(self) -> str:
@@ -225,13 +248,15 @@ class Schema:
         self._validate()
 
     @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> Schema:
+    def from_dict(cls, config: dict[str, Any], base: Path | None = None) -> Schema:
+        """``base``: the directory ``vocab_file`` paths are relative to (the schema file's)."""
         unknown = set(config) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown schema keys {sorted(unknown)}; allowed: tasks, sparse, dense, ground_truth")
         return cls(
             tasks=tuple(_build(Task, t, "task") for t in config.get("tasks") or ()),
-            sparse=tuple(_build(SparseFeature, f, "sparse feature") for f in config.get("sparse") or ()),
+            sparse=tuple(_build(SparseFeature, read_vocab_file(f, base or Path.cwd()), "sparse feature")
+                         for f in config.get("sparse") or ()),
             dense=tuple(_build(DenseFeature, f, "dense feature") for f in config.get("dense") or ()),
             ground_truth=tuple(config.get("ground_truth") or ()),
         )
@@ -241,7 +266,7 @@ class Schema:
         """Load a schema file; ``extends: other.yaml`` (relative to this file) starts from
         another schema, whose top-level keys this file replaces (e.g. same features, other tasks)."""
         try:
-            return cls.from_dict(_load_with_base(Path(path), seen=()))
+            return cls.from_dict(_load_with_base(Path(path), seen=()), Path(path).parent)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
 
@@ -314,8 +339,9 @@ class Schema:
 
     @property
     def needs_dense_stats(self) -> bool:
-        """Some dense feature is standardised with training-data statistics."""
-        return any(f.standardized for f in self.dense)
+        """Some dense feature is standardised, or a sparse one bucketed by quantiles, with
+        training-data statistics."""
+        return any(f.standardized for f in self.dense) or any(f.quantiles for f in self.sparse)
 
     def features_on_side(self, side: Side) -> list[str]:
         """Names of the features (sparse, then dense, in schema order) tagged with ``side``."""
@@ -325,7 +351,7 @@ class Schema:
 
     @property
     def input_columns(self) -> list[str]:
-        return [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
+        return [c for f in self.sparse for c in f.columns] + [f.source_column for f in self.dense]
 
     def _validate(self) -> None:
         if not self.tasks:
@@ -454,6 +480,7 @@ def _validate_sparse(feature: SparseFeature) -> None:
     if feature.out_of_range not in ("error", "modulo"):
         raise ValueError(f"{where}: out_of_range must be 'error' or 'modulo', got {feature.out_of_range!r}")
     _validate_managed(feature, where)
+    validate_derived(feature, where)
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
     init = feature.init_range

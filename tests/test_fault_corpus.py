@@ -86,9 +86,36 @@ def _data_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str, lis
     deep.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "tasks": [{"name": "ctr", "label": "*".join(["c"] * 1001)}]}))
     cases["label of 1,000 chained products"] = (["--data.schema", str(deep)], str(deep),
                                                 ["task 'ctr'", "deeper than 64 levels"])
+    cases.update(_derived_feature_cases(root))
     for name, value in (("eval_batch_size", "0"), ("shuffle_buffer", "-1")):
         cases[f"{name} {value}"] = ([f"--data.{name}", value], f"data.{name} is {value}", ["must be at least"])
     return {name: (["fit", "--config", str(config), *args], path, words) for name, (args, path, words) in cases.items()}
+
+
+def _derived_feature_cases(root: Path) -> dict[str, tuple[list[str], str, list[str]]]:
+    """Bad boundaries, vocabularies and combos (lightning_mtr/derived.py): each names the feature and the fix."""
+    features = {
+        "boundaries not increasing": ({"name": "count_bucket", "column": "count", "boundaries": [5, 1]},
+                                      ["each greater than the one before (e.g. [1, 10, 100]), got [5, 1]"]),
+        "empty vocab_list": ({"name": "city_vocab", "column": "city", "vocab_list": []},
+                             ["vocab_list must be a list of ids"]),
+        "missing vocab_file": ({"name": "city_vocab", "column": "city", "vocab_file": "cities.txt"},
+                               ["vocab_file 'cities.txt' not found", "relative to the schema file"]),
+        "combo of one column": ({"name": "u_x_c", "combo": ["user"], "num_embeddings": 100},
+                                ["combo combines two or more different columns", "use a plain id feature"]),
+        "combo naming an unknown column": ({"name": "u_x_c", "combo": ["user", "town"], "num_embeddings": 100},
+                                           ["missing column 'town'", "name columns the files have"]),
+    }
+    good = write_parquet(root / "good_for_derived.parquet", good_rows(8))
+    cases = {}
+    for name, (feature, words) in features.items():
+        schema = root / f"{name.replace(' ', '_')}.yaml"
+        schema.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "sparse": [*asdict(BAD_SCHEMA)["sparse"], feature]}))
+        path = good if name.startswith("combo naming") else str(schema)
+        cases[name] = (["--data.schema", str(schema), "--data.train", good, "--data.val", good], path,
+                       [f"sparse feature {feature['name']!r}" if path == str(schema) else
+                        f"combo feature {feature['name']!r}", *words])
+    return cases
 
 
 def _damaged(root: Path, directory: Path, single: Path) -> dict[str, Path]:

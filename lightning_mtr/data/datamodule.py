@@ -200,8 +200,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _training_stats(self) -> DenseStats:
         if not self.paths["train"]:
-            raise ValueError("standardised dense features need training data (data.train) for their statistics, "
-                             "or a checkpoint that carries them (--ckpt_path)")
+            raise ValueError("standardised dense features and quantile buckets need training data (data.train) for "
+                             "their statistics, or a checkpoint that carries them (--ckpt_path)")
         units = plan_units(self._files("train"), BatchEncoder(self.schema), self.text_format)
         stats = compute_dense_stats(self.schema, units)
         return blend_stats(self.previous_stats[0], stats, self.previous_stats[1]) if self.previous_stats else stats

@@ -17,6 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_mtr.data.batch import Batch, RowSource
+from lightning_mtr.derived import bucket_rows, combo_text, vocab_rows, with_quantile_boundaries
 from lightning_mtr.schema import ID_SPACE, DenseFeature, Schema, SparseFeature, Task
 
 SOURCE_COLUMN = "__source__"
@@ -30,10 +31,17 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class DenseStats:
-    """Per dense feature mean and std of the transformed training data (for standardising)."""
+    """Per dense feature mean and std of the transformed training data (for standardising), and
+    per ``quantiles`` sparse feature its training quantiles (:mod:`lightning_mtr.derived`)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    boundaries: tuple[tuple[float, ...], ...] = ()
+
+    def __post_init__(self) -> None:  # from a checkpoint's state: lists
+        for key, value in (("mean", tuple(self.mean)), ("std", tuple(self.std)),
+                           ("boundaries", tuple(tuple(b) for b in self.boundaries))):
+            object.__setattr__(self, key, value)
 
 
 class BatchEncoder:
@@ -51,7 +59,7 @@ class BatchEncoder:
 
     def __init__(self, schema: Schema, dense_stats: DenseStats | None = None, extras: Sequence[str] = (),
                  label_order: Sequence[tuple[str, str]] = (), labels: bool = True, transform_dense: bool = True):
-        self.schema = schema
+        self.schema = with_quantile_boundaries(schema, dense_stats.boundaries) if dense_stats else schema
         self.transform_dense = transform_dense
         self.dense_stats = dense_stats
         self.extras = tuple(extras)
@@ -68,25 +76,30 @@ class BatchEncoder:
 
     @property
     def string_columns(self) -> list[str]:
-        """Single-valued ``hashed`` id columns and group columns (only equality of their ids
-        matters): always read as strings from CSV, whatever one file's first block looks like."""
-        hashed = [f.source_column for f in self.schema.sparse if f.hashed and not f.multi_valued]
-        return list(dict.fromkeys(hashed + self._group_columns))
+        """Single-valued ``hashed``, vocabulary and combo id columns and group columns (only equality
+        of their ids' text matters): always read as strings from CSV, whatever one file's first block
+        looks like."""
+        texts = [c for f in self.schema.sparse if (f.hashed or f.vocab_list or f.combo) and not f.multi_valued
+                 for c in f.columns]
+        return list(dict.fromkeys(texts + self._group_columns))
 
     @property
     def numeric_columns(self) -> list[str]:
-        """Dense features and label/sample-space columns: always read as float64 from CSV."""
-        return [f.source_column for f in self.schema.dense] + self._label_columns
+        """Dense features, bucketed columns and label/sample-space columns: always read as float64 from CSV."""
+        buckets = [f.source_column for f in self.schema.sparse if f.bucketized]
+        return [f.source_column for f in self.schema.dense] + buckets + self._label_columns
 
     def check_columns(self, arrow_schema: pa.Schema, source: str) -> None:
         """Fail early, naming the file and column, on a missing column or a wrong type."""
-        kinds = {f.source_column: ("sparse", f) for f in self.schema.sparse}
+        kinds = {c: ("numeric" if f.bucketized else "sparse", f) for f in self.schema.sparse for c in f.columns}
         kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
         kinds.update({c: ("numeric", None) for c in self._label_columns + list(self.extras)})
         kinds.update({c: ("group", None) for c in self._group_columns})
         for column, (kind, feature) in kinds.items():
             if column not in arrow_schema.names:
-                raise DataError(f"{source}: missing column {column!r}")
+                combo = f" (combo feature {feature.name!r} combines {list(feature.combo)}; name columns the files " \
+                        "have)" if getattr(feature, "combo", None) else ""
+                raise DataError(f"{source}: missing column {column!r}{combo}")
             dtype = arrow_schema.field(column).type
             if kind == "sparse":
                 is_list = _is_list(dtype)
@@ -150,7 +163,7 @@ class BatchEncoder:
                                    f"of task {later!r} to {_factor(early.label)} * {_factor(late.label)}")
 
     def _dense(self, table: pa.Table, checker: RowChecker) -> torch.Tensor:
-        if self.dense_stats is None and self.schema.needs_dense_stats and self.transform_dense:
+        if self.dense_stats is None and any(f.standardized for f in self.schema.dense) and self.transform_dense:
             raise ValueError("the schema standardises dense features, so the encoder needs dense statistics")
         dtype = np.float32 if self.transform_dense else np.float64
         columns = [numeric_column(table.column(f.source_column), f.source_column, checker, f.fill_missing)
@@ -165,7 +178,8 @@ class BatchEncoder:
     def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
         values, lengths = [], []
         for feature in self.schema.sparse:
-            ids, counts = _feature_ids(table.column(feature.source_column), feature, checker)
+            ids, counts = _derived_ids(table, feature) if feature.bucketized or feature.combo else \
+                _feature_ids(table.column(feature.source_column), feature, checker)
             values.append(ids)
             lengths.append(counts)
         return KeyedJaggedTensor(
@@ -324,7 +338,21 @@ def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowCh
     return ids, counts
 
 
+def _derived_ids(table: pa.Table, feature: SparseFeature) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and per-row counts of a bucketed or combined feature (:mod:`lightning_mtr.derived`)."""
+    if feature.combo:
+        text, present = combo_text([table.column(c) for c in feature.combo])
+        return _hash_strings(text, feature.num_embeddings), present.astype(np.int32)
+    if feature.boundaries is None:
+        raise ValueError(f"sparse feature {feature.name!r} is bucketed by quantiles, so the encoder needs the "
+                         "training statistics")
+    values = table.column(feature.source_column).cast(pa.float64()).fill_null(np.nan).to_numpy()
+    return bucket_rows(values, feature.boundaries, feature.num_embeddings), np.ones(len(values), np.int32)
+
+
 def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id: np.ndarray) -> np.ndarray:
+    if feature.vocab_list is not None:
+        return vocab_rows(array, feature.vocab_list)
     if pa.types.is_dictionary(array.type) and pa.types.is_integer(array.type.value_type):
         array = array.dictionary_decode()  # e.g. pandas categoricals of integer ids
     if feature.hashed and not _is_string(array.type):

@@ -166,7 +166,7 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
     return {
         "versions": {"lightning_mtr": lightning_mtr.__version__, "torch": torch.__version__},
         "model": run.model_config,
-        "schema": asdict(schema),
+        "schema": asdict(BatchEncoder(schema, stats).schema),  # quantile boundaries filled in, for `score`
         "inputs": {
             "dense": {"dtype": "float64", "shape": ["B", len(dense)], "features": dense,
                       "note": "raw values; the program applies each transform (a NaN becomes fill_missing)"},
@@ -179,10 +179,12 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
         "hashing": {
             "algorithm": "FNV-1a 64 of the id's UTF-8 bytes, then modulo num_embeddings (a feature with "
                          "managed_collisions: modulo 2**63 - 1, a raw id that the program maps to its row)",
-            "applies_to": "string ids, and every id of a feature with hashed: true (written as a decimal string)",
+            "applies_to": "string ids, every id of a feature with hashed: true (written as a decimal string), and a "
+                          "combo feature's values as text joined by U+001F",
             "offset_basis": "0xcbf29ce484222325", "prime": "0x100000001b3",
             "test_vectors": [{"string": text, "fnv1a_64": f"0x{int(h):016x}",
-                              "rows": {f.name: int(h % np.uint64(_buckets(f))) for f in schema.sparse}}
+                              "rows": {f.name: int(h % np.uint64(_buckets(f))) for f in schema.sparse
+                                       if not (f.bucketized or f.vocab_list)}}
                              for text, h in zip(HASH_EXAMPLES, hashes)],
         },
         "outputs": _outputs(schema),
