@@ -82,6 +82,12 @@ class SparseFeature:
     TorchRec's ``sqrt(1 / num_embeddings)``: right for large id tables, but it starts a small
     vocabulary near zero (40 categories: +-0.16), too small for a recurrent model to tell its
     ids apart (DUPN's CTR AUC 0.755 instead of 0.812 with 1.0 on 200k rows; docs/models.md: DUPN).
+
+    ``weight_column`` (TorchEasyRec's weighted IdFeature): a column of lists of numbers beside a
+    ``multi_valued`` id column, one weight per id; the bag pools to ``sum_i w_i e_i`` (``pooling:
+    mean``: ``sum_i w_i e_i / n``, TorchRec's weighted mean, over the bag's n ids, not its weights'
+    sum). The ids travel as TorchRec's weighted ``KeyedJaggedTensor``; features sharing a table
+    all have weights or none do.
     """
 
     name: str
@@ -98,6 +104,7 @@ class SparseFeature:
     side: Side = "user"
     init_range: float | None = None
     managed_collisions: ManagedCollisions | None = None
+    weight_column: str | None = None
 
     def __post_init__(self) -> None:
         managed = self.managed_collisions
@@ -317,6 +324,11 @@ class Schema:
         """Some dense feature is standardised with training-data statistics."""
         return any(f.standardized for f in self.dense)
 
+    @property
+    def weighted(self) -> bool:
+        """Some sparse feature has a ``weight_column``: the ids then carry weights (1 where none is given)."""
+        return any(f.weight_column is not None for f in self.sparse)
+
     def features_on_side(self, side: Side) -> list[str]:
         """Names of the features (sparse, then dense, in schema order) tagged with ``side``."""
         if side not in SIDES:
@@ -325,7 +337,8 @@ class Schema:
 
     @property
     def input_columns(self) -> list[str]:
-        return [f.source_column for f in self.sparse] + [f.source_column for f in self.dense]
+        weights = [f.weight_column for f in self.sparse if f.weight_column is not None]
+        return [f.source_column for f in self.sparse] + weights + [f.source_column for f in self.dense]
 
     def _validate(self) -> None:
         if not self.tasks:
@@ -368,6 +381,9 @@ class Schema:
             if len({f.managed_collisions for f in users}) > 1:
                 raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                                  "managed_collisions; set the same on each")
+            if len({f.weight_column is None for f in users}) > 1:
+                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but only some have a "
+                                 "weight_column; a table's ids are weighted or not: give each one, or a table of its own")
             if len({f.sequence for f in users}) > 1:
                 raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
                                  "a table is looked up pooled or unpooled, so give the sequence its own table")
@@ -456,10 +472,26 @@ def _validate_sparse(feature: SparseFeature) -> None:
     _validate_managed(feature, where)
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
+    _validate_weights(feature, where)
     init = feature.init_range
     if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf):
         raise ValueError(f"{where}: init_range must be a positive number (weights start uniform in "
                          f"[-init_range, init_range]), got {feature.init_range!r}")
+
+
+def _validate_weights(feature: SparseFeature, where: str) -> None:
+    if feature.weight_column is None:
+        return
+    if feature.sequence:
+        raise ValueError(f"{where}: weight_column weighs the ids of a pooled bag; a sequence is read unpooled, one "
+                         "embedding per element: drop weight_column or sequence")
+    if not feature.multi_valued:
+        raise ValueError(f"{where}: weight_column gives one weight per id of a multi_valued feature (lists of ids, "
+                         "lists of weights); set multi_valued: true (a single id's weight would only scale its "
+                         "embedding: a dense feature does that)")
+    if feature.weight_column == feature.source_column:
+        raise ValueError(f"{where}: weight_column {feature.weight_column!r} is the id column itself; name the column "
+                         "of weights")
 
 
 def _validate_managed(feature: SparseFeature, where: str) -> None:

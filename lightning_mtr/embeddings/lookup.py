@@ -28,7 +28,10 @@ class FeatureInput(FeatureLayout):
         super().__init__(schema)
         # Default: the ambient device, so `with torch.device("meta"):` builds tables without memory.
         device = torch.device(device) if device is not None else torch.get_default_device()
-        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), device=device)
+        self.embeddings = EmbeddingBagCollection(tables=embedding_configs(schema), is_weighted=schema.weighted,
+                                                 device=device)
+        # weighted tables sum (embedding_configs): these features' sums become means in forward
+        self.divided = [f.name for f in schema.sparse if schema.weighted and f.pooling == "mean" and not f.sequence]
         if schema.sequence_tables:
             self.sequence_embeddings = EmbeddingCollection(tables=sequence_configs(schema), device=device)
         self.managed_ids = ManagedIds(schema.managed_tables, device=device) if schema.managed_tables else None
@@ -44,8 +47,18 @@ class FeatureInput(FeatureLayout):
         # a sharded collection returns its features grouped by shard, in an order that depends on
         # the plan; the layers after it must always see them in the schema's order
         if pooled.keys() != self.feature_names:
-            return torch.cat([dense, KeyedTensor.regroup([pooled], [self.feature_names])[0]], dim=1)
-        return torch.cat([dense, pooled.values()], dim=1)
+            values = KeyedTensor.regroup([pooled], [self.feature_names])[0]
+        else:
+            values = pooled.values()
+        return torch.cat([dense, self._means(values, sparse) if self.divided else values], dim=1)
+
+    def _means(self, pooled: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Weighted sums ``[B, sum of dims]`` with the mean-pooled features' blocks divided by their bags'
+        id counts: ``sum_i w_i e_i / n``, TorchRec's (fbgemm's) weighted mean; an empty bag stays zero."""
+        keys, lengths = sparse.keys(), sparse.lengths().view(len(sparse.keys()), -1)
+        blocks = pooled.split([self.field_dims[n] for n in self.feature_names], dim=1)
+        return torch.cat([block / lengths[keys.index(name)].clamp_min(1).to(block.dtype)[:, None]
+                          if name in self.divided else block for name, block in zip(self.feature_names, blocks)], dim=1)
 
     def sequences(self, sparse: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{feature: (embeddings [B, L, D], lengths [B])}`` for every sequence feature, zero past

@@ -22,8 +22,13 @@ def _table_arguments(table: EmbeddingTable) -> dict:
 
 
 def embedding_configs(schema: Schema) -> list[EmbeddingBagConfig]:
-    """One TorchRec table config per pooled schema table (shared tables list all their features)."""
-    return [EmbeddingBagConfig(**_table_arguments(t), pooling=_POOLING[t.pooling]) for t in schema.pooled_tables]
+    """One TorchRec table config per pooled schema table (shared tables list all their features).
+
+    With weighted ids (``schema.weighted``) every table sums: PyTorch's plain ``EmbeddingBag``
+    has no weighted mean (fbgemm's has), so ``FeatureInput`` divides the mean-pooled features by
+    their bags' id counts itself, on every path (plain, fused, sharded) alike."""
+    return [EmbeddingBagConfig(**_table_arguments(t), pooling=_POOLING["sum" if schema.weighted else t.pooling])
+            for t in schema.pooled_tables]
 
 
 def sequence_configs(schema: Schema) -> list[EmbeddingConfig]:
