@@ -507,10 +507,11 @@ def test_single_process_resume_equals_uninterrupted(variant, tmp_path):
 
 
 @pytest.mark.parametrize(("saved_on", "resumed_on", "variant"),
-                         [("single", 2, "pooled"), (2, "single", "pooled"), (2, "single", "managed")])
+                         [("single", 2, "pooled"), (2, "single", "pooled"), (2, "single", "managed"),
+                          ("single", 2, "weighted")])
 def test_checkpoint_moves_between_the_single_process_path_and_two_processes(saved_on, resumed_on, variant, tmp_path):
     """``managed``: the id -> row map saved by 2 processes resumes on one, which then assigns rows as the
-    2 processes would have."""
+    2 processes would have; ``weighted``: the weighted collection's tables resume sharded."""
     _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path, variant)
 
 

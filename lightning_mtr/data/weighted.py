@@ -41,7 +41,9 @@ def bag_weights(table: pa.Table, feature: SparseFeature, checker) -> np.ndarray:
     if bad_ids.any():
         bad = np.zeros(table.num_rows, bool)
         bad[np.repeat(np.arange(table.num_rows), counts)[bad_ids]] = True
-        checker.fail_rows(bad, f"column {column!r}: a null, NaN or infinite weight (e.g. {values[bad_ids][0]!r}) in "
+        first = int(np.flatnonzero(bad_ids)[0])
+        example = "null" if not flat[first].is_valid else f"{values[first]:g}"
+        checker.fail_rows(bad, f"column {column!r}: a null, NaN or infinite weight (e.g. {example}) in "
                                f"{_rows(table, bad)}", "weights must be finite numbers")
     if feature.max_length is not None and counts.max(initial=0) > feature.max_length:
         starts = np.repeat(np.cumsum(counts) - counts, counts)
