@@ -86,8 +86,9 @@ class SparseFeature:
     ``weight_column`` (TorchEasyRec's weighted IdFeature): a column of lists of numbers beside a
     ``multi_valued`` id column, one weight per id; the bag pools to ``sum_i w_i e_i`` (``pooling:
     mean``: ``sum_i w_i e_i / n``, TorchRec's weighted mean, over the bag's n ids, not its weights'
-    sum). The ids travel as TorchRec's weighted ``KeyedJaggedTensor``; features sharing a table
-    all have weights or none do.
+    sum). The ids travel as TorchRec's weighted ``KeyedJaggedTensor``, and the tables of weighted
+    features are a collection of their own (``is_weighted=True``); features sharing a table all have
+    weights or none do. Not with ``managed_collisions`` (its rows are reset in the unweighted collection).
     """
 
     name: str
@@ -217,6 +218,7 @@ class EmbeddingTable:
     feature_names: tuple[str, ...]
     init_range: float | None = None  # None: TorchRec's sqrt(1 / num_embeddings)
     managed_collisions: ManagedCollisions | None = None
+    weighted: bool = False  # its features' ids carry weights (weight_column)
 
 
 @dataclass(frozen=True)
@@ -284,7 +286,8 @@ class Schema:
             by_name.setdefault(feature.table_name, []).append(feature)
         return [
             EmbeddingTable(name, group[0].num_embeddings, group[0].embedding_dim, group[0].pooling,
-                           tuple(f.name for f in group), group[0].init_range, group[0].managed_collisions)
+                           tuple(f.name for f in group), group[0].init_range, group[0].managed_collisions,
+                           group[0].weight_column is not None)
             for name, group in by_name.items()
         ]
 
@@ -382,8 +385,9 @@ class Schema:
                 raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                                  "managed_collisions; set the same on each")
             if len({f.weight_column is None for f in users}) > 1:
-                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but only some have a "
-                                 "weight_column; a table's ids are weighted or not: give each one, or a table of its own")
+                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but only some have "
+                                 "a weight_column; a table's ids are weighted or not: give each one, or a table of its "
+                                 "own")
             if len({f.sequence for f in users}) > 1:
                 raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
                                  "a table is looked up pooled or unpooled, so give the sequence its own table")
@@ -489,6 +493,9 @@ def _validate_weights(feature: SparseFeature, where: str) -> None:
         raise ValueError(f"{where}: weight_column gives one weight per id of a multi_valued feature (lists of ids, "
                          "lists of weights); set multi_valued: true (a single id's weight would only scale its "
                          "embedding: a dense feature does that)")
+    if feature.managed_collisions is not None:
+        raise ValueError(f"{where}: weight_column and managed_collisions together are not supported: a managed "
+                         "table's reset rows are looked for in the unweighted collection; drop one of them")
     if feature.weight_column == feature.source_column:
         raise ValueError(f"{where}: weight_column {feature.weight_column!r} is the id column itself; name the column "
                          "of weights")

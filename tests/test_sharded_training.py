@@ -118,7 +118,8 @@ def _batch(seed: int, rows: int, variant: str = "pooled") -> Batch:
         weights = torch.ones(sparse.values().numel())
         start, stop = sparse.offset_per_key()[1:3]
         weights[start:stop] = torch.rand(stop - start, generator=torch.Generator().manual_seed(seed)) * 2.5 - 0.5
-        sparse = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(), weights=weights)
+        sparse = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                   weights=weights)
     if variant == "managed":  # the user ids (one per row, the first key) become raw ids of an open-ended space
         values = sparse.values().clone()
         values[:rows] = 10**12 + 7919 * values[:rows]

@@ -63,9 +63,9 @@ def _batch(tmp_path: Path):
     return batch
 
 
-def _features(fused: bool) -> FeatureInput:
+def _features(fused: bool, schema: dict = SCHEMA) -> FeatureInput:
     torch.manual_seed(0)
-    features = FeatureInput(Schema.from_dict(SCHEMA), device="cpu")
+    features = FeatureInput(Schema.from_dict(schema), device="cpu")
     init_tables(features, "cpu")
     if fused:
         fuse_sparse_optimizer(features, SparseOptimizer("sgd", lr=1.0), torch.device("cpu"))
@@ -88,6 +88,18 @@ def test_a_bag_pools_to_the_weighted_sum_of_its_rows(lookup, tmp_path):
     else:
         got = features(batch.dense, batch.sparse)
     torch.testing.assert_close(got, expected)
+    if lookup != "exported":  # the weighted tables are a collection of their own: the others keep unweighted kernels
+        assert [c.name for c in features.weighted_embeddings.embedding_bag_configs()] == ["tags", "cats"]
+        assert features.weighted_embeddings.is_weighted() and not features.embeddings.is_weighted()
+
+
+def test_a_schema_whose_pooled_tables_are_all_weighted_has_one_collection(tmp_path):
+    only = {**SCHEMA, "sparse": SCHEMA["sparse"][1:]}
+    features = _features(fused=True, schema=only)
+    assert features.embeddings is None
+    batch = _batch(tmp_path)
+    torch.testing.assert_close(features(batch.dense, batch.sparse),
+                               _by_hand({"user": torch.zeros(10, 4), **table_weights(features)})[:, 4:])
 
 
 def test_the_rows_updates_scale_with_their_weights(tmp_path):
@@ -113,6 +125,7 @@ def test_the_rows_updates_scale_with_their_weights(tmp_path):
     ({"multi_valued": False}, "set multi_valued: true"),
     ({"weight_column": "tags"}, "is the id column itself"),
     ({"table": "user_table"}, "only some have a weight_column"),
+    ({"managed_collisions": {}}, "weight_column and managed_collisions together are not supported"),
 ])
 def test_a_weight_column_that_cannot_weigh_a_bag_is_refused(change, words):
     sparse = [{"name": "user", "num_embeddings": 10, "embedding_dim": 4, "table": "user_table", "multi_valued": True},
@@ -125,7 +138,8 @@ def test_the_weight_column_is_an_input_and_cannot_be_a_label():
     schema = Schema.from_dict(SCHEMA)
     assert {"tag_weights", "cat_weights"} <= set(BatchEncoder(schema).columns)
     with pytest.raises(ValueError, match="label leakage: column 'tag_weights'"):
-        Schema.from_dict({**SCHEMA, "tasks": [{"name": "ctr", "label": "click"}, {"name": "w", "label": "tag_weights"}]})
+        Schema.from_dict({**SCHEMA, "tasks": [{"name": "ctr", "label": "click"},
+                                              {"name": "w", "label": "tag_weights"}]})
 
 
 def _log(path: Path, rows: int, seed: int) -> str:
@@ -161,7 +175,8 @@ def test_fit_export_and_score_a_weighted_log_through_the_cli(tmp_path, monkeypat
                  "--model.model.init_args.tower", "[8]"]) == 0
     [checkpoint] = (tmp_path / "run").rglob("*.ckpt")
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "artifact")]) == 0
-    assert main(["score", "--artifact", str(tmp_path / "artifact"), "--data", test, "--out", str(tmp_path / "scores")]) == 0
+    assert main(["score", "--artifact", str(tmp_path / "artifact"), "--data", test,
+                 "--out", str(tmp_path / "scores")]) == 0
     scores = pq.read_table(tmp_path / "scores" / "part-00000.parquet")["score_ctr"].to_numpy()
 
     run = load_run(checkpoint)

@@ -86,7 +86,7 @@ def table_weights(features: nn.Module) -> dict[str, torch.Tensor]:
     weights = {}
     for name, tensor in features.state_dict().items():
         parts = name.split(".")
-        if parts[-1] == "weight" and parts[0] in ("embeddings", "sequence_embeddings"):
+        if parts[-1] == "weight" and parts[0] in ("embeddings", "weighted_embeddings", "sequence_embeddings"):
             weights[parts[-2]] = tensor.detach().float().cpu()
     return weights
 
