@@ -102,6 +102,14 @@ def test_a_schema_whose_pooled_tables_are_all_weighted_has_one_collection(tmp_pa
                                _by_hand({"user": torch.zeros(10, 4), **table_weights(features)})[:, 4:])
 
 
+def test_a_file_whose_ids_and_weights_are_all_null_has_empty_bags(tmp_path):
+    """Parquet types a column of nulls only as ``null``, not as a list: its rows are empty bags."""
+    pq.write_table(pa.table({**ROWS, "tags": pa.nulls(3), "tag_weights": pa.nulls(3)}), tmp_path / "n.parquet")
+    [batch] = read_batches(Schema.from_dict(SCHEMA), tmp_path / "n.parquet")
+    assert batch.sparse["tags"].lengths().tolist() == [0, 0, 0] and batch.sparse["tags"].weights().numel() == 0
+    assert batch.sparse["cats"].weights().tolist() == [1.0, -2.0, 0.25]
+
+
 def test_the_rows_updates_scale_with_their_weights(tmp_path):
     """Fused SGD (lr 1) on ``loss = sum(pooled * c)``: the gradient of a bag is ``c``, so each row
     of it moves by ``-w_i c`` (``-w_i c / n`` in a mean bag), within the same backward."""
