@@ -7,6 +7,7 @@ the weights; and a run on a Parquet log goes through ``fit``, ``export`` and ``s
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -183,6 +184,8 @@ def test_fit_export_and_score_a_weighted_log_through_the_cli(tmp_path, monkeypat
                  "--model.model.init_args.tower", "[8]"]) == 0
     [checkpoint] = (tmp_path / "run").rglob("*.ckpt")
     assert main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "artifact")]) == 0
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert manifest["inputs"]["weights"]["shape"] == ["N"] and "weighted ids" in manifest["split"]["refused"]
     assert main(["score", "--artifact", str(tmp_path / "artifact"), "--data", test,
                  "--out", str(tmp_path / "scores")]) == 0
     scores = pq.read_table(tmp_path / "scores" / "part-00000.parquet")["score_ctr"].to_numpy()
