@@ -90,6 +90,13 @@ class SparseFeature:
     ``vocab_list``; ``vocab_file`` in YAML is read into it), and ``combo`` hashes two or more columns'
     values as one id (ComboFeature). Their table sizes follow from the declaration
     (:func:`~lightning_mtr.derived.derive_rows`) except a combo's, which is its hash buckets.
+
+    ``weight_column`` (TorchEasyRec's weighted IdFeature): a column of lists of numbers beside a
+    ``multi_valued`` id column, one weight per id; the bag pools to ``sum_i w_i e_i`` (``pooling:
+    mean``: ``sum_i w_i e_i / n``, TorchRec's weighted mean, over the bag's n ids, not its weights'
+    sum). The ids travel as TorchRec's weighted ``KeyedJaggedTensor``, and the tables of weighted
+    features are a collection of their own (``is_weighted=True``); features sharing a table all have
+    weights or none do. Not with ``managed_collisions`` (its rows are reset in the unweighted collection).
     """
 
     name: str
@@ -110,6 +117,7 @@ class SparseFeature:
     quantiles: int | None = None
     vocab_list: tuple[str, ...] | None = None
     combo: tuple[str, ...] | None = None
+    weight_column: str | None = None
 
     def __post_init__(self) -> None:
         derive_rows(self)
@@ -233,6 +241,7 @@ class EmbeddingTable:
     feature_names: tuple[str, ...]
     init_range: float | None = None  # None: TorchRec's sqrt(1 / num_embeddings)
     managed_collisions: ManagedCollisions | None = None
+    weighted: bool = False  # its features' ids carry weights (weight_column)
 
 
 @dataclass(frozen=True)
@@ -302,7 +311,8 @@ class Schema:
             by_name.setdefault(feature.table_name, []).append(feature)
         return [
             EmbeddingTable(name, group[0].num_embeddings, group[0].embedding_dim, group[0].pooling,
-                           tuple(f.name for f in group), group[0].init_range, group[0].managed_collisions)
+                           tuple(f.name for f in group), group[0].init_range, group[0].managed_collisions,
+                           group[0].weight_column is not None)
             for name, group in by_name.items()
         ]
 
@@ -343,6 +353,11 @@ class Schema:
         training-data statistics."""
         return any(f.standardized for f in self.dense) or any(f.quantiles for f in self.sparse)
 
+    @property
+    def weighted(self) -> bool:
+        """Some sparse feature has a ``weight_column``: the ids then carry weights (1 where none is given)."""
+        return any(f.weight_column is not None for f in self.sparse)
+
     def features_on_side(self, side: Side) -> list[str]:
         """Names of the features (sparse, then dense, in schema order) tagged with ``side``."""
         if side not in SIDES:
@@ -351,7 +366,8 @@ class Schema:
 
     @property
     def input_columns(self) -> list[str]:
-        return [c for f in self.sparse for c in f.columns] + [f.source_column for f in self.dense]
+        weights = [f.weight_column for f in self.sparse if f.weight_column is not None]
+        return [c for f in self.sparse for c in f.columns] + weights + [f.source_column for f in self.dense]
 
     def _validate(self) -> None:
         if not self.tasks:
@@ -394,6 +410,10 @@ class Schema:
             if len({f.managed_collisions for f in users}) > 1:
                 raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but disagree on "
                                  "managed_collisions; set the same on each")
+            if len({f.weight_column is None for f in users}) > 1:
+                raise ValueError(f"features {[f.name for f in users]} share table {table.name!r} but only some have "
+                                 "a weight_column; a table's ids are weighted or not: give each one, or a table of its "
+                                 "own")
             if len({f.sequence for f in users}) > 1:
                 raise ValueError(f"table {table.name!r} mixes sequence and pooled features {[f.name for f in users]}; "
                                  "a table is looked up pooled or unpooled, so give the sequence its own table")
@@ -483,10 +503,29 @@ def _validate_sparse(feature: SparseFeature) -> None:
     validate_derived(feature, where)
     if feature.max_length is not None and (not (feature.multi_valued or feature.sequence) or feature.max_length < 1):
         raise ValueError(f"{where}: max_length needs multi_valued: true (or sequence: true) and a value >= 1")
+    _validate_weights(feature, where)
     init = feature.init_range
     if init is not None and (isinstance(init, bool) or not isinstance(init, (int, float)) or not 0 < init < math.inf):
         raise ValueError(f"{where}: init_range must be a positive number (weights start uniform in "
                          f"[-init_range, init_range]), got {feature.init_range!r}")
+
+
+def _validate_weights(feature: SparseFeature, where: str) -> None:
+    if feature.weight_column is None:
+        return
+    if feature.sequence:
+        raise ValueError(f"{where}: weight_column weighs the ids of a pooled bag; a sequence is read unpooled, one "
+                         "embedding per element: drop weight_column or sequence")
+    if not feature.multi_valued:
+        raise ValueError(f"{where}: weight_column gives one weight per id of a multi_valued feature (lists of ids, "
+                         "lists of weights); set multi_valued: true (a single id's weight would only scale its "
+                         "embedding: a dense feature does that)")
+    if feature.managed_collisions is not None:
+        raise ValueError(f"{where}: weight_column and managed_collisions together are not supported: a managed "
+                         "table's reset rows are looked for in the unweighted collection; drop one of them")
+    if feature.weight_column == feature.source_column:
+        raise ValueError(f"{where}: weight_column {feature.weight_column!r} is the id column itself; name the column "
+                         "of weights")
 
 
 def _validate_managed(feature: SparseFeature, where: str) -> None:

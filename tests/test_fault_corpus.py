@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -118,6 +119,38 @@ def _derived_feature_cases(root: Path) -> dict[str, tuple[list[str], str, list[s
     return cases
 
 
+def _weighted_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str, list[str]]]:
+    """``fit`` with BAD_SCHEMA's tags weighed by a ``tag_weights`` column (tests/test_weighted_ids.py),
+    on a bad weight column or a schema whose weights cannot apply: {name: (argv, path, words)}."""
+    weighted = {**asdict(BAD_SCHEMA), "sparse": [{**f, "weight_column": "tag_weights"} if f["name"] == "tags" else f
+                                                 for f in asdict(BAD_SCHEMA)["sparse"]]}
+    schema = root / "weighted_schema.yaml"
+    schema.write_text(yaml.safe_dump(weighted))
+    good = [[0.5, 2.0]] * 6  # good_rows has two tags per row
+    lists = pa.list_(pa.float64())
+    files = {  # name: (tag_weights, words)
+        "weights shorter than ids": (pa.array(good[:3] + [[1.0], [1.0]] + good[5:], lists),
+                                     ["1 weight(s) for 2 id(s)", "'tags'", "rows 3-4"]),
+        "nan weight": (pa.array(good[:3] + [[1.0, float("nan")]] + good[4:], lists), ["NaN or infinite", "row 3"]),
+        "null weight": (pa.array(good[:3] + [[None, 1.0]] + good[4:], lists), ["null", "row 3"]),
+        "weights as strings": (pa.array([["1"]] * 6, pa.list_(pa.string())), ["expected lists of numbers"]),
+        "missing weight column": (None, ["missing column"]),
+    }
+    cases = {}
+    for name, (weights, words) in files.items():
+        rows = good_rows() if weights is None else {**good_rows(), "tag_weights": weights}
+        path = write_parquet(root / f"{name.replace(' ', '_')}.parquet", rows)
+        cases[name] = (["--data.schema", str(schema), "--data.train", path, "--data.val", path], path,
+                       ["'tag_weights'", *words])
+    sequence = root / "weighted_sequence_schema.yaml"
+    sequence.write_text(yaml.safe_dump({**weighted, "sparse": [{**f, "sequence": True, "multi_valued": False}
+                                                              if f["name"] == "tags" else f
+                                                              for f in weighted["sparse"]]}))
+    cases["weights on a sequence"] = (["--data.schema", str(sequence)], str(sequence),
+                                      ["sparse feature 'tags'", "a sequence is read unpooled"])
+    return {name: (["fit", "--config", str(config), *args], path, words) for name, (args, path, words) in cases.items()}
+
+
 def _damaged(root: Path, directory: Path, single: Path) -> dict[str, Path]:
     data = single.read_bytes()
     damaged = {name: root / f"{name}.ckpt" for name in ("truncated", "random", "empty", "tampered")}
@@ -207,7 +240,8 @@ def _warm_start_cases(root: Path, fitted, damaged: dict[str, Path]) -> dict[str,
 
 
 def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):
-    cases = {**_data_cases(tmp_path, fitted["mmoe"][0]), **_checkpoint_cases(tmp_path, fitted)}
+    cases = {**_data_cases(tmp_path, fitted["mmoe"][0]), **_weighted_cases(tmp_path, fitted["mmoe"][0]),
+             **_checkpoint_cases(tmp_path, fitted)}
     (tmp_path / "cases.json").write_text(json.dumps({name: argv for name, (argv, _, _) in cases.items()}))
     path = [str(DRIVER.parents[1]), str(tmp_path), os.environ.get("PYTHONPATH", "")]  # tmp_path: the marker module
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "OMP_NUM_THREADS": "1"}

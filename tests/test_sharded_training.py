@@ -50,6 +50,11 @@ MODELS = {"pooled": partial(MMoE, num_experts=2, expert=[8], tower=[4]),
 MODELS["managed"] = MODELS["pooled"]
 MANAGED_USER = {"num_embeddings": 24, "managed_collisions": {}}  # the default policy, distance_lfu
 MANAGED_MAP = "model.features.managed_ids.maps.user._mch_sorted_raw_ids"
+# weighted ids (a weighted KJT, one collection with is_weighted=True): item's bags weighed by item_w,
+# mean-pooled; item_last, unweighted in its own table, still a mean of its bag, user still a sum
+MODELS["weighted"] = MODELS["pooled"]
+WEIGHTED = [SCHEMA["sparse"][0], {**SCHEMA["sparse"][1], "weight_column": "item_w"},
+            {**SCHEMA["sparse"][2], "table": "item_last"}]
 PLANS = {
     "table_wise": {"user": {"sharding_types": ["table_wise"]}, "item": {"sharding_types": ["table_wise"]}},
     # TorchRec shards row-wise only on GPUs (its CPU sharder offers table-, column-wise and data-parallel)
@@ -68,6 +73,9 @@ PLANS["managed"] = PLANS["table_wise"]
 PLANS["managed_column_wise"] = PLANS["column_wise"]
 PLANS["managed_data_parallel"] = {"user": {"sharding_types": ["data_parallel"]},
                                   "item": {"sharding_types": ["table_wise"]}}
+PLANS["weighted"] = {**PLANS["table_wise"], "item_last": {"sharding_types": ["table_wise"]}}
+PLANS["weighted_column_wise"] = {**PLANS["column_wise"], "item_last": {"sharding_types": ["table_wise"]}}
+PLANS["weighted_data_parallel"] = {**PLANS["data_parallel"], "item_last": {"sharding_types": ["data_parallel"]}}
 # Row-wise Adagrad keeps one accumulator per row *of each column shard*, so a column-wise table
 # legitimately updates differently from an unsharded one: it is checked with element-wise Adagrad.
 # A pinned plan (the JSON `lightning-mtr plan` writes) with the first schema table on the last rank:
@@ -79,7 +87,9 @@ PINNED = {"format": "lightning-mtr-plan/1", "modules": {"features.embeddings": {
 CASES = [("table_wise", "rowwise_adagrad"), ("data_parallel", "rowwise_adagrad"), ("column_wise", "adagrad"),
          ("table_wise", "sgd"), ("pinned", "rowwise_adagrad"),
          ("sequences", "rowwise_adagrad"), ("fwfm", "rowwise_adagrad"), ("managed", "rowwise_adagrad"),
-         ("managed_column_wise", "adagrad"), ("managed_data_parallel", "rowwise_adagrad")]  # rows reset per layout
+         ("managed_column_wise", "adagrad"), ("managed_data_parallel", "rowwise_adagrad"),  # rows reset per layout
+         ("weighted", "rowwise_adagrad"), ("weighted_column_wise", "adagrad"),
+         ("weighted_data_parallel", "rowwise_adagrad")]
 GPU_ONLY = [("row_wise", "rowwise_adagrad"), ("table_row_wise", "rowwise_adagrad")]
 # fp32 sums in another order (all-to-all, all-reduce of the mean gradient) after STEPS steps of
 # Adam and row-wise Adagrad; a wrong update (e.g. a gradient not averaged over ranks) is off by >1e-2
@@ -88,19 +98,28 @@ TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}
 
 def _variant(plan: str) -> str:
     """The model a case trains: its own for the sequence cases, MMoE for every other plan."""
-    return "managed" if plan.startswith("managed") else plan if plan in MODELS else "pooled"
+    prefix = plan.split("_")[0]
+    return prefix if prefix in ("managed", "weighted") else plan if plan in MODELS else "pooled"
 
 
 def _schema(variant: str = "pooled") -> Schema:
     pooled = [{**f, "multi_valued": False} for f in SCHEMA["sparse"]] if variant == "fwfm" else SCHEMA["sparse"]
     if variant == "managed":
         return Schema.from_dict({**SCHEMA, "sparse": [{**pooled[0], **MANAGED_USER}, *pooled[1:]]})
+    if variant == "weighted":
+        return Schema.from_dict({**SCHEMA, "sparse": WEIGHTED})
     return Schema.from_dict({**SCHEMA, "sparse": pooled + (SEQUENCES if variant != "pooled" else [])})
 
 
 def _batch(seed: int, rows: int, variant: str = "pooled") -> Batch:
     schema = _schema("pooled" if variant == "managed" else variant)
     dense, sparse = random_inputs(schema, rows, seed)
+    if variant == "weighted":  # item's ids weighed in [-0.5, 2), every other id by 1
+        weights = torch.ones(sparse.values().numel())
+        start, stop = sparse.offset_per_key()[1:3]
+        weights[start:stop] = torch.rand(stop - start, generator=torch.Generator().manual_seed(seed)) * 2.5 - 0.5
+        sparse = KeyedJaggedTensor(keys=sparse.keys(), values=sparse.values(), lengths=sparse.lengths(),
+                                   weights=weights)
     if variant == "managed":  # the user ids (one per row, the first key) become raw ids of an open-ended space
         values = sparse.values().clone()
         values[:rows] = 10**12 + 7919 * values[:rows]
@@ -116,12 +135,12 @@ def _slice(batch: Batch, rank: int, world: int) -> Batch:
     keep = slice(rank * rows, (rank + 1) * rows)
     sparse = batch.sparse.to_dict()
     lengths = {k: v.lengths()[keep] for k, v in sparse.items()}
-    values = {k: v.values()[v.offsets()[keep.start]:v.offsets()[keep.stop]] for k, v in sparse.items()}
-    from torchrec import KeyedJaggedTensor
-
+    ids = {k: slice(v.offsets()[keep.start], v.offsets()[keep.stop]) for k, v in sparse.items()}
     keys = list(sparse)
-    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([values[k] for k in keys]),
-                            lengths=torch.cat([lengths[k] for k in keys]))
+    weighted = batch.sparse.weights_or_none() is not None
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.cat([sparse[k].values()[ids[k]] for k in keys]),
+                            lengths=torch.cat([lengths[k] for k in keys]),
+                            weights=torch.cat([sparse[k].weights()[ids[k]] for k in keys]) if weighted else None)
     return Batch(batch.dense[keep], kjt, {k: v[keep] for k, v in batch.labels.items()},
                  {k: v[keep] for k, v in batch.masks.items()})
 
@@ -489,10 +508,11 @@ def test_single_process_resume_equals_uninterrupted(variant, tmp_path):
 
 
 @pytest.mark.parametrize(("saved_on", "resumed_on", "variant"),
-                         [("single", 2, "pooled"), (2, "single", "pooled"), (2, "single", "managed")])
+                         [("single", 2, "pooled"), (2, "single", "pooled"), (2, "single", "managed"),
+                          ("single", 2, "weighted")])
 def test_checkpoint_moves_between_the_single_process_path_and_two_processes(saved_on, resumed_on, variant, tmp_path):
     """``managed``: the id -> row map saved by 2 processes resumes on one, which then assigns rows as the
-    2 processes would have."""
+    2 processes would have; ``weighted``: the weighted collection's tables resume sharded."""
     _resume_equals_uninterrupted(saved_on, resumed_on, tmp_path, variant)
 
 

@@ -17,6 +17,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from lightning_mtr.data.batch import Batch, RowSource
+from lightning_mtr.data.weighted import bag_weights, is_weight_list
 from lightning_mtr.derived import bucket_rows, combo_text, vocab_rows, with_quantile_boundaries
 from lightning_mtr.schema import ID_SPACE, DenseFeature, Schema, SparseFeature, Task
 
@@ -95,6 +96,7 @@ class BatchEncoder:
         kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
         kinds.update({c: ("numeric", None) for c in self._label_columns + list(self.extras)})
         kinds.update({c: ("group", None) for c in self._group_columns})
+        kinds.update({f.weight_column: ("weights", f) for f in self.schema.sparse if f.weight_column is not None})
         for column, (kind, feature) in kinds.items():
             if column not in arrow_schema.names:
                 combo = f" (combo feature {feature.name!r} combines {list(feature.combo)}; name columns the files " \
@@ -107,6 +109,8 @@ class BatchEncoder:
                 ok = ok and _is_id_type(dtype.value_type if is_list else dtype)
                 expected = ("a list of integer/string ids" if feature.multi_valued else
                             "integer or string ids, or lists of them" if feature.sequence else "integer or string ids")
+            elif kind == "weights":
+                ok, expected = is_weight_list(dtype), f"lists of numbers, one weight per id of {feature.name!r}"
             elif kind == "group":
                 ok, expected = _is_id_type(dtype), "integer or string ids (a request or user id)"
             else:
@@ -176,16 +180,21 @@ class BatchEncoder:
         return torch.from_numpy(np.stack(columns, axis=1).astype(dtype))
 
     def _sparse(self, table: pa.Table, checker: RowChecker) -> KeyedJaggedTensor:
-        values, lengths = [], []
+        """The ids; with weighted features (``schema.weighted``) a weighted KJT, weight 1 where none is given."""
+        values, lengths, weights = [], [], []
         for feature in self.schema.sparse:
             ids, counts = _derived_ids(table, feature) if feature.bucketized or feature.combo else \
                 _feature_ids(table.column(feature.source_column), feature, checker)
             values.append(ids)
             lengths.append(counts)
+            if self.schema.weighted:
+                weights.append(np.ones(len(ids), np.float32) if feature.weight_column is None else
+                               bag_weights(table, feature, checker))
         return KeyedJaggedTensor(
             keys=[f.name for f in self.schema.sparse],
             values=torch.from_numpy(np.concatenate(values) if values else np.zeros(0, np.int64)),
             lengths=torch.from_numpy(np.concatenate(lengths) if lengths else np.zeros(0, np.int32)),
+            weights=torch.from_numpy(np.concatenate(weights)) if self.schema.weighted else None,
             stride=table.num_rows,
         )
 

@@ -74,8 +74,9 @@ def fuse_sparse_optimizer(module: nn.Module, optimizer: SparseOptimizer, device:
         for name, child in list(parent.named_children()):
             if type(child) in _FUSED and (device.type == "cuda" or type(child) is EmbeddingBagCollection):
                 fused_class, configs = _FUSED[type(child)]
+                weighted = {"is_weighted": child.is_weighted()} if fused_class is FusedEmbeddingBagCollection else {}
                 fused = fused_class(tables=getattr(child, configs)(), optimizer_type=TORCH_CLASS[optimizer.name],
-                                    optimizer_kwargs=optimizer.kwargs(), device=device)
+                                    optimizer_kwargs=optimizer.kwargs(), device=device, **weighted)
                 if not any(p.is_meta for p in child.parameters()):
                     fused.load_state_dict(child.state_dict())
                 setattr(parent, name, fused)

@@ -21,9 +21,15 @@ def _table_arguments(table: EmbeddingTable) -> dict:
                 feature_names=list(table.feature_names), **init)
 
 
-def embedding_configs(schema: Schema) -> list[EmbeddingBagConfig]:
-    """One TorchRec table config per pooled schema table (shared tables list all their features)."""
-    return [EmbeddingBagConfig(**_table_arguments(t), pooling=_POOLING[t.pooling]) for t in schema.pooled_tables]
+def embedding_configs(schema: Schema, weighted: bool = False) -> list[EmbeddingBagConfig]:
+    """One TorchRec table config per pooled schema table (shared tables list all their features),
+    of the unweighted tables or of the ``weighted`` ones (``weight_column``: a collection of their own).
+
+    Weighted tables sum: PyTorch's plain ``EmbeddingBag`` has no weighted mean (fbgemm's has), so
+    ``FeatureInput`` divides their mean-pooled features by the bags' id counts itself, on every
+    path (plain, fused, sharded) alike."""
+    return [EmbeddingBagConfig(**_table_arguments(t), pooling=_POOLING["sum" if weighted else t.pooling])
+            for t in schema.pooled_tables if t.weighted == weighted]
 
 
 def sequence_configs(schema: Schema) -> list[EmbeddingConfig]:

@@ -94,7 +94,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 @dataclass
 class Artifact:
-    """A checked artifact: ``score(dense, values, lengths) -> {output: [B]}``."""
+    """A checked artifact: ``score(dense, values, lengths[, weights]) -> {output: [B]}`` (``weights``:
+    for a schema with weighted ids, see ``manifest["inputs"]``)."""
 
     directory: Path
     manifest: dict[str, Any]
@@ -104,9 +105,10 @@ class Artifact:
     def output_names(self) -> list[str]:
         return [output["name"] for output in self.manifest["outputs"]]
 
-    def score(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    def score(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+              weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
-            return self.program(dense, values, lengths)
+            return self.program(dense, values, lengths, *(() if weights is None else (weights,)))
 
 
 def load_artifact(directory: str | Path, program: str = PROGRAM) -> Artifact:

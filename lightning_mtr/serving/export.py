@@ -174,6 +174,8 @@ def build_manifest(run: TrainedRun, quantize: Quantize, check: dict) -> dict:
                        "note": "row ids of every sparse feature, feature by feature, row by row within one"},
             "lengths": {"dtype": "int64", "shape": [len(sparse), "B"], "features": sparse,
                         "note": "ids per feature (schema order) per row; a sequence keeps its first max_length"},
+            **({"weights": {"dtype": "float32", "shape": ["N"], "note": "one weight per id of values; 1 for ids of "
+                            "features without weight_column"}} if schema.weighted else {}),
             "batch": {"min": 1, "max": MAX_BATCH},
         },
         "hashing": {
@@ -221,7 +223,8 @@ def verify(run: TrainedRun, programs: dict[str, torch.nn.Module], data: str | li
     parity, sample = None, ()
     rows = 0
     for batch, raw in _batches(schema, run, data, check_rows):
-        inputs = (raw.dense, raw.sparse.values(), raw.sparse.lengths().view(len(schema.sparse), -1).long())
+        inputs = (raw.dense, raw.sparse.values(), raw.sparse.lengths().view(len(schema.sparse), -1).long(),
+                  *(() if raw.sparse.weights_or_none() is None else (raw.sparse.weights(),)))
         with torch.no_grad():
             outputs = {k: program(*inputs) for k, program in programs.items()}
             if parity is None:

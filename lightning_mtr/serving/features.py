@@ -1,7 +1,9 @@
 """The feature input of an exported program: plain tensors in, PyTorch's own (ATen) operators only.
 
 Sparse features arrive as one flat ``values`` tensor of row ids and a ``lengths [F, B]`` tensor
-(ids per schema sparse feature per row, feature-major, the layout of a KeyedJaggedTensor). The
+(ids per schema sparse feature per row, feature-major, the layout of a KeyedJaggedTensor), and with
+weighted ids (``weight_column``) a ``weights [N]`` float32 tensor beside ``values`` (1 for the ids of
+features without weights), the layout of TorchRec's weighted KeyedJaggedTensor. The
 tables of one embedding dim are stacked into one matrix, as fbgemm's table-batched lookup does,
 so a batch costs one gather and one scatter-add per dim instead of one per feature.
 """
@@ -15,7 +17,7 @@ from lightning_mtr.nn.features import FeatureLayout
 from lightning_mtr.schema import EmbeddingTable, Schema
 from lightning_mtr.serving.tables import Quantize, RowStore
 
-SparseInput = tuple[torch.Tensor, torch.Tensor]  # (values [N] int64, lengths [F, B] int64)
+SparseInput = tuple[torch.Tensor, ...]  # (values [N] int64, lengths [F, B] int64[, weights [N] float32])
 _NO_LIMIT = 1 << 62  # a feature without max_length keeps every id
 
 
@@ -40,11 +42,14 @@ class StackedTables(nn.Module):
         self.register_buffer("block_inputs", torch.tensor([inputs.index(n) for n in self.names], dtype=torch.long))
         self.rows = RowStore(torch.cat([weights[t.name] for t in tables]), quantize)
 
-    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, kept: torch.Tensor
-               ) -> torch.Tensor:
-        """``[len(names), B, D]``: each feature's ``kept`` ids summed (or averaged) per row."""
+    def pooled(self, values: torch.Tensor, lengths: torch.Tensor, bag: torch.Tensor, kept: torch.Tensor,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """``[len(names), B, D]``: each feature's ``kept`` ids summed (or averaged) per row, each id's
+        row times its weight when ``weights`` are given (a mean then divides by the ids, as TorchRec's)."""
         batch, blocks = lengths.shape[1], len(self.names)
         rows, slot = self._rows(values, bag, batch)
+        if weights is not None:
+            rows = rows * weights[:, None].to(rows.dtype)
         target = torch.where((slot >= 0) & kept, slot * batch + bag % batch, blocks * batch)  # the rest: a spare row
         summed = rows.new_zeros(blocks * batch + 1, rows.shape[1]).index_add(0, target, rows)[:-1]
         summed = summed.view(blocks, batch, -1)
@@ -127,7 +132,8 @@ class ServingFeatureInput(FeatureLayout):
             return dense
         values, lengths, bag, position = self._locate(sparse)
         kept = position < self.limit[bag // lengths.shape[1]]
-        pooled = [stack.pooled(values, lengths, bag, kept) for stack in self.stacks]
+        weights = sparse[2] if len(sparse) > 2 else None
+        pooled = [stack.pooled(values, lengths, bag, kept, weights) for stack in self.stacks]
         return torch.cat([dense] + [pooled[s][b] for s, b in (self.block[n] for n in self.feature_names)], dim=1)
 
     def sequences(self, sparse: SparseInput) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -148,7 +154,7 @@ class ServingFeatureInput(FeatureLayout):
         """``(values, lengths cut to max_length, each id's bag feature * B + row, its place in
         the bag)``: ids past a feature's ``max_length`` are dropped, as the training reader
         drops them, so a client may send whole lists."""
-        values, lengths = sparse
+        values, lengths = sparse[:2]
         flat = lengths.reshape(-1)
         bag = torch.repeat_interleave(torch.arange(flat.shape[0], device=values.device), flat,
                                       output_size=values.shape[0])

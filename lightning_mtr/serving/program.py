@@ -30,8 +30,9 @@ class ExportError(RuntimeError):
 
 
 class ServingModel(nn.Module):
-    """``forward(dense [B, n_dense] float64 raw, values [N] int64, lengths [F, B] int64) -> {output: [B]}``
-    (float64 dense: a raw timestamp or price keeps the precision training standardised it with)."""
+    """``forward(dense [B, n_dense] float64 raw, values [N] int64, lengths [F, B] int64[, weights [N]
+    float32]) -> {output: [B]}`` (float64 dense: a raw timestamp or price keeps the precision training
+    standardised it with; ``weights`` for a schema with weighted ids only, and required there)."""
 
     def __init__(self, model: nn.Module, schema: Schema, dense_stats: DenseStats | None, quantize: Quantize = "none"):
         super().__init__()
@@ -69,8 +70,13 @@ class ServingModel(nn.Module):
         x = torch.where(self.log1p, torch.log1p(x.clamp_min(0.0)), x)
         return ((x - self.mean) / self.std).float()
 
-    def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.model(self.transform_dense(dense), (values, lengths))
+    def forward(self, dense: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if (weights is None) == self.schema.weighted:
+            raise ValueError("the schema's weighted ids need a weights tensor beside values (1 for unweighted ids)"
+                             if self.schema.weighted else "the schema has no weighted ids: pass no weights")
+        sparse = (values, lengths) if weights is None else (values, lengths, weights)
+        logits = self.model(self.transform_dense(dense), sparse)
         return probabilities(self.schema, logits)
 
 
@@ -80,7 +86,7 @@ def table_weights(features: nn.Module) -> dict[str, torch.Tensor]:
     weights = {}
     for name, tensor in features.state_dict().items():
         parts = name.split(".")
-        if parts[-1] == "weight" and parts[0] in ("embeddings", "sequence_embeddings"):
+        if parts[-1] == "weight" and parts[0] in ("embeddings", "weighted_embeddings", "sequence_embeddings"):
             weights[parts[-2]] = tensor.detach().float().cpu()
     return weights
 
@@ -93,11 +99,12 @@ def id_maps(features: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
     return {table: tuple(t.detach().cpu().clone() for t in rows.id_map()) for table, rows in managed.maps.items()}
 
 
-def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A small valid batch (one id per feature per row, id 0) to trace the program with."""
+def example_inputs(schema: Schema, batch: int = 3) -> tuple[torch.Tensor, ...]:
+    """A small valid batch (one id per feature per row, id 0, weight 1) to trace the program with."""
     lengths = torch.ones(len(schema.sparse), batch, dtype=torch.int64)
     dense = torch.zeros(batch, len(schema.dense), dtype=torch.float64)
-    return dense, torch.zeros(int(lengths.sum()), dtype=torch.int64), lengths
+    weights = (torch.ones(int(lengths.sum())),) if schema.weighted else ()
+    return dense, torch.zeros(int(lengths.sum()), dtype=torch.int64), lengths, *weights
 
 
 def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
@@ -107,10 +114,11 @@ def export_program(serving: ServingModel) -> torch.export.ExportedProgram:
 
 
 def input_dims(schema: Schema) -> dict[str, dict[int, torch.export.Dim] | None]:
-    """The dynamic sizes of the ``(dense, values, lengths)`` inputs: the batch and the id count
-    (none without sparse features: ``values`` is then always empty)."""
+    """The dynamic sizes of the ``(dense, values, lengths[, weights])`` inputs: the batch and the id
+    count (none without sparse features: ``values`` is then always empty)."""
     batch, ids = torch.export.Dim("batch", min=1, max=MAX_BATCH), torch.export.Dim("ids", max=1 << 40)
-    return {"dense": {0: batch}, "values": {0: ids} if schema.sparse else None, "lengths": {1: batch}}
+    weights = {"weights": {0: ids}} if schema.weighted else {}
+    return {"dense": {0: batch}, "values": {0: ids} if schema.sparse else None, "lengths": {1: batch}, **weights}
 
 
 def export_module(module: nn.Module, inputs: tuple, dynamic: dict) -> torch.export.ExportedProgram:

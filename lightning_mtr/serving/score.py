@@ -70,7 +70,8 @@ def _score_file(artifact: Artifact, encoder: BatchEncoder, units: list, part: Pa
         for table in read_tagged(units, encoder.columns, batch_size, encoder.numeric_columns, encoder.string_columns):
             batch = encoder.encode(table, sources)
             sparse = batch.sparse
-            scores = artifact.score(batch.dense, sparse.values(), sparse.lengths().view(len(sparse.keys()), -1).long())
+            scores = artifact.score(batch.dense, sparse.values(), sparse.lengths().view(len(sparse.keys()), -1).long(),
+                                    sparse.weights_or_none())
             columns = {f"score_{name}": scores[name].numpy() for name in artifact.output_names}
             result = pa.table({**columns, **{name: values.numpy() for name, values in batch.extras.items()}})
             writer = writer or pq.ParquetWriter(part, result.schema)

@@ -124,6 +124,9 @@ def split_model(model: nn.Module, schema: Schema, dense_stats: DenseStats | None
     refused = next((reason for cls, reason in REFUSED.items() if isinstance(model, cls)), None)
     if refused:
         raise SplitRefused(refused)
+    if schema.weighted:
+        raise SplitRefused("the schema has weighted ids (weight_column), which the user and item programs do not "
+                           "take; model.pt2 scores them")
     if not schema.features_on_side(ITEM):
         raise SplitRefused("the schema tags no feature `side: item`, so every candidate of a request would get the "
                            "same score; tag the candidate's features in the schema")
