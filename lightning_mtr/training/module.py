@@ -33,10 +33,12 @@ def with_required_weights(schema: Schema, model: nn.Module) -> Schema:
     if not isinstance(model, RequiredTaskWeights):
         return schema
     required = model.required_task_weights()
-    for task in schema.tasks:
-        if task.name in required and task.weight != required[task.name]:
-            rank_zero_info(f"{type(model).__name__} trains task {task.name!r} with weight {required[task.name]:g} "
-                           f"(the schema says {task.weight:g}): it is learned through the model's own losses")
+    changed = [t for t in schema.tasks if t.name in required and t.weight != required[t.name]]
+    for task in changed:
+        rank_zero_info(f"{type(model).__name__} trains task {task.name!r} with weight {required[task.name]:g} "
+                       f"(the schema says {task.weight:g}): it is learned through the model's own losses")
+    if not changed:
+        return schema  # the very object the data module holds
     return replace(schema, tasks=tuple(replace(t, weight=required.get(t.name, t.weight)) for t in schema.tasks))
 
 
