@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from lightning_mtr.cli import main
 from lightning_mtr.schema import Schema
