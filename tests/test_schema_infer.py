@@ -182,6 +182,7 @@ def test_table_sizes_and_dense_transforms_follow_the_values(tmp_path, monkeypatc
         "user": np.tile(wide, 2), "small": np.arange(rows) % 100, "city": [f"c{i % 50}" for i in range(rows)],
         "fraction": rng.random(rows), "counts": rng.pareto(1.5, rows).round() * 10,
         "temperature": rng.normal(-5, 3, rows), "same": np.full(rows, 2.5),
+        "tags": [[f"t{i % 7}", f"t{i % 11}"][: i % 3] for i in range(rows)],
         "click": (np.arange(rows) % 3 == 0).astype(np.int64), "buy": (np.arange(rows) % 6 == 0).astype(np.int64)})
     path = tmp_path / "log.parquet"
     pq.write_table(table, path)
@@ -191,6 +192,8 @@ def test_table_sizes_and_dense_transforms_follow_the_values(tmp_path, monkeypatc
                                           "managed_collisions": {}})
     assert entries["small"][1]["num_embeddings"] == 256 and entries["small"][1]["out_of_range"] == "modulo"
     assert entries["city"][1]["num_embeddings"] == 256 and entries["city"][1]["hashed"] is True
+    assert entries["tags"] == ("sparse", {"name": "tags", "num_embeddings": 64, "embedding_dim": 16, "hashed": True,
+                                          "multi_valued": True})  # 11 tags * 4 = 44 -> 64 rows
     transforms = {name: entry.get("transform") for name, (section, entry) in entries.items() if section == "dense"}
     assert transforms == {"fraction": "none", "counts": "log1p_standardize", "temperature": "standardize",
                           "same": "none"}

@@ -123,13 +123,15 @@ def _feature(column: ColumnProfile, kind: str, forced: bool) -> Choice:
         entry["column"] = column.name
     if kind == "dense":
         return _dense(column, entry, forced)
-    if column.kind == "list":
-        entry["multi_valued"] = True
     rows, how = _table(column)
     entry["num_embeddings"] = rows
     entry["embedding_dim"] = _dim(rows)
     entry.update(how)
-    return Choice("sparse", entry, f"{seen} -> {rows:,} rows {_reason(column, how, rows)}"
+    lists = ""
+    if column.kind == "list":
+        entry["multi_valued"] = True
+        lists = f"; lists of up to {column.max_length} (max_length keeps the first N)"
+    return Choice("sparse", entry, f"{seen} -> {rows:,} rows {_reason(column, how, rows)}{lists}"
                   + (" (--sparse)" if forced else ""))
 
 

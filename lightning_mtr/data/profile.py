@@ -70,11 +70,6 @@ class ColumnProfile:
         return (self.shift or 0.0) + self.moments[0] / max(self.count, 1)
 
     @property
-    def std(self) -> float:
-        m1, m2 = self.moments[:2] / max(self.count, 1)
-        return math.sqrt(max(m2 - m1 * m1, 0.0))
-
-    @property
     def skew(self) -> float:
         """Sample skewness (third standardised moment); 0 for a constant."""
         m1, m2, m3 = self.moments / max(self.count, 1)
