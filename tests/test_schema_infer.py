@@ -240,10 +240,11 @@ def test_a_column_numeric_at_first_and_text_later_is_read_again(tmp_path, monkey
     (["--data", "{csv}"], "name the label columns: --label click"),
     (["--data", "{csv}", "--label", "clicks"], "{csv}: no label column 'clicks'; its columns are ['id', 'click']"),
     (["--data", "{bad}", "--label", "click"], "{bad}: unreadable file"),
+    (["--data", "{csv}", "--label", "id"], "{csv}: label column 'id' has type string; labels must be numbers"),
     (["--data", "{missing}", "--label", "click"], "{missing}: no such file or directory"),
 ])
 def test_errors_are_one_line_with_status_2(tmp_path, capsys, args, message):
-    paths = {"csv": str(_write_csv(tmp_path / "log.csv", {"id": [1, 2], "click": [0, 1]})),
+    paths = {"csv": str(_write_csv(tmp_path / "log.csv", {"id": ["a", "b"], "click": [0, 1]})),
              "bad": str(tmp_path / "bad.parquet"), "missing": str(tmp_path / "nothing.csv")}
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     assert main(["schema", "infer", *(a.format(**paths) for a in args)]) == 2

@@ -238,21 +238,31 @@ def _read(path: str, text: TextFormat, labels: Sequence[str], forced: dict[str, 
     try:
         if path.endswith(".parquet"):
             reader = pq.ParquetFile(path)
-            names = reader.schema_arrow.names
+            schema = reader.schema_arrow
             batches = reader.iter_batches(BATCH_ROWS)
         else:
             reader = text.open(path, pa_csv.ConvertOptions(column_types=forced, strings_can_be_null=True))
-            names = reader.schema.names
+            schema = reader.schema
             batches = iter(reader)
-        missing = [label for label in labels if label not in names]
-        if missing:
-            raise DataError(f"{path}: no label column {missing[0]!r}; its columns are {names[:12]}"
-                            f"{' ...' if len(names) > 12 else ''} (--label names a column holding a task's label)")
+        _check_labels(path, schema, labels)
         yield from batches
     except (OSError, pa.ArrowException) as error:
         if isinstance(error, pa.ArrowInvalid) and "CSV conversion error" in str(error):
             raise
         raise DataError(f"{path}: unreadable file ({error})") from None
+
+
+def _check_labels(path: str, schema: pa.Schema, labels: Sequence[str]) -> None:
+    names = schema.names
+    missing = [label for label in labels if label not in names]
+    if missing:
+        raise DataError(f"{path}: no label column {missing[0]!r}; its columns are {names[:12]}"
+                        f"{' ...' if len(names) > 12 else ''} (--label names a column holding a task's label)")
+    for label in labels:
+        dtype = schema.field(label).type
+        if not (pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)):
+            raise DataError(f"{path}: label column {label!r} has type {dtype}; labels must be numbers "
+                            "(0/1 for a binary task)")
 
 
 def _is_number(value: str) -> bool:
