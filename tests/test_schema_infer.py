@@ -250,3 +250,16 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys, args, message):
     assert main(["schema", "infer", *(a.format(**paths) for a in args)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lightning-mtr schema: error: " + message.format(**paths)) and err.count("\n") == 1
+
+
+def test_a_chain_tolerates_a_few_later_steps_without_the_earlier(tmp_path):
+    """Ali-CCP has purchases without a click: 1 of 200 (0.5%, under 1%) keeps the chain, and is named."""
+    click = np.arange(1000) % 2
+    buy = np.zeros(1000, np.int64)
+    buy[np.flatnonzero(click)[:199]] = 1
+    buy[0] = 1  # row 0 is not clicked
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"click": click, "buy": buy}), path)
+    _, tasks = infer(profile_files([str(path)], ["click", "buy"]))
+    assert [t.entry["name"] for t in tasks] == ["ctr", "cvr", "ctcvr"]
+    assert "1 rows have buy without click: ctcvr negatives, outside cvr's space" in tasks[1].why
