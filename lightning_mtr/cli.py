@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lightning_mtr.data import synthetic
+from lightning_mtr.data import infer, synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     (:mod:`~lightning_mtr.training.distributed.peers`)."""
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
-                "export": export.main, "score": score.main, "daily": daily.main}
+                "export": export.main, "score": score.main, "daily": daily.main,
+                "schema": infer.main}
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:

@@ -46,6 +46,17 @@ class LabelOrder(Protocol):
 
 
 @runtime_checkable
+class RequiredTaskWeights(Protocol):
+    """A model that fixes some tasks' loss weights whatever the schema says (ESMM and ESM2: a task
+    learned only through the probability chain trains with weight 0), so one schema serves it and
+    MMoE on the same data. ``MultiTaskModule.__init__`` trains, weighs and reports ``val/loss``
+    with these weights, and logs one line for each it changed."""
+
+    def required_task_weights(self) -> Mapping[str, float]:
+        """``{task: weight}`` for the tasks whose weight the model decides."""
+
+
+@runtime_checkable
 class GatedBlock(Protocol):
     """A mixture-of-experts block (``MixtureBottom``, PLE's ``CGCLayer``).
     ``training.diagnostics.GateDiagnostics`` calls it on the block's inputs during validation."""

@@ -437,11 +437,29 @@ def _load_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ValueError(f"schema files extend each other in a cycle: {[str(p) for p in seen]}")
     with open(path) as handle:
-        config = yaml.safe_load(handle) or {}
+        config = yaml.load(handle, Loader=_NamesAsText) or {}
     base = config.pop("extends", None)
     if base is None:
         return config
     return {**_load_with_base(path.parent / base, (*seen, path.resolve())), **config}
+
+
+class _NamesAsText(yaml.SafeLoader):
+    """YAML 1.1 reads an unquoted ``109_14`` as the integer 10914 and ``0123`` as 83 (octal), so
+    Ali-CCP's columns went missing as ``'10914'``. Names, columns, tables, labels, sample spaces and
+    ``ground_truth`` globs are always text: their plain scalars keep the text as written."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value in _TEXT_KEYS:
+                items = value.value if isinstance(value, yaml.SequenceNode) else [value]
+                for item in items:
+                    if isinstance(item, yaml.ScalarNode) and item.tag in _NUMBER_TAGS:
+                        item.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep)
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")
 
 
 def _validate_task(task: Task) -> None:
@@ -561,7 +579,7 @@ def _build(cls: type, config: Any, what: str) -> Any:
     if unknown:
         raise ValueError(f"{what} {config.get('name', '?')!r}: unknown keys {sorted(unknown)}; "
                          f"allowed: {sorted(allowed)}")
-    # YAML reads `name: 101` as an int; Arrow column names are strings.
+    # a dict written in code may name column 101 by the int; Arrow column names are strings
     names = {k: str(v) if k in _NAME_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool) else v
              for k, v in config.items()}
     names = {k: tuple(v) if isinstance(v, list) else v for k, v in names.items()}  # frozen: hashable
@@ -569,6 +587,7 @@ def _build(cls: type, config: Any, what: str) -> Any:
 
 
 _NAME_KEYS = ("name", "column", "table", "group", "gauc_by", "weight_column")
+_TEXT_KEYS = (*_NAME_KEYS, "label", "sample_space", "ground_truth")
 
 
 __all__ = ["DenseFeature", "EmbeddingTable", "ManagedCollisions", "Schema", "SparseFeature", "Task"]

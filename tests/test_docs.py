@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 from lightning_mtr.cli import main
 from lightning_mtr.schema import Schema
@@ -99,35 +98,56 @@ def _section(title: str) -> str:
 
 
 def _write_log(schema: Schema, path: Path, rows: int, rng: np.random.Generator) -> None:
-    """A log with every column the schema reads: ids in range, positive dense values, 0/1 labels."""
-    columns = {f.source_column: rng.integers(0, f.num_embeddings, rows) for f in schema.sparse}
-    columns |= {f.source_column: rng.exponential(10.0, rows) for f in schema.dense}
-    columns |= {name: rng.integers(0, 2, rows) for name in sorted(schema.label_columns)}
+    """A log with every column the schema reads: managed ids of any size, other ids in range, dense
+    values with a long right tail, and 0/1 labels where conversion follows a click."""
+    columns = {f.source_column: rng.integers(0, 10**9 if f.managed_collisions else f.num_embeddings, rows)
+               for f in schema.sparse}
+    columns |= {f.source_column: rng.lognormal(2.0, 1.0, rows) for f in schema.dense}
+    columns |= {"click": rng.integers(0, 2, rows)}
+    columns |= {"conversion": columns["click"] * rng.integers(0, 2, rows)}
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(columns), path)
 
 
+def _lookup(feature) -> str:
+    return "managed" if feature.managed_collisions else feature.out_of_range
+
+
 def test_readme_own_data_commands_train_as_written(tmp_path, monkeypatch):
-    """The section's schema block saved where its command reads it, a tiny log at the paths the
-    command names, then the command itself, in a directory holding a copy of conf/debug.yaml."""
+    """The section's commands as written, in a directory holding copies of the configs, on a tiny log
+    with the example schema's columns: ``schema infer`` proposes the example (kinds, lookups, tasks;
+    the example adds ``side``), and the example saved where ``fit`` reads it trains MMoE, and ESMM with
+    the config the section names, unedited."""
     section = _section("Train on your own data")
     (schema_block,) = re.findall(r"```yaml\n(.*?)```", section, re.S)
-    (command,) = [re.sub(r"\\\n\s*", "", body).strip() for body in re.findall(r"```bash\n(.*?)```", section, re.S)]
-    args = shlex.split(command)
-    assert args[0] == "lightning-mtr", command
-    option = dict(zip(args[2::2], args[3::2], strict=True))
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.S)
+    infer, fit = [shlex.split(line) for line in re.sub(r"\\\n\s*", "", block).strip().splitlines()]
+    assert infer[:3] == ["lightning-mtr", "schema", "infer"] and fit[:2] == ["lightning-mtr", "fit"]
+    option = dict(zip(fit[2::2], fit[3::2], strict=True))
     schema_path = tmp_path / option["--data.schema"]
     schema_path.parent.mkdir(parents=True)
     schema_path.write_text(schema_block)
-    schema = Schema.from_dict(yaml.safe_load(schema_block))
+    example = Schema.from_yaml(schema_path)
     rng = np.random.default_rng(0)
     for split, rows in (("train", 1200), ("val", 300), ("test", 300)):
         target = tmp_path / option[f"--data.{split}"]
-        _write_log(schema, target / "part-0.parquet" if option[f"--data.{split}"].endswith("/") else target,
+        _write_log(example, target / "part-0.parquet" if option[f"--data.{split}"].endswith("/") else target,
                    rows, rng)
-    (tmp_path / option["--config"]).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / option["--config"], tmp_path / option["--config"])
+    esmm = re.search(r"`--config (conf/models/\w+\.yaml)` trains ESMM", section)[1]
+    for config in (option["--config"], esmm):
+        (tmp_path / config).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / config, tmp_path / config)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["lightning-mtr"])  # LightningCLI warns when args and argv both exist
-    assert main(args[1:]) == 0
-    assert list((tmp_path / "runs").rglob("last.ckpt")), "the run wrote no checkpoint"
+
+    assert main(infer[1:]) == 0
+    inferred = Schema.from_yaml(schema_path)
+    assert {f.name: _lookup(f) for f in inferred.sparse} == {f.name: _lookup(f) for f in example.sparse}
+    assert {f.name: f.transform for f in inferred.dense} == {f.name: f.transform for f in example.dense}
+    assert [(t.name, t.label, t.sample_space) for t in inferred.tasks] == \
+        [(t.name, t.label, t.sample_space) for t in example.tasks]
+
+    schema_path.write_text(schema_block)  # the user's edit
+    assert main(fit[1:]) == 0
+    assert main([esmm if arg == option["--config"] else arg for arg in fit[1:]]) == 0
+    assert len(list((tmp_path / "runs").rglob("last.ckpt"))) == 2, "each run writes its checkpoint"

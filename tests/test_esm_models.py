@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +18,7 @@ from lightning_mtr.models import ESM2, ESMM
 from lightning_mtr.nn import MixtureBottom
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
+from lightning_mtr.training import MultiTaskModule
 
 FEATURES = {"sparse": [{"name": "user", "num_embeddings": 20, "embedding_dim": 4}], "dense": [{"name": "d"}]}
 
@@ -82,11 +84,22 @@ def test_conversion_without_click_is_a_ctcvr_negative_outside_the_cvr_space():
     assert batch.masks["cvr"].tolist() == [False, True]
 
 
-def test_esmm_rejects_a_direct_cvr_loss_and_missing_tasks():
-    tasks = [dict(t) for t in ESMM_TASKS]
-    tasks[1]["weight"] = 1.0
-    with pytest.raises(ValueError, match="set its weight to 0"):
-        ESMM(_schema(tasks))
+@pytest.mark.parametrize("model, tasks, derived", [(ESMM, ESMM_TASKS, "cvr"), (ESM2, ESM2_TASKS, "cvr")])
+def test_chain_models_train_their_derived_task_with_weight_0_whatever_the_schema_says(model, tasks, derived,
+                                                                                        caplog):
+    """One schema (every weight 1, as MMoE trains it) serves ESMM and ESM2: the module takes the
+    derived task's weight 0 from the model, says so once, and weighs and validates with it."""
+    tasks = [{**t, "weight": 1.0} for t in tasks]
+    schema = _schema(tasks)
+    with caplog.at_level(logging.INFO):
+        module = MultiTaskModule(functools.partial(model, tower=[8]), schema)
+    assert module.schema.task_weights == {t["name"]: 0.0 if t["name"] == derived else 1.0 for t in tasks}
+    assert module.task_weighting.weights() == module.schema.task_weights
+    assert caplog.text.count(f"{model.__name__} trains task 'cvr' with weight 0 (the schema says 1)") == 1
+    assert schema.task_weights[derived] == 1.0  # the data module's schema is left as it was
+
+
+def test_esmm_rejects_missing_tasks_and_a_sample_space_on_a_supervised_task():
     with pytest.raises(ValueError, match="lacks \\['ctcvr'\\]"):
         ESMM(_schema(list(ESMM_TASKS[:2])))
     tasks = [dict(t) for t in ESMM_TASKS]

@@ -101,3 +101,19 @@ def test_the_deepest_accepted_expression_evaluates():
     """61 chained products (62 factors): 64 levels with the root and a column's two leaf nodes, the limit."""
     expression = Expression.parse("*".join(["c"] * 62))
     assert expression.evaluate({"c": np.array([2], dtype=np.int64)}).tolist() == [2**62]
+
+
+def test_numeric_looking_names_keep_their_text_quoted_or_not(tmp_path):
+    """YAML 1.1 reads 109_14 as 10914 and 0123 as 83 (octal); Ali-CCP's columns are named so."""
+    path = tmp_path / "schema.yaml"
+    path.write_text("sparse:\n"
+                    "  - {name: 109_14, num_embeddings: 4}\n"
+                    "  - {name: 0123, column: '0123', num_embeddings: 4}\n"
+                    "  - {name: 1e5, column: 110_14, num_embeddings: 4}\n"
+                    "dense: [{name: 0x1F}, {name: yes}]\n"
+                    "tasks: [{name: 301, label: click, sample_space: '`127_14` == 1'}]\n"
+                    "ground_truth: [150_14]\n")
+    schema = Schema.from_yaml(path)
+    assert [f.source_column for f in schema.sparse + schema.dense] == ["109_14", "0123", "110_14", "0x1F", "yes"]
+    assert [f.name for f in schema.sparse] == ["109_14", "0123", "1e5"]
+    assert (schema.tasks[0].name, schema.ground_truth) == ("301", ("150_14",))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+import pyarrow as pa
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
@@ -38,7 +40,8 @@ class Batch(Pipelineable):
         sparse: KJT with one key per sparse feature, ``stride() == B``.
         labels: task -> ``[B]`` float32 targets (0/1 for binary tasks).
         masks: task -> ``[B]`` bool, True where the row is inside the task's sample space.
-        extras: column -> ``[B]`` tensor carried through untouched (e.g. ids for ``predict``).
+        extras: column -> ``[B]`` values carried through untouched (e.g. ids for ``predict``): a
+            tensor, or for text an Arrow string array, which stays on the CPU.
         groups: column -> ``[B]`` int64 ids grouping rows for ranking losses and per-group
             metrics (a request id, a user id).
         source: the file and rows it was read from (None for batches built in memory).
@@ -50,7 +53,7 @@ class Batch(Pipelineable):
     sparse: KeyedJaggedTensor
     labels: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
-    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    extras: dict[str, torch.Tensor | pa.Array] = field(default_factory=dict)
     groups: dict[str, torch.Tensor] = field(default_factory=dict)
     row_weights: dict[str, torch.Tensor] = field(default_factory=dict)
     source: RowSource | None = None
@@ -72,7 +75,7 @@ class Batch(Pipelineable):
             sparse=self.sparse.to(device=torch.device(device), non_blocking=non_blocking),
             labels={k: move(v) for k, v in self.labels.items()},
             masks={k: move(v) for k, v in self.masks.items()},
-            extras={k: move(v) for k, v in self.extras.items()},
+            extras={k: move(v) if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()},
             groups={k: move(v) for k, v in self.groups.items()},
             row_weights={k: move(v) for k, v in self.row_weights.items()},
             source=self.source,
@@ -84,14 +87,20 @@ class Batch(Pipelineable):
             sparse=self.sparse.pin_memory(),
             labels={k: v.pin_memory() for k, v in self.labels.items()},
             masks={k: v.pin_memory() for k, v in self.masks.items()},
-            extras={k: v.pin_memory() for k, v in self.extras.items()},
+            extras={k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()},
             groups={k: v.pin_memory() for k, v in self.groups.items()},
             row_weights={k: v.pin_memory() for k, v in self.row_weights.items()},
             source=self.source,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *self.extras.values(),
+        tensors = [v for v in self.extras.values() if isinstance(v, torch.Tensor)]
+        for tensor in (self.dense, *self.labels.values(), *self.masks.values(), *tensors,
                        *self.groups.values(), *self.row_weights.values()):
             tensor.record_stream(stream)
         self.sparse.record_stream(stream)
+
+
+def output_column(values: torch.Tensor | pa.Array) -> np.ndarray | pa.Array:
+    """A prediction or extra as a column of an output file: tensors to numpy, Arrow arrays as they are."""
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else values

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from lightning_mtr.data import days as hive
 from lightning_mtr.data.encode import BatchEncoder, DataError, DenseStats, checked_label_order
-from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, worker_init
+from lightning_mtr.data.reader import BatchStream, TextFormat, list_files, plan_units, text_names, worker_init
 from lightning_mtr.data.stats import blend_stats, compute_dense_stats
 from lightning_mtr.data.synthetic import GENERATOR_VERSION, ImpressionSpec, write_impressions
 from lightning_mtr.data.synthetic.days import DAYS_VERSION, write_days
@@ -126,14 +126,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         eval_batch_size: rows per batch for validation, test and predict (default: batch_size).
         shuffle_buffer: rows shuffled together during training (0 disables shuffling).
         num_workers: DataLoader worker processes per rank (0 reads in the training process).
-        extras: numeric columns carried through to ``predict`` output (e.g. a request id).
+        extras: columns carried through to ``predict`` output as they are (ids, request ids: numbers or
+            text); quote names that look like numbers (``'109_14'``).
         seed: shuffling seed.
     """
 
     def __init__(self, schema: str, train: Files = None, val: Files = None, test: Files = None,
                  predict: Files = None, synthetic: SyntheticLog | None = None, batch_size: int = 4096,
                  eval_batch_size: int | None = None, shuffle_buffer: int = 65536, num_workers: int = 0,
-                 extras: list[str] | None = None, seed: int = 0, text_format: TextFormat = TextFormat(),
+                 extras: list[str | int | float] | None = None, seed: int = 0, text_format: TextFormat = TextFormat(),
                  days: hive.Days = None, val_days: hive.Days = None, test_days: hive.Days = None):
         super().__init__()
         _check_sizes(batch_size=batch_size, eval_batch_size=eval_batch_size, shuffle_buffer=shuffle_buffer,
@@ -152,7 +153,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.shuffle_buffer = shuffle_buffer
         self.num_workers = num_workers
-        self.extras = list(extras or [])
+        self.extras = text_names(extras or [], "data.extras")
         self.seed = seed
         self.text_format = text_format
         self.dense_stats: DenseStats | None = None

@@ -94,7 +94,8 @@ class BatchEncoder:
         """Fail early, naming the file and column, on a missing column or a wrong type."""
         kinds = {c: ("numeric" if f.bucketized else "sparse", f) for f in self.schema.sparse for c in f.columns}
         kinds.update({f.source_column: ("numeric", f) for f in self.schema.dense})
-        kinds.update({c: ("numeric", None) for c in self._label_columns + list(self.extras)})
+        kinds.update({c: ("numeric", None) for c in self._label_columns})
+        kinds.update({c: ("extra", None) for c in self.extras if c not in kinds})
         kinds.update({c: ("group", None) for c in self._group_columns})
         kinds.update({f.weight_column: ("weights", f) for f in self.schema.sparse if f.weight_column is not None})
         for column, (kind, feature) in kinds.items():
@@ -113,6 +114,10 @@ class BatchEncoder:
                 ok, expected = is_weight_list(dtype), f"lists of numbers, one weight per id of {feature.name!r}"
             elif kind == "group":
                 ok, expected = _is_id_type(dtype), "integer or string ids (a request or user id)"
+            elif kind == "extra":
+                ok = _is_string(dtype) or pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or \
+                    pa.types.is_boolean(dtype)
+                expected = "numbers or text"
             else:
                 ok = pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or pa.types.is_boolean(dtype)
                 expected = "numbers"
@@ -144,7 +149,7 @@ class BatchEncoder:
             sparse=self._sparse(table, checker),
             labels=labels,
             masks=masks,
-            extras={c: torch.from_numpy(extra_column(table.column(c), c, checker)) for c in self.extras},
+            extras={c: extra_column(table.column(c), c, checker) for c in self.extras},
             groups={c: torch.from_numpy(ids) for c, ids in groups.items()},
             row_weights=row_weights,
             source=row_source(table, sources),
@@ -320,11 +325,15 @@ def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill
     return values
 
 
-def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> np.ndarray:
-    """Integer extras stay int64 (float64 would corrupt ids above 2**53); others as :func:`numeric_column`."""
+def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> torch.Tensor | pa.Array:
+    """Text extras stay an Arrow string array, as read (nulls too); integer extras int64 (float64
+    would corrupt ids above 2**53); others float64 as :func:`numeric_column`."""
+    if _is_string(column.type):
+        array = column.combine_chunks()
+        return array.dictionary_decode() if pa.types.is_dictionary(array.type) else array
     if pa.types.is_integer(column.type) and not column.null_count:
-        return column.to_numpy().astype(np.int64)  # a copy: Arrow's buffers are read-only for torch
-    return numeric_column(column, name, checker).copy()
+        return torch.from_numpy(column.to_numpy().astype(np.int64))  # a copy: Arrow's buffers are read-only
+    return torch.from_numpy(numeric_column(column, name, checker).copy())
 
 
 def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowChecker) -> tuple[np.ndarray, np.ndarray]:

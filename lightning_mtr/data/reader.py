@@ -30,17 +30,32 @@ from lightning_mtr.data.encode import MISSING_GROUP, ROW_COLUMN, SOURCE_COLUMN, 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
 
 
+def text_names(names: Sequence[str | int | float], key: str) -> list[str]:
+    """Column names from a config. YAML 1.1 has read an unquoted ``109_14`` as 10914 and ``0123`` as
+    83 before any code sees it, so a name that arrives as a number is refused, with the fix."""
+    numbers = [name for name in names if not isinstance(name, str)]
+    if numbers:
+        raise DataError(f"{key}: {numbers} arrived as numbers, but column names are text and YAML reads an "
+                        f"unquoted 109_14 as 10914 and 0123 as 83: quote each name, e.g. {key}: ['109_14', '0123']")
+    return list(names)
+
+
 @dataclass(frozen=True)
 class TextFormat:
     """How text files (.csv, .tsv, .txt) are parsed.
 
     Args:
         delimiter: the field separator, e.g. ``"\\t"`` for tab-separated logs.
-        column_names: the columns of files without a header row (then every line is data).
+        column_names: the columns of files without a header row (then every line is data); quote
+            names that look like numbers (``'109_14'``).
     """
 
     delimiter: str = ","
-    column_names: tuple[str, ...] | None = None
+    column_names: tuple[str | int | float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.column_names is not None:
+            object.__setattr__(self, "column_names", tuple(text_names(self.column_names, "text_format.column_names")))
 
     def open(self, path: str, convert: pa_csv.ConvertOptions | None = None) -> pa_csv.CSVStreamingReader:
         read = pa_csv.ReadOptions(column_names=list(self.column_names)) if self.column_names else None

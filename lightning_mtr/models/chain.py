@@ -26,7 +26,8 @@ class ProbabilityChainModel(nn.Module):
     - ``OUTPUTS``: the role of each chain-logit column; ``task_names`` maps them to the
       schema's tasks, in this order.
     - ``SUPERVISED``: the roles trained by the op's losses (over all impressions); the other
-      outputs are derived only and must carry weight 0.
+      outputs are derived only: the model trains them with weight 0 (``required_task_weights``),
+      whatever the schema says, and they are still evaluated on their sample space.
     - ``FUNNEL``: ``(earlier, later)`` supervised roles whose chain probability can never exceed
       the earlier one's (e.g. pCTCVR = pCTR * pCVR <= pCTR), so neither may their labels.
     """
@@ -44,13 +45,17 @@ class ProbabilityChainModel(nn.Module):
             raise ValueError(f"{type(self).__name__}: task_names names the outputs {self.OUTPUTS}, "
                              f"got {list(task_names)}")
         self.task_of = dict(zip(self.OUTPUTS, task_names))
-        check_chain_tasks(schema, [self.task_of[r] for r in self.SUPERVISED],
-                          [self.task_of[r] for r in self.OUTPUTS if r not in self.SUPERVISED], type(self).__name__)
+        self.derived = [self.task_of[r] for r in self.OUTPUTS if r not in self.SUPERVISED]
+        check_chain_tasks(schema, [self.task_of[r] for r in self.SUPERVISED], self.derived, type(self).__name__)
         self.tasks = schema.task_names
         self.chain_backend = chain_backend
         self.features = FeatureInput(schema)
         self.bottom = bottom(self.features.output_dim, len(self.HEADS))
         self.heads = TaskTowers(self.HEADS, self.bottom.output_dim, tower, dropout)
+
+    def required_task_weights(self) -> dict[str, float]:
+        """The derived tasks learn only through the chain: no direct loss (weight 0)."""
+        return {task: 0.0 for task in self.derived}
 
     def label_order(self) -> list[tuple[str, str]]:
         """``(earlier, later)`` task names: the later label must be <= the earlier on every row
@@ -75,7 +80,7 @@ class ProbabilityChainModel(nn.Module):
 
 
 def check_chain_tasks(schema: Schema, supervised: Sequence[str], derived: Sequence[str], model: str) -> None:
-    """Exactly the chain's tasks, all binary; supervised ones over all impressions, derived ones weight 0."""
+    """Exactly the chain's tasks, all binary; supervised ones over all impressions."""
     tasks = {task.name: task for task in schema.tasks}
     wanted = [*supervised, *derived]
     missing = [name for name in wanted if name not in tasks]
@@ -91,10 +96,6 @@ def check_chain_tasks(schema: Schema, supervised: Sequence[str], derived: Sequen
         if tasks[name].sample_space is not None:
             raise ValueError(f"{model}: task {name!r} is trained over all impressions (the entire space); "
                              f"remove its sample_space {tasks[name].sample_space!r}")
-    for name in derived:
-        if tasks[name].weight != 0:
-            raise ValueError(f"{model}: task {name!r} is learned only through the probability chain; "
-                             f"set its weight to 0 (it is still evaluated on its sample space)")
 
 
 def chain_targets(labels: Mapping[str, torch.Tensor] | None, names: Sequence[str], like: torch.Tensor) -> torch.Tensor:

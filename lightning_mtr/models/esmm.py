@@ -7,8 +7,8 @@ there is no direct CVR loss: pCVR is learned through the product, on the entire 
 which removes the sample-selection bias of training CVR on clicked rows only.
 
 Schema contract (see conf/schemas/esmm_synthetic.yaml): tasks ``ctr`` (label ``click``),
-``cvr`` (label ``conversion``, ``sample_space: click == 1``, ``weight: 0``: evaluated on
-clicks as in the paper, never trained directly) and ``ctcvr`` (label
+``cvr`` (label ``conversion``, ``sample_space: click == 1``: evaluated on clicks as in the
+paper, never trained directly: the model sets its weight to 0, so MMoE's schema serves) and ``ctcvr`` (label
 ``click * conversion``). A row with conversion = 1 and click = 0 (real Ali-CCP has them)
 is therefore a CTCVR negative and outside the CVR space: the label expression decides,
 not an accident of the data. A ctcvr label above the ctr label (e.g. ``label: conversion``)

@@ -21,6 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lightning_mtr.data.batch import output_column
 from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.data.reader import TextFormat, list_files, plan_units, read_tagged, sources_of
 from lightning_mtr.schema import Schema
@@ -73,7 +74,7 @@ def _score_file(artifact: Artifact, encoder: BatchEncoder, units: list, part: Pa
             scores = artifact.score(batch.dense, sparse.values(), sparse.lengths().view(len(sparse.keys()), -1).long(),
                                     sparse.weights_or_none())
             columns = {f"score_{name}": scores[name].numpy() for name in artifact.output_names}
-            result = pa.table({**columns, **{name: values.numpy() for name, values in batch.extras.items()}})
+            result = pa.table({**columns, **{name: output_column(values) for name, values in batch.extras.items()}})
             writer = writer or pq.ParquetWriter(part, result.schema)
             writer.write_table(result)
             rows += result.num_rows

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from lightning_mtr.data.batch import output_column
+
 
 _COLUMNS = ("rows", "auc", "logloss", "mse")
 _HEADER = (("task", "<16"), ("kind", "<12"), ("rows", ">12"), ("auc", ">10"), ("logloss", ">10"), ("mse", ">12"))
@@ -86,7 +88,7 @@ class ParquetPredictionWriter(BasePredictionWriter):
 
     def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, torch.Tensor], batch_indices, batch,
                            batch_idx: int, dataloader_idx: int = 0) -> None:
-        table = pa.table({name: values.detach().cpu().numpy() for name, values in prediction.items()})
+        table = pa.table({name: output_column(values) for name, values in prediction.items()})
         if self._writer is None:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             path = self.output_dir / f"predictions-rank{trainer.global_rank}.parquet"

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightning_mtr.data.batch import Batch
 from lightning_mtr.embeddings.fusing import SparseOptimizer, dense_parameters
 from lightning_mtr.embeddings.managed import ManagedIds
-from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder
+from lightning_mtr.interfaces import ForwardWithLosses, LabelOrder, RequiredTaskWeights
 from lightning_mtr.metrics import MaskedTaskMetrics
 from lightning_mtr.schema import Schema
 from lightning_mtr.tasks import masked_task_losses, weighted_total
@@ -24,6 +26,20 @@ from lightning_mtr.training.distributed.base import TableStrategy
 
 ModelFactory = Callable[[Schema], nn.Module]
 WeightingFactory = Callable[[Schema], TaskWeighting]
+
+
+def with_required_weights(schema: Schema, model: nn.Module) -> Schema:
+    """The schema with the task weights the model fixes (:class:`RequiredTaskWeights`), one info line per change."""
+    if not isinstance(model, RequiredTaskWeights):
+        return schema
+    required = model.required_task_weights()
+    changed = [t for t in schema.tasks if t.name in required and t.weight != required[t.name]]
+    for task in changed:
+        rank_zero_info(f"{type(model).__name__} trains task {task.name!r} with weight {required[task.name]:g} "
+                       f"(the schema says {task.weight:g}): it is learned through the model's own losses")
+    if not changed:
+        return schema  # the very object the data module holds
+    return replace(schema, tasks=tuple(replace(t, weight=required.get(t.name, t.weight)) for t in schema.tasks))
 
 
 def _adam(params) -> torch.optim.Optimizer:
@@ -66,9 +82,10 @@ class MultiTaskModule(L.LightningModule):
         bad_loss: BadLossPolicy = BadLossPolicy(),
     ):
         super().__init__()
-        self.schema = schema
         with torch.device("meta"):  # the strategy places it where it will run: fused, or sharded
             self.model = model(schema)
+        schema = with_required_weights(schema, self.model)
+        self.schema = schema
         self.dense_optimizer = dense_optimizer
         self.sparse_optimizer = sparse_optimizer
         self.lr_scheduler = lr_scheduler
