@@ -446,8 +446,9 @@ def _load_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 class _NamesAsText(yaml.SafeLoader):
     """YAML 1.1 reads an unquoted ``109_14`` as the integer 10914 and ``0123`` as 83 (octal), so
-    Ali-CCP's columns went missing as ``'10914'``. Names, columns, tables, labels, sample spaces and
-    ``ground_truth`` globs are always text: their plain scalars keep the text as written."""
+    Ali-CCP's columns went missing as ``'10914'``. Names, columns, tables, labels, sample spaces,
+    ``ground_truth`` globs, a combo's columns and a vocabulary's ids are always text: their plain
+    scalars keep the text as written."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         for key, value in node.value:
@@ -587,7 +588,7 @@ def _build(cls: type, config: Any, what: str) -> Any:
 
 
 _NAME_KEYS = ("name", "column", "table", "group", "gauc_by", "weight_column")
-_TEXT_KEYS = (*_NAME_KEYS, "label", "sample_space", "ground_truth")
+_TEXT_KEYS = (*_NAME_KEYS, "label", "sample_space", "ground_truth", "combo", "vocab_list")
 
 
 __all__ = ["DenseFeature", "EmbeddingTable", "ManagedCollisions", "Schema", "SparseFeature", "Task"]

@@ -110,10 +110,13 @@ def test_numeric_looking_names_keep_their_text_quoted_or_not(tmp_path):
                     "  - {name: 109_14, num_embeddings: 4}\n"
                     "  - {name: 0123, column: '0123', num_embeddings: 4}\n"
                     "  - {name: 1e5, column: 110_14, num_embeddings: 4}\n"
+                    "  - {name: cross, combo: [109_14, 0123], num_embeddings: 8}\n"
+                    "  - {name: shop, column: shop, vocab_list: [0042, 7_7, 1e3]}\n"
                     "dense: [{name: 0x1F}, {name: yes}]\n"
                     "tasks: [{name: 301, label: click, sample_space: '`127_14` == 1'}]\n"
                     "ground_truth: [150_14]\n")
     schema = Schema.from_yaml(path)
-    assert [f.source_column for f in schema.sparse + schema.dense] == ["109_14", "0123", "110_14", "0x1F", "yes"]
-    assert [f.name for f in schema.sparse] == ["109_14", "0123", "1e5"]
+    assert [f.source_column for f in schema.sparse[:3] + schema.dense] == ["109_14", "0123", "110_14", "0x1F", "yes"]
+    assert [f.name for f in schema.sparse] == ["109_14", "0123", "1e5", "cross", "shop"]
+    assert (schema.sparse[3].combo, schema.sparse[4].vocab_list) == (("109_14", "0123"), ("0042", "7_7", "1e3"))
     assert (schema.tasks[0].name, schema.ground_truth) == ("301", ("150_14",))
