@@ -51,7 +51,7 @@ def _at_repo_root(monkeypatch):
 
 def test_every_data_config_has_its_files_here():
     """A new dataset config joins DATASETS (or the synthetic tests below), so infer is tried on it."""
-    synthetic = {"mmoe_synthetic", "synthetic_days"}
+    synthetic = {"mmoe_synthetic", "synthetic_days", "synthetic_features"}  # the last: the impression log
     assert {p.stem for p in (REPO / "conf" / "data").glob("*.yaml")} == set(DATASETS) | synthetic
 
 
