@@ -55,7 +55,8 @@ def test_readme_stays_within_its_line_budget():
 
 
 # where a command of README or docs/ writes: --out, predict's output_dir, consolidate's file
-OUTPUTS = (r"--out[ =](\S+)", r"--prediction_writer\.output_dir[ =](\S+)", r"lightning-mtr consolidate \S+ (\S+)")
+OUTPUTS = tuple(rf"{command}[ =]([^\s\]`)]+)" for command in
+                (r"--out", r"--prediction_writer\.output_dir", r"lightning-mtr consolidate \S+"))
 
 
 @pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
