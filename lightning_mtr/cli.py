@@ -160,14 +160,15 @@ def main(argv: list[str] | None = None) -> int:
 def help_kwargs(commands: dict[str, Any]) -> dict[str, Any]:
     """``--help``'s parser: LightningCLI lists fit, validate, test and predict; the other
     ``commands`` are listed here, each with its ``main``'s first docstring line."""
+    summaries = {name: (run.__doc__ or "").strip().split("\n")[0] for name, run in commands.items()}
     width = max(map(len, commands))
-    lines = [f"  {name:<{width}}  {(run.__doc__ or '').strip().split(chr(10))[0]}" for name, run in commands.items()]
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in summaries.items()]
     return {"prog": "lightning-mtr", "formatter_class": _Help,
-            "description": "Multi-task recommendation ranking: fit, validate, test and predict (below),\n"
-                           f"and the other commands: {', '.join(commands)}.",
-            "epilog": "other commands (`lightning-mtr COMMAND --help` for each):\n" + "\n".join(lines)
-                      + "\n\nErrors in the data, the schema, the config or a checkpoint print one line (exit status"
-                      + f" 2);\n{quiet.DEBUG}=1 prints their traceback, and the warnings lightning_mtr/quiet.py hides."}
+            "description": "Multi-task recommendation ranking on TorchRec tables and Lightning.",
+            "epilog": "\n".join(["other commands (`lightning-mtr COMMAND --help` for each):", *lines, "",
+                                 "Errors in the data, the schema, the config or a checkpoint print one line (exit "
+                                 "status 2);", f"{quiet.DEBUG}=1 prints their traceback, and the warnings "
+                                 "lightning_mtr/quiet.py hides."])}
 
 
 class _Help(RawDescriptionHelpFormatter, DefaultHelpFormatter):

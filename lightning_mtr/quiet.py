@@ -74,4 +74,3 @@ def install() -> None:
         logger = logging.getLogger() if name == "root" else logging.getLogger(name)
         if not any(isinstance(f, _Known) for f in logger.filters):
             logger.addFilter(_Known(tuple(message for where, message, _ in LOGS if where == name)))
-
