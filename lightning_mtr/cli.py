@@ -5,6 +5,9 @@ for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``
 from __future__ import annotations
 
 import sys
+import traceback
+from argparse import RawDescriptionHelpFormatter
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -12,7 +15,9 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from jsonargparse import DefaultHelpFormatter
 
+from lightning_mtr import quiet
 from lightning_mtr.data import infer, synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
@@ -27,6 +32,13 @@ from lightning_mtr.training.distributed.checkpoint import CheckpointError
 from lightning_mtr.training.distributed.memory import TablesDoNotFit
 from lightning_mtr.training.distributed.peers import PEER_LOST_EXIT, lost_peer_line
 
+PACKAGE = Path(__file__).parent  # where a ValueError must be raised to be a message to the user
+
+
+class ConfigError(ValueError):
+    """The config's classes cannot be built as given (a schema the model cannot train, an
+    argument out of range): the user's to fix, so one line, not a traceback."""
+
 
 class MultiTaskCLI(LightningCLI):
     """The schema is read once, by the data module, and linked into the model."""
@@ -40,6 +52,21 @@ class MultiTaskCLI(LightningCLI):
         # validate/test/predict under no_grad: fbgemm's fused CPU lookup fails on inference tensors
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
+
+    def instantiate_classes(self) -> None:
+        """A ValueError that lightning-mtr's own checks raise while the config's classes are built
+        becomes a :class:`ConfigError` naming the config files; one raised by a library (a bug of
+        ours, passing it bad values) keeps its traceback."""
+        try:
+            super().instantiate_classes()
+        except (DataError, CheckpointError):
+            raise
+        except ValueError as error:
+            if not Path(traceback.extract_tb(error.__traceback__)[-1].filename).is_relative_to(PACKAGE):
+                raise
+            config = self.config.get(self.subcommand) if self.subcommand else self.config
+            files = " + ".join(str(path) for path in config.get("config") or ()) or "the command line"
+            raise ConfigError(f"{files} (data.schema {config.get('data.schema')}): {error}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec."""
@@ -90,15 +117,18 @@ def trains_one_device(trainer: dict[str, Any]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """``argv`` defaults to the command line (LightningCLI then reads ``sys.argv`` itself).
-    Bad input data or an unusable checkpoint ends the run with its message (the file, the column
-    or what is wrong, the fix) on one line of stderr and exit status 2, not a traceback through
-    Lightning's loops; so do tables too large for the run's memory (``lightning-mtr plan``'s
-    message: by how much, and what would fit). A NaN or inf loss that stops training
-    (``model.bad_loss``) likewise, with exit status 3. SIGTERM, SIGINT or SLURM's requeue signal
+    Bad input data, a config whose classes cannot be built or an unusable checkpoint ends the run
+    with its message (the file, the column or what is wrong, the fix) on one line of stderr and
+    exit status 2, not a traceback through Lightning's loops and jsonargparse; so do tables too
+    large for the run's memory (``lightning-mtr plan``'s message: by how much, and what would fit).
+    A NaN or inf loss that stops training (``model.bad_loss``) likewise, with exit status 3.
+    ``LMTR_DEBUG=1`` shows these errors' tracebacks (and the warnings :mod:`~lightning_mtr.quiet`
+    hides). SIGTERM, SIGINT or SLURM's requeue signal
     to any rank ends ``fit`` on every rank with a checkpoint at the current step, one line naming it
     (rank 0's) and exit status 75 (:mod:`~lightning_mtr.training.preemption`); a peer that stops
     answering, with a line naming it from each surviving rank and status 4
     (:mod:`~lightning_mtr.training.distributed.peers`)."""
+    quiet.install()
     args = sys.argv[1:] if argv is None else argv
     commands = {"synth": synthetic.main, "plan": plan_tool.main, "consolidate": checkpoint.consolidate_main,
                 "export": export.main, "score": score.main, "daily": daily.main,
@@ -106,14 +136,13 @@ def main(argv: list[str] | None = None) -> int:
     if args[:1] and args[0] in commands:
         return commands[args[0]](args[1:])
     try:
-        MultiTaskCLI(args=argv)
-    except (DataError, CheckpointError, TablesDoNotFit) as error:
+        MultiTaskCLI(args=argv, parser_kwargs=help_kwargs(commands))
+    except (DataError, CheckpointError, TablesDoNotFit, ConfigError, NonFiniteLoss) as error:
+        if quiet.debugging():
+            raise
         if rank_zero_only.rank == 0 or not isinstance(error, TablesDoNotFit):  # every rank finds the same shortfall
             print(f"lightning-mtr: error: {error}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as error:
-        print(f"lightning-mtr: error: {error}", file=sys.stderr)
-        return 3
+        return 3 if isinstance(error, NonFiniteLoss) else 2
     except SIGTERMException as stop:
         if stop.code != PREEMPTED_EXIT:
             raise
@@ -122,11 +151,29 @@ def main(argv: list[str] | None = None) -> int:
         return PREEMPTED_EXIT
     except RuntimeError as error:
         line = lost_peer_line(error)
-        if line is None:
+        if line is None or quiet.debugging():
             raise
         print(f"lightning-mtr: error: {line}", file=sys.stderr)
         return PEER_LOST_EXIT
     return 0
+
+
+def help_kwargs(commands: dict[str, Any]) -> dict[str, Any]:
+    """``--help``'s parser: LightningCLI lists fit, validate, test and predict; the other
+    ``commands`` are listed here, each with its ``main``'s first docstring line."""
+    summaries = {name: (run.__doc__ or "").strip().split("\n")[0] for name, run in commands.items()}
+    width = max(map(len, commands))
+    lines = [f"  {name:<{width}}  {summary}" for name, summary in summaries.items()]
+    return {"prog": "lightning-mtr", "formatter_class": _Help,
+            "description": "Multi-task recommendation ranking on TorchRec tables and Lightning.",
+            "epilog": "\n".join(["other commands (`lightning-mtr COMMAND --help` for each):", *lines, "",
+                                 "Errors in the data, the schema, the config or a checkpoint print one line (exit "
+                                 "status 2);", f"{quiet.DEBUG}=1 prints their traceback, and the warnings "
+                                 "lightning_mtr/quiet.py hides."])}
+
+
+class _Help(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help, with the epilog's command list kept one per line."""
 
 
 if __name__ == "__main__":

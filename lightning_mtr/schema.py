@@ -278,6 +278,12 @@ class Schema:
             return cls.from_dict(_load_with_base(Path(path), seen=()), Path(path).parent)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{path}: {err}") from None
+        except OSError as err:  # the file, or a file it extends
+            where = "" if err.filename == str(path) else f"{path}: "
+            raise ValueError(f"{where}cannot read schema file {err.filename}: {err.strerror} (a relative path is "
+                             f"from the directory lightning-mtr runs in, `extends:` from the file's)") from None
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
 
     @property
     def task_names(self) -> list[str]:

@@ -185,6 +185,20 @@ def test_print_config_round_trips(tmp_path, at_repo_root, capsys):
     assert not (tmp_path / "cache").exists(), "printing a config must not generate data"
 
 
+def test_help_lists_every_command_with_a_description(at_repo_root, capsys):
+    """``--help`` lists Lightning's four subcommands and, from cli.main's command table, the rest,
+    each with one line saying what it does; and the debug switch."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "{fit,validate,test,predict}" in printed
+    listed = dict(re.findall(r"^  (\w+) +(\S.{20,})$", printed.rsplit("other commands", 1)[1], re.MULTILINE))
+    assert {"synth", "plan", "consolidate", "export", "score", "daily"} <= set(listed), printed
+    assert all("``" not in line for line in listed.values()), listed  # a description, not a usage line
+    assert "LMTR_DEBUG=1" in printed
+
+
 def test_synth_impressions_writes_three_files(tmp_path, at_repo_root, capsys):
     out = tmp_path / "impressions"
     assert main(["synth", "impressions", "--out", str(out), "--train-rows", "300", "--val-rows", "100",

@@ -8,12 +8,14 @@ configs are relative to the repository root, so every test runs from there.
 from __future__ import annotations
 
 import math
+import re
 import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
 import torch
+import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from lightning_mtr.cli import MultiTaskCLI, main
@@ -27,8 +29,11 @@ SCHEMAS = sorted((CONF / "schemas").glob("*.yaml"))
 OVERLAYS = sorted((CONF / "trainer").glob("*.yaml"))  # trainer presets, added after a run config
 CONFIGS = sorted(p for p in CONF.rglob("*.yaml") if p.parent not in (CONF / "schemas", CONF / "trainer"))
 SHARED = REPO.parent / "shared" / "data"
-ALI_CCP = SHARED / "ali_ccp" / "torch_rechub"
-CENSUS = SHARED / "census_income" / "torch_rechub"
+# conf/data/*.yaml read data/<dataset>/ (docs/schema-and-data.md: Datasets); the sibling shared/
+# checkout holds the same sample files in these folders, where the tests read them
+SHARED_FOLDERS = {"ali_ccp": "ali_ccp/torch_rechub", "aliexpress": "aliexpress/torch_rechub",
+                  "byterec": "byterec_icme2019/deepctr_torch", "census_income": "census_income/torch_rechub",
+                  "criteo": "criteo/torch_rechub"}
 SMOKE = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
 
 
@@ -163,33 +168,60 @@ def test_a_choice_typo_fails_when_parsed(tmp_path, capsys, config, key, allowed)
 
 
 needs_shared_data = pytest.mark.skipif(
-    not (ALI_CCP.is_dir() and CENSUS.is_dir()),
+    not all((SHARED / folder).is_dir() for folder in SHARED_FOLDERS.values()),
     reason=f"sample datasets not found at {SHARED} (the sibling shared/ checkout; a plain clone has none)",
 )
 
 
+def _data_paths(config: Path) -> dict[str, Path]:
+    """The config's data files by split."""
+    data = yaml.safe_load(config.read_text())["data"]
+    return {split: Path(data[split]) for split in ("train", "val", "test", "predict") if data.get(split)}
+
+
+def _on_shared(config: str) -> list[str]:
+    """``--config CONFIG`` with its data/<dataset>/ files read from the same files in ../shared/data."""
+    moved = [(split, SHARED / SHARED_FOLDERS[path.parts[1]] / path.name)
+             for split, path in _data_paths(REPO / config).items()]
+    return ["--config", config, *[arg for split, path in moved for arg in (f"--data.{split}", str(path))]]
+
+
+def test_dataset_configs_read_the_documented_data_folder():
+    """A user has no sibling shared/ checkout: a config's data lies under data/<dataset>/ (or is
+    generated under .cache/), and docs/schema-and-data.md's Datasets table says where to get it."""
+    rows = [line for line in (REPO / "docs" / "schema-and-data.md").read_text().splitlines()
+            if line.startswith("| `conf/data/")]
+    table = {name: row for row in rows for name in re.findall(r"conf/data/[\w.]+", row.split(" | ")[0])}
+    for config in sorted((CONF / "data").glob("*.yaml")):
+        for split, path in _data_paths(config).items():
+            assert path.parts[0] in ("data", ".cache") and ".." not in path.parts, f"{config.name}: {split}: {path}"
+            if path.parts[0] == "data":
+                assert path.parts[1] in SHARED_FOLDERS, f"{config.name}: {split}: {path}"
+                assert f"`data/{path.parts[1]}/`" in table.get(_name(config), ""), f"{_name(config)} not in the table"
+
+
 @needs_shared_data
 def test_ali_ccp_trains(tmp_path):
-    cli = _fit(["--config", "conf/data/ali_ccp.yaml"], tmp_path)
+    cli = _fit(_on_shared("conf/data/ali_ccp.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=50)  # eval_batch_size 256: one batch holds the whole val file
 
 
 @needs_shared_data
 def test_ali_ccp_trains_esmm(tmp_path):
-    cli = _fit(["--config", "conf/data/ali_ccp_esmm.yaml"], tmp_path)
+    cli = _fit(_on_shared("conf/data/ali_ccp_esmm.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=50)
     assert cli.trainer.callback_metrics["val/cvr/rows"] == 3  # CVR is evaluated on the 3 clicked val rows
 
 
 @needs_shared_data
 def test_census_income_trains(tmp_path):
-    cli = _fit(["--config", "conf/data/census_income.yaml"], tmp_path)
+    cli = _fit(_on_shared("conf/data/census_income.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=20)
 
 
 @needs_shared_data
 def test_aliexpress_trains(tmp_path):
-    cli = _fit(["--config", "conf/data/aliexpress.yaml"], tmp_path)
+    cli = _fit(_on_shared("conf/data/aliexpress.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=100)  # val is the 100-row training file itself
     assert cli.trainer.callback_metrics["val/cvr/rows"] == 60  # cvr's sample space: the 60 clicked rows
 
@@ -198,14 +230,14 @@ def test_aliexpress_trains(tmp_path):
 @pytest.mark.parametrize("model", ["SharedBottom", "MMoE"])
 def test_criteo_trains_one_task(tmp_path, model):
     """Hex-string ids hashed, empty fields as missing, one task; both models take a single task."""
-    cli = _fit(["--config", "conf/data/criteo.yaml", "--model.model", f"lightning_mtr.models.{model}"], tmp_path)
+    cli = _fit([*_on_shared("conf/data/criteo.yaml"), "--model.model", f"lightning_mtr.models.{model}"], tmp_path)
     assert type(cli.model.model).__name__ == model
     _assert_trained(cli, tmp_path, val_rows=87)  # val is the 87-row training file itself
 
 
 @needs_shared_data
 def test_byterec_trains_from_headerless_tab_separated_text(tmp_path):
-    cli = _fit(["--config", "conf/data/byterec.yaml"], tmp_path)
+    cli = _fit(_on_shared("conf/data/byterec.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=136)  # val is the 136-row training file itself
 
 

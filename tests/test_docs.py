@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -50,6 +51,24 @@ def test_readme_stays_within_its_line_budget():
     assert lines <= README_LINE_BUDGET, (
         f"README.md has {lines} lines, over its budget of {README_LINE_BUDGET}: move reference material "
         f"into docs/ (schema and data, models, serving, multi-GPU, kernels, benchmarks) and link it")
+
+
+# where a command of README or docs/ writes: --out, predict's output_dir, consolidate's file
+OUTPUTS = tuple(rf"{command}[ =]([^\s\]`)]+)" for command in
+                (r"--out", r"--prediction_writer\.output_dir", r"lightning-mtr consolidate \S+"))
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_every_output_path_the_docs_suggest_is_git_ignored():
+    """``synth --out data/``, ``mmoe.parquet``, ``single.ckpt``, ``scores/``, ... stay out of
+    ``git status``; placeholders (DIR, OUT) are not paths. The package's own ``data/`` is not ignored."""
+    suggested = {path.rstrip("/") + ("/x" if path.endswith("/") else "")
+                 for page in PAGES for pattern in OUTPUTS for path in re.findall(pattern, page.read_text())
+                 if not path.isupper() and not path.startswith(("<", "$", "/"))}  # /tmp/...: not in the repository
+    assert {"data/x", "mmoe.parquet", "single.ckpt", "scores/x"} <= suggested, suggested
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "--", *sorted(suggested),
+                              "lightning_mtr/data/new_module.py"], cwd=REPO, capture_output=True, text=True)
+    assert sorted(ignored.stdout.split()) == sorted(suggested), ignored.stdout
 
 
 def test_docs_exist_and_every_page_is_linked_from_readme():

@@ -90,6 +90,7 @@ def _data_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str, lis
     cases.update(_derived_feature_cases(root))
     for name, value in (("eval_batch_size", "0"), ("shuffle_buffer", "-1")):
         cases[f"{name} {value}"] = ([f"--data.{name}", value], f"data.{name} is {value}", ["must be at least"])
+    cases.update(_schema_and_config_cases(root, config))
     return {name: (["fit", "--config", str(config), *args], path, words) for name, (args, path, words) in cases.items()}
 
 
@@ -149,6 +150,34 @@ def _weighted_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str,
     cases["weights on a sequence"] = (["--data.schema", str(sequence)], str(sequence),
                                       ["sparse feature 'tags'", "a sequence is read unpooled"])
     return {name: (["fit", "--config", str(config), *args], path, words) for name, (args, path, words) in cases.items()}
+
+
+def _schema_and_config_cases(root: Path, config: Path) -> dict[str, tuple[list[str], str, list[str]]]:
+    """A schema file that is missing or not YAML, a schema a model cannot train, a model argument
+    out of range: jsonargparse instantiates the data module and the model inside Lightning, so
+    these were tracebacks through both, ending in the message."""
+    missing, broken = root / "no_such_schema.yaml", root / "broken_schema.yaml"
+    broken.write_text("tasks: [\n  - {name: ctr\n")
+    unknown_kind = root / "unknown_kind_schema.yaml"
+    unknown_kind.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "tasks": [{"name": "ctr", "label": "click",
+                                                                              "kind": "binary_classification"}]}))
+    chain = root / "esmm_schema.yaml"  # ESMM's tasks but ctcvr
+    chain.write_text(yaml.safe_dump({**asdict(BAD_SCHEMA), "tasks": [
+        {"name": "ctr", "label": "click"}, {"name": "cvr", "label": "conversion", "sample_space": "click == 1"}]}))
+    esmm = root / "esmm.yaml"  # a second --config: the model becomes ESMM
+    esmm.write_text(yaml.safe_dump({"model": {"model": {"class_path": "lightning_mtr.models.ESMM",
+                                                        "init_args": {"tower": [4]}}}}))
+    return {
+        "missing schema file": (["--data.schema", str(missing)], str(missing), ["cannot read schema file",
+                                                                                 "No such file"]),
+        "schema file that is not YAML": (["--data.schema", str(broken)], str(broken), ["not valid YAML", "line 2"]),
+        "unknown task kind": (["--data.schema", str(unknown_kind)], str(unknown_kind),
+                              ["kind must be one of", "'binary_classification'"]),
+        "ESMM without its ctcvr task": (["--config", str(esmm), "--data.schema", str(chain)], str(chain),
+                                        ["ESMM needs binary tasks", "lacks ['ctcvr']", str(esmm)]),
+        "model argument out of range": (["--model.model.init_args.num_experts", "0"], str(config),
+                                        ["num_experts >= 1"]),
+    }
 
 
 def _damaged(root: Path, directory: Path, single: Path) -> dict[str, Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_mtr import quiet
 from lightning_mtr.cli import MultiTaskCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,17 @@ def two_process_run(tmp_path_factory) -> tuple[Path, Path]:
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Sharding plan (2 processes)" in done.stderr + done.stdout, "the plan is logged at start"
+    (root / "stderr.txt").write_text(done.stderr)
     return root, cache
+
+
+def test_two_processes_print_none_of_the_known_warnings(two_process_run):
+    """TorchRec's planner and DDP wrapping and the metrics' gather warned about 40 times, on
+    both ranks (lightning_mtr/quiet.py says why each is harmless)."""
+    stderr = (two_process_run[0] / "stderr.txt").read_text()
+    known = [message for _, message, _ in (*quiet.WARNINGS, *quiet.LOGS)]
+    assert [message for message in known if message in stderr] == [], stderr
+    assert "Warning" not in stderr and "WARNING" not in stderr, stderr
 
 
 def test_two_processes_match_one(two_process_run, tmp_path, monkeypatch):

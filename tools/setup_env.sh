@@ -7,6 +7,8 @@
 #
 #   LMTR_VARIANT=cpu  (default when `nvidia-smi` is absent): torch 2.13.0 CPU + fbgemm-gpu-cpu
 #   LMTR_VARIANT=cuda (default when `nvidia-smi` works):    torch 2.13.0 (CUDA) + fbgemm-gpu
+#     PyPI's torch 2.13.0 brings CUDA 13.0 as pip wheels and fbgemm-gpu 1.8.0 links libcudart.so.13:
+#     the host needs an NVIDIA driver for CUDA 13.0, no CUDA toolkit (docs/environment.md).
 set -euo pipefail
 venv=${1:-.venv}
 python=${PYTHON:-python3}
@@ -35,6 +37,9 @@ echo "setup_env: creating $venv ($LMTR_VARIANT: torch==$torch_version, $fbgemm, 
 pip="$venv/bin/python -m pip --disable-pip-version-check -q"
 $pip install "${torch_index[@]}" "torch==$torch_version"
 $pip install --no-deps "$fbgemm" "torchrec==$torchrec_version"
+# stop here, with one line, on a CPU torch in a CUDA venv or an fbgemm built for another torch
+PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)" "$venv/bin/python" -W "ignore:Failed to initialize NumPy" \
+  -m lightning_mtr.install_check "$LMTR_VARIANT"  # (numpy comes with the package, below)
 # torch stays pinned while the rest resolves, so nothing upgrades it behind our back.
 echo "torch==$torch_version" > "$venv/torch-pin.txt"
 $pip install -c "$venv/torch-pin.txt" -e ".[test]"

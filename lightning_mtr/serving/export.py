@@ -286,7 +286,9 @@ def _quality(schema: Schema, scores: dict, labels: dict, masks: dict) -> dict[st
 
 
 def main(argv: list[str]) -> int:
-    """``lightning-mtr export --ckpt PATH --out DIR [--quantize none|int8|int4] [--aot]``"""
+    """A checkpoint as a checked, torch-only serving artifact (optionally quantised).
+
+    ``lightning-mtr export --ckpt PATH --out DIR [--quantize none|int8|int4] [--aot]``"""
     parser = argparse.ArgumentParser(prog="lightning-mtr export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help="a checkpoint file, or a sharded checkpoint directory")
     parser.add_argument("--out", required=True, help="the artifact directory to write (replaced)")

@@ -93,7 +93,9 @@ def _text_format(recorded: dict | None) -> TextFormat:
 
 
 def main(argv: list[str]) -> int:
-    """``lightning-mtr score --artifact DIR --data FILE_OR_DIR [...] --out DIR [--extras COL ...]``"""
+    """Score Parquet/CSV logs through an exported artifact alone (no Lightning, no labels read).
+
+    ``lightning-mtr score --artifact DIR --data FILE_OR_DIR [...] --out DIR [--extras COL ...]``"""
     parser = argparse.ArgumentParser(prog="lightning-mtr score", description=__doc__.split("\n\n")[0])
     parser.add_argument("--artifact", required=True, help="a directory written by `lightning-mtr export`")
     parser.add_argument("--data", required=True, nargs="+", help="Parquet/CSV files or directories to score")

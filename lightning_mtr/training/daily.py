@@ -322,7 +322,9 @@ def run(plan: Plan) -> dict[dt.date, dict[str, float]] | int:
 
 
 def main(argv: list[str]) -> int:
-    """``lightning-mtr daily --config C --from A --to B [--out DIR] [--cold] [overrides]``."""
+    """Train day after day, each day warm-started from the day before and tested on the next.
+
+    ``lightning-mtr daily --config C --from A --to B [--out DIR] [--cold] [overrides]``."""
     try:
         plan = make_plan(argv)
     except DataError as error:

@@ -62,7 +62,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lightning-mtr synth {impressions,behaviour,mmoe,days} ...``: write the data and say where."""
+    """Write a seeded synthetic log whose labels have known structure, and say where.
+
+    ``lightning-mtr synth {impressions,behaviour,mmoe,days} ...``"""
     args = _parser().parse_args(argv)
     if args.command == "days":
         for path in write_days(args.out, args.days, args.rows_per_day, seed=args.seed, start=args.start):

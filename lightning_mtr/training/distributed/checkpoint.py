@@ -218,7 +218,9 @@ def read_consolidated(path: str | Path) -> dict[str, Any]:
 
 
 def consolidate_main(argv: list[str]) -> int:
-    """``lightning-mtr consolidate CHECKPOINT_DIR OUTPUT.ckpt``"""
+    """A sharded checkpoint directory as one file that one process evaluates, predicts and exports.
+
+    ``lightning-mtr consolidate CHECKPOINT_DIR OUTPUT.ckpt``"""
     parser = argparse.ArgumentParser(prog="lightning-mtr consolidate", description=consolidate.__doc__)
     parser.add_argument("checkpoint", help="a checkpoint directory (SingleProcessStrategy's or TorchRecStrategy's)")
     parser.add_argument("output", help="the single-file checkpoint to write")

@@ -56,6 +56,7 @@ class _Job(TableMemory):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """How a config's embedding tables would shard over a GPU cluster, worked out on any machine."""
     args, overrides = _parser().parse_known_args(argv)
     try:
         job = _job(args, overrides)
