@@ -1,0 +1,111 @@
+"""Where a run's outputs land and what they hold: ``last.ckpt`` is the last state (a link when a
+top-k checkpoint holds the same one), logs under ``runs/<name>/version_N`` with ``latest`` links,
+progress bars with a total, one result table."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from lightning.pytorch import callbacks
+
+from lightning_mtr.data.datamodule import MultiTaskDataModule
+from lightning_mtr.models import MMoE
+from lightning_mtr.training import ModelCheckpoint, MultiTaskModule
+from lightning_mtr.training.distributed import SingleProcessStrategy
+from lightning_mtr.training.distributed.checkpoint import TRAINER_STATE, save
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> MultiTaskDataModule:
+    """160 training rows in batches of 64: 3 steps an epoch (the last one 32 rows)."""
+    rng = np.random.default_rng(0)
+    for name, rows in (("train", 160), ("val", 64)):
+        pq.write_table(pa.table({"user": rng.integers(0, 20, rows), "buy": rng.integers(0, 2, rows)}),
+                       tmp_path / f"{name}.parquet")
+    (tmp_path / "schema.yaml").write_text(yaml.safe_dump({
+        "sparse": [{"name": "user", "num_embeddings": 20, "embedding_dim": 4}],
+        "tasks": [{"name": "buy", "label": "buy"}]}))
+    return MultiTaskDataModule(str(tmp_path / "schema.yaml"), train=str(tmp_path / "train.parquet"),
+                               val=str(tmp_path / "val.parquet"), batch_size=64)
+
+
+def _fit(data: MultiTaskDataModule, checkpoint: callbacks.ModelCheckpoint, epochs: int, ckpt_path: str | None = None,
+         **trainer: object) -> L.Trainer:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint],
+                        strategy=SingleProcessStrategy(), **trainer)
+    module = MultiTaskModule(model=lambda s: MMoE(s, num_experts=2, expert=[4], tower=[4]), schema=data.schema)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return trainer
+
+
+def _step(checkpoint: Path) -> int:
+    return torch.load(checkpoint / TRAINER_STATE, weights_only=True)["global_step"]
+
+
+def _worse_every_epoch(kind: type[callbacks.ModelCheckpoint], directory: Path) -> callbacks.ModelCheckpoint:
+    """``step`` in mode ``min``: the first epoch is the best, each later one is worse."""
+    return kind(dirpath=directory, monitor="step", mode="min", save_last=True)
+
+
+def test_lightning_keeps_last_ckpt_at_the_best_step(tiny_data, tmp_path):
+    """What this project's ModelCheckpoint fixes (Lightning 2.6): 3 epochs, a metric that gets
+    worse, and ``last.ckpt`` holds step 3 while training ended at step 9."""
+    trainer = _fit(tiny_data, _worse_every_epoch(callbacks.ModelCheckpoint, tmp_path / "lightning"), epochs=3)
+    assert trainer.global_step == 9 and _step(tmp_path / "lightning" / "last.ckpt") == 3
+
+
+def test_last_ckpt_is_the_last_state_and_a_resume_from_it_trains_nothing(tiny_data, tmp_path):
+    directory = tmp_path / "ckpt"
+    checkpoint = _worse_every_epoch(ModelCheckpoint, directory)
+    trainer = _fit(tiny_data, checkpoint, epochs=3)
+    last = directory / "last.ckpt"
+    assert trainer.global_step == 9 and _step(last) == 9
+    assert not last.is_symlink(), "no top-k checkpoint holds step 9: last.ckpt is one of its own"
+    assert _step(directory / "epoch=0-step=3.ckpt") == 3, "the best one was not written over"
+    assert checkpoint.best_model_path == str(directory / "epoch=0-step=3.ckpt")
+    weights = {k: v.clone() for k, v in trainer.lightning_module.state_dict().items()}
+
+    resumed = _fit(tiny_data, _worse_every_epoch(ModelCheckpoint, tmp_path / "again"), epochs=3, ckpt_path=str(last))
+    assert resumed.global_step == 9, "resumed at the end of training: nothing left to train"
+    for key, value in resumed.lightning_module.state_dict().items():
+        torch.testing.assert_close(value, weights[key], msg=key)
+
+
+def test_last_ckpt_links_to_the_top_k_checkpoint_of_the_same_step(tiny_data, tmp_path):
+    """Each epoch better (``step`` in mode ``max``): ``last.ckpt`` is a relative link to the
+    newest top-k checkpoint, never a second copy; the previous best is deleted, not linked."""
+    directory = tmp_path / "ckpt"
+    checkpoint = ModelCheckpoint(dirpath=directory, monitor="step", mode="max", save_last=True)
+    _fit(tiny_data, checkpoint, epochs=2)
+    last = directory / "last.ckpt"
+    assert last.is_symlink() and os.readlink(last) == "epoch=1-step=6.ckpt"
+    assert sorted(p.name for p in directory.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
+    assert _step(last) == 6
+
+
+def test_last_ckpt_follows_every_n_train_steps_to_the_final_step(tiny_data, tmp_path):
+    """``daily``'s checkpoint: no top-k, ``last.ckpt`` every 2 steps. Lightning's stays at step 8
+    of 9 (its end-of-training save runs only when nothing was saved before)."""
+    settings = {"save_top_k": 0, "save_last": True, "every_n_train_steps": 2}
+    for kind, name, step in ((callbacks.ModelCheckpoint, "lightning", 8), (ModelCheckpoint, "ours", 9)):
+        _fit(tiny_data, kind(dirpath=tmp_path / name, **settings), epochs=3, limit_val_batches=0)
+        assert _step(tmp_path / name / "last.ckpt") == step, name
+
+
+def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_its_target(tmp_path):
+    """The strategies' writer (every checkpoint is a directory) renames the old one aside and
+    deletes it: a ``last.ckpt`` link goes, the top-k checkpoint it linked to stays."""
+    best, last = tmp_path / "epoch=0-step=3.ckpt", tmp_path / "last.ckpt"
+    save({"w": torch.zeros(2)}, {"global_step": 3}, best, is_global_zero=True)
+    last.symlink_to(best.name)
+    save({"w": torch.ones(2)}, {"global_step": 6}, last, is_global_zero=True)
+    assert not last.is_symlink() and _step(last) == 6 and _step(best) == 3
