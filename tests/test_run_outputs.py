@@ -5,6 +5,7 @@ progress bars with a total, one result table."""
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,11 +17,14 @@ import torch
 import yaml
 from lightning.pytorch import callbacks
 
+from lightning_mtr.cli import MultiTaskCLI
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MMoE
 from lightning_mtr.training import ModelCheckpoint, MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy
 from lightning_mtr.training.distributed.checkpoint import TRAINER_STATE, save
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -109,3 +113,40 @@ def test_a_checkpoint_saved_over_a_link_replaces_the_link_not_its_target(tmp_pat
     last.symlink_to(best.name)
     save({"w": torch.ones(2)}, {"global_step": 6}, last, is_global_zero=True)
     assert not last.is_symlink() and _step(last) == 6 and _step(best) == 3
+
+
+@pytest.fixture
+def my_experiment(tiny_data, tmp_path, monkeypatch) -> Path:
+    """conf/debug.yaml copied as ``my_experiment.yaml`` (its name), on the tiny schema; the
+    working directory is ``tmp_path``, so ``runs/`` is created there."""
+    config = yaml.safe_load((REPO / "conf" / "debug.yaml").read_text())
+    config["data"] = {"schema": str(tmp_path / "schema.yaml"), "train": str(tmp_path / "train.parquet")}
+    config["trainer"]["callbacks"] = []
+    path = tmp_path / "conf" / "my_experiment.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(config))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    return path
+
+
+def _outputs(*args: str) -> tuple[str, list[tuple[str, str]]]:
+    trainer = MultiTaskCLI(args=list(args), run=False).trainer
+    return trainer.default_root_dir, [(type(logger).__name__, logger.log_dir) for logger in trainer.loggers]
+
+
+def test_logs_go_to_runs_named_after_the_config_or_name_unless_the_config_says(my_experiment, tmp_path):
+    """No logger in the config: CSV and TensorBoard, both in ``runs/<config stem>/version_N``
+    (the next free N); ``--name`` renames it, ``default_root_dir`` replaces ``runs/<name>``, a
+    logger of the config's own (here none) is kept."""
+    (tmp_path / "runs" / "my_experiment" / "version_0").mkdir(parents=True)  # an earlier run
+    root = "runs/my_experiment"  # relative to the working directory, as given
+    assert _outputs("--config", str(my_experiment)) == (root, [
+        ("CSVLogger", f"{root}/version_1"), ("TensorBoardLogger", f"{root}/version_1")])
+    other = "runs/other"
+    assert _outputs("--config", str(my_experiment), "--name", "other")[1] == [
+        ("CSVLogger", f"{other}/version_0"), ("TensorBoardLogger", f"{other}/version_0")]
+    mine = str(tmp_path / "mine")
+    assert _outputs("--config", str(my_experiment), "--trainer.default_root_dir", mine)[1][0] == (
+        "CSVLogger", f"{mine}/version_0")
+    assert _outputs("--config", str(my_experiment), "--trainer.logger", "false") == (root, [])
