@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch import callbacks
 
 from lightning_mtr.cli import MultiTaskCLI
@@ -150,3 +151,30 @@ def test_logs_go_to_runs_named_after_the_config_or_name_unless_the_config_says(m
     assert _outputs("--config", str(my_experiment), "--trainer.default_root_dir", mine)[1][0] == (
         "CSVLogger", f"{mine}/version_0")
     assert _outputs("--config", str(my_experiment), "--trainer.logger", "false") == (root, [])
+
+
+def test_the_progress_bar_has_a_total_and_each_epoch_still_ends_with_validation(tiny_data):
+    """160 rows in batches of 64: a total of 3 (was ``3/?``), 2 epochs of 3 steps, one
+    validation at the end of each (Lightning then validates on the count, not on the loader's end)."""
+    seen = []
+
+    class Totals(L.Callback):
+        def on_validation_end(self, trainer, module):
+            seen.append((trainer.global_step, trainer.progress_bar_callback.train_progress_bar.total,
+                         trainer.num_val_batches))
+
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Totals()],
+                        strategy=SingleProcessStrategy())
+    module = MultiTaskModule(model=lambda s: MMoE(s, num_experts=2, expert=[4], tower=[4]), schema=tiny_data.schema)
+    trainer.fit(module, datamodule=tiny_data)
+    assert seen == [(3, 3, [1]), (6, 3, [1])]
+
+
+@pytest.mark.parametrize(("saved_batches", "length"), [(2, 3), (1, None)])
+def test_a_resume_in_another_batch_shape_has_no_total(tiny_data, saved_batches, length):
+    """128 rows done: 2 batches of 64 here; a checkpoint that counted them as 1 batch (of 128, or
+    on 2 processes) resumes 2 batches on while Lightning counts from 1, so no length is given."""
+    tiny_data.setup("fit")
+    tiny_data.resume_position = {"epoch": 0, "rows": 128, "batches": saved_batches}
+    assert sized_len(tiny_data.train_dataloader()) == length
