@@ -24,6 +24,7 @@ from lightning_mtr.models import MMoE
 from lightning_mtr.training import ModelCheckpoint, MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy
 from lightning_mtr.training.distributed.checkpoint import TRAINER_STATE, save
+from lightning_mtr.training.warm_start import WarmStart
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,11 +43,11 @@ def tiny_data(tmp_path) -> MultiTaskDataModule:
                                val=str(tmp_path / "val.parquet"), batch_size=64)
 
 
-def _fit(data: MultiTaskDataModule, checkpoint: callbacks.ModelCheckpoint, epochs: int, ckpt_path: str | None = None,
+def _fit(data: MultiTaskDataModule, checkpoint: L.Callback, epochs: int, ckpt_path: str | None = None,
          **trainer: object) -> L.Trainer:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[checkpoint],
-                        strategy=SingleProcessStrategy(), **trainer)
+    trainer = L.Trainer(**{"accelerator": "cpu", "max_epochs": epochs, "logger": False, "enable_progress_bar": False,
+                           "enable_model_summary": False, "num_sanity_val_steps": 0, "callbacks": [checkpoint],
+                           "strategy": SingleProcessStrategy(), **trainer})
     module = MultiTaskModule(model=lambda s: MMoE(s, num_experts=2, expert=[4], tower=[4]), schema=data.schema)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
@@ -90,11 +91,23 @@ def test_last_ckpt_links_to_the_top_k_checkpoint_of_the_same_step(tiny_data, tmp
     newest top-k checkpoint, never a second copy; the previous best is deleted, not linked."""
     directory = tmp_path / "ckpt"
     checkpoint = ModelCheckpoint(dirpath=directory, monitor="step", mode="max", save_last=True)
-    _fit(tiny_data, checkpoint, epochs=2)
+    trained = _fit(tiny_data, checkpoint, epochs=2).lightning_module.state_dict()
     last = directory / "last.ckpt"
     assert last.is_symlink() and os.readlink(last) == "epoch=1-step=6.ckpt"
     assert sorted(p.name for p in directory.iterdir()) == ["epoch=1-step=6.ckpt", "last.ckpt"]
     assert _step(last) == 6
+    assert _fit(tiny_data, ModelCheckpoint(dirpath=tmp_path / "resumed"), epochs=2,
+                ckpt_path=str(last)).global_step == 6, "a resume from the link: nothing left to train"
+
+    class Start(L.Callback):  # a warm start from the link begins with the linked weights
+        def on_train_start(self, trainer, module):
+            for key, value in module.state_dict().items():
+                torch.testing.assert_close(value, trained[key], msg=key)
+            trainer.should_stop = True
+
+    warm = SingleProcessStrategy()
+    warm.warm_start = WarmStart(str(last))
+    _fit(tiny_data, Start(), epochs=1, strategy=warm)
 
 
 def test_last_ckpt_follows_every_n_train_steps_to_the_final_step(tiny_data, tmp_path):

@@ -26,7 +26,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._state_file: tuple[int, str] | None = None  # (step, path) of the newest top-k checkpoint
+        self._top_k_step: int | None = None  # the step of the newest top-k checkpoint
         self._last_step: int | None = None  # the step last.ckpt holds
         self._writing_last = False
 
@@ -55,7 +55,7 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         """A link to this step's top-k checkpoint if one was written, else a checkpoint of its own."""
         if not self.save_last:
             return
-        same_state = self._state_file is not None and self._state_file[0] == trainer.global_step
+        same_state = self._top_k_step == trainer.global_step
         # "link": Lightning links last.ckpt to _last_checkpoint_saved, this step's top-k file
         mode, self.save_last, self._writing_last = self.save_last, "link" if same_state else True, True
         try:
@@ -71,4 +71,4 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             trainer.strategy.barrier("lightning_mtr.last_checkpoint")
         super()._save_checkpoint(trainer, filepath)
         if not self._writing_last:
-            self._state_file = (trainer.global_step, filepath)
+            self._top_k_step = trainer.global_step
