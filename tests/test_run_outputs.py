@@ -1,6 +1,6 @@
 """Where a run's outputs land and what they hold: ``last.ckpt`` is the last state (a link when a
-top-k checkpoint holds the same one), logs under ``runs/<name>/version_N`` with ``latest`` links,
-progress bars with a total, one result table."""
+top-k checkpoint holds the same one), logs under ``runs/<name>/version_N``, progress bars with a
+total (the CLI runs themselves, ``latest`` links and the one result table: test_cli.py)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _worse_every_epoch(kind: type[callbacks.ModelCheckpoint], directory: Path) -
 
 def test_lightning_keeps_last_ckpt_at_the_best_step(tiny_data, tmp_path):
     """What this project's ModelCheckpoint fixes (Lightning 2.6): 3 epochs, a metric that gets
-    worse, and ``last.ckpt`` holds step 3 while training ended at step 9."""
+    worse, and ``last.ckpt`` holds step 3 while training ended at step 9. (Failing here means
+    Lightning fixed it, and lightning_mtr.training.ModelCheckpoint can go.)"""
     trainer = _fit(tiny_data, _worse_every_epoch(callbacks.ModelCheckpoint, tmp_path / "lightning"), epochs=3)
     assert trainer.global_step == 9 and _step(tmp_path / "lightning" / "last.ckpt") == 3
 
