@@ -22,7 +22,7 @@ from lightning_mtr.data import infer, synthetic
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
-from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, warm_start
+from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, runs, warm_start
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
@@ -73,7 +73,8 @@ class MultiTaskCLI(LightningCLI):
         config = self._get(self.config_init, "trainer", default={})
         if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
             kwargs["strategy"] = SingleProcessStrategy() if trains_one_device(config) else TorchRecStrategy()
-        return super().instantiate_trainer(**kwargs)
+        name = runs.run_name(self._get(self.config_init, "name"), self._get(self.config_init, "config"))
+        return super().instantiate_trainer(**{**runs.default_outputs(config, name), **kwargs})
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file
@@ -81,10 +82,13 @@ class MultiTaskCLI(LightningCLI):
         a checkpoint of another model when it loads it."""
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any):
-        """``fit`` also takes ``--warm_start PATH`` and its choices."""
+        """``fit`` also takes ``--warm_start PATH`` and its choices; ``test`` prints TaskReport's
+        table only (Lightning's own, the same metrics again, with ``--verbose true``)."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "fit":
             warm_start.add_arguments(parser)
+        if subcommand == "test":
+            parser.set_defaults(verbose=False)
         return parser
 
     def before_fit(self) -> None:
@@ -97,6 +101,9 @@ class MultiTaskCLI(LightningCLI):
         self.trainer.predict(**kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="logs and checkpoints go to runs/NAME/version_N (default: the first --config's stem)")
+        parser.add_lightning_class_args(runs.LatestRun, "latest")
         parser.link_arguments("data.schema", "model.schema", apply_on="instantiate")
         parser.add_lightning_class_args(TaskReport, "report")
         parser.add_lightning_class_args(ParquetPredictionWriter, "prediction_writer")

@@ -2,8 +2,8 @@
 on a tiny built-in synthetic log (fit, then validate and test from the fitted checkpoint,
 ``--print_config`` round trip, ``synth impressions``).
 
-Every file lands under a temporary directory: the data cache, the checkpoints, and the config's own
-CSV and TensorBoard loggers (``--trainer.logger`` is overridden with the same two loggers, redirected).
+Every file lands under a temporary directory: the data cache, and (``--trainer.default_root_dir``) the
+CSV and TensorBoard logs and checkpoints that go to ``runs/<name>/version_N`` otherwise.
 One ``fit`` is shared by the module (each run builds the schema's 1M-row table: a few seconds).
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import json
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -27,6 +27,7 @@ import yaml
 
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.schema import Schema
+from lightning_mtr.serving.checkpoint import load_run
 from lightning_mtr.training.distributed import SingleProcessStrategy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,20 +36,11 @@ SCHEMA = Schema.from_yaml(REPO / "conf" / "schemas" / "synthetic_impressions.yam
 ROWS = {"train": 3000, "val": 1000, "test": 1000}
 
 
-def _loggers(root: Path) -> str:
-    """conf/debug.yaml's two loggers, saving under ``root`` instead of runs/debug."""
-    return json.dumps([
-        {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(root), "name": "csv"}},
-        {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-         "init_args": {"save_dir": str(root), "name": "tensorboard"}},
-    ])
-
-
 def _args(subcommand: str, root: Path, cache: Path) -> list[str]:
     return [subcommand, "--config", CONFIG,
             "--data.synthetic.train_rows", str(ROWS["train"]), "--data.synthetic.val_rows", str(ROWS["val"]),
             "--data.synthetic.test_rows", str(ROWS["test"]), "--data.synthetic.cache_dir", str(cache),
-            "--data.batch_size", "512", "--trainer.default_root_dir", str(root), "--trainer.logger", _loggers(root)]
+            "--data.batch_size", "512", "--trainer.default_root_dir", str(root)]
 
 
 @contextlib.contextmanager
@@ -87,7 +79,7 @@ def _report(text: str, stage: str) -> dict[str, int]:
     found = {}
     for line in lines[1:1 + len(SCHEMA.tasks)]:
         task, kind, rows, auc, *_ = line.split()
-        assert math.isfinite(float(auc)), line
+        assert 0.0 <= float(auc) <= 1.0, line
         found[task] = int(rows)
     return found
 
@@ -135,13 +127,13 @@ def _last_checkpoint(fitted) -> Path:
 
 def test_fit_writes_csv_and_tensorboard_logs_and_reports_every_task(fitted):
     run = fitted["root"] / "run"
-    [metrics_file] = run.glob("csv/version_*/metrics.csv")
+    [metrics_file] = run.glob("version_*/metrics.csv")
     with open(metrics_file) as handle:
         rows = list(csv.DictReader(handle))
     assert "val/ctr/auc" in rows[0]
     aucs = [float(row["val/ctr/auc"]) for row in rows if row["val/ctr/auc"]]
     assert len(aucs) == 1 and 0.0 <= aucs[0] <= 1.0  # max_epochs 1: one validation (6 steps: AUC near chance)
-    assert list(run.glob("tensorboard/version_*/events.out.tfevents.*")), "no TensorBoard event file"
+    assert list(run.glob("version_*/events.out.tfevents.*")), "no TensorBoard event file beside the CSV"
     assert (_last_checkpoint(fitted) / "trainer.pt").is_file(), "one format on every path: a checkpoint directory"
     assert _report(fitted["output"], "val") == _sample_space_rows(fitted["splits"]["val"])
 
@@ -153,7 +145,7 @@ def test_validate_from_checkpoint_prints_the_fitted_metrics(fitted, at_repo_root
     for task, rows in expected.items():
         assert _printed_metric(printed, f"val/{task}/rows") == rows
     # the checkpoint holds the weights that produced fit's last validation
-    [metrics_file] = (root / "run").glob("csv/version_*/metrics.csv")
+    [metrics_file] = (root / "run").glob("version_*/metrics.csv")
     with open(metrics_file) as handle:
         fitted_auc = next(float(r["val/ctr/auc"]) for r in csv.DictReader(handle) if r["val/ctr/auc"])
     assert _printed_metric(printed, "val/ctr/auc") == pytest.approx(fitted_auc, abs=1e-4)
@@ -164,8 +156,9 @@ def test_test_from_checkpoint_reports_every_task_on_its_sample_space(fitted, at_
     expected = _sample_space_rows(fitted["splits"]["test"])
     assert expected["ctr"] == ROWS["test"] and 0 < expected["cvr"] < ROWS["test"]
     assert _report(printed, "test") == expected
-    for task in expected:
-        assert 0.0 <= _printed_metric(printed, f"test/{task}/auc") <= 1.0
+    # one table: TaskReport's, not Lightning's result table of the same metrics besides
+    assert printed.count("Per-task test metrics") == 1
+    assert "Test metric" not in printed and "test/ctr/auc" not in printed, printed
 
 
 def test_print_config_round_trips(tmp_path, at_repo_root, capsys):
@@ -250,3 +243,37 @@ def test_bad_data_ends_with_one_line_naming_file_and_column(fitted, at_repo_root
     assert status == 2
     assert f"lightning-mtr: error: {bad}: missing column 'position'\n" in errors
     assert "Traceback" not in errors
+
+
+def test_the_debug_run_keeps_one_copy_of_its_state_and_every_reader_takes_the_link(fitted, at_repo_root, tmp_path):
+    """One epoch: the best checkpoint and the last are the same state, so ``last.ckpt`` is a link
+    to it (not a second 190 MB copy at full size); consolidate and export's reader follow it
+    (validate, test and predict above read it too)."""
+    checkpoints = fitted["root"] / "run" / "latest_fit" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["epoch=0-step=6.ckpt", "last.ckpt"]
+    last = checkpoints / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (checkpoints / "epoch=0-step=6.ckpt").resolve()
+    assert main(["consolidate", str(last), str(tmp_path / "single.ckpt")]) == 0
+    assert load_run(last).model.state_dict().keys() == load_run(tmp_path / "single.ckpt").model.state_dict().keys()
+
+
+def test_each_command_takes_a_new_version_and_latest_links_name_the_last(fitted, at_repo_root):
+    """Two ``test`` runs and a ``predict`` that fails on its data, into one run directory:
+    versions 0, 1, 2; ``latest`` is the failed predict, ``latest_test`` the second test (its
+    metrics.csv holds the test metrics); the fit's ``latest_fit`` holds the checkpoints."""
+    root, runs = fitted["root"], fitted["root"] / "commands"
+    checkpoint = str(fitted["root"] / "run" / "latest_fit" / "checkpoints" / "last.ckpt")
+    for _ in range(2):
+        with _output():
+            assert main([*_args("test", runs, root / "cache"), "--ckpt_path", checkpoint]) == 0
+    bad = root / "no_position_to_predict.parquet"
+    pq.write_table(pq.read_table(fitted["splits"]["test"]).drop_columns(["position"]), bad)
+    assert main([*_args("predict", runs, root / "cache"), "--ckpt_path", checkpoint, "--data.predict", str(bad),
+                 "--prediction_writer.output_dir", str(root / "never")]) == 2
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "latest_predict", "latest_test",
+                                                      "version_0", "version_1", "version_2"]
+    assert os.readlink(runs / "latest") == os.readlink(runs / "latest_predict") == "version_2"
+    assert os.readlink(runs / "latest_test") == "version_1"
+    with open(runs / "latest_test" / "metrics.csv") as handle:
+        assert "test/ctr/auc" in next(csv.DictReader(handle))
+    assert os.readlink(root / "run" / "latest_fit") == os.readlink(root / "run" / "latest") == "version_0"

@@ -6,6 +6,7 @@ and the dense statistics against numpy.
 """
 
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from lightning.fabric.utilities.data import sized_len
 from torch.utils.data import DataLoader
 
 from lightning_mtr.data import reader
@@ -770,3 +772,28 @@ def test_sizes_that_would_be_taken_silently_are_refused(sizes, message):
 def test_no_eval_batch_size_means_the_training_batch_size():
     data = MultiTaskDataModule(SCHEMA_FILE, batch_size=7, shuffle_buffer=0)
     assert (data.eval_batch_size, data.shuffle_buffer) == (7, 0)
+
+
+@pytest.mark.parametrize(("world_size", "workers"), [(1, 0), (1, 3), (2, 2), (3, 1)])
+@pytest.mark.parametrize("mode", [{}, {"drop_last": True}, {"even_batches": True}, {"equal_batch_counts": True}])
+def test_length_is_the_batches_each_process_yields(log_dir, monkeypatch, world_size, workers, mode):
+    """``len()`` (the progress bar's total, Lightning's end of epoch) from the row counts alone
+    equals the batches each process's readers yield, shuffled, whatever the shares."""
+    for rank in range(world_size):
+        yielded = 0
+        for worker in range(max(workers, 1)):
+            if workers:
+                monkeypatch.setattr(reader, "get_worker_info",
+                                    lambda w=worker: SimpleNamespace(num_workers=workers, id=w))
+            data = stream(log_dir, batch_size=7, shuffle_buffer=20, rank=rank, world_size=world_size,
+                          loader_workers=workers, **mode)
+            yielded += len(list(data))
+        assert len(data) == yielded, (rank, mode)
+
+
+def test_a_data_loader_takes_the_length_and_none_without_its_worker_count(log_dir):
+    loader = DataLoader(stream(log_dir, batch_size=8, loader_workers=2), batch_size=None, num_workers=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a loader yields more than its length
+        assert len(loader) == len(list(loader)) == 2 * math.ceil(43 / 8)  # 86 rows, 43 per worker
+    assert sized_len(DataLoader(stream(log_dir), batch_size=None)) is None

@@ -229,6 +229,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         encoder = self._encoder_for(labels=split != "predict")
         units = plan_units(self._files(split), encoder, self.text_format)
         trainer = self.trainer
+        resume = self._resume_batches(trainer.world_size if trainer else 1) if training else None
+        # Lightning counts a resumed epoch's batches on from the saved count: a length holds when
+        # the stream skips as many (same processes and batch size), else the bar has no total
+        sized = resume is None or resume[1] == self.resume_position["batches"]
         stream = BatchStream(
             units, encoder, self.batch_size if training else self.eval_batch_size,
             shuffle_buffer=self.shuffle_buffer if training else 0, seed=self.seed,
@@ -238,7 +242,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             # the epoch Lightning hands samplers: unlike current_epoch it is already right
             # when a resumed run creates its first iterator
             epoch=(lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer else None,
-            resume=self._resume_batches(trainer.world_size if trainer else 1) if training else None,
+            resume=resume, loader_workers=self.num_workers if sized else None,
         )
         on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=worker_init,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,8 @@ from lightning_mtr.data.days import partitions
 from lightning_mtr.data.encode import MISSING_GROUP, ROW_COLUMN, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
+# BatchStream's length counts the DataLoader's workers' shares (Lightning warns it might not)
+warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def text_names(names: Sequence[str | int | float], key: str) -> list[str]:
@@ -238,12 +241,15 @@ class BatchStream(IterableDataset):
         resume: ``(epoch, batches)``: in that epoch each process skips its first ``batches``
             batches without encoding them (a run resumed from a mid-epoch checkpoint continues
             where it stopped; exact when processes, workers and seed are unchanged).
+        loader_workers: the DataLoader's ``num_workers``, so that ``len()`` is this process's
+            batches per epoch (None: no length).
     """
 
     def __init__(self, units: Sequence[Unit], encoder: BatchEncoder, batch_size: int, shuffle_buffer: int = 0,
                  seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
                  even_batches: bool = False, equal_batch_counts: bool = False,
-                 epoch: Callable[[], int] | None = None, resume: tuple[int, int] | None = None):
+                 epoch: Callable[[], int] | None = None, resume: tuple[int, int] | None = None,
+                 loader_workers: int | None = None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -258,6 +264,7 @@ class BatchStream(IterableDataset):
         self.even_batches = even_batches
         self.equal_batch_counts = equal_batch_counts
         self.resume = resume
+        self.loader_workers = loader_workers
         self.epoch_source = epoch
         self.epoch = 0
 
@@ -295,6 +302,21 @@ class BatchStream(IterableDataset):
         if self.equal_batch_counts:
             return max(math.ceil(self._fewest_rows(workers) / self.batch_size), 1)
         return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def __len__(self) -> int:
+        """The batches this process's readers yield in a full epoch, from the units' row counts
+        (Parquet metadata; a text file's rows were counted when it was planned): each reader's
+        equal share of the rows, cut as :meth:`_batch_count` says. The shuffle buffer moves rows,
+        never drops them, and the encoder keeps every row (a sample space is a mask), so it is
+        exact: Lightning shows it as the progress bar's total and ends the epoch on it. A
+        resumed epoch yields it less the batches Lightning counts as done."""
+        if self.loader_workers is None:
+            raise TypeError("BatchStream has no length without loader_workers")
+        workers = max(self.loader_workers, 1)
+        readers, total = self.world_size * workers, sum(unit.rows for unit in self.units)
+        shares = [total * (r + 1) // readers - total * r // readers
+                  for r in range(self.rank * workers, (self.rank + 1) * workers)]  # as split_rows cuts
+        return sum(self._batch_count(rows, workers) for rows in shares)
 
     def _resume_position(self, workers: int) -> tuple[list[int], int]:
         """After the ``k`` batches this process trained on: how many each slot made, and the slot

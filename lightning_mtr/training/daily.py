@@ -75,7 +75,7 @@ def _overlay(plan: Plan, day: dt.date, stage: str) -> Path:
     trainer = {"default_root_dir": str(directory),
                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
                           "init_args": {"save_dir": str(directory), "name": name, "version": 0}},
-               "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": checkpoint}]}
+               "callbacks": [{"class_path": "lightning_mtr.training.ModelCheckpoint", "init_args": checkpoint}]}
     data = {"train": plan.root, "days": str(day), "val_days": None, "test_days": None}
     if stage == "fit":
         trainer["limit_val_batches"] = 0

@@ -97,7 +97,7 @@ def save(tensors: Mapping[str, Any], trainer_state: dict[str, Any], path: Path, 
         if path.exists():
             path.rename(previous)
         staging.rename(path)
-        if previous.is_dir():
+        if previous.is_dir() and not previous.is_symlink():  # a link (last.ckpt) goes, not what it links to
             shutil.rmtree(previous)
         elif previous.exists():
             previous.unlink()
