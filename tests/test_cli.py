@@ -187,7 +187,7 @@ def test_help_lists_every_command_with_a_description(at_repo_root, capsys):
     printed = capsys.readouterr().out
     assert "{fit,validate,test,predict}" in printed
     listed = dict(re.findall(r"^  (\w+) +(\S.{20,})$", printed.rsplit("other commands", 1)[1], re.MULTILINE))
-    assert {"synth", "plan", "consolidate", "export", "score", "daily"} <= set(listed), printed
+    assert {"synth", "plan", "consolidate", "export", "score", "daily", "schema"} <= set(listed), printed
     assert all("``" not in line for line in listed.values()), listed  # a description, not a usage line
     assert "LMTR_DEBUG=1" in printed
 

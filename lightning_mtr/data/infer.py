@@ -272,7 +272,7 @@ def _flow(entry: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``lightning-mtr schema infer --data FILES... --label COL [...] [--out schema.yaml]``"""
+    """Propose a commented schema from Parquet/CSV files: `schema infer --data FILES --label COL [--out F]`."""
     parser = argparse.ArgumentParser(prog="lightning-mtr schema", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     sub = commands.add_parser("infer", help="propose a schema from Parquet/CSV files")
