@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
@@ -101,7 +102,10 @@ def test_config_starts_with_its_command(config):
 def test_config_parses_and_instantiates(config):
     cli = _parse(config)
     schema = cli.datamodule.schema
-    assert cli.model.schema is schema, "the schema is linked from the data module into the model"
+    linked = cli.model.schema  # the data module's, or a copy with the task weights a chain model fixes
+    assert linked is schema or linked == replace(schema, tasks=tuple(replace(t, weight=linked.task_weights[t.name])
+                                                                     for t in schema.tasks)), \
+        "the schema is linked from the data module into the model"
     assert list(cli.model.model.tasks) == schema.task_names
     assert cli.trainer.max_epochs >= 1
 
@@ -211,6 +215,8 @@ def test_ali_ccp_trains_esmm(tmp_path):
     cli = _fit(_on_shared("conf/data/ali_ccp_esmm.yaml"), tmp_path)
     _assert_trained(cli, tmp_path, val_rows=50)
     assert cli.trainer.callback_metrics["val/cvr/rows"] == 3  # CVR is evaluated on the 3 clicked val rows
+    assert Schema.from_yaml(REPO / "conf" / "schemas" / "ali_ccp.yaml").task_weights["cvr"] == 1  # shared with MMoE
+    assert cli.model.schema.task_weights["cvr"] == 0  # ESMM has no direct CVR loss, and says so itself
 
 
 @needs_shared_data
