@@ -13,7 +13,6 @@ import contextlib
 import csv
 import io
 import logging
-import math
 import os
 import re
 import sys
