@@ -7,6 +7,7 @@ scores on the same rows."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -158,6 +159,16 @@ def test_a_missing_vocab_file_names_the_path_it_looked_for(tmp_path):
                                           "tasks:\n  - {name: ctr, label: click}\n")
     with pytest.raises(ValueError, match=f"sparse feature 'brand': vocab_file 'brands.txt' not found \\(looked for "
                                          f"{tmp_path / 'brands.txt'}"):
+        Schema.from_yaml(tmp_path / "schema.yaml")
+
+
+def test_an_empty_vocab_file_is_named_as_the_file_not_as_a_vocab_list(tmp_path):
+    """The schema says vocab_file: the error said 'vocab_list must be a list of ids ..., got ()'."""
+    (tmp_path / "brands.txt").write_text("\n\n")
+    (tmp_path / "schema.yaml").write_text("sparse:\n  - {name: brand, vocab_file: brands.txt}\n"
+                                          "tasks:\n  - {name: ctr, label: click}\n")
+    words = f"sparse feature 'brand': vocab_file 'brands.txt' ({tmp_path / 'brands.txt'}) has no values: write one"
+    with pytest.raises(ValueError, match=re.escape(words)):
         Schema.from_yaml(tmp_path / "schema.yaml")
 
 
