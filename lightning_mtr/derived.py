@@ -45,8 +45,11 @@ def read_vocab_file(config: Any, base: Path) -> Any:
     if not path.is_file():
         raise ValueError(f"{where}: vocab_file {str(config['vocab_file'])!r} not found (looked for {path}; the path "
                          "is relative to the schema file): write one value per line there, or fix the path")
-    values = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
-    return {**{k: v for k, v in config.items() if k != "vocab_file"}, "vocab_list": [v for v in values if v]}
+    values = [v for v in (line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")) if v]
+    if not values:
+        raise ValueError(f"{where}: vocab_file {str(config['vocab_file'])!r} ({path}) has no values: write one value "
+                         "per line")
+    return {**{k: v for k, v in config.items() if k != "vocab_file"}, "vocab_list": values}
 
 
 def derive_rows(feature: Any) -> None:

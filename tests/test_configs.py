@@ -38,6 +38,14 @@ SHARED_FOLDERS = {"ali_ccp": "ali_ccp/torch_rechub", "aliexpress": "aliexpress/t
 SMOKE = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
 
 
+def test_every_checkpoint_callback_shown_is_the_projects():
+    """Lightning's ModelCheckpoint(save_last=True) keeps last.ckpt at the last improvement and writes
+    it as a second copy of the top-k one (two 177 MB directories in conf/data/synthetic_features.yaml's
+    run): every config and documented example names lightning_mtr.training.ModelCheckpoint."""
+    pages = [*CONFIGS, *OVERLAYS, REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    assert [_name(p) for p in pages if "lightning.pytorch.callbacks.ModelCheckpoint" in p.read_text()] == []
+
+
 def _name(path: Path) -> str:
     return str(path.relative_to(REPO))
 

@@ -7,6 +7,7 @@ scores on the same rows."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -100,6 +101,19 @@ def test_csv_vocabulary_and_combo_columns_are_read_as_text_and_bucketed_columns_
                    "price": [1, 3]}
 
 
+def test_a_csv_column_that_a_plain_id_feature_also_reads_keeps_its_integer_ids(tmp_path):
+    """conf/schemas/synthetic_features.yaml reads C3 as a plain id (row = id) and in the combo C3 x C6:
+    read as text for the combo, a CSV's C3 was hashed for the plain feature too (5 -> row 24 of 25),
+    unlike the same rows in Parquet. The combo and the vocabulary write the integers as decimals."""
+    (tmp_path / "log.csv").write_text("C3,C6,click\n5,1,0\n7,2,1\n")
+    schema = Schema.from_dict({"sparse": [{"name": "C3", "num_embeddings": 25},
+                                          {"name": "C3_x_C6", "combo": ["C3", "C6"], "num_embeddings": 97},
+                                          {"name": "C3_vocab", "column": "C3", "vocab_list": [7]}], "tasks": TASKS})
+    [batch] = read_batches(schema, tmp_path / "log.csv")
+    ids = {name: jt.values().tolist() for name, jt in batch.sparse.to_dict().items()}
+    assert ids == {"C3": [5, 7], "C3_x_C6": [stable_hash("5\x1f1", 97), stable_hash("7\x1f2", 97)], "C3_vocab": [1, 0]}
+
+
 def test_vocab_file_is_read_relative_to_the_schema_file(tmp_path):
     (tmp_path / "vocab").mkdir()
     (tmp_path / "vocab" / "brands.txt").write_text("acme\nglobex\r\n\ninitech\n")  # a blank line is no entry
@@ -145,6 +159,16 @@ def test_a_missing_vocab_file_names_the_path_it_looked_for(tmp_path):
                                           "tasks:\n  - {name: ctr, label: click}\n")
     with pytest.raises(ValueError, match=f"sparse feature 'brand': vocab_file 'brands.txt' not found \\(looked for "
                                          f"{tmp_path / 'brands.txt'}"):
+        Schema.from_yaml(tmp_path / "schema.yaml")
+
+
+def test_an_empty_vocab_file_is_named_as_the_file_not_as_a_vocab_list(tmp_path):
+    """The schema says vocab_file: the error said 'vocab_list must be a list of ids ..., got ()'."""
+    (tmp_path / "brands.txt").write_text("\n\n")
+    (tmp_path / "schema.yaml").write_text("sparse:\n  - {name: brand, vocab_file: brands.txt}\n"
+                                          "tasks:\n  - {name: ctr, label: click}\n")
+    words = f"sparse feature 'brand': vocab_file 'brands.txt' ({tmp_path / 'brands.txt'}) has no values: write one"
+    with pytest.raises(ValueError, match=re.escape(words)):
         Schema.from_yaml(tmp_path / "schema.yaml")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ from lightning_mtr.cli import main
 from lightning_mtr.serving import export as export_module
 from lightning_mtr.serving.aot import build_client, find_compiler, score_with_client
 from lightning_mtr.serving.artifact import load_artifact
+from lightning_mtr.schema import Schema
 from lightning_mtr.serving.checkpoint import load_run
+from lightning_mtr.serving.score import manifest_schema
 from lightning_mtr.serving.split import select_rows
 from lightning_mtr.training.distributed.checkpoint import read_consolidated
 
@@ -57,6 +60,15 @@ def _test_batch(exported):
     with torch.no_grad():
         expected = export_module.probabilities(run.schema, run.model(batch.dense, batch.sparse))
     return inputs, expected
+
+
+def test_score_reads_back_a_manifest_schema_with_pointwise_weights():
+    """JSON writes a dict's integer keys as text: DUPN's ltr task's {0: 1, 1: 1, 2: 5} came back as
+    {"0": 1, ...}, which the schema refuses, so `score` stopped on every DUPN artifact with
+    "pointwise_weights keys are relevance grades (integers >= 0), got '0'"."""
+    schema = Schema.from_yaml(REPO / "conf/schemas/dupn_synthetic.yaml")
+    manifest = json.loads(json.dumps({"schema": asdict(schema)}))
+    assert manifest_schema(manifest) == schema
 
 
 def test_manifest_describes_inputs_hashing_outputs_and_checks(exported):

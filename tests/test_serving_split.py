@@ -143,6 +143,22 @@ def test_a_schema_without_item_features_is_refused():
         split_model(build_model("mmoe", schema, **SMALL["mmoe"]), schema, None)
 
 
+def test_a_user_side_combo_of_a_candidates_column_is_refused():
+    """A combo of the user's and the candidate's columns (docs: user_id x category) differs per
+    candidate; left on the default side, user.pt2 would compute it once per request. The export
+    check feeds every row its own features, so the split scored equal and was written."""
+    sparse = [{"name": "user", "num_embeddings": 5, "embedding_dim": 4},
+              {"name": "category", "num_embeddings": 7, "embedding_dim": 4, "side": "item"},
+              {"name": "user_x_category", "combo": ["user", "category"], "num_embeddings": 11, "embedding_dim": 4}]
+    schema = Schema.from_dict({"sparse": sparse, "tasks": [{"name": "ctr", "label": "click"}]})
+    with pytest.raises(SplitRefused, match=r"combo features \['user_x_category'\] read the candidate's column"
+                                           r"s \['category'\] but are tagged side: user; tag them side: item"):
+        split_model(build_model("mmoe", schema, **SMALL["mmoe"]), schema, None)
+    tagged = Schema.from_dict({"sparse": [*sparse[:2], {**sparse[2], "side": "item"}],
+                               "tasks": [{"name": "ctr", "label": "click"}]})
+    split_model(build_model("mmoe", tagged, **SMALL["mmoe"]), tagged, None)
+
+
 def test_a_model_that_reads_no_item_feature_is_refused():
     # the YouTube ranker's position feature is the only candidate feature: the main tower never reads it
     schema = Schema.from_dict({"sparse": [{"name": "user", "num_embeddings": 5, "embedding_dim": 4},

@@ -344,4 +344,17 @@ def test_rows_without_a_request_are_shuffled_one_by_one_and_text_groups_read_as_
     positions = (requests == MISSING_GROUP).nonzero().flatten()  # where the request-less rows landed
     assert len(positions) == others.sum() and (positions.diff() > 1).sum() > 20, \
         "request-less rows are spread, not kept as one block"
-    assert "request" in encoder.string_columns and "user" in encoder.string_columns
+    assert "request" in encoder.string_columns  # "user" is a plain id feature too: read as its integers
+
+
+def test_a_csv_group_column_that_a_plain_id_feature_reads_keeps_its_integer_ids(tmp_path):
+    """``gauc_by: user`` read user as text in CSV, so the plain id feature user hashed 5 to row 24 of
+    25 instead of row 5 (Parquet's); the groups stay equal where the ids are."""
+    (tmp_path / "log.csv").write_text("user,click\n5,0\n7,1\n5,1\n")
+    schema = Schema.from_dict({"sparse": [{"name": "user", "num_embeddings": 25, "embedding_dim": 4}],
+                               "tasks": [{"name": "ctr", "label": "click", "gauc_by": "user"}]})
+    encoder = BatchEncoder(schema)
+    [batch] = list(BatchStream(plan_units([str(tmp_path / "log.csv")], encoder), encoder, batch_size=8))
+    assert batch.sparse.values().tolist() == [5, 7, 5]
+    groups = batch.groups["user"].tolist()
+    assert groups[0] == groups[2] != groups[1]

@@ -79,10 +79,13 @@ class BatchEncoder:
     def string_columns(self) -> list[str]:
         """Single-valued ``hashed``, vocabulary and combo id columns and group columns (only equality
         of their ids' text matters): always read as strings from CSV, whatever one file's first block
-        looks like."""
+        looks like. A column that is also read as numbers or as a plain id (row = id) keeps the type
+        it has in Parquet, and hashing, vocabularies, combos and groups write its integers as decimals."""
+        other = {f.source_column for f in self.schema.sparse if not (f.hashed or f.vocab_list or f.combo
+                                                                     or f.bucketized)} | set(self.numeric_columns)
         texts = [c for f in self.schema.sparse if (f.hashed or f.vocab_list or f.combo) and not f.multi_valued
                  for c in f.columns]
-        return list(dict.fromkeys(texts + self._group_columns))
+        return [c for c in dict.fromkeys(texts + self._group_columns) if c not in other]
 
     @property
     def numeric_columns(self) -> list[str]:

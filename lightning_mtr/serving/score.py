@@ -46,7 +46,7 @@ def score(artifact_dir: str | Path, data: str | Sequence[str], out: str | Path, 
     artifact = load_artifact(artifact_dir)
     loaded = time.perf_counter()
     run = artifact.manifest.get("data") or {}  # an artifact exported before the manifest recorded it: defaults
-    encoder = BatchEncoder(Schema.from_dict(artifact.manifest["schema"]), labels=False, transform_dense=False,
+    encoder = BatchEncoder(manifest_schema(artifact.manifest), labels=False, transform_dense=False,
                            extras=(run.get("extras") or []) if extras is None else extras)
     text = _text_format(run.get("text_format"))
     plans = [plan_units([path], encoder, text) for path in list_files(data)]  # every file checked before scoring
@@ -82,6 +82,14 @@ def _score_file(artifact: Artifact, encoder: BatchEncoder, units: list, part: Pa
         if writer is not None:
             writer.close()
     return rows
+
+
+def manifest_schema(manifest: dict) -> Schema:
+    """The schema an artifact's manifest records; JSON wrote ``pointwise_weights``' grades as text keys."""
+    config = manifest["schema"]
+    tasks = [{**t, "pointwise_weights": {int(k): v for k, v in t["pointwise_weights"].items()}}
+             if t.get("pointwise_weights") else t for t in config["tasks"]]
+    return Schema.from_dict({**config, "tasks": tasks})
 
 
 def _text_format(recorded: dict | None) -> TextFormat:

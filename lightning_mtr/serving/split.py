@@ -130,6 +130,13 @@ def split_model(model: nn.Module, schema: Schema, dense_stats: DenseStats | None
     if not schema.features_on_side(ITEM):
         raise SplitRefused("the schema tags no feature `side: item`, so every candidate of a request would get the "
                            "same score; tag the candidate's features in the schema")
+    item_columns = {c for f in schema.sparse if f.side == ITEM for c in f.columns} | \
+        {f.source_column for f in schema.dense if f.side == ITEM}
+    crossed = [f for f in schema.sparse if f.combo and f.side != ITEM and item_columns & set(f.combo)]
+    if crossed:  # user.pt2 runs once per request: a cross with the candidate differs per candidate
+        raise SplitRefused(f"combo features {[f.name for f in crossed]} read the candidate's columns "
+                           f"{sorted(item_columns & {c for f in crossed for c in f.combo})} but are tagged side: user; "
+                           "tag them side: item")
     if isinstance(model, DUPN) and not any(model.head_features.values()) and not model.ranking_features:
         raise SplitRefused(_reads_no_item(model, schema))
     sides = {s: ServingModel(model, side_schema(schema, s), _side_stats(schema, dense_stats, s), quantize)
