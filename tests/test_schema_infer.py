@@ -242,6 +242,8 @@ def test_a_column_numeric_at_first_and_text_later_is_read_again(tmp_path, monkey
     (["--data", "{bad}", "--label", "click"], "{bad}: unreadable file"),
     (["--data", "{csv}", "--label", "id"], "{csv}: label column 'id' has type string; labels must be numbers"),
     (["--data", "{missing}", "--label", "click"], "{missing}: no such file or directory"),
+    (["--data", "{csv}", "--label", "click", "--delimiter", "';'"],
+     "the delimiter of text files is one character, got \"';'\"; a tab is written '\\t'"),
 ])
 def test_errors_are_one_line_with_status_2(tmp_path, capsys, args, message):
     paths = {"csv": str(_write_csv(tmp_path / "log.csv", {"id": ["a", "b"], "click": [0, 1]})),
@@ -263,3 +265,13 @@ def test_a_chain_tolerates_a_few_later_steps_without_the_earlier(tmp_path):
     _, tasks = infer(profile_files([str(path)], ["click", "buy"]))
     assert [t.entry["name"] for t in tasks] == ["ctr", "cvr", "ctcvr"]
     assert "1 rows have buy without click: ctcvr negatives, outside cvr's space" in tasks[1].why
+
+
+def test_a_tab_written_as_backslash_t_separates_tsv_fields(tmp_path, capsys):
+    """A shell passes --delimiter '\\t' (and YAML a plain \\t) as backslash and t, which pyarrow
+    refused in a traceback: it is the tab, for infer and for fit's data.text_format alike."""
+    path = tmp_path / "log.tsv"
+    path.write_text("id\tclick\na\t0\nb\t1\n")
+    schema = _infer(["--data", str(path), "--label", "click", "--delimiter", "\\t"], tmp_path / "s.yaml", capsys)
+    assert [f.name for f in schema.sparse] == ["id"] and schema.tasks[0].label == "click"
+    assert TextFormat("\\t").delimiter == TextFormat("tab").delimiter == "\t"

@@ -282,7 +282,7 @@ def main(argv: list[str]) -> int:
     for kind in ("sparse", "dense", "ignore"):
         sub.add_argument(f"--{kind}", action="append", default=[], metavar="GLOB",
                          help=f"columns to make {kind} features" if kind != "ignore" else "columns to leave out")
-    sub.add_argument("--delimiter", default=",", help="field separator of text files")
+    sub.add_argument("--delimiter", default=",", help="field separator of text files (\\t: a tab)")
     sub.add_argument("--column-names", help="comma-separated names, for text files without a header row")
     args = parser.parse_args(argv)
     try:
