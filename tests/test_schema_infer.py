@@ -194,6 +194,8 @@ def test_table_sizes_and_dense_transforms_follow_the_values(tmp_path, monkeypatc
     assert entries["city"][1]["num_embeddings"] == 256 and entries["city"][1]["hashed"] is True
     assert entries["tags"] == ("sparse", {"name": "tags", "num_embeddings": 64, "embedding_dim": 16, "hashed": True,
                                           "multi_valued": True})  # 11 tags * 4 = 44 -> 64 rows
+    why = {c.entry["name"]: c.why for c in features}
+    assert "hashed (text ids;" in why["tags"] and "hashed (text ids;" in why["city"]  # lists said "ids from inf"
     transforms = {name: entry.get("transform") for name, (section, entry) in entries.items() if section == "dense"}
     assert transforms == {"fraction": "none", "counts": "log1p_standardize", "temperature": "standardize",
                           "same": "none"}

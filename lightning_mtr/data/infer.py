@@ -152,7 +152,8 @@ def _table(column: ColumnProfile) -> tuple[int, dict]:
 def _reason(column: ColumnProfile, how: dict, rows: int) -> str:
     capped = f" (capped at {MAX_ROWS:,})" if rows == MAX_ROWS else ""
     if "hashed" in how:
-        what = "text ids" if column.kind == "string" else f"ids from {column.low:.0f}"
+        text = column.kind == "string" or not column.count  # a list of text has no numbers: no lowest id
+        what = "text ids" if text else f"ids from {column.low:.0f}"
         return f"x{HASH_HEADROOM} headroom, hashed ({what}; about 1 id in 5 shares a row){capped}"
     if "out_of_range" in how:
         return f"(ids 0..{column.high:.0f} x{HEADROOM} headroom; a larger id folds in by modulo){capped}"
