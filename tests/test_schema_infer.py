@@ -277,3 +277,15 @@ def test_a_tab_written_as_backslash_t_separates_tsv_fields(tmp_path, capsys):
     schema = _infer(["--data", str(path), "--label", "click", "--delimiter", "\\t"], tmp_path / "s.yaml", capsys)
     assert [f.name for f in schema.sparse] == ["id"] and schema.tasks[0].label == "click"
     assert TextFormat("\\t").delimiter == TextFormat("tab").delimiter == "\t"
+
+
+def test_a_float_column_of_whole_numbers_is_dense_even_among_text_siblings(tmp_path):
+    """The encoder reads ids as integers or text, so a float column is never proposed as ids: c4
+    (2.0, 5.0, ...) beside the text c1..c3 was a hashed sparse feature that fit then refused."""
+    n = 60
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({**{f"c{i}": [f"v{j % 9}" for j in range(n)] for i in (1, 2, 3)},
+                             "c4": np.arange(n, dtype=np.float64) % 7, "click": np.arange(n) % 2}), path)
+    features, _ = infer(profile_files([str(path)], ["click"]))
+    assert {c.entry["name"]: c.section for c in features} == {"c1": "sparse", "c2": "sparse", "c3": "sparse",
+                                                             "c4": "dense"}

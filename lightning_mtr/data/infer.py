@@ -89,10 +89,12 @@ def _guess(column: ColumnProfile, families: dict[str, str]) -> str:
         return "dense"
     if column.kind not in ("int", "float") or column.count == 0:
         return "skip"
+    if column.kind == "float":  # whole numbers, but ids are read as integers or text only
+        return "dense"
     stem = _stem(column.name)
     if stem in families:
         return families[stem]
-    return "dense" if _tokens(column.name) & MEASURE_WORDS or column.kind == "float" else "sparse"
+    return "dense" if _tokens(column.name) & MEASURE_WORDS else "sparse"
 
 
 def _families(profiles: Profiles) -> dict[str, str]:
