@@ -289,3 +289,14 @@ def test_a_float_column_of_whole_numbers_is_dense_even_among_text_siblings(tmp_p
     features, _ = infer(profile_files([str(path)], ["click"]))
     assert {c.entry["name"]: c.section for c in features} == {"c1": "sparse", "c2": "sparse", "c3": "sparse",
                                                              "c4": "dense"}
+
+
+def test_nan_values_are_missing_values(tmp_path):
+    """A float column with NaN (pandas' missing value) gets fill_missing, so fit takes the file as it is."""
+    price = np.linspace(1.0, 50.0, 40)
+    price[::8] = np.nan
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"price": price, "click": np.arange(40) % 2}), path)
+    [choice], _ = infer(profile_files([str(path)], ["click"]))
+    assert choice.entry == {"name": "price", "transform": "standardize", "fill_missing": 0.0}
+    assert choice.why.endswith("; 5 missing (null or NaN) -> 0")

@@ -180,7 +180,7 @@ def _dense(column: ColumnProfile, entry: dict, forced: bool) -> Choice:
     entry["transform"] = transform
     if column.nulls:
         entry["fill_missing"] = 0.0
-        why += f"; {column.nulls:,} nulls -> 0"
+        why += f"; {column.nulls:,} missing (null or NaN) -> 0"
     return Choice("dense", entry, why + (" (--dense)" if forced else ""))
 
 
