@@ -24,6 +24,7 @@ from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, runs, warm_start
 from lightning_mtr.training.bad_loss import NonFiniteLoss
+from lightning_mtr.training.checkpointing import check_monitors
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
@@ -59,6 +60,8 @@ class MultiTaskCLI(LightningCLI):
         ours, passing it bad values) keeps its traceback."""
         try:
             super().instantiate_classes()
+            if self.subcommand == "fit":
+                check_monitors(self.trainer.callbacks, self.model.schema.task_names)
         except (DataError, CheckpointError):
             raise
         except ValueError as error:

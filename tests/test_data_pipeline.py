@@ -302,6 +302,16 @@ def test_fill_missing_replaces_nulls(tmp_path, dtype):
     torch.testing.assert_close(batch.dense, torch.tensor(expected, dtype=torch.float32))
 
 
+def test_fill_missing_fills_a_nan_as_the_exported_program_does(tmp_path):
+    """pandas writes a missing float as NaN, not null; with fill_missing it is missing, not bad input."""
+    schema = Schema.from_dict({"dense": [{"name": "count", "transform": "log1p", "fill_missing": 3.0}],
+                               "tasks": [{"name": "ctr", "label": "click"}]})
+    rows = {"count": pa.array([2.0, NAN, None]), "click": pa.array([0, 1, 0])}
+    [batch] = read_batches(schema, write_parquet(tmp_path / "rows.parquet", rows))
+    expected = [[math.log1p(2.0)], [math.log1p(3.0)], [math.log1p(3.0)]]
+    torch.testing.assert_close(batch.dense, torch.tensor(expected, dtype=torch.float32))
+
+
 @pytest.mark.parametrize("bad", ["a", "b"])
 def test_shuffled_error_names_the_bad_file(tmp_path, bad):
     paths = {}

@@ -177,6 +177,9 @@ def _schema_and_config_cases(root: Path, config: Path) -> dict[str, tuple[list[s
                                         ["ESMM needs binary tasks", "lacks ['ctcvr']", str(esmm)]),
         "model argument out of range": (["--model.model.init_args.num_experts", "0"], str(config),
                                         ["num_experts >= 1"]),
+        "a callback monitoring a task the schema lacks": (  # failed after an epoch, in a traceback
+            ["--trainer.callbacks+", "EarlyStopping", "--trainer.callbacks.monitor", "val/ctcvr/auc"], str(config),
+            ["EarlyStopping monitors 'val/ctcvr/auc'", "no task 'ctcvr'", "['ctr', 'cvr']", "val/loss"]),
     }
 
 

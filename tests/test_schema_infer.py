@@ -194,6 +194,8 @@ def test_table_sizes_and_dense_transforms_follow_the_values(tmp_path, monkeypatc
     assert entries["city"][1]["num_embeddings"] == 256 and entries["city"][1]["hashed"] is True
     assert entries["tags"] == ("sparse", {"name": "tags", "num_embeddings": 64, "embedding_dim": 16, "hashed": True,
                                           "multi_valued": True})  # 11 tags * 4 = 44 -> 64 rows
+    why = {c.entry["name"]: c.why for c in features}
+    assert "hashed (text ids;" in why["tags"] and "hashed (text ids;" in why["city"]  # lists said "ids from inf"
     transforms = {name: entry.get("transform") for name, (section, entry) in entries.items() if section == "dense"}
     assert transforms == {"fraction": "none", "counts": "log1p_standardize", "temperature": "standardize",
                           "same": "none"}
@@ -242,6 +244,8 @@ def test_a_column_numeric_at_first_and_text_later_is_read_again(tmp_path, monkey
     (["--data", "{bad}", "--label", "click"], "{bad}: unreadable file"),
     (["--data", "{csv}", "--label", "id"], "{csv}: label column 'id' has type string; labels must be numbers"),
     (["--data", "{missing}", "--label", "click"], "{missing}: no such file or directory"),
+    (["--data", "{csv}", "--label", "click", "--delimiter", "';'"],
+     "the delimiter of text files is one character, got \"';'\"; a tab is written '\\t'"),
 ])
 def test_errors_are_one_line_with_status_2(tmp_path, capsys, args, message):
     paths = {"csv": str(_write_csv(tmp_path / "log.csv", {"id": ["a", "b"], "click": [0, 1]})),
@@ -263,3 +267,36 @@ def test_a_chain_tolerates_a_few_later_steps_without_the_earlier(tmp_path):
     _, tasks = infer(profile_files([str(path)], ["click", "buy"]))
     assert [t.entry["name"] for t in tasks] == ["ctr", "cvr", "ctcvr"]
     assert "1 rows have buy without click: ctcvr negatives, outside cvr's space" in tasks[1].why
+
+
+def test_a_tab_written_as_backslash_t_separates_tsv_fields(tmp_path, capsys):
+    """A shell passes --delimiter '\\t' (and YAML a plain \\t) as backslash and t, which pyarrow
+    refused in a traceback: it is the tab, for infer and for fit's data.text_format alike."""
+    path = tmp_path / "log.tsv"
+    path.write_text("id\tclick\na\t0\nb\t1\n")
+    schema = _infer(["--data", str(path), "--label", "click", "--delimiter", "\\t"], tmp_path / "s.yaml", capsys)
+    assert [f.name for f in schema.sparse] == ["id"] and schema.tasks[0].label == "click"
+    assert TextFormat("\\t").delimiter == TextFormat("tab").delimiter == "\t"
+
+
+def test_a_float_column_of_whole_numbers_is_dense_even_among_text_siblings(tmp_path):
+    """The encoder reads ids as integers or text, so a float column is never proposed as ids: c4
+    (2.0, 5.0, ...) beside the text c1..c3 was a hashed sparse feature that fit then refused."""
+    n = 60
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({**{f"c{i}": [f"v{j % 9}" for j in range(n)] for i in (1, 2, 3)},
+                             "c4": np.arange(n, dtype=np.float64) % 7, "click": np.arange(n) % 2}), path)
+    features, _ = infer(profile_files([str(path)], ["click"]))
+    assert {c.entry["name"]: c.section for c in features} == {"c1": "sparse", "c2": "sparse", "c3": "sparse",
+                                                             "c4": "dense"}
+
+
+def test_nan_values_are_missing_values(tmp_path):
+    """A float column with NaN (pandas' missing value) gets fill_missing, so fit takes the file as it is."""
+    price = np.linspace(1.0, 50.0, 40)
+    price[::8] = np.nan
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"price": price, "click": np.arange(40) % 2}), path)
+    [choice], _ = infer(profile_files([str(path)], ["click"]))
+    assert choice.entry == {"name": "price", "transform": "standardize", "fill_missing": 0.0}
+    assert choice.why.endswith("; 5 missing (null or NaN) -> 0")

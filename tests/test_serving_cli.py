@@ -214,3 +214,22 @@ def test_export_never_replaces_a_directory_of_other_files(exported, tmp_path, ca
     assert main(["export", "--ckpt", str(exported["checkpoint"]), "--out", str(data)]) == 2
     assert "holds files but no manifest.json" in capsys.readouterr().err
     assert (data / "train.parquet").read_bytes() == b"the user's data"
+
+
+def test_esmm_on_mmoes_schema_exports_with_the_weights_it_trained_with(tmp_path, monkeypatch):
+    """ESMM trains MMoE's schema (cvr weight 1) with cvr weight 0; its checkpoint, the rebuilt run and
+    the manifest all say 0, and export rebuilds its recorded ``bottom`` (it crashed on it)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    assert main(["fit", "--config", "conf/models/esmm.yaml", "--data.schema", "conf/schemas/synthetic_impressions.yaml",
+                 "--data.synthetic.train_rows", "2000", "--data.synthetic.val_rows", "500",
+                 "--data.synthetic.test_rows", "500", "--data.synthetic.cache_dir", str(tmp_path / "cache"),
+                 "--data.batch_size", "500", "--model.model.init_args.tower", "[8]", "--trainer.logger", "false",
+                 "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "run")]) == 0
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert main(["export", "--ckpt", str(checkpoint), "--out", str(tmp_path / "artifact")]) == 0
+    weights = {"ctr": 1.0, "cvr": 0.0, "ctcvr": 1.0}
+    assert load_run(checkpoint).schema.task_weights == weights
+    manifest = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert {t["name"]: t["weight"] for t in manifest["schema"]["tasks"]} == weights
+    assert manifest["model"]["init_args"]["bottom"] == {"class_path": "lightning_mtr.nn.SharedInput"}

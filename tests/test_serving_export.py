@@ -9,24 +9,27 @@ import json
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import random_inputs, tiny_schema
+from helpers import ESMM_TASKS, random_inputs, tiny_schema
 from test_models import SMALL, TASKS, _schema
 from lightning_mtr.data.encode import DenseStats
 from lightning_mtr.models import MODELS, build_model
+from lightning_mtr.nn import MixtureBottom
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.artifact import ArtifactError, load_artifact, write_manifest
+from lightning_mtr.serving.checkpoint import build_trained, load_run
 from lightning_mtr.serving.features import ServingFeatureInput
 from lightning_mtr.serving.program import (
     ExportError, ServingModel, export_program, foreign_operators,
 )
 from lightning_mtr.tasks.scores import probabilities
 from lightning_mtr.serving.tables import RowStore, pack_int4, quantize_rows, unpack_int4
+from lightning_mtr.training.distributed.checkpoint import CheckpointError
 
 BLOCKED = ("torchrec", "fbgemm_gpu", "lightning", "lightning_mtr")
 
@@ -312,3 +315,29 @@ def test_quality_of_every_task_kind_by_hand():
     assert quality["genre"] == pytest.approx(1.0)
     scores["click"] = torch.tensor([0.1, 0.2, 0.6, 0.1])  # the positive now below both negatives
     assert _quality(schema, scores, labels, masks)["click"] == pytest.approx(0.0)
+
+
+def test_a_model_built_on_a_bottom_of_its_own_comes_back_from_its_run_record():
+    """LightningCLI records ESMM's ``bottom`` as ``{class_path, init_args}``; export must build the
+    same factory from it (it passed the dict on: "'dict' object is not callable")."""
+    schema = tiny_schema(tasks=ESMM_TASKS)
+    torch.manual_seed(0)
+    trained = MODELS["esmm"](schema, tower=[4], bottom=lambda d, n: MixtureBottom(d, n, num_experts=3, expert=[6]))
+    record = {"class_path": "lightning_mtr.models.ESMM", "init_args": {"tower": [4], "bottom": {
+        "class_path": "lightning_mtr.nn.MixtureBottom", "init_args": {"num_experts": 3, "expert": [6]}}}}
+    rebuilt = build_trained(record, schema, trained.state_dict())
+    assert isinstance(rebuilt.bottom, MixtureBottom) and rebuilt.bottom.experts.num_experts == 3
+    dense, sparse = random_inputs(schema, 5)
+    with torch.no_grad():
+        expected, got = trained.eval()(dense, sparse), rebuilt(dense, sparse)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_checkpoint_naming_a_bottom_outside_lightning_mtr_imports_nothing(tmp_path):
+    """A checkpoint does not choose code to import, at any depth of its model's arguments."""
+    path = tmp_path / "foreign.ckpt"
+    record = {"class_path": "lightning_mtr.models.ESMM", "init_args": {"bottom": {"class_path": "os.system"}}}
+    schema = asdict(tiny_schema(tasks=ESMM_TASKS))
+    torch.save({"state_dict": {}, "lightning_mtr_run": {"model": record, "data": {}, "schema": schema}}, path)
+    with pytest.raises(CheckpointError, match="builds its model with os.system, not a class of lightning_mtr"):
+        load_run(path)

@@ -324,6 +324,8 @@ def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill
         # cast first: filling an integer column would truncate a fractional fill value
         column = column.cast(pa.float64()).fill_null(fill)
     values = column.to_numpy().astype(np.float64, copy=False)
+    if fill is not None and np.isnan(values).any():  # missing as pandas writes it; the exported program fills it too
+        values = np.where(np.isnan(values), fill, values)
     checker.fail_if(name, ~np.isfinite(values), "NaN or inf value", values)
     return values
 

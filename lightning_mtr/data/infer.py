@@ -89,10 +89,12 @@ def _guess(column: ColumnProfile, families: dict[str, str]) -> str:
         return "dense"
     if column.kind not in ("int", "float") or column.count == 0:
         return "skip"
+    if column.kind == "float":  # whole numbers, but ids are read as integers or text only
+        return "dense"
     stem = _stem(column.name)
     if stem in families:
         return families[stem]
-    return "dense" if _tokens(column.name) & MEASURE_WORDS or column.kind == "float" else "sparse"
+    return "dense" if _tokens(column.name) & MEASURE_WORDS else "sparse"
 
 
 def _families(profiles: Profiles) -> dict[str, str]:
@@ -152,7 +154,8 @@ def _table(column: ColumnProfile) -> tuple[int, dict]:
 def _reason(column: ColumnProfile, how: dict, rows: int) -> str:
     capped = f" (capped at {MAX_ROWS:,})" if rows == MAX_ROWS else ""
     if "hashed" in how:
-        what = "text ids" if column.kind == "string" else f"ids from {column.low:.0f}"
+        text = column.kind == "string" or not column.count  # a list of text has no numbers: no lowest id
+        what = "text ids" if text else f"ids from {column.low:.0f}"
         return f"x{HASH_HEADROOM} headroom, hashed ({what}; about 1 id in 5 shares a row){capped}"
     if "out_of_range" in how:
         return f"(ids 0..{column.high:.0f} x{HEADROOM} headroom; a larger id folds in by modulo){capped}"
@@ -177,7 +180,7 @@ def _dense(column: ColumnProfile, entry: dict, forced: bool) -> Choice:
     entry["transform"] = transform
     if column.nulls:
         entry["fill_missing"] = 0.0
-        why += f"; {column.nulls:,} nulls -> 0"
+        why += f"; {column.nulls:,} missing (null or NaN) -> 0"
     return Choice("dense", entry, why + (" (--dense)" if forced else ""))
 
 
@@ -282,7 +285,7 @@ def main(argv: list[str]) -> int:
     for kind in ("sparse", "dense", "ignore"):
         sub.add_argument(f"--{kind}", action="append", default=[], metavar="GLOB",
                          help=f"columns to make {kind} features" if kind != "ignore" else "columns to leave out")
-    sub.add_argument("--delimiter", default=",", help="field separator of text files")
+    sub.add_argument("--delimiter", default=",", help="field separator of text files (\\t: a tab)")
     sub.add_argument("--column-names", help="comma-separated names, for text files without a header row")
     args = parser.parse_args(argv)
     try:

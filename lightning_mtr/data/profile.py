@@ -34,7 +34,7 @@ class ColumnProfile:
     name: str
     kind: str = "other"
     rows: int = 0
-    nulls: int = 0
+    nulls: int = 0  # nulls and NaNs: missing values
     count: int = 0  # non-null numeric values (list elements for a list column)
     low: float = math.inf
     high: float = -math.inf
@@ -106,6 +106,7 @@ class ColumnProfile:
         self._add_hashes(other.hashes, other.counts)
 
     def _add_numbers(self, values: np.ndarray) -> None:
+        self.nulls += int(np.isnan(values).sum())  # a NaN is missing too (pandas writes missing floats so)
         values = values[np.isfinite(values)]
         if not len(values):
             return

@@ -48,7 +48,7 @@ class TextFormat:
     """How text files (.csv, .tsv, .txt) are parsed.
 
     Args:
-        delimiter: the field separator, e.g. ``"\\t"`` for tab-separated logs.
+        delimiter: the field separator, one character; ``\\t`` (or ``tab``) for tab-separated logs.
         column_names: the columns of files without a header row (then every line is data); quote
             names that look like numbers (``'109_14'``).
     """
@@ -57,6 +57,12 @@ class TextFormat:
     column_names: tuple[str | int | float, ...] | None = None
 
     def __post_init__(self) -> None:
+        # a shell or YAML's plain scalar passes '\t' as backslash and t: read it as the tab it means
+        delimiter = "\t" if self.delimiter in ("\\t", "tab") else self.delimiter
+        if len(delimiter) != 1:
+            raise DataError(f"the delimiter of text files is one character, got {self.delimiter!r}; a tab is "
+                            "written '\\t'")
+        object.__setattr__(self, "delimiter", delimiter)
         if self.column_names is not None:
             object.__setattr__(self, "column_names", tuple(text_names(self.column_names, "text_format.column_names")))
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,12 +65,33 @@ def load_run(checkpoint: str | Path, config: str | Path | None = None) -> Traine
         raise CheckpointError(f"{path} names the model {record['model']['class_path']}, not one of lightning-mtr's "
                               "registered models: a checkpoint does not choose code to import; for a model of your "
                               "own pass --config with the config.yaml of the run that trained it")
+    foreign = [p for p in _class_paths(record["model"])[1:] if not p.startswith("lightning_mtr.")]
+    if config is None and foreign:
+        raise CheckpointError(f"{path} builds its model with {foreign[0]}, not a class of lightning_mtr: a checkpoint "
+                              "does not choose code to import; pass --config with the config.yaml of the run that "
+                              "trained it")
     schema = Schema.from_dict(record["schema"]) if record["schema"] else Schema.from_yaml(record["data"]["schema"])
     stats = (state.get("MultiTaskDataModule") or {}).get("dense_stats")
     model = build_trained(record["model"], schema, {k[len("model."):]: v for k, v in state["state_dict"].items()
                                                     if k.startswith("model.")})
     return TrainedRun(model, schema, DenseStats(**{k: tuple(v) for k, v in stats.items()}) if stats else None,
                       record["model"], record["data"])
+
+
+def _factory(config: dict[str, Any]) -> Callable[..., Any]:
+    """The class with its recorded arguments bound, as LightningCLI passed it: an argument that is
+    itself ``{class_path, init_args}`` (ESMM's ``bottom``) becomes such a factory too."""
+    module_name, _, class_name = config["class_path"].rpartition(".")
+    arguments = {k: _factory(v) if isinstance(v, dict) and "class_path" in v else v
+                 for k, v in (config.get("init_args") or {}).items()}
+    return functools.partial(getattr(importlib.import_module(module_name), class_name), **arguments)
+
+
+def _class_paths(config: dict[str, Any]) -> list[str]:
+    """The model's class path and those of its arguments' ``{class_path, init_args}``, at any depth."""
+    nested = [p for v in (config.get("init_args") or {}).values() if isinstance(v, dict) and "class_path" in v
+              for p in _class_paths(v)]
+    return [config["class_path"], *nested]
 
 
 def _registered(class_path: str) -> bool:
@@ -79,10 +102,8 @@ def _registered(class_path: str) -> bool:
 
 def build_trained(model_config: dict[str, Any], schema: Schema, weights: dict[str, torch.Tensor]) -> nn.Module:
     """``class_path(schema, **init_args)`` on CPU holding ``weights``, in evaluation mode."""
-    module_name, _, class_name = model_config["class_path"].rpartition(".")
-    model_class = getattr(importlib.import_module(module_name), class_name)
     with torch.device("meta"):
-        model = model_class(schema, **model_config.get("init_args", {}))
+        model = _factory(model_config)(schema)
     materialize(model, "cpu")
     init_tables(model, "cpu")  # the tables, as training allocates them; the weights below replace the draw
     missing, unexpected = model.load_state_dict(weights, strict=False)

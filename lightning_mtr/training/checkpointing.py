@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from typing import Any
 
 import lightning as L
@@ -72,3 +74,14 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         if not self._writing_last:
             self._top_k_step = trainer.global_step
+
+
+def check_monitors(callbacks: Sequence[L.Callback], tasks: Sequence[str]) -> None:
+    """A callback monitoring ``{stage}/{task}/{metric}`` of a task the schema lacks (``conf/debug.yaml``'s
+    ``val/ctr/auc`` on a schema whose task is ``click``) fails now, not after an epoch of training."""
+    for callback in callbacks:
+        found = re.fullmatch(r"(?:train|val|test)/([^/]+)/\w+", str(getattr(callback, "monitor", None)))
+        if found and found[1] not in tasks:
+            raise ValueError(f"{type(callback).__name__} monitors {callback.monitor!r}, but the schema has no task "
+                             f"{found[1]!r} (its tasks: {list(tasks)}): monitor one of them, e.g. "
+                             f"--trainer.callbacks.monitor val/{tasks[0]}/auc, or val/loss")
