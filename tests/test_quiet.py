@@ -80,3 +80,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     with pytest.raises(json.JSONDecodeError):
         main(["fit", "--config", str(_config(tmp_path, MODEL))])
     assert "lightning-mtr: error" not in capsys.readouterr().err
+
+
+def test_a_bug_inside_lightning_mtr_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    """A ValueError that Python raises in lightning-mtr's own code is a bug too, not a check: here
+    a model that gives a task weight as text, which MultiTaskModule's info line formats with
+    ``:g`` (module.py). It was printed as one line naming the config, as if the user could fix it."""
+    monkeypatch.setattr(sys, "argv", ["lightning-mtr"])
+    monkeypatch.setattr(MMoE, "required_task_weights", lambda self: {"ctr": "0"}, raising=False)
+    with pytest.raises(ValueError, match="Unknown format code 'g'"):
+        main(["fit", "--config", str(_config(tmp_path, MODEL))])
+    assert "lightning-mtr: error" not in capsys.readouterr().err
