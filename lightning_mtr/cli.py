@@ -54,6 +54,13 @@ class MultiTaskCLI(LightningCLI):
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path`` and ``--warm_start`` read through the ``latest`` links as they are now."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        for key in ("ckpt_path", "warm_start"):
+            if isinstance(config.get(key), str):
+                config[key] = runs.through_links(config[key])
+
     def instantiate_classes(self) -> None:
         """A ValueError that lightning-mtr's own checks raise (a ``raise`` statement in the package)
         while the config's classes are built becomes a :class:`ConfigError` naming the config
