@@ -30,6 +30,12 @@ WARNINGS = (
     (UserWarning, "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
      "the data_parallel tables' lookup; tests/test_sharded_training.py's data_parallel case compares the "
      "updated tables with unsharded training, so its gradients are checked"),
+    (UserWarning, "Your `IterableDataset` has `__len__` defined",
+     "Lightning's caution for any sized stream; BatchStream's length sums the shares of the DataLoader's "
+     "workers (reader.py), and tests/test_data_pipeline.py checks it against what they yield"),
+    (UserWarning, "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to ",
+     "one process saves or loads its checkpoint directory (DCP) without a process group, as intended: "
+     "SingleProcessStrategy, consolidate, export; several processes always have their group first"),
 )
 
 # (logger, the message's start, why it is harmless)
