@@ -30,6 +30,9 @@ WARNINGS = (
     (UserWarning, "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
      "the data_parallel tables' lookup; tests/test_sharded_training.py's data_parallel case compares the "
      "updated tables with unsharded training, so its gradients are checked"),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor",
+     "TorchRec's sharded tables are ShardedTensors (the pinned torchrec), which DCP loads when a sharded "
+     "checkpoint resumes; tests/test_sharded_training.py resumes them 1 -> 2 and 2 -> 1 processes"),
     (UserWarning, "Your `IterableDataset` has `__len__` defined",
      "Lightning's caution for any sized stream; BatchStream's length sums the shares of the DataLoader's "
      "workers (reader.py), and tests/test_data_pipeline.py checks it against what they yield"),
