@@ -54,10 +54,18 @@ class MultiTaskCLI(LightningCLI):
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
 
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path`` and ``--warm_start`` read through the ``latest`` links as they are now."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        for key in ("ckpt_path", "warm_start"):
+            if isinstance(config.get(key), str):
+                config[key] = runs.through_links(config[key])
+
     def instantiate_classes(self) -> None:
-        """A ValueError that lightning-mtr's own checks raise while the config's classes are built
-        becomes a :class:`ConfigError` naming the config files; one raised by a library (a bug of
-        ours, passing it bad values) keeps its traceback."""
+        """A ValueError that lightning-mtr's own checks raise (a ``raise`` statement in the package)
+        while the config's classes are built becomes a :class:`ConfigError` naming the config
+        files; one raised by a library, or by Python inside our code (an unpacking, ``int()``, a
+        format spec: a bug of ours), keeps its traceback."""
         try:
             super().instantiate_classes()
             if self.subcommand == "fit":
@@ -65,7 +73,8 @@ class MultiTaskCLI(LightningCLI):
         except (DataError, CheckpointError):
             raise
         except ValueError as error:
-            if not Path(traceback.extract_tb(error.__traceback__)[-1].filename).is_relative_to(PACKAGE):
+            where = traceback.extract_tb(error.__traceback__)[-1]
+            if not (Path(where.filename).is_relative_to(PACKAGE) and (where.line or "").startswith("raise")):
                 raise
             config = self.config.get(self.subcommand) if self.subcommand else self.config
             files = " + ".join(str(path) for path in config.get("config") or ()) or "the command line"

@@ -30,12 +30,23 @@ WARNINGS = (
     (UserWarning, "fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel was not registered",
      "the data_parallel tables' lookup; tests/test_sharded_training.py's data_parallel case compares the "
      "updated tables with unsharded training, so its gradients are checked"),
+    (FutureWarning, "Please use DTensor instead and we are deprecating ShardedTensor",
+     "TorchRec's sharded tables are ShardedTensors (the pinned torchrec), which DCP loads when a sharded "
+     "checkpoint resumes; tests/test_sharded_training.py resumes them 1 -> 2 and 2 -> 1 processes"),
+    (UserWarning, "Your `IterableDataset` has `__len__` defined",
+     "Lightning's caution for any sized stream; BatchStream's length sums the shares of the DataLoader's "
+     "workers (reader.py), and tests/test_data_pipeline.py checks it against what they yield"),
+    (UserWarning, "torch.distributed is disabled, unavailable or uninitialized, assuming the intent is to ",
+     "one process saves or loads its checkpoint directory (DCP) without a process group, as intended: "
+     "SingleProcessStrategy, consolidate, export; several processes always have their group first"),
 )
 
 # (logger, the message's start, why it is harmless)
 LOGS = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging",
      "an advertisement for a logger lightning-mtr does not use"),
+    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud uploads and versioning",
+     "an advertisement for litmodels, shown when a config has no ModelCheckpoint and Lightning adds its own"),
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both fx.symbolic_trace and torch.export",
      "a note on an API TorchRec calls; training traces nothing, and export is checked against eager"),
     ("torchrec.distributed.planner.storage_reservations", "There is a known issue with TorchRec's dense tensor",

@@ -276,3 +276,20 @@ def test_each_command_takes_a_new_version_and_latest_links_name_the_last(fitted,
     with open(runs / "latest_test" / "metrics.csv") as handle:
         assert "test/ctr/auc" in next(csv.DictReader(handle))
     assert os.readlink(root / "run" / "latest_fit") == os.readlink(root / "run" / "latest") == "version_0"
+
+
+def test_a_fit_resumes_through_the_latest_fit_link_it_repoints(fitted, at_repo_root, tmp_path):
+    """``fit --ckpt_path runs/NAME/latest_fit/checkpoints/last.ckpt`` into the same NAME: the new
+    run points ``latest_fit`` at its own ``version_1`` when it sets up, before it loads the
+    checkpoint, which was then looked for in the empty ``version_1`` ("no such checkpoint", and the
+    failed run left ``latest_fit`` there). The path names the checkpoint as it was when given."""
+    runs = tmp_path / "runs"
+    (runs / "version_0" / "checkpoints").mkdir(parents=True)
+    (runs / "version_0" / "checkpoints" / "last.ckpt").symlink_to(_last_checkpoint(fitted).resolve())
+    (runs / "latest_fit").symlink_to("version_0")
+    args = [*_args("fit", runs, fitted["root"] / "cache"), "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false"]
+    with _output() as text:
+        assert main([*args, "--ckpt_path", str(runs / "latest_fit" / "checkpoints" / "last.ckpt")]) == 0
+    assert "Restoring states from the checkpoint path" in text.getvalue()
+    assert os.readlink(runs / "latest_fit") == "version_1"

@@ -46,6 +46,15 @@ def test_every_checkpoint_callback_shown_is_the_projects():
     assert [_name(p) for p in pages if "lightning.pytorch.callbacks.ModelCheckpoint" in p.read_text()] == []
 
 
+def test_run_configs_leave_their_logs_and_checkpoints_to_the_cli():
+    """``runs/<config stem>/version_N`` with CSV, TensorBoard and the ``latest`` links comes from the
+    CLI (training/runs.py): a copied logger block sent conf/data/synthetic_features.yaml's logs to
+    ``csv/version_N`` and ``tensorboard/version_N``, its links and checkpoints under ``csv/``."""
+    own = [_name(path) for path in CONFIGS
+           if {"logger", "default_root_dir"} & set(yaml.safe_load(path.read_text()).get("trainer") or {})]
+    assert own == []
+
+
 def _name(path: Path) -> str:
     return str(path.relative_to(REPO))
 

@@ -740,6 +740,18 @@ def test_standardised_features_cannot_be_encoded_without_statistics():
         encoder.encode(pa.table({"x": [1.0], "click": [1]}), ["a.parquet"])
 
 
+def test_a_missing_split_or_training_statistics_is_a_data_error(tmp_path):
+    """What the CLI prints in one line (the data module's ValueError was a 50-line traceback): a
+    split without files, standardised features without training data for their statistics."""
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("dense: [{name: x, transform: standardize}]\ntasks: [{name: ctr, label: click}]\n")
+    data = MultiTaskDataModule(str(schema), test=write_parquet(tmp_path / "t.parquet", {"x": [1.0], "click": [1]}))
+    with pytest.raises(DataError, match=r"no val data configured: set data.val .*limit_val_batches 0"):
+        data.val_dataloader()
+    with pytest.raises(DataError, match=r"need training data \(data.train\)"):
+        data.test_dataloader()
+
+
 def test_an_encoder_without_labels_reads_features_and_extras_only(tmp_path):
     """``labels=False`` (predict): no label, sample-space, weight or group column is needed, from
     Parquet or CSV, and the batches carry none; the features encode as with labels."""

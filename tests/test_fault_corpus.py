@@ -180,6 +180,7 @@ def _schema_and_config_cases(root: Path, config: Path) -> dict[str, tuple[list[s
         "a callback monitoring a task the schema lacks": (  # failed after an epoch, in a traceback
             ["--trainer.callbacks+", "EarlyStopping", "--trainer.callbacks.monitor", "val/ctcvr/auc"], str(config),
             ["EarlyStopping monitors 'val/ctcvr/auc'", "no task 'ctcvr'", "['ctr', 'cvr']", "val/loss"]),
+        "no validation data": (["--data.val", "null"], "data.val", ["no val data", "limit_val_batches 0"]),
     }
 
 

@@ -201,8 +201,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _training_stats(self) -> DenseStats:
         if not self.paths["train"]:
-            raise ValueError("standardised dense features and quantile buckets need training data (data.train) for "
-                             "their statistics, or a checkpoint that carries them (--ckpt_path)")
+            raise DataError("standardised dense features and quantile buckets need training data (data.train) for "
+                            "their statistics, or a checkpoint that carries them (--ckpt_path)")
         units = plan_units(self._files("train"), BatchEncoder(self.schema), self.text_format)
         stats = compute_dense_stats(self.schema, units)
         return blend_stats(self.previous_stats[0], stats, self.previous_stats[1]) if self.previous_stats else stats
@@ -225,7 +225,8 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, training: bool) -> DataLoader:
         if not self.paths[split]:
-            raise ValueError(f"no {split} data configured (data.{split})")
+            without = " (or --trainer.limit_val_batches 0 to fit without validation)" if split == "val" else ""
+            raise DataError(f"no {split} data configured: set data.{split} to its files{without}")
         encoder = self._encoder_for(labels=split != "predict")
         units = plan_units(self._files(split), encoder, self.text_format)
         trainer = self.trainer

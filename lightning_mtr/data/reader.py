@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import warnings
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,6 @@ from lightning_mtr.data.days import partitions
 from lightning_mtr.data.encode import MISSING_GROUP, ROW_COLUMN, SOURCE_COLUMN, BatchEncoder, DataError, group_ids
 
 SUFFIXES = (".parquet", ".csv", ".tsv", ".txt")  # all but .parquet are text, read as TextFormat says
-# BatchStream's length counts the DataLoader's workers' shares (Lightning warns it might not)
-warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
 
 
 def text_names(names: Sequence[str | int | float], key: str) -> list[str]:

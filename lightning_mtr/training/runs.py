@@ -56,6 +56,20 @@ class LatestRun(L.Callback):
             link_to(run, run.parent / name)
 
 
+def through_links(path: str | None) -> str | None:
+    """``path`` with the links among its folders followed (the file itself, e.g. a ``last.ckpt``
+    link, kept). ``runs/debug/latest_fit/checkpoints/last.ckpt`` names the checkpoint of the fit
+    that ``latest_fit`` points at now; a fit into ``runs/debug`` points it at its own new
+    ``version_N`` when it sets up, before it loads the checkpoint."""
+    folder = os.path.dirname(path) if path else ""
+    if not folder or not os.path.isdir(folder):
+        return path  # a plain name, "last" or "best", or a path the reader will say is missing
+    real = os.path.realpath(folder)
+    if real == os.path.abspath(folder):
+        return path
+    return os.path.join(real if os.path.isabs(folder) else os.path.relpath(real), os.path.basename(path))
+
+
 def link_to(target: Path, link: Path) -> None:
     """Replace ``link`` by a relative link to ``target`` (a sibling), in one rename."""
     if link.exists() and not link.is_symlink():
