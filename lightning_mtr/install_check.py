@@ -70,8 +70,9 @@ def problems(variant: str, venv: Installed) -> list[str]:
 
 
 def _release(version: str) -> str:
-    """``2.13.0+cu130`` -> ``2.13``."""
-    return ".".join(re.match(r"(\d+)\.(\d+)", version).groups())
+    """``2.13.0+cu130`` -> ``2.13``; a version without a release number (a local build) as it is."""
+    release = re.match(r"(\d+)\.(\d+)", version)
+    return ".".join(release.groups()) if release else version
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,7 @@ def test_a_cpu_torch_in_a_cuda_venv_is_refused():
                                                             "torch 2.12.0 is installed", "LMTR_FBGEMM_VERSION"]),
     (Installed("2.13.0", "13.0", {"fbgemm-gpu": "1.3.0"}), ["fbgemm-gpu 1.3.0 has no known torch release"]),
     (Installed("2.13.0", "13.0", {}), ["fbgemm-gpu is not installed"]),
+    (Installed("2.13.0", "13.0", {"fbgemm-gpu": "INTERNAL"}), ["fbgemm-gpu INTERNAL has no known torch release"]),
     (Installed("2.13.0", "13.0", {"fbgemm-gpu": "1.8.0", "fbgemm-gpu-cpu": "1.8.0"}),
      ["fbgemm-gpu-cpu 1.8.0 is installed in a cuda venv", "pip uninstall fbgemm-gpu-cpu"]),
 ])
