@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def test_an_error_in_the_users_input_shows_its_traceback_when_debugging(tmp_path
     missing = ["fit", "--config", str(config), "--data.schema", str(tmp_path / "missing.yaml")]
     assert main(missing) == 2
     monkeypatch.setenv(quiet.DEBUG, "1")
-    with pytest.raises(DataError, match="missing.yaml"):
+    with pytest.raises(DataError, match="missing.yaml") as raised:
         main(missing)
+    assert "Schema.from_yaml" in "".join(traceback.format_exception(raised.value))  # where the schema failed
 
 
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):

@@ -142,7 +142,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         try:
             self.schema = Schema.from_yaml(schema)
         except ValueError as err:  # the message names the file; a DataError ends the CLI with it, in one line
-            raise DataError(str(err)) from None
+            raise DataError(str(err)) from err  # one line; LMTR_DEBUG=1 shows the schema's own traceback
         self.paths = {"train": train, "val": val, "test": test, "predict": predict}
         self.days = {"train": days, "val": val_days, "test": test_days}
         for split, selection in self.days.items():  # a malformed day fails now, before any data is read
