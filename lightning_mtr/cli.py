@@ -24,7 +24,7 @@ from lightning_mtr.data.encode import DataError
 from lightning_mtr.serving import export, score
 from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, TaskReport, daily, runs, warm_start
 from lightning_mtr.training.bad_loss import NonFiniteLoss
-from lightning_mtr.training.checkpointing import check_monitors
+from lightning_mtr.training.checkpointing import check_monitors, with_last_checkpoint
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
@@ -81,12 +81,14 @@ class MultiTaskCLI(LightningCLI):
             raise ConfigError(f"{files} (data.schema {config.get('data.schema')}): {error}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec."""
+        """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec;
+        outputs go under ``runs/<name>`` and every run keeps a ``last.ckpt``, whatever its config says."""
         config = self._get(self.config_init, "trainer", default={})
         if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
             kwargs["strategy"] = SingleProcessStrategy() if trains_one_device(config) else TorchRecStrategy()
         name = runs.run_name(self._get(self.config_init, "name"), self._get(self.config_init, "config"))
-        return super().instantiate_trainer(**{**runs.default_outputs(config, name), **kwargs})
+        return super().instantiate_trainer(**{**runs.default_outputs(config, name), **with_last_checkpoint(config),
+                                              **kwargs})
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file

@@ -167,6 +167,19 @@ def test_logs_go_to_runs_named_after_the_config_or_name_unless_the_config_says(m
     assert _outputs("--config", str(my_experiment), "--trainer.logger", "false") == (root, [])
 
 
+def test_a_config_without_a_checkpoint_callback_still_keeps_last_ckpt(my_experiment, tmp_path):
+    """Lightning's default checkpoint writes no ``last.ckpt``; the CLI gives such a config the
+    project's, so ``runs/<name>/latest_fit/checkpoints/last.ckpt`` holds the last step (2 epochs of 3
+    steps); ``enable_checkpointing false`` still writes nothing."""
+    args = ["fit", "--config", str(my_experiment), "--data.val", str(tmp_path / "val.parquet"),
+            "--data.batch_size", "64", "--trainer.max_epochs", "2"]
+    MultiTaskCLI(args=args)
+    last = tmp_path / "runs" / "my_experiment" / "latest_fit" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and _step(last) == 6  # a link to the epoch's checkpoint: one copy of the state
+    MultiTaskCLI(args=[*args, "--trainer.enable_checkpointing", "false"])
+    assert not (tmp_path / "runs" / "my_experiment" / "latest_fit" / "checkpoints").exists()
+
+
 def test_the_progress_bar_has_a_total_and_each_epoch_still_ends_with_validation(tiny_data):
     """160 rows in batches of 64: a total of 3 (was ``3/?``), 2 epochs of 3 steps, one
     validation at the end of each (Lightning then validates on the count, not on the loader's end)."""

@@ -76,6 +76,17 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
             self._top_k_step = trainer.global_step
 
 
+def with_last_checkpoint(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's callbacks with a :class:`ModelCheckpoint` keeping ``last.ckpt`` where the config
+    names none: Lightning's default one writes no ``last.ckpt``, which README's paths and a resume
+    expect of every run. Empty where checkpointing is off or the config has its own."""
+    given = trainer.get("callbacks") or []
+    given = given if isinstance(given, list) else [given]
+    if trainer.get("enable_checkpointing") is False or any(isinstance(c, callbacks.ModelCheckpoint) for c in given):
+        return {}
+    return {"callbacks": [*given, ModelCheckpoint(save_last=True)]}
+
+
 def check_monitors(callbacks: Sequence[L.Callback], tasks: Sequence[str]) -> None:
     """A callback monitoring ``{stage}/{task}/{metric}`` of a task the schema lacks (``conf/debug.yaml``'s
     ``val/ctr/auc`` on a schema whose task is ``click``) fails now, not after an epoch of training."""
