@@ -77,14 +77,15 @@ class ModelCheckpoint(callbacks.ModelCheckpoint):
 
 
 def with_last_checkpoint(trainer: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's callbacks with a :class:`ModelCheckpoint` keeping ``last.ckpt`` where the config
-    names none: Lightning's default one writes no ``last.ckpt``, which README's paths and a resume
-    expect of every run. Empty where checkpointing is off or the config has its own."""
+    """The trainer's callbacks with a :class:`ModelCheckpoint` keeping only ``last.ckpt`` where the
+    config names none: Lightning's default one keeps ``epoch=E-step=S.ckpt`` and no ``last.ckpt``,
+    which README's paths and a resume expect of every run. Empty where checkpointing is off or the
+    config has its own."""
     given = trainer.get("callbacks") or []
     given = given if isinstance(given, list) else [given]
     if trainer.get("enable_checkpointing") is False or any(isinstance(c, callbacks.ModelCheckpoint) for c in given):
         return {}
-    return {"callbacks": [*given, ModelCheckpoint(save_last=True)]}
+    return {"callbacks": [*given, ModelCheckpoint(save_top_k=0, save_last=True)]}
 
 
 def check_monitors(callbacks: Sequence[L.Callback], tasks: Sequence[str]) -> None:
