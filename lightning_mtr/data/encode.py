@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_mtr.data.arrow import is_list, is_string, one_chunk
 from lightning_mtr.data.batch import Batch, RowSource
 from lightning_mtr.data.weighted import bag_weights, is_weight_list
 from lightning_mtr.derived import bucket_rows, combo_text, vocab_rows, with_quantile_boundaries
@@ -108,9 +109,9 @@ class BatchEncoder:
                 raise DataError(f"{source}: missing column {column!r}{combo}")
             dtype = arrow_schema.field(column).type
             if kind == "sparse":
-                is_list = _is_list(dtype)
-                ok = (feature.multi_valued or feature.sequence) if is_list else not feature.multi_valued
-                ok = ok and _is_id_type(dtype.value_type if is_list else dtype)
+                listed = is_list(dtype)
+                ok = (feature.multi_valued or feature.sequence) if listed else not feature.multi_valued
+                ok = ok and _is_id_type(dtype.value_type if listed else dtype)
                 expected = ("a list of integer/string ids" if feature.multi_valued else
                             "integer or string ids, or lists of them" if feature.sequence else "integer or string ids")
             elif kind == "weights":
@@ -118,7 +119,7 @@ class BatchEncoder:
             elif kind == "group":
                 ok, expected = _is_id_type(dtype), "integer or string ids (a request or user id)"
             elif kind == "extra":
-                ok = _is_string(dtype) or pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or \
+                ok = is_string(dtype) or pa.types.is_integer(dtype) or pa.types.is_floating(dtype) or \
                     pa.types.is_boolean(dtype)
                 expected = "numbers or text"
             else:
@@ -258,10 +259,10 @@ MISSING_GROUP = np.iinfo(np.int64).min
 def group_ids(column: pa.ChunkedArray) -> np.ndarray:
     """int64 ids of a group column: integers as they are, strings by their 64-bit FNV-1a hash
     (two requests collide with odds ~n^2 / 2^64); a null becomes a reserved missing id."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
+    array = one_chunk(column)
     if pa.types.is_dictionary(array.type):
         array = array.dictionary_decode()
-    if _is_string(array.type):
+    if is_string(array.type):
         ids = np.zeros(len(array), np.int64)
         present = np.asarray(array.is_valid())
         ids[present] = fnv1a_64(array.drop_null().cast(pa.large_string())).view(np.int64)
@@ -333,7 +334,7 @@ def numeric_column(column: pa.ChunkedArray, name: str, checker: RowChecker, fill
 def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> torch.Tensor | pa.Array:
     """Text extras stay an Arrow string array, as read (nulls too); integer extras int64 (float64
     would corrupt ids above 2**53); others float64 as :func:`numeric_column`."""
-    if _is_string(column.type):
+    if is_string(column.type):
         array = column.combine_chunks()
         return array.dictionary_decode() if pa.types.is_dictionary(array.type) else array
     if pa.types.is_integer(column.type) and not column.null_count:
@@ -343,8 +344,8 @@ def extra_column(column: pa.ChunkedArray, name: str, checker: RowChecker) -> tor
 
 def _feature_ids(column: pa.ChunkedArray, feature: SparseFeature, checker: RowChecker) -> tuple[np.ndarray, np.ndarray]:
     """Flat int64 ids and int32 per-row counts for one feature (a null row is an empty bag)."""
-    array = column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-    if not _is_list(array.type):  # single ids; a sequence column may hold them too (sequences of one)
+    array = one_chunk(column)
+    if not is_list(array.type):  # single ids; a sequence column may hold them too (sequences of one)
         present = np.asarray(array.is_valid())
         ids = _ids(array.drop_null() if array.null_count else array, feature, checker, np.flatnonzero(present))
         return ids, present.astype(np.int32)
@@ -378,10 +379,10 @@ def _ids(array: pa.Array, feature: SparseFeature, checker: RowChecker, row_of_id
         return vocab_rows(array, feature.vocab_list)
     if pa.types.is_dictionary(array.type) and pa.types.is_integer(array.type.value_type):
         array = array.dictionary_decode()  # e.g. pandas categoricals of integer ids
-    if feature.hashed and not _is_string(array.type):
+    if feature.hashed and not is_string(array.type):
         array = array.cast(pa.string())
     managed = feature.managed_collisions is not None  # raw ids: the model's managed-collision module maps them
-    if _is_string(array.type):
+    if is_string(array.type):
         return _hash_strings(array, ID_SPACE if managed else feature.num_embeddings)
     ids = np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.int64)
     name = feature.source_column
@@ -439,18 +440,10 @@ def fnv1a_64(strings: pa.LargeStringArray) -> np.ndarray:
     return hashes
 
 
-def _is_list(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
 
-
-def _is_string(dtype: pa.DataType) -> bool:
-    """Strings, plain or dictionary-encoded (pandas categoricals)."""
-    if pa.types.is_dictionary(dtype):
-        return _is_string(dtype.value_type)
-    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
 
 
 def _is_id_type(dtype: pa.DataType) -> bool:
     if pa.types.is_dictionary(dtype):
         return _is_id_type(dtype.value_type)
-    return pa.types.is_integer(dtype) or _is_string(dtype)
+    return pa.types.is_integer(dtype) or is_string(dtype)

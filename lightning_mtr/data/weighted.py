@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from lightning_mtr.data.arrow import is_list, one_chunk
 from lightning_mtr.schema import SparseFeature
 
 
 def is_weight_list(dtype: pa.DataType) -> bool:
     """A column of lists of numbers (a null or empty list is an empty bag's weights)."""
-    if not _is_list(dtype):
+    if not is_list(dtype):
         return False
     value = dtype.value_type
     return pa.types.is_integer(value) or pa.types.is_floating(value) or pa.types.is_null(value)
@@ -23,9 +24,9 @@ def bag_weights(table: pa.Table, feature: SparseFeature, checker) -> np.ndarray:
 
     Refuses, naming the file, the rows and the column: a row whose list of weights is not as long
     as its list of ids (a null list counts as empty), a null weight, a NaN or an infinite one."""
-    counts = _lengths(_chunk(table.column(feature.source_column)))
+    counts = _lengths(one_chunk(table.column(feature.source_column)))
     column = feature.weight_column
-    weights = _chunk(table.column(column))
+    weights = one_chunk(table.column(column))
     given = _lengths(weights)
     mismatch = given != counts
     if mismatch.any():
@@ -34,7 +35,7 @@ def bag_weights(table: pa.Table, feature: SparseFeature, checker) -> np.ndarray:
                                     f"{feature.source_column!r} in {_rows(table, mismatch)}",
                           f"weight_column {column!r} needs one weight per id, row by row (sparse feature "
                           f"{feature.name!r})")
-    flat = weights.flatten() if _is_list(weights.type) else pa.array([], pa.float64())
+    flat = weights.flatten() if is_list(weights.type) else pa.array([], pa.float64())
     values = np.asarray(flat.cast(pa.float64()).fill_null(np.nan).to_numpy(zero_copy_only=False), np.float64)
     bad_ids = ~np.isfinite(values)
     if bad_ids.any():
@@ -50,17 +51,11 @@ def bag_weights(table: pa.Table, feature: SparseFeature, checker) -> np.ndarray:
     return values.astype(np.float32)
 
 
-def _chunk(column: pa.ChunkedArray) -> pa.Array:
-    return column.combine_chunks() if column.num_chunks != 1 else column.chunk(0)
-
-
-def _is_list(dtype: pa.DataType) -> bool:
-    return pa.types.is_list(dtype) or pa.types.is_large_list(dtype)
 
 
 def _lengths(array: pa.Array) -> np.ndarray:
     """int64 list lengths per row; 0 for a null list, and for every row of an all-null (null-typed) column."""
-    if not _is_list(array.type):
+    if not is_list(array.type):
         return np.zeros(len(array), np.int64)
     return np.asarray(array.value_lengths().fill_null(0), dtype=np.int64)
 
