@@ -31,7 +31,7 @@ from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 from lightning_mtr.training.distributed.checkpoint import CheckpointError
 from lightning_mtr.training.distributed.memory import TablesDoNotFit
-from lightning_mtr.training.distributed.peers import PEER_LOST_EXIT, lost_peer_line
+from lightning_mtr.training.distributed.peers import PEER_LOST_EXIT, leave_process_group, lost_peer_line
 
 PACKAGE = Path(__file__).parent  # where a ValueError must be raised to be a message to the user
 
@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     try:
         MultiTaskCLI(args=argv, parser_kwargs=help_kwargs(commands))
+        leave_process_group()
     except (DataError, CheckpointError, TablesDoNotFit, ConfigError, NonFiniteLoss) as error:
         if quiet.debugging():
             raise
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException as stop:
         if stop.code != PREEMPTED_EXIT:
             raise
+        leave_process_group()
         if rank_zero_only.rank == 0:
             print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
         return PREEMPTED_EXIT

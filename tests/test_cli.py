@@ -22,12 +22,16 @@ import lightning as L
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch.distributed as dist
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lightning_mtr import cli
 from lightning_mtr.cli import MultiTaskCLI, main
 from lightning_mtr.schema import Schema
 from lightning_mtr.serving.checkpoint import load_run
 from lightning_mtr.training.distributed import SingleProcessStrategy
+from lightning_mtr.training.preemption import PREEMPTED_EXIT, preempted
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = "conf/debug.yaml"
@@ -175,6 +179,20 @@ def test_print_config_round_trips(tmp_path, at_repo_root, capsys):
         main(["fit", "--config", str(saved), "--print_config"])
     assert yaml.safe_load(capsys.readouterr().out) == config
     assert not (tmp_path / "cache").exists(), "printing a config must not generate data"
+
+
+def _preempted(**_) -> None:
+    raise preempted(SIGTERMException(), Path("preempted.ckpt"), 6, "SIGTERM")
+
+
+@pytest.mark.parametrize("ending, status", [(lambda **_: None, 0), (_preempted, PREEMPTED_EXIT)])
+def test_a_command_that_ends_in_step_leaves_its_process_group(ending, status, tmp_path, monkeypatch):
+    """A finished or preempted command destroys its process group: one left to interpreter exit
+    aborted a finished 2-process run now and then (SIGABRT, gloo's threads at exit)."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    monkeypatch.setattr(cli, "MultiTaskCLI", ending)
+    assert main(["fit"]) == status
+    assert not dist.is_initialized()
 
 
 def test_help_lists_every_command_with_a_description(at_repo_root, capsys):
