@@ -45,8 +45,6 @@ WARNINGS = (
 LOGS = (
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging",
      "an advertisement for a logger lightning-mtr does not use"),
-    ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud uploads and versioning",
-     "an advertisement for litmodels, shown when a config has no ModelCheckpoint and Lightning adds its own"),
     ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both fx.symbolic_trace and torch.export",
      "a note on an API TorchRec calls; training traces nothing, and export is checked against eager"),
     ("torchrec.distributed.planner.storage_reservations", "There is a known issue with TorchRec's dense tensor",
