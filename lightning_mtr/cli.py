@@ -4,6 +4,7 @@ for a sharding plan, ``consolidate`` for a sharded checkpoint, ``export`` and ``
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from argparse import RawDescriptionHelpFormatter
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args[0]](args[1:])
     try:
         MultiTaskCLI(args=argv, parser_kwargs=help_kwargs(commands))
-        leave_process_group()
+        if leave_process_group():
+            _exit_now(0)
     except (DataError, CheckpointError, TablesDoNotFit, ConfigError, NonFiniteLoss) as error:
         if quiet.debugging():
             raise
@@ -168,9 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except SIGTERMException as stop:
         if stop.code != PREEMPTED_EXIT:
             raise
-        leave_process_group()
+        several = leave_process_group()
         if rank_zero_only.rank == 0:
             print(f"lightning-mtr: {stop.args[0]}", file=sys.stderr)
+        if several:
+            _exit_now(PREEMPTED_EXIT)
         return PREEMPTED_EXIT
     except RuntimeError as error:
         line = lost_peer_line(error)
@@ -179,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lightning-mtr: error: {line}", file=sys.stderr)
         return PEER_LOST_EXIT
     return 0
+
+
+def _exit_now(status: int) -> None:
+    """Ends a rank of a finished multi-process command here, without the interpreter's finalization,
+    in which a C++ thread now and then aborted it after a good run
+    (:func:`~lightning_mtr.training.distributed.peers.leave_process_group`). Everything is
+    written by then: the trainer's teardown finalized the loggers and the checkpoints."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def help_kwargs(commands: dict[str, Any]) -> dict[str, Any]:

@@ -186,13 +186,18 @@ def _preempted(**_) -> None:
 
 
 @pytest.mark.parametrize("ending, status", [(lambda **_: None, 0), (_preempted, PREEMPTED_EXIT)])
-def test_a_command_that_ends_in_step_leaves_its_process_group(ending, status, tmp_path, monkeypatch):
-    """A finished or preempted command destroys its process group: one left to interpreter exit
-    aborted a finished 2-process run now and then (SIGABRT, gloo's threads at exit)."""
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_a_command_that_ends_in_step_leaves_its_process_group(ending, status, world_size, tmp_path, monkeypatch):
+    """A finished or preempted command destroys its process group, and a rank of several processes
+    then ends at once with the command's status, skipping the interpreter's finalization, in which
+    a finished 2-process fit's rank 1 aborted now and then (SIGABRT). One process returns as usual."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     monkeypatch.setattr(cli, "MultiTaskCLI", ending)
+    monkeypatch.setattr(dist, "get_world_size", lambda *_: world_size)  # one process stands for a rank of two
+    exits = []
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
     assert main(["fit"]) == status
-    assert not dist.is_initialized()
+    assert not dist.is_initialized() and exits == ([status] if world_size == 2 else [])
 
 
 def test_help_lists_every_command_with_a_description(at_repo_root, capsys):
