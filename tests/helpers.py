@@ -78,11 +78,18 @@ def _rank_main(rank: int, world_size: int, port: int, function, args) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), NODE_RANK="0")
     torch.set_num_threads(1)
     function(rank, *args)
+    import sys
+
     import torch.distributed as dist
 
     if dist.is_initialized():  # an orderly exit: gloo can abort a process that leaves a live group behind
         dist.barrier()
         dist.destroy_process_group()
+    # A finished rank ends without the interpreter's finalization, where a C++ thread now and then
+    # aborted it after a good run (SIGABRT; see peers.leave_process_group): its results are written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(world_size: int, function, *args) -> None:

@@ -81,10 +81,11 @@ def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
 
 
 def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
-                    profile: bool = False, path: str = "single"):
+                    profile: bool = False, path: str = "single", precision: str = "32-true"):
     """Fit ``model`` for one epoch on ``data_dir/train.parquet``; returns (trainer, module, data, seconds).
     ``path``: ``single`` (``SingleProcessStrategy``: the tables fused in place, no process group) or ``torchrec``
-    (``TorchRecStrategy`` on one process: DMP, TorchRec's fused optimizer, sharded checkpoints)."""
+    (``TorchRecStrategy`` on one process: DMP, TorchRec's fused optimizer, sharded checkpoints);
+    ``precision``: the Trainer's (``32-true`` or ``bf16-mixed``)."""
     L.seed_everything(seed, verbose=False)
     setup = SETUPS[model]
     workdir = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -104,7 +105,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
     )
     strategy = TorchRecStrategy() if path == "torchrec" else SingleProcessStrategy()
     trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
-                        enable_checkpointing=False,
+                        precision=precision, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, inference_mode=False)
     data.setup("fit")
@@ -178,16 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--profile", action="store_true", help="print the torch profiler's top ops to stderr")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--path", choices=["single", "torchrec"], default="single",
                         help="training path: SingleProcessStrategy (tables fused in place) or TorchRecStrategy")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size, args.seed,
-                                                     args.profile, args.path)
+                                                     args.profile, args.path, args.precision)
     rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
     print(json.dumps({
         "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path, "rows": rows,
+        "precision": args.precision,
         "batch_size": args.batch_size, "train_seconds": round(seconds, 3),
         "samples_per_sec": round(rows / seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
