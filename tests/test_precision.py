@@ -67,10 +67,11 @@ def test_a_gpu_counts_from_compute_capability_8_not_emulation(monkeypatch):
     asked = []
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True:
                         asked.append(including_emulation) or not including_emulation)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100")
-    assert bf16_units("cuda") == "NVIDIA H100 bf16 tensor cores" and asked == [False]
+    assert bf16_units("cuda") == "bf16 tensor cores" and asked == [False]
+    assert precision_line("auto", "bf16-mixed", "cuda") == "precision bf16-mixed (auto): this GPU has bf16 tensor cores"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert bf16_units("cuda") is None
+    assert precision_line(None, "32-true", "cuda") == "precision 32-true (the default)"
     assert bf16_units("mps") is None
 
 

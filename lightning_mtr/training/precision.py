@@ -24,7 +24,6 @@ DEFAULT = "32-true"
 # the fastest first: AMX needs both its tiles and their bf16 instructions
 CPU_UNITS = ((("amx_bf16", "amx_tile"), "AMX BF16"), (("avx512_bf16",), "AVX-512 BF16"),
              (("sve_bf16",), "SVE BF16"), (("bf16",), "Arm BF16"))
-BF16_NAMES = ("bf16", "bf16-mixed", "bf16-true")
 CPUINFO = Path("/proc/cpuinfo")
 
 
@@ -59,12 +58,13 @@ def cpu_bf16_units(capabilities: Mapping[str, Any] | None = None) -> str | None:
 
 
 def bf16_units(accelerator: str) -> str | None:
-    """The run's device's bf16 units: ``accelerator`` as the Trainer resolved it (``cpu``, ``cuda``);
-    a GPU counts from compute capability 8.0 (emulation does not)."""
+    """The run's device's bf16 units (``"AVX-512 BF16 units"``), or None: ``accelerator`` as the
+    Trainer resolved it (``cpu``, ``cuda``); a GPU counts from compute capability 8.0, not emulation."""
     if accelerator == "cpu":
-        return cpu_bf16_units()
+        units = cpu_bf16_units()
+        return units and f"{units} units"
     if accelerator == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        return f"{torch.cuda.get_device_name()} bf16 tensor cores"
+        return "bf16 tensor cores"
     return None
 
 
@@ -90,15 +90,16 @@ def precision_line(asked: Any, runs: str, accelerator: str) -> str:
     """The run's first line: which precision ``runs`` (``asked``: the config's, None for the default)
     and why, naming the units that make bf16 worth it, or warning that bf16 is emulated here."""
     units = bf16_units(accelerator)
+    device = "GPU" if accelerator == "cuda" else accelerator.upper()
     if asked == AUTO:
-        why = f"this {accelerator.upper()} has {units} units" if units else \
-            f"this {accelerator.upper()} has no bf16 units, so bf16 would be emulated and slower"
+        why = f"this {device} has {units}" if units else \
+            f"this {device} has no bf16 units, so bf16 would be emulated and slower"
         return f"precision {runs} (auto): {why}"
-    if runs in BF16_NAMES:
+    if runs.startswith("bf16"):
         if units:
-            return f"precision {runs}: this {accelerator.upper()} has {units} units"
-        return (f"precision {runs}: this {accelerator.upper()} has no bf16 units, so bf16 is emulated through fp32 "
+            return f"precision {runs}: this {device} has {units}"
+        return (f"precision {runs}: this {device} has no bf16 units, so bf16 is emulated through fp32 "
                 f"and trains slower than 32-true; running it as asked")
     reason = "the default" if asked is None else "as configured"
-    hint = f"; this {accelerator.upper()} has {units} units: --trainer.precision {BF16} trains faster" if units else ""
+    hint = f"; this {device} has {units}: --trainer.precision {BF16} trains faster" if units else ""
     return f"precision {runs} ({reason}){hint}"
