@@ -2,9 +2,10 @@
 
 bf16 matrix products run on dedicated units where the hardware has them (x86: AVX-512 BF16's
 ``vdpbf16ps``, AMX tiles; Arm: the BF16 extension's ``bfmmla``, also under SVE; NVIDIA from
-Ampere on). Elsewhere oneDNN and the GPU emulate them through fp32, slower than fp32 itself
-(docs/precision.md). So ``precision: auto`` picks ``bf16-mixed`` only where there are units,
-and every run's first lines say which precision runs and what the device could do instead.
+Ampere on). Elsewhere bf16 is emulated through fp32 (oneDNN on CPU): conversions around the same
+fp32 math, so slower than fp32 (docs/precision.md). So ``precision: auto`` picks ``bf16-mixed`` only
+where there are units, and every run's first lines say which precision runs and what the device
+could do instead.
 """
 
 from __future__ import annotations
