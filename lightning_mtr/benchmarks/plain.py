@@ -76,15 +76,18 @@ class PlainESMM(PlainModel):
         return {"ctr": ctr, "cvr": cvr, "ctcvr": ctr * cvr}
 
 
-def read_log(path: Path, sparse: Sequence[str], dense: Sequence[str],
+def read_log(path: Path, sizes: dict[str, int], dense: Sequence[str],
              stats: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, torch.Tensor]:
-    """The whole log as tensors, as those libraries read it: ids, log1p-standardised dense values
-    (with ``stats``, else the file's own mean and std), ``click`` and ``ctcvr`` labels."""
+    """The whole log as tensors, as those libraries read it: the ids of each ``sizes`` column
+    modulo its table size (the benchmark schema's ``out_of_range: modulo``), log1p-standardised
+    dense values (with ``stats``, else the file's own mean and std), ``click`` and ``ctcvr`` labels."""
+    sparse = list(sizes)
     table = pq.read_table(path, columns=[*sparse, *dense, "click", "conversion"])
     values = np.log1p(np.maximum(np.stack([table.column(c).to_numpy() for c in dense], axis=1), 0.0))
     mean, std = stats if stats is not None else (values.mean(axis=0), values.std(axis=0) + 1e-12)
     click = table.column("click").to_numpy()
-    return {"sparse": torch.from_numpy(np.stack([table.column(c).to_numpy() for c in sparse], axis=1)),
+    ids = np.stack([table.column(c).to_numpy() % sizes[c] for c in sparse], axis=1)
+    return {"sparse": torch.from_numpy(ids),
             "dense": torch.from_numpy(((values - mean) / std).astype(np.float32)),
             "click": torch.from_numpy(click.astype(np.float32)),
             "ctcvr": torch.from_numpy((click * table.column("conversion").to_numpy()).astype(np.float32)),

@@ -248,13 +248,14 @@ def plain_epoch(model: str, train: Path, test: Path, sizes: dict[str, int], batc
     """Samples/s of one epoch of the plain-PyTorch ``model`` (:mod:`~lightning_mtr.benchmarks.plain`)
     of the setup's shape on ``train``, and its ``plain_*`` quality keys on ``test`` if ``quality``."""
     torch.manual_seed(seed)
-    log = plain.read_log(train, SPARSE, DENSE)
-    net = PLAIN[model]([sizes[c] for c in SPARSE], len(DENSE), **SETUPS[model].kwargs)
+    log = plain.read_log(train, sizes, DENSE)
+    net = PLAIN[model](list(sizes.values()), len(DENSE), **SETUPS[model].kwargs)
     seconds, _ = plain.train_epoch(net, log, batch_size, seed, precision)
+    speed = len(log["click"]) / seconds
     if not quality:
-        return len(log["click"]) / seconds, {}
-    metrics = score_metrics(plain.predict(net, plain.read_log(test, SPARSE, DENSE, log["stats"])), test)
-    return len(log["click"]) / seconds, {f"plain_{key}": value for key, value in metrics.items() if key.startswith("auc")}
+        return speed, {}
+    metrics = score_metrics(plain.predict(net, plain.read_log(test, sizes, DENSE, log["stats"])), test)
+    return speed, {f"plain_{key}": value for key, value in metrics.items() if key.startswith("auc")}
 
 
 def _parser() -> argparse.ArgumentParser:
