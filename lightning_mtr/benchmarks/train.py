@@ -1,12 +1,17 @@
 """Throughput and quality benchmark: one training epoch, then test metrics, as one JSON line.
 
     python tools/bench_train.py --data DIR --model mmoe|esmm|... [--rows N] [--profile]
+        [--precision bf16-mixed] [--baseline plain --repeats 3]
 
 ``DIR/train.parquet`` and ``DIR/test.parquet`` use the synthetic impression layout
 (``lightning-mtr synth impressions --out DIR ...``; extra columns are ignored). Table
-sizes come from the data (max id + 1 per column, in an untimed pre-pass). The timed part
+sizes come from the data (max id + 1 per column, from Parquet statistics). The timed part
 is ``Trainer.fit`` for one epoch: input pipeline, forward, backward, fused sparse update
 and dense Adam step. Test metrics come from ``predict`` scores against the test file.
+Beside it: the step's matrix-multiply bound on this machine (:mod:`~lightning_mtr.benchmarks.bound`),
+the input pipeline's rows/s alone, and with ``--baseline plain`` the plain-PyTorch model of the
+same shape (:mod:`~lightning_mtr.benchmarks.plain`), interleaved with ours. docs/benchmarks.md
+says what each key means.
 """
 
 from __future__ import annotations
@@ -74,24 +79,15 @@ def table_sizes(train: Path) -> dict[str, int]:
     """Max id + 1 of each sparse column, from the Parquet row groups' statistics where every row
     group has them, else from one streaming pass: never the whole columns in memory."""
     file = pq.ParquetFile(train)
-    names = file.schema_arrow.names
-    maxima = dict.fromkeys(SPARSE, -1)
-    for group in range(file.metadata.num_row_groups):
-        row_group = file.metadata.row_group(group)
-        for column in SPARSE:
-            stats = row_group.column(names.index(column)).statistics
-            if stats is None or not stats.has_min_max:
-                return _streamed_sizes(file)
-            maxima[column] = max(maxima[column], int(stats.max))
-    return {column: maximum + 1 for column, maximum in maxima.items()}
-
-
-def _streamed_sizes(file: pq.ParquetFile) -> dict[str, int]:
-    maxima = dict.fromkeys(SPARSE, -1)
-    for batch in file.iter_batches(batch_size=65536, columns=SPARSE):
-        for column in SPARSE:
-            maxima[column] = max(maxima[column], pc.max(batch.column(column)).as_py())
-    return {column: maximum + 1 for column, maximum in maxima.items()}
+    columns = [file.schema_arrow.names.index(c) for c in SPARSE]
+    stats = [[file.metadata.row_group(g).column(i).statistics for i in columns]
+             for g in range(file.metadata.num_row_groups)]
+    if all(s is not None and s.has_min_max for group in stats for s in group):
+        maxima = [[s.max for s in group] for group in stats]
+    else:
+        maxima = [[pc.max(batch.column(c)).as_py() for c in SPARSE]
+                  for batch in file.iter_batches(batch_size=65536, columns=SPARSE)]
+    return {column: int(max(values)) + 1 for column, values in zip(SPARSE, zip(*maxima))}
 
 
 def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
