@@ -103,8 +103,8 @@ def test_the_plain_baseline_trains(model, log):
     sizes = table_sizes(log / "train.parquet")
     data = plain.read_log(log / "train.parquet", sizes, DENSE)
     torch.manual_seed(0)
-    net = model(list(sizes.values()), len(DENSE), **({"expert": [32, 16], "tower": [8]}
-                                                           if model is plain.PlainMMoE else {"tower": [32, 16]}))
+    shape = {"expert": [32, 16], "tower": [8]} if model is plain.PlainMMoE else {"tower": [32, 16]}
+    net = model(list(sizes.values()), len(DENSE), **shape)
     losses = [plain.train_epoch(net, data, batch_size=256, seed=epoch)[1] for epoch in range(3)]
     assert sum(losses[-1]) / len(losses[-1]) < 0.9 * sum(losses[0][:3]) / 3
     scores = plain.predict(net, data)
@@ -113,16 +113,20 @@ def test_the_plain_baseline_trains(model, log):
 
 def test_rows_and_table_sizes_stream(log, tmp_path, monkeypatch):
     """Neither reads a whole file: 10M rows x 27 id columns would be 2 GB."""
-    expected = pq.read_table(log / "train.parquet").slice(0, 2345)
+    source = pq.read_table(log / "train.parquet")
+    pq.write_table(source, tmp_path / "groups.parquet", row_group_size=700)  # the copy ends inside a row group
+    expected = source.slice(0, 2345)
     truth = {c: pa.compute.max(expected.column(c)).as_py() + 1 for c in SPARSE}
     monkeypatch.setattr(pq, "read_table", lambda *a, **k: pytest.fail("read a whole table"))
-    small = write_first_rows(log / "train.parquet", 2345, tmp_path / "head.parquet")
+    small = write_first_rows(tmp_path / "groups.parquet", 2345, tmp_path / "head.parquet")
     assert pq.ParquetFile(small).read().equals(expected)
     assert table_sizes(small) == truth  # from the row groups' statistics
     pq.write_table(expected, tmp_path / "bare.parquet", write_statistics=False, row_group_size=1000)
     assert table_sizes(tmp_path / "bare.parquet") == truth  # no statistics: one streaming pass
     with pytest.raises(ValueError, match="--rows 3001: .* has 3000 rows"):
         write_first_rows(log / "train.parquet", 3001, tmp_path / "more.parquet")
+    with pytest.raises(ValueError, match="--rows 0: "):
+        write_first_rows(log / "train.parquet", 0, tmp_path / "none.parquet")
 
 
 def test_the_json_reports_the_bound_the_input_pipeline_and_the_plain_baseline(log, tmp_path):

@@ -273,9 +273,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.baseline == "plain" and args.model not in PLAIN:
-        raise SystemExit(f"--baseline plain has models {sorted(PLAIN)}, not {args.model!r}")
+        parser.error(f"--baseline plain has models {sorted(PLAIN)}, not {args.model!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: run each at least once")
     if args.threads:
         torch.set_num_threads(args.threads)
     result = {"schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path,
