@@ -132,11 +132,13 @@ def test_rows_and_table_sizes_stream(log, tmp_path, monkeypatch):
 def test_the_json_reports_the_bound_the_input_pipeline_and_the_plain_baseline(log, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "tools" / "bench_train.py"), "--data", str(log),
                            "--model", "mmoe", "--batch-size", "1024", "--rows", "2048", "--baseline", "plain",
-                           "--repeats", "2", "--threads", "2"],
+                           "--repeats", "2", "--threads", "2", "--precision", "bf16-mixed",
+                           "--baseline-precision", "32-true"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["rows"] == 2048
+    assert (result["precision"], result["plain_precision"]) == ("bf16-mixed", "32-true")
     assert len(result["samples_per_sec_runs"]) == len(result["plain_samples_per_sec_runs"]) == 2
     assert result["flops_per_sample"] == result["flop_counter_per_sample"] > 7e6  # MMoE 8x[256, 128]: ~7.2M
     assert result["share_of_bound"] == pytest.approx(result["samples_per_sec"] / result["bound_samples_per_sec"],

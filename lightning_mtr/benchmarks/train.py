@@ -269,6 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--baseline", choices=["none", "plain"], default="none",
                         help="plain: also train the plain-PyTorch model of the same shape, interleaved with ours")
     parser.add_argument("--repeats", type=int, default=1, help="epochs of each, interleaved: ours, plain, ours, ...")
+    parser.add_argument("--baseline-precision", choices=["32-true", "bf16-mixed"], default=None,
+                        help="the plain model's precision (default: --precision; peers train in 32-true)")
     return parser
 
 
@@ -285,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
               "precision": args.precision, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
               **cpu_info()}
     ours, plains = [], []
+    baseline_precision = args.baseline_precision or args.precision
     for repeat in range(args.repeats):
         trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size,
                                                          args.seed, args.profile, args.path, args.precision)
@@ -298,13 +301,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.baseline == "plain":
             speed, metrics = plain_epoch(args.model, Path(data.paths["train"]), args.data / "test.parquet",
                                          table_sizes(args.data / "train.parquet"), args.batch_size, args.seed,
-                                         args.precision, quality=repeat == 0)
+                                         baseline_precision, quality=repeat == 0)
             plains.append(speed)
             result.update(metrics)
     result.update(samples_per_sec=round(statistics.median(ours), 1), samples_per_sec_runs=[round(x, 1) for x in ours])
     result["share_of_bound"] = round(result["samples_per_sec"] / result["bound_samples_per_sec"], 3)
     if plains:
-        result.update(plain_samples_per_sec=round(statistics.median(plains), 1),
+        result.update(plain_precision=baseline_precision, plain_samples_per_sec=round(statistics.median(plains), 1),
                       plain_samples_per_sec_runs=[round(x, 1) for x in plains],
                       speedup_vs_plain=round(statistics.median(a / b for a, b in zip(ours, plains)), 2))
     result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
