@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from jsonargparse import DefaultHelpFormatter
 
@@ -27,6 +27,7 @@ from lightning_mtr.training import MultiTaskModule, ParquetPredictionWriter, Tas
 from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.checkpointing import check_monitors, with_last_checkpoint
 from lightning_mtr.training.diagnostics import GateDiagnostics
+from lightning_mtr.training.precision import Trainer, precision_line
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
@@ -51,6 +52,7 @@ class MultiTaskCLI(LightningCLI):
         # the module configures its own optimizers: a top-level `optimizer:` would hand the
         # embedding tables to the dense optimizer
         kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("trainer_class", Trainer)  # precision may be `auto`
         # validate/test/predict under no_grad: fbgemm's fused CPU lookup fails on inference tensors
         kwargs["trainer_defaults"] = {"inference_mode": False, **kwargs.get("trainer_defaults", {})}
         super().__init__(MultiTaskModule, MultiTaskDataModule, **kwargs)
@@ -83,13 +85,17 @@ class MultiTaskCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """``strategy: auto`` (the default) trains one device on the fast path and several with TorchRec;
-        outputs go under ``runs/<name>`` and every run keeps a ``last.ckpt``, whatever its config says."""
+        outputs go under ``runs/<name>`` and every run keeps a ``last.ckpt``, whatever its config says. Its
+        first line says which precision runs, and why (:func:`~lightning_mtr.training.precision.precision_line`)."""
         config = self._get(self.config_init, "trainer", default={})
         if config.get("strategy", "auto") == "auto" and "strategy" not in kwargs:
             kwargs["strategy"] = SingleProcessStrategy() if trains_one_device(config) else TorchRecStrategy()
         name = runs.run_name(self._get(self.config_init, "name"), self._get(self.config_init, "config"))
-        return super().instantiate_trainer(**{**runs.default_outputs(config, name), **with_last_checkpoint(config),
-                                              **kwargs})
+        trainer = super().instantiate_trainer(**{**runs.default_outputs(config, name), **with_last_checkpoint(config),
+                                                 **kwargs})
+        line = precision_line(config.get("precision"), trainer.precision, trainer.strategy.root_device.type)
+        rank_zero_info(f"lightning-mtr: {line}")
+        return trainer
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI would merge a checkpoint's ``hyper_parameters`` into the config, so a file

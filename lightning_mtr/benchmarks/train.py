@@ -1,12 +1,17 @@
 """Throughput and quality benchmark: one training epoch, then test metrics, as one JSON line.
 
     python tools/bench_train.py --data DIR --model mmoe|esmm|... [--rows N] [--profile]
+        [--precision bf16-mixed] [--baseline plain --repeats 3]
 
 ``DIR/train.parquet`` and ``DIR/test.parquet`` use the synthetic impression layout
 (``lightning-mtr synth impressions --out DIR ...``; extra columns are ignored). Table
-sizes come from the data (max id + 1 per column, in an untimed pre-pass). The timed part
+sizes come from the data (max id + 1 per column, from Parquet statistics). The timed part
 is ``Trainer.fit`` for one epoch: input pipeline, forward, backward, fused sparse update
 and dense Adam step. Test metrics come from ``predict`` scores against the test file.
+Beside it: the step's matrix-multiply bound on this machine (:mod:`~lightning_mtr.benchmarks.bound`),
+the input pipeline's rows/s alone, and with ``--baseline plain`` the plain-PyTorch model of the
+same shape (:mod:`~lightning_mtr.benchmarks.plain`), interleaved with ours. docs/benchmarks.md
+says what each key means.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import atexit
 import json
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -30,6 +36,8 @@ import torch
 import yaml
 from torchmetrics.functional.classification import binary_auroc
 
+from lightning_mtr.benchmarks import plain
+from lightning_mtr.benchmarks.bound import cpu_info, gemm_bound, record_gemms
 from lightning_mtr.data.datamodule import MultiTaskDataModule
 from lightning_mtr.models import MODELS
 from lightning_mtr.embeddings import SparseOptimizer
@@ -67,10 +75,24 @@ SETUPS = {
 }
 
 
+def table_sizes(train: Path) -> dict[str, int]:
+    """Max id + 1 of each sparse column, from the Parquet row groups' statistics where every row
+    group has them, else from one streaming pass: never the whole columns in memory."""
+    file = pq.ParquetFile(train)
+    columns = [file.schema_arrow.names.index(c) for c in SPARSE]
+    stats = [[file.metadata.row_group(g).column(i).statistics for i in columns]
+             for g in range(file.metadata.num_row_groups)]
+    if all(s is not None and s.has_min_max for group in stats for s in group):
+        maxima = [[s.max for s in group] for group in stats]
+    else:
+        maxima = [[pc.max(batch.column(c)).as_py() for c in SPARSE]
+                  for batch in file.iter_batches(batch_size=65536, columns=SPARSE)]
+    return {column: int(max(values)) + 1 for column, values in zip(SPARSE, zip(*maxima))}
+
+
 def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
     """The benchmark schema, with each table sized max id + 1 from the training file."""
-    table = pq.read_table(train, columns=SPARSE)
-    sizes = {column: int(pc.max(table.column(column)).as_py()) + 1 for column in SPARSE}
+    sizes = table_sizes(train)
     return {
         "sparse": [{"name": c, "num_embeddings": sizes[c], "embedding_dim": 16, "out_of_range": "modulo"}
                    for c in SPARSE],
@@ -78,6 +100,20 @@ def schema_from_data(train: Path, tasks: tuple[dict, ...]) -> dict:
         "tasks": list(tasks),
         "ground_truth": ["gt_*"],
     }
+
+
+def write_first_rows(source: Path, rows: int, out: Path) -> Path:
+    """The first ``rows`` rows of ``source`` copied to ``out``, streamed batch by batch."""
+    file = pq.ParquetFile(source)
+    if not 0 < rows <= file.metadata.num_rows:
+        raise ValueError(f"--rows {rows}: {source} has {file.metadata.num_rows} rows; ask for 1 to that many")
+    with pq.ParquetWriter(out, file.schema_arrow) as writer:
+        for batch in file.iter_batches(batch_size=65536):
+            writer.write_batch(batch.slice(0, rows), row_group_size=65536)
+            rows -= min(rows, batch.num_rows)
+            if rows == 0:
+                break
+    return out
 
 
 def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_size: int = 4096, seed: int = 0,
@@ -94,8 +130,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
     schema_path.write_text(yaml.safe_dump(schema_from_data(data_dir / "train.parquet", setup.tasks)))
     train = data_dir / "train.parquet"
     if rows:
-        train = workdir / "train.parquet"
-        pq.write_table(pq.read_table(data_dir / "train.parquet").slice(0, rows), train, row_group_size=65536)
+        train = write_first_rows(data_dir / "train.parquet", rows, workdir / "train.parquet")
     data = MultiTaskDataModule(str(schema_path), train=str(train), batch_size=batch_size, eval_batch_size=16384,
                                shuffle_buffer=65536, seed=seed)
     module = MultiTaskModule(
@@ -126,7 +161,11 @@ def quality_metrics(trainer: L.Trainer, module: MultiTaskModule, data: MultiTask
     AUCs of the log's true probabilities (``truth_auc_*``), the Bayes-optimal ceiling of each."""
     data.paths["predict"] = str(test)
     batches = trainer.predict(module, datamodule=data)
-    scores = {key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}
+    return score_metrics({key: np.concatenate([b[key].numpy() for b in batches]) for key in batches[0]}, test)
+
+
+def score_metrics(scores: dict[str, np.ndarray], test: Path) -> dict:
+    """:func:`quality_metrics` of ``{"score_<task>": probabilities}`` in ``test``'s row order."""
     truth = {"score_ctr": "gt_ctr", "score_cvr": "gt_cvr", "score_ctcvr": "gt_ctcvr"}
     table = pq.read_table(test, columns=["click", "conversion", "gt_conv_if_clicked", *truth.values()])
     labels = {c: table.column(c).to_numpy().astype(np.float64) for c in ("click", "conversion", "gt_conv_if_clicked")}
@@ -143,6 +182,33 @@ def quality_metrics(trainer: L.Trainer, module: MultiTaskModule, data: MultiTask
     if "score_cvr" in scores:
         metrics.update(logloss_cvr_clicked=_logloss(scores["score_cvr"][clicked], labels["conversion"][clicked]))
     return {key: round(value, 5) for key, value in metrics.items()}
+
+
+def step_bound(module: MultiTaskModule, data: MultiTaskDataModule, precision: str) -> dict:
+    """:func:`~lightning_mtr.benchmarks.bound.gemm_bound` of one training step of ``module`` (its
+    loss, forward and backward, under autocast for ``bf16-mixed`` as Lightning runs it) on a
+    training batch, with FlopCounterMode's count beside the recorded products' and any custom op
+    whose products the bound cannot see."""
+    batch = next(iter(data.train_dataloader()))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            _, losses, extra = module._outputs_and_losses(batch)
+            loss = module.task_weighting(losses) + sum(extra.values())
+        loss.backward()
+
+    gemms, counted, custom_ops = record_gemms(step)
+    module.zero_grad(set_to_none=True)
+    return {**gemm_bound(gemms, batch.batch_size, precision),
+            "flop_counter_per_sample": round(counted / batch.batch_size), "ops_outside_bound": custom_ops}
+
+
+def input_rows_per_sec(data: MultiTaskDataModule) -> float:
+    """Rows/s of the training loader alone (read, shuffle, hash, encode) over one epoch."""
+    rows, start = 0, time.perf_counter()
+    for batch in data.train_dataloader():
+        rows += batch.batch_size
+    return round(rows / (time.perf_counter() - start), 1)
 
 
 def _aucs(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray]) -> dict:
@@ -169,7 +235,25 @@ def _logloss(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
 
 
-def main(argv: list[str] | None = None) -> int:
+PLAIN = {"mmoe": plain.PlainMMoE, "esmm": plain.PlainESMM}  # the setups with a plain-PyTorch baseline
+
+
+def plain_epoch(model: str, train: Path, test: Path, sizes: dict[str, int], batch_size: int, seed: int,
+                precision: str, quality: bool) -> tuple[float, dict]:
+    """Samples/s of one epoch of the plain-PyTorch ``model`` (:mod:`~lightning_mtr.benchmarks.plain`)
+    of the setup's shape on ``train``, and its ``plain_*`` quality keys on ``test`` if ``quality``."""
+    torch.manual_seed(seed)
+    log = plain.read_log(train, sizes, DENSE)
+    net = PLAIN[model](list(sizes.values()), len(DENSE), **SETUPS[model].kwargs)
+    seconds, _ = plain.train_epoch(net, log, batch_size, seed, precision)
+    speed = len(log["click"]) / seconds
+    if not quality:
+        return speed, {}
+    metrics = score_metrics(plain.predict(net, plain.read_log(test, sizes, DENSE, log["stats"])), test)
+    return speed, {f"plain_{key}": value for key, value in metrics.items() if key.startswith("auc")}
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--model", choices=sorted(SETUPS), default="mmoe")
@@ -181,19 +265,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     parser.add_argument("--path", choices=["single", "torchrec"], default="single",
                         help="training path: SingleProcessStrategy (tables fused in place) or TorchRecStrategy")
+    parser.add_argument("--baseline", choices=["none", "plain"], default="none",
+                        help="plain: also train the plain-PyTorch model of the same shape, interleaved with ours")
+    parser.add_argument("--repeats", type=int, default=1, help="epochs of each, interleaved: ours, plain, ours, ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
     args = parser.parse_args(argv)
+    if args.baseline == "plain" and args.model not in PLAIN:
+        parser.error(f"--baseline plain has models {sorted(PLAIN)}, not {args.model!r}")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: run each at least once")
     if args.threads:
         torch.set_num_threads(args.threads)
-    trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size, args.seed,
-                                                     args.profile, args.path, args.precision)
-    rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
-    print(json.dumps({
-        "schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path, "rows": rows,
-        "precision": args.precision,
-        "batch_size": args.batch_size, "train_seconds": round(seconds, 3),
-        "samples_per_sec": round(rows / seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        **quality_metrics(trainer, module, data, args.data / "test.parquet"),
-        "n_params": sum(p.numel() for p in module.model.parameters()), "threads": torch.get_num_threads(),
-    }))
+    result = {"schema": "mtl-bench/1", "lib": "lightning-mtr", "model": args.model, "path": args.path,
+              "precision": args.precision, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              **cpu_info()}
+    ours, plains = [], []
+    for repeat in range(args.repeats):
+        trainer, module, data, seconds = train_one_epoch(args.model, args.data, args.rows, args.batch_size,
+                                                         args.seed, args.profile, args.path, args.precision)
+        rows = pq.ParquetFile(data.paths["train"]).metadata.num_rows
+        ours.append(rows / seconds)
+        if repeat == 0:
+            result.update(rows=rows, train_seconds=round(seconds, 3),
+                          **quality_metrics(trainer, module, data, args.data / "test.parquet"),
+                          n_params=sum(p.numel() for p in module.model.parameters()),
+                          input_rows_per_sec=input_rows_per_sec(data), **step_bound(module, data, args.precision))
+        if args.baseline == "plain":
+            speed, metrics = plain_epoch(args.model, Path(data.paths["train"]), args.data / "test.parquet",
+                                         table_sizes(args.data / "train.parquet"), args.batch_size, args.seed,
+                                         args.precision, quality=repeat == 0)
+            plains.append(speed)
+            result.update(metrics)
+    result.update(samples_per_sec=round(statistics.median(ours), 1), samples_per_sec_runs=[round(x, 1) for x in ours])
+    result["share_of_bound"] = round(result["samples_per_sec"] / result["bound_samples_per_sec"], 3)
+    if plains:
+        result.update(plain_samples_per_sec=round(statistics.median(plains), 1),
+                      plain_samples_per_sec_runs=[round(x, 1) for x in plains],
+                      speedup_vs_plain=round(statistics.median(a / b for a, b in zip(ours, plains)), 2))
+    result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    print(json.dumps(result))
     return 0
