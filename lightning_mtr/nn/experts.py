@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 class ExpertBank(nn.Module):
@@ -57,8 +58,8 @@ class ExpertBank(nn.Module):
         return self.later_layers(relu_swap01(first))
 
     def later_layers(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The layers after the first, ``[E, B, H1]`` (ReLU applied) -> ``[B, E, D]``, contiguous:
-        each a batched product whose ReLU runs in place, the last one's while reordering to ``[B, E, D]``."""
+        """The layers after the first (there must be one), ``[E, B, H1]`` (ReLU applied) -> ``[B, E, D]``,
+        contiguous: each a batched product whose ReLU runs in place, the last one's while reordering."""
         *middle, (weight, bias) = zip(self.weights, self.biases)
         for layer_weight, layer_bias in middle:
             hidden = torch.baddbmm(layer_bias, hidden, layer_weight).relu_()
@@ -79,6 +80,7 @@ class _ReLUSwap01(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the out= kernel records no graph: a second derivative fails loudly
     def backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
         (out,) = ctx.saved_tensors
         grad_in = out.new_empty((out.shape[1], out.shape[0], *out.shape[2:]))
