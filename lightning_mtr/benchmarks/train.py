@@ -135,7 +135,6 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
                                shuffle_buffer=65536, seed=seed)
     module = MultiTaskModule(
         model=lambda schema: MODELS[setup.registry_name](schema, **setup.kwargs), schema=data.schema,
-        dense_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
         sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
     )
     strategy = TorchRecStrategy() if path == "torchrec" else SingleProcessStrategy()

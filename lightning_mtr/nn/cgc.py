@@ -46,9 +46,7 @@ class GroupedExpertBank(ExpertBank):
         first = torch.relu(grouped_linear(self.first, inputs).transpose(0, 1))  # [G, B, m*H1], contiguous
         hidden = first.view(groups, batch, self.num_experts // groups, -1).transpose(1, 2)  # [G, m, B, H1]
         hidden = hidden.reshape(self.num_experts, batch, -1)  # [E, B, H1]; a view when m == 1
-        for weight, bias in zip(self.weights, self.biases):  # the later layers exactly as ExpertBank's
-            hidden = torch.relu(torch.baddbmm(bias, hidden, weight))
-        return hidden.transpose(0, 1)  # [B, E, D]
+        return self.later_layers(hidden) if len(self.weights) else hidden.transpose(0, 1)  # [B, E, D]
 
 
 class CGC(nn.Module):
