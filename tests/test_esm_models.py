@@ -45,6 +45,19 @@ def _esmm_case(seed: int, rows: int):
     return schema, ESMM(schema, tower=[8]), *random_inputs(schema, rows), _funnel_labels(rows, {"ctcvr": 0.5})
 
 
+def test_under_bf16_autocast_the_chain_runs_and_returns_its_losses_in_fp32():
+    """The towers' products run in bf16, the chain on their logits in fp32: each row's loss is the
+    paper's BCE of the products to fp32 precision, not rounded to bf16 (2^-8) before the mean."""
+    schema, model, dense, sparse, labels = _esmm_case(seed=1, rows=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, row_losses, _ = model.forward_with_losses(dense, sparse, labels)
+    assert {v.dtype for v in (*logits.values(), *row_losses.values())} == {torch.float32}
+    p_ctr, p_cvr = (logits[name].sigmoid().double() for name in ("ctr", "cvr"))
+    torch.testing.assert_close(row_losses["ctr"].double(), _bce(p_ctr, labels["ctr"]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(row_losses["ctcvr"].double(), _bce(p_ctr * p_cvr, labels["ctcvr"]), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_esmm_outputs_and_losses_follow_the_paper():
     schema, model, dense, sparse, labels = _esmm_case(seed=0, rows=32)
     logits, row_losses, extra = model.forward_with_losses(dense, sparse, labels)

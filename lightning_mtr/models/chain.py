@@ -74,7 +74,8 @@ class ProbabilityChainModel(nn.Module):
         head_logits = torch.stack([heads[name] for name in self.HEADS], dim=1)  # [B, H]
         supervised = [self.task_of[role] for role in self.SUPERVISED]
         targets = chain_targets(labels, supervised, head_logits)
-        chain, losses = probability_chain(head_logits, targets, self.CHAIN, backend=self.chain_backend)
+        # in fp32 under bf16 autocast too: the chain's losses then reach the loss sum unrounded, and [B, H] is cheap
+        chain, losses = probability_chain(head_logits.float(), targets, self.CHAIN, backend=self.chain_backend)
         logits = {self.task_of[role]: chain[:, c] for c, role in enumerate(self.OUTPUTS)}
         return logits, {task: losses[:, k] for k, task in enumerate(supervised)}, {}
 
