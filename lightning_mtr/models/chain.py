@@ -70,14 +70,14 @@ class ProbabilityChainModel(nn.Module):
         """``({task: logits [B]}, {supervised task: per-row loss [B]}, {})`` (no extra loss term);
         without labels the losses are unused."""
         shared = self.bottom(self.features(dense, sparse))  # [B, heads, D]
-        heads = self.heads({name: shared[:, h] for h, name in enumerate(self.HEADS)})
+        heads = self.heads(dict(zip(self.HEADS, shared.unbind(1))))  # unbind: one backward, no zero-filled grads
         head_logits = torch.stack([heads[name] for name in self.HEADS], dim=1)  # [B, H]
         supervised = [self.task_of[role] for role in self.SUPERVISED]
         targets = chain_targets(labels, supervised, head_logits)
         # in fp32 under bf16 autocast too: the chain's losses then reach the loss sum unrounded, and [B, H] is cheap
         chain, losses = probability_chain(head_logits.float(), targets, self.CHAIN, backend=self.chain_backend)
-        logits = {self.task_of[role]: chain[:, c] for c, role in enumerate(self.OUTPUTS)}
-        return logits, {task: losses[:, k] for k, task in enumerate(supervised)}, {}
+        logits = {self.task_of[role]: column for role, column in zip(self.OUTPUTS, chain.unbind(1))}
+        return logits, dict(zip(supervised, losses.unbind(1))), {}
 
 
 def check_chain_tasks(schema: Schema, supervised: Sequence[str], derived: Sequence[str], model: str) -> None:

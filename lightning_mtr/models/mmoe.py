@@ -48,4 +48,4 @@ class MMoE(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         mixed = self.bottom(self.features(dense, sparse))  # [B, T, D]
-        return self.towers({task: mixed[:, t] for t, task in enumerate(self.tasks)})
+        return self.towers(dict(zip(self.tasks, mixed.unbind(1))))  # unbind: one backward, no zero-filled grads

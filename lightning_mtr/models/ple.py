@@ -62,7 +62,7 @@ class PLE(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         mixed = self.levels(self.features(dense, sparse))  # [B, T, D]
-        return self.towers({task: mixed[:, t] for t, task in enumerate(self.tasks)})
+        return self.towers(dict(zip(self.tasks, mixed.unbind(1))))
 
 
 def _per_level(expert: Sequence[int] | Sequence[Sequence[int]], num_levels: int) -> list[list[int]]:

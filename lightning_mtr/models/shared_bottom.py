@@ -37,4 +37,4 @@ class SharedBottom(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
         shared = self.bottom(self.features(dense, sparse))  # [B, T, D], the same D-vector for every task
-        return self.towers({task: shared[:, t] for t, task in enumerate(self.tasks)})
+        return self.towers(dict(zip(self.tasks, shared.unbind(1))))

@@ -98,7 +98,7 @@ class YouTubeRanker(nn.Module):
         dense_part = features[:, :self.features.dense_dim]
         main = torch.cat([dense_part, self.features.columns(features, self.main_features)], dim=1)
         mixed = self.bottom(self.shared(main))  # [B, T, D]
-        logits = self.towers({task: mixed[:, t] for t, task in enumerate(self.tasks)})
+        logits = self.towers(dict(zip(self.tasks, mixed.unbind(1))))
         if self.shallow is None:
             return logits
         bias = self.position_bias(self.features.columns(features, self.position_features),
