@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -285,7 +286,8 @@ def test_every_fault_ends_in_one_line_and_status_2(fitted, tmp_path):
     failures = []
     for name, (_, path, words) in cases.items():
         status, stderr = results[name]["status"], results[name]["stderr"]
-        errors = [line for line in stderr.splitlines() if line.startswith("lightning-mtr")]
+        # the error lines (`lightning-mtr[ COMMAND]: error: ...`); info lines such as the precision one may precede
+        errors = [line for line in stderr.splitlines() if re.match(r"lightning-mtr( [a-z]+)?: error: ", line)]
         line = errors[-1] if errors else ""
         if (status != 2 or "Traceback" in stderr or len(errors) != 1 or path not in line
                 or not all(word in line for word in words)):
