@@ -84,9 +84,11 @@ def test_the_bound_is_the_batch_over_the_step_time_of_its_products(monkeypatch):
 
 def test_cpu_info_reads_the_model_and_the_flags_that_set_the_gemm_rate(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Some CPU 9000\n"
-                                      "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile sse\n")
+                                      "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile sse\n\n"
+                                      "processor\t: 1\nmodel name\t: Another CPU\nflags\t\t: fpu\n")
     assert cpu_info(tmp_path / "cpuinfo") == {"cpu_model": "Some CPU 9000",
                                               "cpu_flags": ["avx2", "avx512f", "avx512_bf16", "amx_tile"]}
+    assert cpu_info(tmp_path / "missing") == {"cpu_model": "unknown", "cpu_flags": []}
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ pipeline) only moves a run further below it.
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections import Counter
@@ -25,6 +24,8 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from lightning_mtr.training.precision import cpuinfo_fields
 
 aten = torch.ops.aten
 # (op, index of the left operand): the right operand follows it; addmm's first argument is the bias
@@ -120,11 +121,9 @@ def gemm_bound(gemms: list[Gemm], batch_size: int, precision: str, repeats: int 
             "bound_samples_per_sec": round(batch_size / step_seconds, 1)}
 
 
-def cpu_info(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+def cpu_info(cpuinfo: Path | None = None) -> dict:
     """The CPU model and the flags that decide the GEMM rate, from ``/proc/cpuinfo`` (Linux)."""
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.M)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.M)
-    present = set(flags.group(1).split()) if flags else set()
-    return {"cpu_model": model.group(1).strip() if model else "unknown",
+    fields = cpuinfo_fields(cpuinfo)
+    present = set(fields.get("flags", "").split())
+    return {"cpu_model": fields.get("model name", "unknown"),
             "cpu_flags": [flag for flag in CPU_FLAGS if flag in present]}

@@ -36,17 +36,25 @@ def cpu_capabilities() -> Mapping[str, Any]:
         return dict.fromkeys(_cpuinfo_flags(), True)
 
 
-def _cpuinfo_flags() -> set[str]:
-    """The first processor's ``flags`` (x86) or ``Features`` (Arm) in /proc/cpuinfo; none off Linux."""
+def cpuinfo_fields(path: Path | None = None) -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo (``model name``, ``flags`` on x86, ``Features``
+    on Arm, ...); empty off Linux."""
     try:
-        text = CPUINFO.read_text()
+        text = (path or CPUINFO).read_text()
     except OSError:
-        return set()
+        return {}
+    fields: dict[str, str] = {}
     for line in text.splitlines():
+        if not line.strip():
+            break  # the first processor's block ends at its blank line
         key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cpuinfo_flags() -> set[str]:
+    fields = cpuinfo_fields()
+    return set(fields.get("flags", fields.get("Features", "")).split())
 
 
 def cpu_bf16_units(capabilities: Mapping[str, Any] | None = None) -> str | None:
