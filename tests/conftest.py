@@ -1,7 +1,7 @@
 """Test tiers and the golden-curve flag, in one place.
 
 `make test` runs every tier that can run on the machine (CI); `make test-fast` deselects
-``-m "not slow and not multiprocess and not gpu"`` for the inner loop (about 2.5 minutes on 2 cores).
+``-m "not slow and not multiprocess and not gpu"`` for the inner loop (about 3 minutes on 2 cores).
 A test joins a tier here, by file, by name or by the fixture it uses, never by a decorator in its
 file, so the tiers can be read and rebalanced in one table (durations: ``pytest --durations=60``).
 """
