@@ -17,7 +17,8 @@ from lightning_mtr.tasks import masked_task_losses
 from lightning_mtr.training import precision
 from lightning_mtr.training.distributed.checkpoint import read_full
 from lightning_mtr.training.distributed.single import fused_state
-from lightning_mtr.training.precision import Trainer, bf16_units, cpu_bf16_units, precision_line, resolve
+from lightning_mtr.training.precision import bf16_units, cpu_bf16_units, precision_line, resolve
+from lightning_mtr.training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 AVX512_ONLY = {"avx512_f": True, "avx512_bw": True, "avx512_bf16": False}

@@ -43,6 +43,7 @@ from lightning_mtr.models import MODELS
 from lightning_mtr.embeddings import SparseOptimizer
 from lightning_mtr.training import MultiTaskModule
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy
+from lightning_mtr.training.trainer import Trainer
 
 SPARSE = [f"C{j}" for j in range(1, 27)] + ["position"]
 DENSE = [f"I{k}" for k in range(1, 14)]
@@ -138,7 +139,7 @@ def train_one_epoch(model: str, data_dir: Path, rows: int | None = None, batch_s
         sparse_optimizer=SparseOptimizer("rowwise_adagrad", lr=0.05),
     )
     strategy = TorchRecStrategy() if path == "torchrec" else SingleProcessStrategy()
-    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+    trainer = Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
                         precision=precision, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                         limit_val_batches=0, inference_mode=False)

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import lightning as L
 import torch
-from lightning.fabric.connector import _PRECISION_INPUT
 
 AUTO = "auto"
 BF16 = "bf16-mixed"
@@ -85,14 +83,6 @@ def resolve(precision: Any, accelerator: Any) -> Any:
     if accelerator in ("gpu", "auto"):
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     return BF16 if isinstance(accelerator, str) and bf16_units(accelerator) else DEFAULT
-
-
-class Trainer(L.Trainer):
-    """Lightning's Trainer, whose ``precision`` may also be ``auto``: ``bf16-mixed`` where the device has
-    bf16 units, ``32-true`` elsewhere (:func:`resolve`). ``lightning-mtr`` builds this one."""
-
-    def __init__(self, *, precision: _PRECISION_INPUT | Literal["auto"] | None = None, **kwargs: Any):
-        super().__init__(precision=resolve(precision, kwargs.get("accelerator", "auto")), **kwargs)
 
 
 def precision_line(asked: Any, runs: str, accelerator: str) -> str:
