@@ -82,6 +82,17 @@ def test_the_bound_is_the_batch_over_the_step_time_of_its_products(monkeypatch):
         gemm_bound([], 8, "32-true")
 
 
+def test_each_product_keeps_its_fastest_round():
+    """A round slowed by a neighbour's load does not lower the bound: per product, the fastest round."""
+    gemms, _, _ = record_gemms(_mlp_step(batch=8))
+    first, second = dict.fromkeys(gemms[:2]), dict.fromkeys(gemms[2:])
+    slow_first = {name: {**{g: 2e-3 for g in first}, **{g: 1e-3 for g in second}} for name in ("fp32", "bf16")}
+    slow_second = {name: {**{g: 1e-3 for g in first}, **{g: 4e-3 for g in second}} for name in ("fp32", "bf16")}
+    result = gemm_bound(gemms, 8, "32-true", rounds=[slow_first, slow_second])
+    assert result["gemm_rounds"] == 2
+    assert result["bound_samples_per_sec"] == pytest.approx(8 / (len(gemms) * 1e-3), rel=1e-3)
+
+
 def test_cpu_info_reads_the_model_and_the_flags_that_set_the_gemm_rate(tmp_path):
     (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Some CPU 9000\n"
                                       "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile sse\n\n"

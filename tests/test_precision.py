@@ -163,7 +163,7 @@ def test_bf16_mixed_keeps_tables_optimizer_state_checkpoints_losses_metrics_and_
 
     batch = next(iter(data.val_dataloader()))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, losses, _ = module._outputs_and_losses(batch)
+        logits, losses, _ = module.outputs_and_losses(batch)
     assert {v.dtype for v in logits.values()} == {torch.bfloat16}  # the model did run in bf16
     fp32 = masked_task_losses({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks, module.schema.tasks)
     for task, loss in losses.items():

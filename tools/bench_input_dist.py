@@ -99,7 +99,7 @@ class _Loss(nn.Module):
         self.module = module
 
     def forward(self, batch):
-        _, losses, extra = self.module._outputs_and_losses(batch)
+        _, losses, extra = self.module.outputs_and_losses(batch)
         return sum(losses.values()) + sum(extra.values())
 
 

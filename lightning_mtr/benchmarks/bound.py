@@ -8,8 +8,13 @@ what the step's products alone take at this machine's GEMM rate at these shapes,
 fewer or faster products. Everything else in a step (activations, losses, optimizers, input
 pipeline) only moves a run further below it.
 
-    gemms = record_gemms(step)              # step: a no-argument callable running one step
-    bound = gemm_bound(gemms, batch_size=4096, precision="32-true")
+A shared machine's GEMM rate moves while a benchmark runs (a neighbour's load), so a benchmark
+times the products in several rounds (after each of its epochs) and keeps each product's fastest
+round: one slow round cannot lower the bound.
+
+    gemms, _, _ = record_gemms(step)        # step: a no-argument callable running one step
+    rounds = [gemm_times(gemms) for _ in range(3)]
+    bound = gemm_bound(gemms, batch_size=4096, precision="32-true", rounds=rounds)
 """
 
 from __future__ import annotations
@@ -105,17 +110,27 @@ def time_gemm(gemm: Gemm, dtype: torch.dtype, repeats: int = 7, warmup: int = 3)
     return statistics.median(times)
 
 
-def gemm_bound(gemms: list[Gemm], batch_size: int, precision: str, repeats: int = 7) -> dict:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def gemm_times(gemms: list[Gemm], repeats: int = 7) -> dict[str, dict[Gemm, float]]:
+    """One round: ``{"fp32" | "bf16": {product: median seconds}}``, each distinct product timed once."""
+    return {name: {g: time_gemm(g, dtype, repeats) for g in dict.fromkeys(gemms)} for name, dtype in DTYPES.items()}
+
+
+def gemm_bound(gemms: list[Gemm], batch_size: int, precision: str,
+               rounds: list[dict[str, dict[Gemm, float]]] | None = None) -> dict:
     """The step's products timed alone: achieved GFLOP/s in fp32 and bf16 over them, FLOPs per
-    sample, and the samples/s bound for ``precision`` (``32-true`` or ``bf16-mixed``)."""
+    sample, and the samples/s bound for ``precision`` (``32-true`` or ``bf16-mixed``). ``rounds``:
+    :func:`gemm_times` rounds, each product's fastest kept (default: one round now)."""
     if not gemms:
         raise ValueError("the step ran no matrix product: nothing to bound (did it run under the recorder?)")
+    rounds = rounds or [gemm_times(gemms)]
     counts = Counter(gemms)
     flops = sum(g.flops * n for g, n in counts.items())
-    seconds = {name: sum(time_gemm(g, dtype, repeats) * n for g, n in counts.items())
-               for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    seconds = {name: sum(min(times[name][g] for times in rounds) * n for g, n in counts.items()) for name in DTYPES}
     step_seconds = seconds["bf16" if precision.startswith("bf16") else "fp32"]
-    return {"flops_per_sample": round(flops / batch_size), "gemm_shapes": len(counts),
+    return {"flops_per_sample": round(flops / batch_size), "gemm_shapes": len(counts), "gemm_rounds": len(rounds),
             "gemm_gflops_fp32": round(flops / seconds["fp32"] / 1e9, 1),
             "gemm_gflops_bf16": round(flops / seconds["bf16"] / 1e9, 1),
             "bound_samples_per_sec": round(batch_size / step_seconds, 1)}

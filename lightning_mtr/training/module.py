@@ -126,7 +126,7 @@ class MultiTaskModule(L.LightningModule):
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.model(batch.dense, batch.sparse)
 
-    def _outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
+    def outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
                                                           dict[str, torch.Tensor]]:
         """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
         model implement :class:`~lightning_mtr.interfaces.ForwardWithLosses`: ESMM's probability
@@ -141,9 +141,13 @@ class MultiTaskModule(L.LightningModule):
                                     batch.row_weights)
         return logits, losses, extra
 
+    def total_loss(self, losses: dict[str, torch.Tensor], extra: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What training minimises: the task weighting's sum of ``losses``, plus the extra terms as they are."""
+        return self.task_weighting(losses) + sum(extra.values())
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        _, losses, extra = self._outputs_and_losses(batch)
-        loss = self.task_weighting(losses) + sum(extra.values())
+        _, losses, extra = self.outputs_and_losses(batch)
+        loss = self.total_loss(losses, extra)
         self._source = batch.source
         terms = {**losses, **{f"extra/{k}": v for k, v in extra.items()}, "loss": loss}
         self._skipping = self.bad_batches.loss_is_bad(terms, batch.source, self.trainer.strategy, self.global_rank,
@@ -209,7 +213,7 @@ class MultiTaskModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: Batch) -> None:
-        logits, losses, extra = self._outputs_and_losses(batch)
+        logits, losses, extra = self.outputs_and_losses(batch)
         self.log(f"{stage}/loss", weighted_total(losses, self.schema.task_weights) + sum(extra.values()),
                  batch_size=batch.batch_size, sync_dist=True)
         self.metrics[stage].update({k: v.float() for k, v in logits.items()}, batch.labels, batch.masks, batch.groups)
