@@ -73,5 +73,6 @@ def test_both_training_paths_train_one_epoch(path, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["path"] == path and result["rows"] == 3000 and result["train_seconds"] > 0
+    assert result["path"] == path and result["rows"] == 3000 and 0 < result["train_seconds"] < result["fit_seconds"]
+    assert result["samples_per_sec"] == pytest.approx(3000 / result["train_seconds"], rel=0.01)  # the epoch alone
     assert ("Sharding plan" in done.stderr + done.stdout) == (path == "torchrec")  # the strategy logs its plan

@@ -33,7 +33,7 @@ def run_seed(model: str, data_dir: Path, seed: int, rows: int | None, batch_size
                                                          precision=precision)
         metrics = quality_metrics(trainer, module, data, data_dir / "test.parquet")
         results.append({"model": model, "seed": seed, "precision": precision, "rows": rows, "batch_size": batch_size,
-                        "train_seconds": round(seconds, 2), "cpu": cpu_capabilities().get("cpu_name"),
+                        "train_seconds": round(seconds.epoch, 2), "cpu": cpu_capabilities().get("cpu_name"),
                         "bf16_units": cpu_bf16_units(), "threads": torch.get_num_threads(),
                         "aucs": {k.removeprefix("auc_"): v for k, v in metrics.items() if k.startswith("auc_")}})
     return results
