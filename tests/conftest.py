@@ -32,6 +32,7 @@ SLOW = {
     "test_bench_train.py::test_both_training_paths_train_one_epoch",  # tools/bench_train.py in a subprocess
     "test_fault_corpus.py::test_every_fault_ends_in_one_line_and_status_2",  # a forked CLI process per case, ~40 s
     "test_quiet.py::test_a_fit_prints_none_of_the_known_warnings_unless_debugging",  # 2 CLI subprocesses, ~17 s
+    "test_heap.py",  # 2 fresh processes (the malloc setting is per process), ~10 s
     # trainings of several seconds each (kept out of make test-fast's 2 minutes)
     "test_training.py::test_single_process_checkpoint_consolidates_exports_and_evaluates_but_a_file_does_not_resume",
     "test_training.py::test_checkpoint_restores_weights_sparse_optimizer_and_statistics",
