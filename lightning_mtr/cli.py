@@ -28,9 +28,9 @@ from lightning_mtr.training.bad_loss import NonFiniteLoss
 from lightning_mtr.training.checkpointing import check_monitors, with_last_checkpoint
 from lightning_mtr.training.diagnostics import GateDiagnostics
 from lightning_mtr.training.precision import precision_line
-from lightning_mtr.training.trainer import Trainer
 from lightning_mtr.training.preemption import PREEMPTED_EXIT, Preemption
 from lightning_mtr.training.run_record import RecordingSaveConfig
+from lightning_mtr.training.trainer import Trainer
 from lightning_mtr.training.distributed import SingleProcessStrategy, TorchRecStrategy, checkpoint, plan_tool
 from lightning_mtr.training.distributed.checkpoint import CheckpointError
 from lightning_mtr.training.distributed.memory import TablesDoNotFit

@@ -5,7 +5,7 @@ glibc's malloc serves each block over its mmap threshold (32 MiB at most) with a
 unmaps it when freed, and trims the heap's free top back to the kernel. A training step allocates and
 frees the same large activations every step (MMoE's experts at batch 4096: a [4096, 2048] fp32
 block, 32 MiB), so each step faulted in, and the kernel zeroed, those pages again: 3.2M minor page
-faults in a 49-step MMoE epoch, a quarter of its time (docs/benchmarks.md). With mmap off and the
+faults in a 49-step MMoE epoch, 0.3M with them kept (docs/benchmarks.md). With mmap off and the
 trim threshold at its largest, freed blocks stay in malloc's heap and the next step reuses them;
 the cost is that the process keeps its peak memory until it ends. jemalloc or tcmalloc (through
 ``LD_PRELOAD``) keep memory in the same way; off glibc nothing changes.

@@ -127,7 +127,7 @@ class MultiTaskModule(L.LightningModule):
         return self.model(batch.dense, batch.sparse)
 
     def outputs_and_losses(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor],
-                                                          dict[str, torch.Tensor]]:
+                                                         dict[str, torch.Tensor]]:
         """``(logits, {task: loss}, {name: extra loss})``. Models whose losses are part of the
         model implement :class:`~lightning_mtr.interfaces.ForwardWithLosses`: ESMM's probability
         chain gives per-row losses and no extra term, AITM no per-row losses and its calibrator as
