@@ -14,6 +14,7 @@ the cost is that the process keeps its peak memory until it ends. jemalloc or tc
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 
@@ -23,15 +24,11 @@ M_MMAP_MAX = -4
 INT_MAX = 2**31 - 1  # mallopt takes a C int
 SWITCH = "LMTR_KEEP_FREED_MEMORY"  # "0": malloc as the process started
 
-_kept = False
-
-
+@functools.cache  # once per process: the switch and the C library are read the first time only
 def keep_freed_memory() -> bool:
-    """Turn glibc's mmap serving and heap trimming off for this process (once; forked DataLoader
-    workers inherit it). Returns whether it is on: False off glibc or with ``LMTR_KEEP_FREED_MEMORY=0``."""
-    global _kept
-    if _kept or os.environ.get(SWITCH, "1") == "0" or platform.libc_ver()[0] != "glibc":
-        return _kept
+    """Turn glibc's mmap serving and heap trimming off for this process (forked DataLoader workers
+    inherit it). Returns whether it is on: False off glibc or with ``LMTR_KEEP_FREED_MEMORY=0``."""
+    if os.environ.get(SWITCH, "1") == "0" or platform.libc_ver()[0] != "glibc":
+        return False
     libc = ctypes.CDLL(None)
-    _kept = libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1  # 1: done
-    return _kept
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, INT_MAX) == 1  # 1: done
