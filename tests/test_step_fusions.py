@@ -1,6 +1,6 @@
 """The training step's fused pieces against the plain PyTorch they replace, forward and backward:
-ReLU with a dim swap, the expert bank, the MLPs' in-place ReLU, the kernels under bf16 autocast
-(what Lightning's ``bf16-mixed`` runs on CPU) and the fused dense Adam.
+ReLU with a dim swap, the expert bank, the MLPs' in-place ReLU, the aligned linear layer, the kernels
+under bf16 autocast (what Lightning's ``bf16-mixed`` runs on CPU) and the fused dense Adam.
 Shape letters: B batch, E experts, H hidden, T gates, D dim.
 """
 
@@ -13,6 +13,7 @@ from torch import nn
 from lightning_mtr.kernels.gate_mix import gate_mix, gate_mix_reference
 from lightning_mtr.kernels.prob_chain import probability_chain, probability_chain_reference
 from lightning_mtr.nn import MLP, ExpertBank
+from lightning_mtr.nn.aligned import AlignedLinear
 from lightning_mtr.nn.experts import relu_swap01
 from lightning_mtr.training.module import _adam
 
@@ -115,11 +116,47 @@ def test_mlp_relu_runs_in_place_and_equals_the_plain_composition():
     plain = inputs
     for layer in (m for m in mlp if isinstance(m, nn.Linear)):
         plain = torch.relu(nn.functional.linear(plain, layer.weight, layer.bias))
-    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    torch.testing.assert_close(out, plain)  # not bit-equal: the first layer (5 columns) adds its bias in the product
     grad_out = torch.randn_like(out)
     params = [inputs, *mlp.parameters()]
     for got, want in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(plain, params, grad_out)):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("in_dim, bias", [(445, True), (13, False), (447, True), (31, True), (32, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_aligned_linear_trains_as_nn_linear(in_dim, bias, dtype):
+    """Output and every gradient equal ``F.linear``'s; an aligned width (32) runs nn.Linear itself."""
+    torch.manual_seed(0)
+    layer = AlignedLinear(in_dim, 24, bias=bias).to(dtype)
+    inputs = torch.randn(40, in_dim, dtype=dtype, requires_grad=True)
+    assert layer._augments(inputs) == (in_dim % 16 != 0)
+    out = layer(inputs)
+    plain = nn.functional.linear(inputs, layer.weight, layer.bias)
+    torch.testing.assert_close(out, plain)
+    grad_out = torch.randn_like(out)
+    params = [inputs, *layer.parameters()]
+    for got, want in zip(torch.autograd.grad(out, params, grad_out), torch.autograd.grad(plain, params, grad_out)):
+        torch.testing.assert_close(got, want)
+    if dtype == torch.float64:
+        assert torch.autograd.gradcheck(layer, (inputs,))
+
+
+def test_aligned_linear_is_nn_linear_outside_fp32_training():
+    """The same state dict as nn.Linear; evaluation, no_grad, bf16 autocast and 3-d inputs run nn.Linear's
+    own kernel (bit-equal), so exported programs and inference see a plain linear layer."""
+    torch.manual_seed(0)
+    layer, reference = AlignedLinear(445, 8), nn.Linear(445, 8)
+    reference.load_state_dict(layer.state_dict())
+    assert {k: v.shape for k, v in layer.state_dict().items()} == {"weight": (8, 445), "bias": (8,)}
+    inputs = torch.randn(6, 445)
+    with torch.no_grad():
+        assert not layer._augments(inputs) and torch.equal(layer(inputs), reference(inputs))
+    with _autocast():
+        assert not layer._augments(inputs) and torch.equal(layer(inputs), reference(inputs))
+    assert not layer._augments(inputs[None]) and torch.equal(layer(inputs[None]), reference(inputs[None]))
+    layer.eval()
+    assert not layer._augments(inputs) and torch.equal(layer(inputs), reference(inputs))
 
 
 def test_gate_mix_under_bf16_autocast_follows_the_fp32_reference():

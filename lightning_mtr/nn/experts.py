@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from lightning_mtr.nn.aligned import AlignedLinear
+
 
 class ExpertBank(nn.Module):
     """E experts, each ``MLP(in_dim -> hidden...)`` with ReLU: ``[B, in_dim] -> [B, E, hidden[-1]]``.
@@ -24,7 +26,7 @@ class ExpertBank(nn.Module):
             raise ValueError("an expert bank needs num_experts >= 1 and at least one hidden size")
         self.num_experts = num_experts
         self.output_dim = hidden[-1]
-        self.first = nn.Linear(in_dim, num_experts * hidden[0])
+        self.first = AlignedLinear(in_dim, num_experts * hidden[0])
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         for fan_in, fan_out in zip(hidden[:-1], hidden[1:]):

@@ -7,9 +7,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_mtr.nn.aligned import AlignedLinear
+
 
 class MLP(nn.Sequential):
-    """``[B, in_dim] -> [B, hidden[-1]]``: Linear + ReLU (+ dropout) per hidden size.
+    """``[B, in_dim] -> [B, hidden[-1]]``: Linear + ReLU (+ dropout) per hidden size (``AlignedLinear``:
+    a feature vector of any width trains at the aligned products' speed).
 
     The ReLU runs in place on the Linear's output: no second ``[B, width]`` buffer per layer, in
     either precision (autograd's ReLU backward reads the output, which is all it keeps)."""
@@ -17,7 +20,7 @@ class MLP(nn.Sequential):
     def __init__(self, in_dim: int, hidden: Sequence[int], dropout: float = 0.0):
         layers: list[nn.Module] = []
         for width in hidden:
-            layers += [nn.Linear(in_dim, width), nn.ReLU(inplace=True)]  # on the Linear's own output
+            layers += [AlignedLinear(in_dim, width), nn.ReLU(inplace=True)]  # on the Linear's own output
             if dropout:
                 layers.append(nn.Dropout(dropout))
             in_dim = width
