@@ -54,7 +54,7 @@ class AlignedLinear(nn.Linear):
     feature vector's width is whatever the schema sums to, and the first layer reading it is the
     step's largest product. On CPU in fp32 only: bf16's kernels (autocast) did not gain from it,
     and it is unmeasured on GPU. In the measured MMoE step (8 experts [256, 128], 445 columns, B=4096,
-    2 threads) forward and backward took 8-16% less time than with ``nn.Linear``."""
+    2 threads) forward and backward took 16% less time than with ``nn.Linear``, ESMM's (its towers) 8%."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         if self._augments(inputs):
