@@ -12,8 +12,17 @@ feature vector of 445 columns into 2048 (MMoE's experts at B=4096, 2 threads) to
 input gradient and 43.3 ms for the weight gradient at 445 columns, 38.6 and 38.7 ms at 448."""
 
 
-def _padded(width: int) -> int:
-    return -(-width // COLUMNS) * COLUMNS
+def _augmented(matrix: torch.Tensor, column: torch.Tensor | float | None, padded: int) -> torch.Tensor:
+    """``[matrix, column, 0...]``, ``padded`` columns wide (no extra column where ``column`` is None),
+    each element written once."""
+    width = matrix.shape[1]
+    out = matrix.new_empty(matrix.shape[0], padded)
+    out[:, :width] = matrix
+    if column is not None:
+        out[:, width] = column
+        width += 1
+    out[:, width:] = 0
+    return out
 
 
 class _AugmentedLinear(torch.autograd.Function):
@@ -24,14 +33,9 @@ class _AugmentedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         width = inputs.shape[1]
-        padded = _padded(width + (bias is not None))
-        augmented = inputs.new_zeros(inputs.shape[0], padded)
-        augmented[:, :width] = inputs
-        augmented_weight = weight.new_zeros(weight.shape[0], padded)
-        augmented_weight[:, :width] = weight
-        if bias is not None:
-            augmented[:, width] = 1
-            augmented_weight[:, width] = bias
+        padded = -(-(width + (bias is not None)) // COLUMNS) * COLUMNS
+        augmented = _augmented(inputs, None if bias is None else 1.0, padded)
+        augmented_weight = _augmented(weight, bias, padded)
         ctx.save_for_backward(augmented, augmented_weight)
         ctx.width, ctx.has_bias = width, bias is not None
         return augmented @ augmented_weight.t()
