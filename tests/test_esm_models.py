@@ -130,6 +130,23 @@ def test_esmm_towers_sit_on_an_mmoe_bottom_by_config():
     assert model.bottom.gates.weight.grad.abs().sum() > 0  # the towers' loss reaches the MMoE gates
 
 
+def test_a_bottom_returning_one_stacked_tensor_is_refused_by_name():
+    """A user's bottom returning [B, branches, D] would be read row by row as branches: refused, naming it."""
+    class Stacked(torch.nn.Module):
+        def __init__(self, in_dim, branches):
+            super().__init__()
+            self.branches, self.output_dim = branches, in_dim
+
+        def forward(self, inputs):
+            return inputs.unsqueeze(1).expand(-1, self.branches, -1)
+
+    schema = _schema(ESMM_TASKS)
+    model = ESMM(schema, tower=[8], bottom=Stacked)
+    with pytest.raises(TypeError, match=r"Stacked must return a tuple of 2 tensors \[B, D\], one per branch; "
+                                        r"got a tensor of shape \(4, 2, "):
+        model(*random_inputs(schema, 4))
+
+
 def test_esm2_chain_follows_the_paper():
     torch.manual_seed(2)
     schema = _schema(ESM2_TASKS)
@@ -138,7 +155,7 @@ def test_esm2_chain_follows_the_paper():
     labels = _funnel_labels(32, {"ctavr": 0.4, "ctcvr": 0.3})
     logits, row_losses, _ = model.forward_with_losses(dense, sparse, labels)
     shared = model.bottom(model.features(dense, sparse))
-    heads = model.heads({name: shared[:, h] for h, name in enumerate(model.heads.towers)})
+    heads = model.heads(dict(zip(model.heads.towers, shared)))
     y1, y2, y3, y4 = (heads[name].sigmoid().double() for name in model.heads.towers)
     p_cvr = (1 - y2) * y4 + y2 * y3
     torch.testing.assert_close(logits["ctr"].sigmoid().double(), y1)

@@ -8,7 +8,7 @@ import torch
 from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs, tiny_schema
 from lightning_mtr.models import MODELS, MMoE, OMoE, SharedBottom, build_model
 from lightning_mtr.kernels.gate_mix import gate_mix
-from lightning_mtr.nn import ExpertBank, MixtureBottom
+from lightning_mtr.nn import ExpertBank, MixtureBottom, SharedInput, SharedMLP
 
 SMALL = {
     "aitm": {"tower": [8], "ait_dim": 4},
@@ -114,7 +114,31 @@ def test_mixture_gates_are_softmax_of_w_x_as_in_the_paper(gate_bias):
     out = bottom(x)
     for k in range(tasks):
         g = torch.softmax(x @ gate_w[k].T + gate_b[k], dim=-1)  # [B, E]
-        torch.testing.assert_close(out[:, k], sum(g[:, e, None] * f[e] for e in range(experts)))
+        torch.testing.assert_close(out[k], sum(g[:, e, None] * f[e] for e in range(experts)))
+
+
+@pytest.mark.parametrize("bottom, shares_one", [
+    (SharedInput(6, 3), True), (SharedMLP(6, 3, hidden=[4]), True),
+    (MixtureBottom(6, 3, num_experts=2, expert=[4], one_gate=True), True),
+    (MixtureBottom(6, 3, num_experts=2, expert=[4]), False)], ids=["input", "mlp", "one_gate", "gate_per_branch"])
+def test_bottoms_give_one_tensor_per_branch_and_a_shared_one_by_identity(bottom, shares_one):
+    """A representation every branch reads is one tensor, given to each branch: autograd adds the branches'
+    gradients into it in place (an expanded view's backward stacks them and sums). The input's gradient
+    is then that of the one representation against the sum of the branches' upstream gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 6, requires_grad=True)
+    branches = bottom(x)
+    assert isinstance(branches, tuple) and len(branches) == 3
+    assert all(b.shape == (5, bottom.output_dim) for b in branches)
+    assert (len({id(b) for b in branches}) == 1) == shares_one
+    if not shares_one:
+        return
+    upstream = [torch.randn(5, bottom.output_dim) for _ in branches]
+    sum((b * g).sum() for b, g in zip(branches, upstream)).backward()
+    # the input itself: the upstream sum, by hand; else one representation against that sum
+    expected = sum(upstream) if isinstance(bottom, SharedInput) else torch.autograd.grad(
+        (bottom(x)[0] * sum(upstream)).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
 
 
 @pytest.mark.parametrize("model", [MMoE, OMoE])

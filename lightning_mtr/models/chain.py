@@ -13,7 +13,7 @@ from torchrec import KeyedJaggedTensor
 from lightning_mtr.kernels import Backend
 from lightning_mtr.kernels.prob_chain import probability_chain
 from lightning_mtr.embeddings import FeatureInput
-from lightning_mtr.nn.bottoms import BottomFactory
+from lightning_mtr.nn.bottoms import BottomFactory, branch_outputs
 from lightning_mtr.nn.towers import TaskTowers
 from lightning_mtr.schema import Schema
 
@@ -69,8 +69,8 @@ class ProbabilityChainModel(nn.Module):
                             labels: Mapping[str, torch.Tensor] | None):
         """``({task: logits [B]}, {supervised task: per-row loss [B]}, {})`` (no extra loss term);
         without labels the losses are unused."""
-        shared = self.bottom(self.features(dense, sparse))  # [B, heads, D]
-        heads = self.heads(dict(zip(self.HEADS, shared.unbind(1))))  # unbind: one backward, no zero-filled grads
+        shared = branch_outputs(self.bottom(self.features(dense, sparse)), len(self.HEADS), self.bottom)
+        heads = self.heads(dict(zip(self.HEADS, shared)))
         head_logits = torch.stack([heads[name] for name in self.HEADS], dim=1)  # [B, H]
         supervised = [self.task_of[role] for role in self.SUPERVISED]
         targets = chain_targets(labels, supervised, head_logits)

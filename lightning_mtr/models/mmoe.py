@@ -47,5 +47,4 @@ class MMoE(nn.Module):
         self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        mixed = self.bottom(self.features(dense, sparse))  # [B, T, D]
-        return self.towers(dict(zip(self.tasks, mixed.unbind(1))))  # unbind: one backward, no zero-filled grads
+        return self.towers(dict(zip(self.tasks, self.bottom(self.features(dense, sparse)))))

@@ -36,5 +36,4 @@ class SharedBottom(nn.Module):
         self.towers = TaskTowers(schema.task_outputs, self.bottom.output_dim, tower, dropout)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> dict[str, torch.Tensor]:
-        shared = self.bottom(self.features(dense, sparse))  # [B, T, D], the same D-vector for every task
-        return self.towers(dict(zip(self.tasks, shared.unbind(1))))
+        return self.towers(dict(zip(self.tasks, self.bottom(self.features(dense, sparse)))))  # one tensor, T times

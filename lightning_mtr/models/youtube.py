@@ -97,8 +97,7 @@ class YouTubeRanker(nn.Module):
         features = self.features(dense, sparse)
         dense_part = features[:, :self.features.dense_dim]
         main = torch.cat([dense_part, self.features.columns(features, self.main_features)], dim=1)
-        mixed = self.bottom(self.shared(main))  # [B, T, D]
-        logits = self.towers(dict(zip(self.tasks, mixed.unbind(1))))
+        logits = self.towers(dict(zip(self.tasks, self.bottom(self.shared(main)))))
         if self.shallow is None:
             return logits
         bias = self.position_bias(self.features.columns(features, self.position_features),

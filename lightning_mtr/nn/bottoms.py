@@ -1,8 +1,12 @@
 """Bottoms: what several task branches share before their towers.
 
-A bottom maps the feature vector ``[B, F]`` to one representation per branch
-``[B, branches, D]``; towers then sit on the branches. ESMM's towers can sit on any of
-them, and MMoE/OMoE are a mixture bottom with towers.
+A bottom maps the feature vector ``[B, F]`` to one representation per branch: a tuple of
+``branches`` tensors ``[B, D]``; towers then sit on the branches. ESMM's towers can sit on any of
+them, and MMoE/OMoE are a mixture bottom with towers. Where every branch reads the same
+representation, the tuple holds that one tensor ``branches`` times: autograd adds the branches'
+gradients into it in place, where an expanded ``[B, branches, D]`` view would stack them into a
+new ``[B, branches, D]`` tensor and sum it (ESMM's forward and backward 4-5% slower on a 445-column
+feature vector at batch 4096).
 """
 
 from __future__ import annotations
@@ -18,7 +22,18 @@ from lightning_mtr.nn.experts import ExpertBank
 from lightning_mtr.nn.mlp import MLP, last_layer_weights
 
 BottomFactory = Callable[[int, int], nn.Module]
-"""``(in_dim, branches) -> bottom``; in YAML a ``class_path`` with the remaining ``init_args``."""
+"""``(in_dim, branches) -> bottom``; in YAML a ``class_path`` with the remaining ``init_args``. The
+bottom's ``forward(features [B, F])`` returns a tuple of ``branches`` tensors ``[B, output_dim]``."""
+
+
+def branch_outputs(outputs: Sequence[torch.Tensor], branches: int, bottom: nn.Module) -> tuple[torch.Tensor, ...]:
+    """``outputs`` of ``bottom``, checked to be one ``[B, D]`` tensor per branch: a bottom of the
+    user's that returns ``[B, branches, D]`` would otherwise be read row by row."""
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != branches:
+        got = f"a tensor of shape {tuple(outputs.shape)}" if isinstance(outputs, torch.Tensor) else repr(type(outputs))
+        raise TypeError(f"{type(bottom).__name__} must return a tuple of {branches} tensors [B, D], one per "
+                        f"branch; got {got}")
+    return tuple(outputs)
 
 
 class SharedInput(nn.Module):
@@ -29,8 +44,8 @@ class SharedInput(nn.Module):
         self.branches = branches
         self.output_dim = in_dim
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return inputs.unsqueeze(1).expand(-1, self.branches, -1)
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (inputs,) * self.branches
 
 
 class SharedMLP(nn.Module):
@@ -45,8 +60,8 @@ class SharedMLP(nn.Module):
     def last_layer_weights(self) -> list[nn.Parameter]:
         return last_layer_weights(self.mlp)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.mlp(inputs).unsqueeze(1).expand(-1, self.branches, -1)
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.mlp(inputs),) * self.branches
 
 
 class MixtureBottom(nn.Module):
@@ -88,10 +103,10 @@ class MixtureBottom(nn.Module):
         """The experts' last layer: the gates weigh the experts, they produce no shared output."""
         return self.experts.last_layer_weights()
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.after_first(self.experts.first(inputs), self.gates(inputs))
 
-    def after_first(self, first: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+    def after_first(self, first: torch.Tensor, gates: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The bottom from the outputs of its two linear layers on the input on, the experts'
         first ``[B, E*H1]`` and the gates' ``[B, gates*E]`` (``lightning_mtr.serving.split``
         computes them in a user and an item half)."""
@@ -101,7 +116,7 @@ class MixtureBottom(nn.Module):
             dropped &= ~dropped.all(dim=-1, keepdim=True)  # a row never loses every expert
             logits = logits.masked_fill(dropped, torch.finfo(logits.dtype).min)
         mixed = gate_mix(self.experts.after_first(first), logits, self.gate_backend)  # [B, gates, D]
-        return mixed.expand(-1, self.branches, -1)
+        return mixed.unbind(1) * (self.branches // self.num_gates)  # one gate: its mixture for every branch
 
     def _gate_logits(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.gates(inputs).view(inputs.shape[0], self.num_gates, -1)  # [B, gates, E]

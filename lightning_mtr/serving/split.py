@@ -208,8 +208,8 @@ def _inputs(features: FeatureLayout) -> list[str]:
     return features.dense_names + features.feature_names
 
 
-def _towers(model: nn.Module, mixed: torch.Tensor) -> dict[str, torch.Tensor]:
-    return model.towers({task: mixed[:, t] for t, task in enumerate(model.tasks)})
+def _towers(model: nn.Module, branches: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    return model.towers(dict(zip(model.tasks, branches)))
 
 
 def _mixture(model: MMoE, full: FeatureLayout) -> tuple[list[Layer], Callable]:
@@ -220,8 +220,7 @@ def _mixture(model: MMoE, full: FeatureLayout) -> tuple[list[Layer], Callable]:
 
 def _shared_bottom(model: SharedBottom, full: FeatureLayout) -> tuple[list[Layer], Callable]:
     first, after = _first_linear(model.bottom.mlp)
-    return [(first, _inputs(full), None)], lambda hidden: _towers(model, after(hidden)[:, None].expand(
-        -1, len(model.tasks), -1))
+    return [(first, _inputs(full), None)], lambda hidden: _towers(model, (after(hidden),) * len(model.tasks))
 
 
 def _youtube(model: YouTubeRanker, full: FeatureLayout) -> tuple[list[Layer], Callable]:
