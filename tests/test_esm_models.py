@@ -140,11 +140,17 @@ def test_a_bottom_returning_one_stacked_tensor_is_refused_by_name():
         def forward(self, inputs):
             return inputs.unsqueeze(1).expand(-1, self.branches, -1)
 
+    class OneBranch(Stacked):
+        def forward(self, inputs):
+            return (inputs,)
+
     schema = _schema(ESMM_TASKS)
-    model = ESMM(schema, tower=[8], bottom=Stacked)
+    inputs = random_inputs(schema, 4)
     with pytest.raises(TypeError, match=r"Stacked must return a tuple of 2 tensors \[B, D\], one per branch; "
                                         r"got a tensor of shape \(4, 2, "):
-        model(*random_inputs(schema, 4))
+        ESMM(schema, tower=[8], bottom=Stacked)(*inputs)
+    with pytest.raises(TypeError, match=r"OneBranch must return a tuple of 2 tensors .*; got 1 of them"):
+        ESMM(schema, tower=[8], bottom=OneBranch)(*inputs)
 
 
 def test_esm2_chain_follows_the_paper():

@@ -30,7 +30,8 @@ def branch_outputs(outputs: Sequence[torch.Tensor], branches: int, bottom: nn.Mo
     """``outputs`` of ``bottom``, checked to be one ``[B, D]`` tensor per branch: a bottom of the
     user's that returns ``[B, branches, D]`` would otherwise be read row by row."""
     if not isinstance(outputs, (tuple, list)) or len(outputs) != branches:
-        got = f"a tensor of shape {tuple(outputs.shape)}" if isinstance(outputs, torch.Tensor) else repr(type(outputs))
+        got = (f"a tensor of shape {tuple(outputs.shape)}" if isinstance(outputs, torch.Tensor) else
+               f"{len(outputs)} of them" if isinstance(outputs, (tuple, list)) else type(outputs).__name__)
         raise TypeError(f"{type(bottom).__name__} must return a tuple of {branches} tensors [B, D], one per "
                         f"branch; got {got}")
     return tuple(outputs)
