@@ -2,6 +2,9 @@
 # `make test-fast`: the inner loop, without the slow, multiprocess and gpu tiers (tests/conftest.py).
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# one pytest worker per core, each test module on one worker (its module fixtures built once);
+# `make test PYTEST_WORKERS=` runs them in one process
+PYTEST_WORKERS ?= -n auto --dist loadscope
 
 .PHONY: train test test-fast venv clean-venv
 
@@ -15,11 +18,11 @@ train: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_WORKERS) tests
 
 test-fast: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests -m "not slow and not multiprocess and not gpu"
+	$(PY) -m pytest -q $(PYTEST_WORKERS) tests -m "not slow and not multiprocess and not gpu"
 
 clean-venv:
 	rm -rf $(VENV)

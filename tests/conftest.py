@@ -1,13 +1,14 @@
 """Test tiers and the golden-curve flag, in one place.
 
 `make test` runs every tier that can run on the machine (CI); `make test-fast` deselects
-``-m "not slow and not multiprocess and not gpu"`` for the inner loop (about 3 minutes on 2 cores).
+``-m "not slow and not multiprocess and not gpu"`` for the inner loop (about 2 minutes on 2 cores).
 A test joins a tier here, by file, by name or by the fixture it uses, never by a decorator in its
 file, so the tiers can be read and rebalanced in one table (durations: ``pytest --durations=60``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,20 @@ GPU = {
 }
 # by fixture: every test of a module-scoped fixture pays for it
 SLOW_FIXTURES = {"test_serving_export.py": "exported"}  # torch.export of every registered model
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs a worker per core) each worker takes its share of the
+    cores, and so do the processes its tests start: torch's default, every core in every worker,
+    made compute-bound tests up to 9x slower on 2 cores (OpenMP threads spinning for a core the
+    other worker holds)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
