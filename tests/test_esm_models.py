@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs, run_under_triton_interpreter
+from helpers import ESM2_TASKS, ESMM_TASKS, random_inputs
+from triton_interpreter import run_under_triton_interpreter
 from lightning_mtr.data.encode import BatchEncoder
 from lightning_mtr.models import ESM2, ESMM
 from lightning_mtr.nn import MixtureBottom

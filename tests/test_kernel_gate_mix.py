@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import run_under_triton_interpreter
+from triton_interpreter import run_under_triton_interpreter
 from lightning_mtr.kernels import gate_mix as gm
 from lightning_mtr.kernels.gate_mix import gate_mix, gate_mix_reference
 from lightning_mtr.kernels.triton_support import interpreting

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import run_under_triton_interpreter
+from triton_interpreter import run_under_triton_interpreter
 from lightning_mtr.kernels.triton_support import interpreting
 from lightning_mtr.kernels.prob_chain import CHAINS, probability_chain, probability_chain_reference
 

@@ -71,3 +71,25 @@ def test_every_tool_script_still_answers_its_command_line():
                             text=True, env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("usage:") == len(scripts) >= 7
+
+
+def test_kernel_tests_and_their_benchmark_need_only_torch_and_triton():
+    """A GPU host with torch and triton but without TorchRec or Lightning (the device we are lent
+    has only those) collects the kernel tests, whose CUDA tiers it runs, and runs the kernel benchmark."""
+    code = ("import runpy, sys\n"
+            "class Absent:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name.partition('.')[0] in ('torchrec', 'fbgemm_gpu', 'lightning', 'torchmetrics'):\n"
+            "            raise ModuleNotFoundError(f'{name} is absent on this host')\n"
+            "sys.meta_path.insert(0, Absent())\n"
+            "sys.path[:0] = ['tests']\n"
+            "import test_kernel_gate_mix, test_kernel_prob_chain\n"
+            "sys.argv = ['tools/bench_kernels.py', '--help']\n"
+            "try:\n"
+            "    runpy.run_module('tools.bench_kernels', run_name='__main__')\n"
+            "except SystemExit as stop:\n"
+            "    assert stop.code in (0, None), stop.code\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout

@@ -13,7 +13,8 @@ import textwrap
 import pytest
 import torch
 
-from helpers import random_inputs, run_under_triton_interpreter, tiny_schema
+from helpers import random_inputs, tiny_schema
+from triton_interpreter import run_under_triton_interpreter
 from lightning_mtr.models.ple import PLE
 from lightning_mtr.nn.cgc import CGC, GroupedExpertBank
 from lightning_mtr.nn.meta import materialize
