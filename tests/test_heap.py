@@ -45,7 +45,8 @@ def minor_faults(switch: str | None) -> int:
 def test_freed_activations_are_reused_without_new_pages_unless_switched_off():
     kept, released = minor_faults(None), minor_faults("0")
     # kept: at most one block's pages over all the steps (a small allocation may take the start of the
-    # freed block once, and the heap then grows by one block); released: every step faults its block in
-    # again, 16,384 pages of 4 KiB, at least once per 2 MiB where transparent huge pages back it
-    assert kept <= (64 << 20) // resource.getpagesize(), kept
+    # freed block once, and the heap then grows by one block), and a few the interpreter's own small
+    # allocations touch (16,385 in one CI run: 0 or 16,384 otherwise); released: every step faults its
+    # block in again, 16,384 pages of 4 KiB, at least once per 2 MiB where transparent huge pages back it
+    assert kept <= (64 << 20) // resource.getpagesize() + 64, kept
     assert released >= STEPS * (64 << 20) // (2 << 20), released
